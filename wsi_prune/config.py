@@ -1,0 +1,366 @@
+"""Typed, frozen configuration of every stage, gathered in one :class:`RunConfig`.
+
+Each stage has its own ``@dataclass(frozen=True)`` validated in ``__post_init__``. A
+:class:`RunConfig` round-trips through YAML/JSON; the SHA-256 of its canonical JSON is the run's
+identity (resume, manifests). :meth:`RunConfig.section_hash` hashes only some sections, so that
+a tile store is reused when only model settings change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    """Tissue / background / pen-ink masking, in physical units.
+
+    Attributes:
+        mask_mpp: resolution of the mask read, µm/px (about 8-16).
+        min_region_um2: connected tissue regions smaller than this are dropped, µm².
+        min_hole_um2: holes inside tissue smaller than this are filled, µm².
+        closing_um: radius of the morphological closing, µm.
+        white_threshold: pixels whose min(R,G,B) is above this are background (0-255).
+        black_threshold: pixels whose max(R,G,B) is below this are slide-edge/marker black.
+        saturation_min: lower bound on HSV saturation (0-255) applied after Otsu.
+        reject_pen: reject blue/green/red/black pen ink.
+    """
+
+    mask_mpp: float = 8.0
+    min_region_um2: float = 20_000.0
+    min_hole_um2: float = 10_000.0
+    closing_um: float = 16.0
+    white_threshold: int = 215
+    black_threshold: int = 50
+    saturation_min: int = 15
+    reject_pen: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0.5 <= self.mask_mpp <= 64, f"tissue.mask_mpp={self.mask_mpp} outside 0.5-64 µm/px")
+        _check(self.min_region_um2 >= 0 and self.min_hole_um2 >= 0, "tissue areas must be >= 0")
+        _check(0 <= self.white_threshold <= 255, "tissue.white_threshold must be 0-255")
+        _check(0 <= self.black_threshold <= 255, "tissue.black_threshold must be 0-255")
+        _check(self.black_threshold < self.white_threshold,
+               "tissue.black_threshold must be below tissue.white_threshold")
+        _check(0 <= self.saturation_min <= 255, "tissue.saturation_min must be 0-255")
+        _check(self.closing_um >= 0, "tissue.closing_um must be >= 0")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """The tile grid and the Zarr layout.
+
+    Attributes:
+        mpp: working resolution of full-resolution tiles, µm/px.
+        tile_px: full-resolution tile side, px at ``mpp``.
+        coarse_factor: the triage grid is this many times coarser (same footprint, fewer px).
+        tissue_threshold: keep a tile whose tissue fraction is >= this.
+        tiles_per_shard: tiles per Zarr shard and per Dask task (tasks write whole shards).
+        compressor: ``zstd`` or ``none`` for tile arrays (see docs/benchmarks.md).
+        store_tiles: also store full-resolution tiles (large; off by default).
+    """
+
+    mpp: float = 0.5
+    tile_px: int = 224
+    coarse_factor: int = 4
+    tissue_threshold: float = 0.25
+    tiles_per_shard: int = 64
+    compressor: str = "zstd"
+    store_tiles: bool = False
+
+    def __post_init__(self) -> None:
+        _check(0.05 <= self.mpp <= 20, f"tiling.mpp={self.mpp} outside 0.05-20 µm/px")
+        _check(self.tile_px >= 16, "tiling.tile_px must be >= 16")
+        _check(self.coarse_factor >= 1, "tiling.coarse_factor must be >= 1")
+        _check(self.tile_px % self.coarse_factor == 0, "tile_px must be divisible by coarse_factor")
+        _check(0.0 <= self.tissue_threshold <= 1.0, "tiling.tissue_threshold must be in [0, 1]")
+        _check(self.tiles_per_shard >= 1, "tiling.tiles_per_shard must be >= 1")
+        _check(self.compressor in ("zstd", "none"), "tiling.compressor must be zstd or none")
+
+    @property
+    def coarse_mpp(self) -> float:
+        """Resolution of triage tiles, µm/px."""
+        return self.mpp * self.coarse_factor
+
+    @property
+    def coarse_px(self) -> int:
+        """Side of a triage tile, px at :attr:`coarse_mpp`."""
+        return self.tile_px // self.coarse_factor
+
+    @property
+    def tile_um(self) -> float:
+        """Side of a tile, µm."""
+        return self.mpp * self.tile_px
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """The cheap CNN triage model.
+
+    Attributes:
+        model: timm CNN name (built with ``features_only``).
+        weights: local safetensors/.pth file for the whole scorer, or None (untrained head).
+        pooling: tile score from the patch map: ``max``, ``mean`` or ``topk``.
+        topk: patches averaged by ``topk`` pooling.
+        batch_size: coarse tiles per inference batch.
+        threads: torch intra-op threads (None: torch's default).
+        feature_levels: one or two increasing timm ``out_indices`` fused by the head; the last
+            one also gives the tile embedding.
+        head_channels: width of the head's 1x1 convs.
+    """
+
+    model: str = "mobilenetv3_small_100"
+    weights: str | None = None
+    pooling: str = "max"
+    topk: int = 8
+    batch_size: int = 128
+    threads: int | None = None
+    feature_levels: tuple[int, ...] = (2, 4)
+    head_channels: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.pooling in ("max", "mean", "topk"), "scorer.pooling must be max|mean|topk")
+        _check(self.topk >= 1 and self.batch_size >= 1, "scorer.topk and batch_size must be >= 1")
+        _check(self.threads is None or self.threads >= 1, "scorer.threads must be >= 1 or None")
+        try:
+            levels = tuple(int(i) for i in self.feature_levels)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"scorer.feature_levels must be a list of ints: {exc}") from exc
+        _check(1 <= len(levels) <= 2, "scorer.feature_levels must hold one or two indices")
+        _check(all(i >= 0 for i in levels), "scorer.feature_levels must be >= 0")
+        _check(list(levels) == sorted(set(levels)), "scorer.feature_levels must be increasing")
+        _check(self.head_channels >= 1, "scorer.head_channels must be >= 1")
+        object.__setattr__(self, "feature_levels", levels)
+
+
+@dataclass(frozen=True)
+class TileSelectConfig:
+    """Which tiles reach the ViT.
+
+    Attributes:
+        policy: ``nucleus`` (smallest set reaching score mass ``p``), ``topk``, ``threshold``
+            or ``all``.
+        p: nucleus mass in (0, 1].
+        k: tiles kept by ``topk``.
+        threshold: tile score threshold for ``threshold``.
+        min_tiles / max_tiles: per-slide budget (max None: no cap).
+        redundancy_eps: drop a tile within this cosine distance of a kept 8-neighbour (None: off).
+    """
+
+    policy: str = "nucleus"
+    p: float = 0.5
+    k: int = 64
+    threshold: float = 0.5
+    min_tiles: int = 8
+    max_tiles: int | None = 2048
+    redundancy_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        policies = ("nucleus", "topk", "threshold", "all")
+        _check(self.policy in policies, f"bad tile policy {self.policy}")
+        _check(0.0 < self.p <= 1.0, "tile_select.p must be in (0, 1]")
+        _check(self.min_tiles >= 0, "tile_select.min_tiles must be >= 0")
+        _check(self.max_tiles is None or self.max_tiles >= max(1, self.min_tiles),
+               "tile_select.max_tiles must be >= min_tiles")
+        _check(self.k >= 1, "tile_select.k must be >= 1")
+        _check(0.0 <= self.threshold <= 1.0, "tile_select.threshold must be in [0, 1]")
+        _check(self.redundancy_eps is None or 0.0 <= self.redundancy_eps <= 2.0,
+               "tile_select.redundancy_eps is a cosine distance in [0, 2]")
+
+
+@dataclass(frozen=True)
+class TokenSelectConfig:
+    """Which patches of a kept tile enter the ViT (CNN prior, before block 0).
+
+    Attributes:
+        policy: ``nucleus`` (by CNN patch-importance mass ``p``), ``ratio`` or ``all``.
+        p: nucleus mass.
+        keep_ratio: fraction of patches kept by ``ratio``.
+        min_tokens: never keep fewer patch tokens than this per tile.
+    """
+
+    policy: str = "ratio"
+    p: float = 0.9
+    keep_ratio: float = 0.5
+    min_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.policy in ("nucleus", "ratio", "all"), f"bad token policy {self.policy}")
+        _check(0.0 < self.p <= 1.0 and 0.0 < self.keep_ratio <= 1.0, "token p/keep_ratio in (0,1]")
+        _check(self.min_tokens >= 1, "token_select.min_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The pruned ViT.
+
+    Attributes:
+        model: timm ViT name, or ``hf-hub:org/name`` (needs network and access).
+        weights: local safetensors/.pth file, or None.
+        pretrained: ask timm for pretrained weights (network) when no local file is given.
+        model_kwargs: extra ``timm.create_model`` overrides (e.g. tiny test configs).
+        prune_blocks: block indices where tokens are pruned by CLS attention.
+        prune_policy: ``nucleus`` (adaptive, attention mass ``prune_p``) or ``ratio``.
+        prune_p: nucleus mass at each pruning block.
+        keep_ratio: fraction kept at each pruning block by ``ratio``.
+        fuse_pruned: fuse dropped tokens into one attention-weighted token (EViT).
+        prune_min_tokens: never keep fewer patch tokens than this at a pruning block.
+        pooling: ``model`` (as the timm model pools: its ``global_pool``) or ``cls+mean``
+            (Virchow-style: CLS concatenated with the mean of patch tokens, (B, 2D)).
+        batch_size: tiles per ViT batch.
+    """
+
+    model: str = "vit_small_patch16_224"
+    weights: str | None = None
+    pretrained: bool = False
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    prune_blocks: tuple[int, ...] = (3, 6, 9)
+    prune_policy: str = "ratio"
+    prune_p: float = 0.9
+    keep_ratio: float = 0.7
+    fuse_pruned: bool = False
+    prune_min_tokens: int = 1
+    pooling: str = "model"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.prune_policy in ("nucleus", "ratio"), "vit.prune_policy must be nucleus|ratio")
+        _check(0.0 < self.keep_ratio <= 1.0 and 0.0 < self.prune_p <= 1.0, "vit keep in (0, 1]")
+        object.__setattr__(self, "prune_blocks", tuple(int(b) for b in self.prune_blocks))
+        _check(all(b >= 0 for b in self.prune_blocks), "vit.prune_blocks must be >= 0")
+        _check(len(set(self.prune_blocks)) == len(self.prune_blocks),
+               "vit.prune_blocks must not repeat a block")
+        _check(self.prune_min_tokens >= 1, "vit.prune_min_tokens must be >= 1")
+        _check(self.pooling in ("model", "cls+mean"), "vit.pooling must be model|cls+mean")
+        _check(self.batch_size >= 1, "vit.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class MILConfig:
+    """Gated attention-MIL slide head.
+
+    Attributes:
+        hidden: attention hidden size.
+        weights: local safetensors file or None (untrained).
+        threshold: probability at or above which a slide is called positive.
+        dropout: dropout after the first layer (used in training only).
+    """
+
+    hidden: int = 128
+    weights: str | None = None
+    threshold: float = 0.5
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.hidden >= 1, "mil.hidden must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "mil.dropout must be in [0, 1)")
+        _check(0.0 <= self.threshold <= 1.0, "mil.threshold must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. Its :meth:`hash` names the run's outputs."""
+
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    tile_select: TileSelectConfig = field(default_factory=TileSelectConfig)
+    token_select: TokenSelectConfig = field(default_factory=TokenSelectConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    mil: MILConfig = field(default_factory=MILConfig)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunConfig:
+        """Build from a nested dict; unknown sections or keys raise :class:`ConfigError`."""
+        data = dict(data or {})
+        kwargs = {}
+        for f in fields(cls):
+            section = data.pop(f.name, None)
+            if section is None:
+                continue
+            sub_cls = f.default_factory  # type: ignore[misc]
+            kwargs[f.name] = _build(sub_cls, section, f.name)
+        if data:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(data))}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> RunConfig:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config: {exc.strerror}", path) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid YAML: {exc}", path) from exc
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError("a config file must hold a mapping of sections", path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(exc.reason, path) from exc
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """Copy with sections replaced; a section may be given as a dict of field overrides."""
+        out = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            out[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+        return dataclasses.replace(self, **out)
+
+    # -- identity ------------------------------------------------------------------------------
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON of the whole config."""
+        return _sha256(self.to_dict())
+
+    def section_hash(self, *names: str) -> str:
+        """SHA-256 of only the named sections (e.g. ``"tissue", "tiling"`` for the tile store)."""
+        d = self.to_dict()
+        return _sha256({n: d[n] for n in names})
+
+
+def _build(cls: type, section: Any, name: str) -> Any:
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) in section {name!r}: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**section)
+    except TypeError as exc:
+        raise ConfigError(f"section {name!r}: {exc}") from exc
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _sha256(obj: Any) -> str:
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
