@@ -1,0 +1,182 @@
+"""Slide reading on real files: synthetic pyramidal TIFFs of each flavour, the real Aperio slide,
+and broken inputs, each with its exact error class and a message naming the file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_prune.errors import CorruptSlide, MissingMPP, UnsupportedSlide
+from wsi_prune.slide import Slide, resolve_mpp
+
+
+def test_svs_metadata(svs_slide: Path) -> None:
+    with Slide(svs_slide) as s:
+        assert s.info.vendor == "aperio"
+        assert s.info.mpp_source == "openslide"
+        assert s.mpp == pytest.approx(0.5, abs=1e-3)
+        assert s.dimensions == (4096, 4096)
+        assert s.info.level_count > 1
+        assert s.info.objective_power == 20
+
+
+def test_generic_tiff_mpp_from_resolution_tags(tiff_slide: Path) -> None:
+    with Slide(tiff_slide) as s:
+        assert s.info.vendor == "generic-tiff"
+        # openslide 4 may report mpp itself from the tags; either way the value must be right
+        assert s.info.mpp_source in ("openslide", "tiff-resolution")
+        assert s.mpp == pytest.approx(0.25, rel=1e-3)
+
+
+def test_resolve_mpp_chain_order() -> None:
+    tags = {"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000",
+            "tiff.YResolution": "40000"}
+    assert resolve_mpp(tags, "x") == (0.25, 0.25, "tiff-resolution")
+    # implausible resolution tags (72 dpi from a photo editor) are not microscopy
+    dpi = {
+        "tiff.ResolutionUnit": "inch",
+        "tiff.XResolution": "72",
+        "openslide.objective-power": "40",
+    }
+    assert resolve_mpp(dpi, "x") == (0.25, 0.25, "objective-power")
+    assert resolve_mpp({}, "x", override=0.3) == (0.3, 0.3, "user")
+    both = {"openslide.mpp-x": "0.2431", "openslide.mpp-y": "0.2432"}
+    assert resolve_mpp(both, "x", override=0.5) == (0.2431, 0.2432, "openslide")
+    with pytest.raises(MissingMPP, match="pass --mpp"):
+        resolve_mpp({}, "/data/a.svs")
+
+
+def test_no_mpp_slide(nompp_slide: Path) -> None:
+    with pytest.raises(MissingMPP) as err:
+        Slide(nompp_slide)
+    assert str(nompp_slide) in str(err.value) and "--mpp" in str(err.value)
+    with Slide(nompp_slide, mpp=0.5) as s:
+        assert (s.mpp, s.info.mpp_source) == (0.5, "user")
+
+
+def test_read_physical_resolution(svs_slide: Path) -> None:
+    with Slide(svs_slide) as s:
+        full = s.read((1024, 1024), (896, 896), 0.5)
+        coarse = s.read((1024, 1024), (896, 896), 2.0)
+        assert full.shape == (896, 896, 3) and coarse.shape == (224, 224, 3)
+        assert full.dtype == np.uint8
+        # the coarse read comes from a reduced level; it must show the same picture
+        pooled = full.reshape(224, 4, 224, 4, 3).mean(axis=(1, 3))
+        assert np.abs(pooled - coarse.astype(float)).mean() < 12
+        assert s.best_level(2.0) > 0 and s.best_level(0.5) == 0
+        # outside the slide is white background, not black
+        edge = s.read((4000, 4000), (192, 192), 0.5)
+        assert edge[-50:, -50:].min() == 255
+
+
+def test_thumbnail_blocks_match_direct_read(svs_slide: Path, monkeypatch) -> None:
+    import wsi_prune.slide as slide_mod
+
+    with Slide(svs_slide) as s:
+        direct = s.read_thumbnail(8.0)
+        monkeypatch.setattr(slide_mod, "_MAX_READ_PX", 300)  # force block-wise reading
+        blocks = s.read_thumbnail(8.0)
+    assert direct.shape == blocks.shape == (256, 256, 3)  # 4096 px x 0.5 / 8 µm/px
+    assert np.abs(direct.astype(int) - blocks.astype(int)).mean() < 2
+
+
+def test_real_slide(real_slide: Path) -> None:
+    with Slide(real_slide) as s:
+        assert s.info.vendor == "aperio"
+        assert s.mpp == pytest.approx(0.499)
+        assert s.info.mpp_source == "openslide"
+        assert s.dimensions == (2220, 2967)
+        tile = s.read((1000, 1500), (224, 224), 0.5)
+        assert tile.shape == (224, 224, 3) and 60 < tile.mean() < 240
+
+
+# -- bad inputs -----------------------------------------------------------------------------
+def test_zero_byte_file(tmp_path: Path) -> None:
+    p = tmp_path / "empty.svs"
+    p.write_bytes(b"")
+    with pytest.raises(UnsupportedSlide, match="empty file") as err:
+        Slide(p)
+    assert str(p) in str(err.value)
+
+
+def test_text_file_named_svs(tmp_path: Path) -> None:
+    p = tmp_path / "notes.svs"
+    p.write_text("this is not a slide\n" * 100)
+    with pytest.raises(UnsupportedSlide) as err:
+        Slide(p)
+    assert str(p) in str(err.value)
+
+
+def test_truncated_slide(svs_slide: Path, tmp_path: Path) -> None:
+    p = tmp_path / "truncated.svs"
+    data = svs_slide.read_bytes()
+    p.write_bytes(data[: len(data) // 3])
+    with pytest.raises((CorruptSlide, UnsupportedSlide)) as err:
+        with Slide(p) as s:
+            for level_mpp in (0.5, 2.0, 8.0):
+                s.read_thumbnail(max(level_mpp, 4.0))
+                s.read((0, 0), s.dimensions, 8.0)
+                s.read((2048, 2048), (2048, 2048), level_mpp)
+    assert str(p) in str(err.value)
+
+
+def corrupt_tiles(src: Path, dst: Path) -> None:
+    """Copy ``src`` and overwrite the JPEG bytes of the middle tiles of every level."""
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        spans = []
+        for page in tif.pages:
+            offs, counts = page.dataoffsets, page.databytecounts
+            mid = len(offs) // 2
+            for i in range(max(0, mid - len(offs) // 4), min(len(offs), mid + len(offs) // 4 + 1)):
+                spans.append((offs[i], counts[i]))
+    with open(dst, "r+b") as fh:
+        for off, n in spans:
+            fh.seek(off + 2)  # keep the SOI marker, break everything after it
+            fh.write(bytes([0xFF, 0xD9]) + b"\x13" * max(0, n - 4))
+
+
+def test_corrupt_tile_mid_slide(svs_slide: Path, tmp_path: Path) -> None:
+    p = tmp_path / "corrupt.svs"
+    corrupt_tiles(svs_slide, p)
+    with Slide(p) as s:  # the header is fine: it opens
+        with pytest.raises(CorruptSlide) as err:
+            s.read((1024, 1024), (2048, 2048), 0.5)
+        assert str(p) in str(err.value)
+        # the handle is unusable afterwards: every later read fails fast, even a good region
+        with pytest.raises(CorruptSlide, match="earlier read failed"):
+            s.read((0, 0), (64, 64), 0.5)
+
+
+def test_non_ascii_file_name(svs_slide: Path, tmp_path: Path) -> None:
+    p = tmp_path / "Präparat_µ_淋巴结.svs"
+    shutil.copy(svs_slide, p)
+    with Slide(p) as s:
+        assert s.read((0, 0), (64, 64), 0.5).shape == (64, 64, 3)
+
+
+def test_plain_image_needs_mpp(tmp_path: Path) -> None:
+    from PIL import Image
+
+    p = tmp_path / "photo.png"
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[50:250, 50:350] = (200, 100, 180, 255)  # opaque pink box on transparent glass
+    Image.fromarray(rgba).save(p)
+    with pytest.raises(UnsupportedSlide, match="--mpp") as err:
+        Slide(p)
+    assert str(p) in str(err.value)
+    with Slide(p, mpp=1.0) as s:
+        assert (s.info.reader, s.info.mpp_source, s.dimensions) == ("image", "user", (400, 300))
+        img = s.read((0, 0), (400, 300), 2.0)
+        assert img.shape == (150, 200, 3)
+        assert tuple(img[0, 0]) == (255, 255, 255)  # transparent → white
+        assert tuple(img[75, 100]) == (200, 100, 180)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedSlide, match="no such file"):
+        Slide(tmp_path / "nope.svs")

@@ -1,0 +1,47 @@
+"""Preflight: what a slide is and how much work it will be, without running any model."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .config import RunConfig
+from .slide import Slide
+from .tiling import make_grid
+from .tissue import tissue_mask
+
+
+def inspect_slide(
+    path: str | os.PathLike[str], config: RunConfig, mpp: float | None = None
+) -> dict[str, Any]:
+    """Metadata, levels, MPP and its source, and the tissue tiles the run would make.
+
+    Returns:
+        A flat dict, JSON-serialisable. Raises :class:`~wsi_prune.errors.SlideError` subclasses
+        for slides that cannot be used.
+    """
+    t0 = time.perf_counter()
+    with Slide(path, mpp) as slide:
+        info = slide.info
+        thumb = slide.read_thumbnail(config.tissue.mask_mpp)
+    mask_mpp = info.width * info.mpp / thumb.shape[1]
+    tm = tissue_mask(thumb, mask_mpp, config.tissue)
+    grid = make_grid(info, tm.mask, mask_mpp, config.tiling)
+    return {
+        "path": info.path,
+        "reader": info.reader,
+        "vendor": info.vendor,
+        "size_px": f"{info.width}x{info.height}",
+        "mpp": round(info.mpp, 4),
+        "mpp_source": info.mpp_source,
+        "objective_power": info.objective_power,
+        "levels": info.level_count,
+        "level_downsamples": [round(d, 3) for d in info.level_downsamples],
+        "size_mm": f"{info.width * info.mpp / 1000:.2f}x{info.height * info.mpp / 1000:.2f}",
+        "tissue_fraction": round(tm.fraction, 4),
+        "grid_tiles": grid.n_rows * grid.n_cols,
+        "tissue_tiles": len(grid),
+        "tile": f"{config.tiling.tile_px} px @ {config.tiling.mpp} µm/px",
+        "inspect_seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,376 @@
+"""Slide reading: an OpenSlide adapter with MPP resolution, physical-resolution reads and a
+fallback reader for plain images.
+
+Everything here speaks physical units: a read asks for a level-0 box and a resolution in µm/px,
+never for a pyramid level. This is the only module that catches OpenSlide's exceptions; each
+becomes one of :class:`~wsi_prune.errors.UnsupportedSlide`, :class:`~wsi_prune.errors.CorruptSlide`
+or :class:`~wsi_prune.errors.MissingMPP`, naming the file.
+
+MPP resolution chain (first hit wins, the source is recorded in every output):
+
+1. ``openslide.mpp-x/y`` (vendor metadata) → source ``"openslide"``
+2. TIFF resolution tags when the unit is cm or inch and the value is plausible for microscopy
+   (0.05-20 µm/px) → ``"tiff-resolution"``
+3. objective power (40x ≈ 0.25, 20x ≈ 0.5 µm/px, i.e. 10 / power), with a warning →
+   ``"objective-power"``
+4. the user's override (``--mpp`` or a slide-list CSV column) → ``"user"``
+5. otherwise :class:`~wsi_prune.errors.MissingMPP` telling the user to pass ``--mpp``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from .errors import CorruptSlide, MissingMPP, UnsupportedSlide
+
+_logger = logging.getLogger(__name__)
+
+#: plausible microscopy resolutions, µm/px
+MPP_RANGE = (0.05, 20.0)
+#: file endings searched for in folders (OpenSlide's formats plus plain images)
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".dcm", ".czi",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Largest region handed to OpenSlide in one call, px: bigger reads are split so a read never
+# allocates gigabytes of RGBA at once.
+_MAX_READ_PX = 4096
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Metadata of an opened slide.
+
+    Attributes:
+        path: the file.
+        reader: ``openslide`` or ``image`` (the plain-image fallback).
+        vendor: OpenSlide's vendor string (``aperio``, ``generic-tiff``...) or ``image``.
+        width / height: level-0 size, px.
+        level_dimensions: (w, h) per pyramid level, px.
+        level_downsamples: downsample of each level relative to level 0.
+        mpp_x / mpp_y: level-0 resolution, µm/px.
+        mpp_source: where the MPP came from (see the module docstring).
+        objective_power: nominal objective magnification, or None.
+    """
+
+    path: str
+    reader: str
+    vendor: str
+    width: int
+    height: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float
+    mpp_y: float
+    mpp_source: str
+    objective_power: float | None
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 resolution, µm/px (mean of x and y)."""
+        return (self.mpp_x + self.mpp_y) / 2.0
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        d["mpp"] = self.mpp
+        return d
+
+
+def _plausible(mpp: float | None) -> bool:
+    return mpp is not None and math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+
+
+def _float(props: Any, key: str) -> float | None:
+    try:
+        return float(props[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def resolve_mpp(
+    props: Any, path: str, override: float | None = None
+) -> tuple[float, float, str]:
+    """Apply the MPP chain to a slide's properties.
+
+    Args:
+        props: OpenSlide properties mapping (or any mapping with the same keys).
+        path: the slide, for messages.
+        override: user-given µm/px, used when the slide's metadata has none.
+
+    Returns:
+        ``(mpp_x, mpp_y, source)`` in µm/px.
+
+    Raises:
+        MissingMPP: nothing in the chain gave a plausible value.
+    """
+    mx = _float(props, openslide.PROPERTY_NAME_MPP_X)
+    my = _float(props, openslide.PROPERTY_NAME_MPP_Y)
+    if _plausible(mx):
+        return mx, my if _plausible(my) else mx, "openslide"  # type: ignore[return-value]
+
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    per_um = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0}.get(unit)
+    if per_um:
+        rx, ry = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
+        if rx and rx > 0:
+            tx = per_um / rx
+            ty = per_um / ry if ry and ry > 0 else tx
+            if _plausible(tx) and _plausible(ty):
+                return tx, ty, "tiff-resolution"
+
+    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if power and power > 0 and _plausible(10.0 / power):
+        _logger.warning(
+            "%s: no MPP in the metadata; estimating %.3f µm/px from objective power %gx",
+            path, 10.0 / power, power,
+        )
+        return 10.0 / power, 10.0 / power, "objective-power"
+
+    if override is not None:
+        if not _plausible(override):
+            lo, hi = MPP_RANGE
+            raise MissingMPP(f"--mpp {override} is outside {lo}-{hi} µm/px", path)
+        return float(override), float(override), "user"
+    raise MissingMPP(
+        "no resolution in the slide's metadata (no openslide.mpp-x, TIFF resolution or "
+        "objective power); pass --mpp (µm/px) or an mpp column in the slide list", path
+    )
+
+
+class Slide:
+    """An open slide. Use as a context manager; not shareable across processes (open one per
+    task: handles are never pickled).
+
+    Args:
+        path: slide file.
+        mpp: user override in µm/px, used only when the metadata has no resolution (and to
+            open plain images, which never carry one).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        self._osr: openslide.OpenSlide | None = None
+        self._image: np.ndarray | None = None
+        spath = str(self.path)
+        if not self.path.exists():
+            raise UnsupportedSlide("no such file", spath)
+        if self.path.is_dir():
+            raise UnsupportedSlide("is a directory, not a slide file", spath)
+        if self.path.stat().st_size == 0:
+            raise UnsupportedSlide("empty file (0 bytes)", spath)
+        try:
+            self._osr = openslide.OpenSlide(spath)
+        except openslide.OpenSlideUnsupportedFormatError:
+            self._open_image(mpp)
+            return
+        except openslide.OpenSlideError as exc:
+            raise CorruptSlide(f"OpenSlide cannot open it: {exc}", spath) from exc
+        props = self._osr.properties
+        mx, my, source = resolve_mpp(props, spath, mpp)
+        self.info = SlideInfo(
+            path=spath,
+            reader="openslide",
+            vendor=str(props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")),
+            width=int(self._osr.dimensions[0]),
+            height=int(self._osr.dimensions[1]),
+            level_dimensions=tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
+            mpp_x=mx,
+            mpp_y=my,
+            mpp_source=source,
+            objective_power=_float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+        )
+
+    def _open_image(self, mpp: float | None) -> None:
+        spath = str(self.path)
+        if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
+        if mpp is None:
+            raise UnsupportedSlide(
+                "OpenSlide does not read this file; to read it as a plain image pass --mpp "
+                "(µm/px), since plain images carry no physical resolution", spath,
+            )
+        if not _plausible(mpp):
+            raise MissingMPP(f"--mpp {mpp} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px", spath)
+        try:
+            with Image.open(spath) as im:
+                im.load()
+                self._image = _to_rgb(np.asarray(im.convert("RGBA")))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UnsupportedSlide(f"cannot read as an image: {exc}", spath) from exc
+        h, w = self._image.shape[:2]
+        self.info = SlideInfo(
+            path=spath, reader="image", vendor="image", width=w, height=h,
+            level_dimensions=((w, h),), level_downsamples=(1.0,), mpp_x=float(mpp),
+            mpp_y=float(mpp), mpp_source="user", objective_power=None,
+        )
+
+    # -- context management --------------------------------------------------------------------
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+        self._image = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Slide({str(self.path)!r}, {i.width}x{i.height}, {i.mpp:.3f} µm/px)"
+
+    # -- geometry ------------------------------------------------------------------------------
+    @property
+    def mpp(self) -> float:
+        """Level-0 resolution, µm/px."""
+        return self.info.mpp
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height), px."""
+        return self.info.width, self.info.height
+
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level at or finer than ``mpp`` µm/px (level 0 when all are coarser)."""
+        target_ds = mpp / self.mpp
+        # 1 % slack: vendors round downsamples (4.0003), which must not push us a level finer
+        fits = [i for i, ds in enumerate(self.info.level_downsamples) if ds <= target_ds * 1.01]
+        return max(fits, key=lambda i: self.info.level_downsamples[i]) if fits else 0
+
+    def size_at(self, mpp: float) -> tuple[int, int]:
+        """Whole-slide (width, height) in px at ``mpp`` µm/px."""
+        f = self.mpp / mpp
+        return max(1, round(self.info.width * f)), max(1, round(self.info.height * f))
+
+    # -- pixels --------------------------------------------------------------------------------
+    def read(
+        self, level0_xy: tuple[int, int], level0_size: tuple[int, int], mpp: float,
+        out_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Read a level-0 box at a physical resolution.
+
+        Args:
+            level0_xy: top-left (x, y), level-0 px. May lie partly outside the slide (outside is
+                white background).
+            level0_size: (width, height) of the box, level-0 px.
+            mpp: output resolution, µm/px.
+            out_size: output (width, height) px; default ``round(level0_size * slide_mpp / mpp)``.
+
+        Returns:
+            (H, W, 3) uint8 RGB; transparent pixels become white.
+
+        Raises:
+            CorruptSlide: a tile failed to decode. The handle is unusable afterwards and every
+                later read raises too, so a slide never yields partial results.
+        """
+        if self._broken:
+            raise CorruptSlide(f"an earlier read failed ({self._broken})", str(self.path))
+        w0, h0 = int(level0_size[0]), int(level0_size[1])
+        if out_size is None:
+            f = self.mpp / mpp
+            out_size = (max(1, round(w0 * f)), max(1, round(h0 * f)))
+        if self._image is not None:
+            x, y = int(level0_xy[0]), int(level0_xy[1])
+            region = _crop_padded(self._image, x, y, w0, h0)
+            return _resize(region, out_size)
+        level = self.best_level(mpp)
+        ds = self.info.level_downsamples[level]
+        wl, hl = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+        if wl * hl > _MAX_READ_PX * _MAX_READ_PX:
+            return self._read_blocks(level0_xy, (w0, h0), out_size)
+        region = self._read_region(level0_xy, level, (wl, hl))
+        return _resize(region, out_size)
+
+    def _read_region(self, xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        assert self._osr is not None
+        try:
+            with self._lock:
+                rgba = self._osr.read_region((int(xy[0]), int(xy[1])), level, size)
+        except openslide.OpenSlideError as exc:
+            self._broken = str(exc)
+            raise CorruptSlide(f"read failed at level-0 {tuple(xy)} level {level}: {exc}",
+                               str(self.path)) from exc
+        return _to_rgb(np.asarray(rgba))
+
+    def _read_blocks(
+        self, xy: tuple[int, int], size0: tuple[int, int], out_size: tuple[int, int]
+    ) -> np.ndarray:
+        # Output-space blocks mapped back to level-0 boxes: memory stays at one block of the
+        # source level plus the output, whatever the box size.
+        out_w, out_h = out_size
+        sx, sy = size0[0] / out_w, size0[1] / out_h
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        step = max(64, int(_MAX_READ_PX / max(sx, sy, 1.0)))
+        for oy in range(0, out_h, step):
+            for ox in range(0, out_w, step):
+                bw, bh = min(step, out_w - ox), min(step, out_h - oy)
+                x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
+                x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
+                out[oy:oy + bh, ox:ox + bw] = self.read(
+                    (x0, y0), (max(1, x1 - x0), max(1, y1 - y0)), self.mpp * max(sx, sy), (bw, bh)
+                )
+        return out
+
+    def read_thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks from the
+        smallest adequate level (never a full level at once)."""
+        return self.read((0, 0), self.dimensions, mpp, out_size=self.size_at(mpp))
+
+
+def _to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (H, W, 4) uint8 → RGB (H, W, 3) uint8 over a white background."""
+    if rgba.ndim == 2:
+        return np.repeat(rgba[..., None], 3, axis=2)
+    if rgba.shape[2] == 3:
+        return np.ascontiguousarray(rgba)
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.float32) / 255.0
+    return np.clip(rgb * a + 255.0 * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _resize(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    if (img.shape[1], img.shape[0]) == tuple(out_size):
+        return img
+    # BOX when shrinking is area averaging (no aliasing of nuclei texture); bilinear when growing.
+    shrink = out_size[0] < img.shape[1]
+    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(img).resize(tuple(out_size), resample))
+
+
+def _crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    out = np.full((h, w, 3), 255, np.uint8)
+    H, W = img.shape[:2]
+    xs, ys, xe, ye = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if xe > xs and ye > ys:
+        out[ys - y:ye - y, xs - x:xe - x] = img[ys:ye, xs:xe]
+    return out
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+    """Open a slide (OpenSlide, or a plain image when ``mpp`` is given). See :class:`Slide`."""
+    return Slide(path, mpp)

@@ -1,0 +1,216 @@
+"""The per-slide Zarr v3 store: layout, atomic publication, completeness checks and locks.
+
+Layout of ``<id>.zarr`` (N tissue tiles, G×G ViT patch grid)::
+
+    attrs   format, wsi_prune_version, slide{...SlideInfo}, mpp, mpp_source,
+            config{...}, tile_hash, grid{tile_px, mpp, coarse_px, coarse_mpp, tile_level0,
+            n_rows, n_cols}, complete (bool)
+    tiles/coarse          (N, cp, cp, 3) uint8   triage tiles at coarse_mpp, one tile a chunk
+    tiles/full            (N, tp, tp, 3) uint8   only with store_tiles
+    tiles/coords          (N, 2) int64           top-left (x, y), level-0 px
+    tiles/grid            (N, 2) int32           (row, col) in the tile grid
+    tiles/tissue_fraction (N,) float32
+    mask/tissue           (H, W) bool            tissue mask at attrs["mpp"] µm/px
+
+Later stages add their own groups (``scores/``, ``selection/``, ``vit/``, ``mil/``...).
+
+A store is built under a hidden temporary name beside its final path and renamed when complete:
+a store at the final path with ``complete: true`` is whole, and an interrupted run leaves only
+a temporary directory that the next run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from . import __version__
+from .errors import OutputConflict, StoreError
+
+_logger = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+_TMP_MARK = ".tmp-"
+
+
+def tmp_path_for(final: str | os.PathLike[str]) -> Path:
+    """A unique hidden sibling of ``final`` to build into before :func:`publish`."""
+    final = Path(final)
+    return final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_tmp(final: str | os.PathLike[str]) -> int:
+    """Delete temporary siblings left by interrupted builds of ``final``. Call under its lock."""
+    final = Path(final)
+    n = 0
+    for p in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
+        shutil.rmtree(p, ignore_errors=True)
+        n += 1
+    return n
+
+
+def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> Path:
+    """Move a finished ``tmp`` directory to ``final``, replacing an older ``final``.
+
+    The old store is first renamed aside, so at every instant ``final`` is either the old whole
+    store, absent, or the new whole store.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        aside = final.parent / f".{final.name}{_TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def tile_compressors(name: str) -> Any:
+    """Codecs for tile arrays. zstd level 1: see docs/benchmarks.md for the measurement."""
+    return None if name == "none" else ZstdCodec(level=1)
+
+
+def create_store(path: str | os.PathLike[str]) -> zarr.Group:
+    """A new, empty store group at ``path`` (which must not exist), marked incomplete."""
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group.attrs.update({"format": STORE_FORMAT, "wsi_prune_version": __version__,
+                        "complete": False})
+    return group
+
+
+def create_tiles_array(
+    group: zarr.Group, name: str, n: int, tile_shape: tuple[int, ...], tiles_per_shard: int,
+    compressor: str, dtype: str = "uint8",
+) -> zarr.Array:
+    """An (n, *tile_shape) array chunked one tile per chunk inside shards of
+    ``tiles_per_shard`` tiles: a reader fetches single tiles, a writer writes whole shards."""
+    shard = max(1, min(tiles_per_shard, max(n, 1)))
+    return group.create_array(
+        name, shape=(n, *tile_shape), chunks=(1, *tile_shape), shards=(shard, *tile_shape),
+        dtype=dtype, compressors=tile_compressors(compressor), fill_value=0,
+        # every chunk is written even when it equals the fill value, so "all shards present"
+        # is a real completeness test
+        config={"write_empty_chunks": True},
+    )
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray, **attrs: Any) -> zarr.Array:
+    """Write a small whole array (coords, scores, masks) in one chunk, replacing any old one."""
+    data = np.asarray(data)
+    chunks = tuple(max(1, s) for s in data.shape) or None
+    arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
+                             fill_value=0, overwrite=True, config={"write_empty_chunks": True})
+    if data.size:
+        arr[...] = data
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+def missing_shards(arr: zarr.Array) -> list[int]:
+    """Indices of shards (along axis 0) absent from disk.
+
+    Zarr returns the fill value for a missing chunk; this is how a reader tells a lost write
+    from real zeros (zarr-python #3682: concurrent partial writes to one shard lose data).
+    """
+    n = arr.shape[0]
+    if n == 0:
+        return []
+    shard0 = (arr.shards or arr.chunks)[0]
+    root = Path(str(arr.store_path.store.root)) / arr.path
+    rest = "/".join("0" for _ in arr.shape[1:])
+    missing = []
+    for i in range(math.ceil(n / shard0)):
+        key = root / "c" / str(i) / rest if rest else root / "c" / str(i)
+        if not key.is_file():
+            missing.append(i)
+    return missing
+
+
+def open_store(path: str | os.PathLike[str], mode: str = "r", require_complete: bool = True
+               ) -> zarr.Group:
+    """Open a slide store; raise :class:`StoreError` if absent or (by default) incomplete."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError("no Zarr store here", path) from exc
+    if require_complete and not group.attrs.get("complete", False):
+        raise StoreError("store is incomplete (an interrupted run?)", path)
+    return group
+
+
+def is_complete(path: str | os.PathLike[str], tile_hash: str | None = None) -> bool:
+    """True when ``path`` holds a complete store (built with ``tile_hash`` when given)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    same = tile_hash is None or attrs.get("tile_hash") == tile_hash
+    return bool(attrs.get("complete")) and same
+
+
+# -- locks ---------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``<path>.lock`` (created exclusively) for the duration of a block.
+
+    A lock left by a dead process on this host is taken over; a live holder raises
+    :class:`OutputConflict`, so two runs on one output never write the same slide.
+    """
+    lock = Path(f"{path}.lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            same_host = holder.get("host") == me["host"]
+            if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                dead = holder["pid"]
+                _logger.warning("%s: taking over a lock left by dead process %s", lock, dead)
+                lock.unlink(missing_ok=True)
+                continue
+            raise OutputConflict(
+                f"locked by another run (pid {holder.get('pid')} on {holder.get('host')}); "
+                f"if no run is active, delete {lock}", path,
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    else:  # pragma: no cover - two take-overs in a row mean someone else races us
+        raise OutputConflict("could not take the lock", path)
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)

@@ -1,0 +1,293 @@
+"""Tile grids in level-0 coordinates and the Dask graph that writes a slide's tile store.
+
+One Dask task per block of ``tiles_per_shard`` tiles: the task opens its own slide handle (no
+handle is pickled), reads its tiles at the triage resolution and writes exactly one whole shard
+of each tile array. Tasks never share a shard, because concurrent partial writes to one shard
+lose data in Zarr v3 today (zarr-python #3682, dask #12583).
+
+Memory is bounded by one block of tiles per worker thread plus the low-resolution tissue mask
+(a 100k px slide at 8 µm/px is a ~6k px mask), never by slide size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+
+from . import __version__, store
+from .config import RunConfig, TilingConfig
+from .slide import Slide, SlideInfo
+from .tissue import tile_fractions, tissue_mask
+
+_logger = logging.getLogger(__name__)
+
+#: callback(done_tiles, total_tiles)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles kept for a slide, in level-0 coordinates.
+
+    Attributes:
+        level0_xy: (N, 2) int64 top-left (x, y) of each tile, level-0 px.
+        grid_rc: (N, 2) int32 (row, col) of each tile in the full grid.
+        tissue_fraction: (N,) float32 tissue fraction of each tile.
+        tile_level0: side of a tile in level-0 px (float: 224 px at 0.5 µm/px on a 0.499 µm/px
+            slide is 224.45 level-0 px).
+        n_rows / n_cols: size of the full grid (whole tiles only).
+    """
+
+    level0_xy: np.ndarray
+    grid_rc: np.ndarray
+    tissue_fraction: np.ndarray
+    tile_level0: float
+    n_rows: int
+    n_cols: int
+
+    def __len__(self) -> int:
+        return int(self.level0_xy.shape[0])
+
+
+def make_grid(
+    info: SlideInfo, mask: np.ndarray, mask_mpp: float, config: TilingConfig
+) -> TileGrid:
+    """The whole-tile grid at ``config.mpp``, filtered by tissue fraction.
+
+    Args:
+        info: the slide's metadata (level-0 size and MPP).
+        mask: (H, W) bool tissue mask covering the slide at ``mask_mpp`` µm/px.
+        mask_mpp: resolution of ``mask``, µm/px.
+        config: tile size, resolution and tissue threshold.
+    """
+    tile_level0 = config.tile_px * config.mpp / info.mpp
+    n_cols = int(math.floor(info.width / tile_level0 + 1e-9))
+    n_rows = int(math.floor(info.height / tile_level0 + 1e-9))
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rc = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.int32)
+    xy = np.round(rc[:, ::-1] * tile_level0).astype(np.int64)
+    if len(rc):
+        frac = tile_fractions(mask, mask_mpp, xy, tile_level0, info.mpp).astype(np.float32)
+    else:
+        frac = np.zeros(0, np.float32)
+    keep = frac >= config.tissue_threshold
+    if config.tissue_threshold <= 0:
+        keep[:] = True
+    return TileGrid(xy[keep], rc[keep], frac[keep], float(tile_level0), n_rows, n_cols)
+
+
+def read_tiles(
+    slide: Slide, level0_xy: np.ndarray, tile_level0: float, mpp: float, tile_px: int
+) -> np.ndarray:
+    """Read square tiles at a physical resolution.
+
+    Args:
+        slide: an open slide.
+        level0_xy: (n, 2) top-left corners, level-0 px.
+        tile_level0: tile side, level-0 px.
+        mpp: output resolution, µm/px.
+        tile_px: output side, px.
+
+    Returns:
+        (n, tile_px, tile_px, 3) uint8.
+    """
+    side = max(1, round(tile_level0))
+    out = np.empty((len(level0_xy), tile_px, tile_px, 3), np.uint8)
+    for i, (x, y) in enumerate(np.asarray(level0_xy)):
+        out[i] = slide.read((int(x), int(y)), (side, side), mpp, out_size=(tile_px, tile_px))
+    return out
+
+
+def _write_block(
+    slide_path: str, mpp_override: float | None, store_path: str, start: int,
+    level0_xy: np.ndarray, tile_level0: float, config: TilingConfig,
+) -> int:
+    """Dask task: read one shard's worth of tiles and write them. Returns the tile count."""
+    n = len(level0_xy)
+    group = zarr.open_group(store_path, mode="r+", zarr_format=3)
+    with Slide(slide_path, mpp_override) as slide:
+        coarse = read_tiles(slide, level0_xy, tile_level0, config.coarse_mpp, config.coarse_px)
+        group["tiles/coarse"][start:start + n] = coarse
+        if config.store_tiles:
+            full = read_tiles(slide, level0_xy, tile_level0, config.mpp, config.tile_px)
+            group["tiles/full"][start:start + n] = full
+    return n
+
+
+@dataclass(frozen=True)
+class TilingResult:
+    """What :func:`tile_slide` did.
+
+    Attributes:
+        store_path: the published store.
+        n_tiles: tissue tiles written.
+        n_grid: whole tiles in the grid.
+        skipped: True when a complete store with the same tile hash already existed.
+        seconds: wall time.
+        info: slide metadata.
+    """
+
+    store_path: Path
+    n_tiles: int
+    n_grid: int
+    skipped: bool
+    seconds: float
+    info: SlideInfo | None
+
+
+class _TaskProgress(Callback):
+    """Dask local-scheduler callback reporting finished block tasks."""
+
+    def __init__(self, sizes: dict[str, int], total: int, progress: Progress) -> None:
+        super().__init__()
+        self._sizes, self._total, self._progress, self._done = sizes, total, progress, 0
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        name = key[0] if isinstance(key, tuple) else key
+        if name in self._sizes:
+            self._done += self._sizes[name]
+            self._progress(self._done, self._total)
+
+
+def tile_slide(
+    slide_path: str | os.PathLike[str],
+    store_path: str | os.PathLike[str],
+    config: RunConfig,
+    mpp: float | None = None,
+    scheduler: Any = "threads",
+    progress: Progress | None = None,
+    force: bool = False,
+) -> TilingResult:
+    """Build (or reuse) the tile store of one slide.
+
+    Args:
+        slide_path: the slide file.
+        store_path: final ``<id>.zarr`` path; built under a temporary name and renamed.
+        config: run configuration (its tissue and tiling sections are used and hashed).
+        mpp: user MPP override (see :mod:`wsi_prune.slide`).
+        scheduler: ``"threads"``, ``"sync"``, ``"processes"`` or a ``distributed.Client``.
+        progress: called with (tiles done, tiles total) as blocks finish.
+        force: rebuild even when a complete store with the same tile hash exists.
+
+    Raises:
+        SlideError: the slide cannot be opened or read (the store is not published).
+        OutputConflict: another run holds this store's lock.
+    """
+    t0 = time.perf_counter()
+    slide_path, store_path = Path(slide_path), Path(store_path)
+    tile_hash = config.section_hash("tissue", "tiling")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    with store.locked(store_path):
+        if not force and store.is_complete(store_path, tile_hash):
+            group = store.open_store(store_path)
+            n = int(group["tiles/coords"].shape[0])
+            _logger.info("%s: tile store complete for this config, skipping", store_path)
+            return TilingResult(store_path, n, int(group.attrs["grid"]["n_grid"]), True,
+                                time.perf_counter() - t0, None)
+        store.remove_stale_tmp(store_path)
+        tmp = store.tmp_path_for(store_path)
+        try:
+            info, n_grid, n = _build(slide_path, tmp, config, mpp, scheduler, progress, tile_hash)
+            store.publish(tmp, store_path)
+        except BaseException:
+            # a failed or interrupted build must never look complete
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dt = time.perf_counter() - t0
+    _logger.info("%s: %d tissue tiles of %d in %.1f s", slide_path.name, n, n_grid, dt)
+    return TilingResult(store_path, n, n_grid, False, dt, info)
+
+
+def _build(
+    slide_path: Path, tmp: Path, config: RunConfig, mpp: float | None, scheduler: Any,
+    progress: Progress | None, tile_hash: str,
+) -> tuple[SlideInfo, int, int]:
+    tcfg = config.tiling
+    with Slide(slide_path, mpp) as slide:
+        info = slide.info
+        thumb = slide.read_thumbnail(config.tissue.mask_mpp)
+    # the thumbnail's real scale (rounded size) is what the mask is measured in
+    mask_mpp = info.width * info.mpp / thumb.shape[1]
+    tm = tissue_mask(thumb, mask_mpp, config.tissue)
+    grid = make_grid(info, tm.mask, mask_mpp, tcfg)
+    n = len(grid)
+
+    group = store.create_store(tmp)
+    cp, tp = tcfg.coarse_px, tcfg.tile_px
+    store.create_tiles_array(group, "tiles/coarse", n, (cp, cp, 3), tcfg.tiles_per_shard,
+                             tcfg.compressor)
+    if tcfg.store_tiles:
+        store.create_tiles_array(group, "tiles/full", n, (tp, tp, 3), tcfg.tiles_per_shard,
+                                 tcfg.compressor)
+    store.write_array(group, "tiles/coords", grid.level0_xy, units="level-0 px (x, y)")
+    store.write_array(group, "tiles/grid", grid.grid_rc, units="(row, col)")
+    store.write_array(group, "tiles/tissue_fraction", grid.tissue_fraction)
+    store.write_array(group, "mask/tissue", tm.mask, mpp=mask_mpp, fraction=tm.fraction)
+
+    _run_blocks(str(slide_path), mpp, str(tmp), grid, tcfg, scheduler, progress)
+
+    for name in ("tiles/coarse", "tiles/full") if tcfg.store_tiles else ("tiles/coarse",):
+        lost = store.missing_shards(group[name])
+        if lost:
+            raise RuntimeError(f"{tmp}/{name}: shards {lost[:5]} missing after writing")
+    group.attrs.update({
+        "slide": info.to_dict(),
+        "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "config": config.to_dict(),
+        "config_hash": config.hash(),
+        "tile_hash": tile_hash,
+        "wsi_prune_version": __version__,
+        "grid": {
+            "tile_px": tp, "mpp": tcfg.mpp, "coarse_px": cp, "coarse_mpp": tcfg.coarse_mpp,
+            "tile_level0": grid.tile_level0, "n_rows": grid.n_rows, "n_cols": grid.n_cols,
+            "n_grid": grid.n_rows * grid.n_cols, "n_tiles": n,
+        },
+        "tissue": {"mask_mpp": mask_mpp, "fraction": tm.fraction},
+        "complete": True,
+    })
+    return info, grid.n_rows * grid.n_cols, n
+
+
+def _run_blocks(
+    slide_path: str, mpp: float | None, tmp: str, grid: TileGrid, tcfg: TilingConfig,
+    scheduler: Any, progress: Progress | None,
+) -> None:
+    n, step = len(grid), tcfg.tiles_per_shard
+    if n == 0:
+        return
+    tasks, sizes = [], {}
+    for start in range(0, n, step):
+        xy = grid.level0_xy[start:start + step]
+        name = f"tile-block-{start}-{os.path.basename(tmp)}"
+        task = dask.delayed(_write_block, pure=False, name=name)(
+            slide_path, mpp, tmp, start, xy, grid.tile_level0, tcfg
+        )
+        tasks.append(task)
+        sizes[task.key] = len(xy)
+    if hasattr(scheduler, "compute") and hasattr(scheduler, "gather"):  # distributed.Client
+        from distributed import as_completed
+
+        done = 0
+        for fut in as_completed(scheduler.compute(tasks)):
+            done += fut.result()
+            if progress:
+                progress(done, n)
+        return
+    with contextlib.ExitStack() as stack:
+        if progress:
+            stack.enter_context(_TaskProgress(sizes, n, progress))
+        dask.compute(*tasks, scheduler=scheduler)
