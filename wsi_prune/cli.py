@@ -175,3 +175,196 @@ def synth(out: str, n: int, size: int, seed: int) -> None:
     slides = write_dataset(out, n=n, seed=seed, size=size)
     for s in slides:
         click.echo(f"{s.path}  label={s.label}")
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    cols = ("id", "status", "probability", "kept_tiles", "tissue_tiles", "token_fraction",
+            "gmacs", "gmacs_dense", "sec_total")
+    fmt = {"probability": "{:.3f}", "token_fraction": "{:.1%}", "gmacs": "{:.2f}",
+           "gmacs_dense": "{:.2f}", "sec_total": "{:.1f}"}
+    table = [[("" if r.get(c) is None else fmt.get(c, "{}").format(r[c])) for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c)
+              for i, c in enumerate(cols)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for t in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+    for r in rows:
+        if r.get("status") == "failed":
+            click.echo(f"failed: {r['id']}: {r['error']}", err=True)
+
+
+def _exit_code(rows: list[dict[str, Any]]) -> int:
+    from .errors import EXIT_OK, EXIT_SOME_FAILED
+
+    return EXIT_SOME_FAILED if any(r["status"] == "failed" for r in rows) else EXIT_OK
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        i, k = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected i/K, e.g. 0/4", param_hint="--shard") from None
+    if not (k >= 1 and 0 <= i < k):
+        raise click.BadParameter("need 0 <= i < K", param_hint="--shard")
+    return i, k
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@config_options
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--workers", type=int, default=0,
+              help="Dask LocalCluster worker processes, one slide per task (0: this process).")
+@click.option("--scheduler", default=None,
+              help="Address (tcp://host:8786) or scheduler file of an existing Dask cluster.")
+@click.option("--shard", default=None, help="Run only shard i of K of the slide list (i/K).")
+@click.option("--force", is_flag=True, help="Recompute slides whose outputs are complete.")
+@click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
+@click.pass_context
+@_errors
+def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
+        mpp: float | None, device: str, workers: int, scheduler: str | None, shard: str | None,
+        force: bool, quiet: bool) -> None:
+    """Slides in, predictions, heatmaps and a run report out.
+
+    INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
+    with columns path[,id,mpp,label]. Writes OUT/<id>.zarr, OUT/<id>/heatmap.png, tokens.png,
+    regions.geojson, candidates.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log.
+
+    Exit codes: 0 all slides ok (or skipped), 3 some slides failed (see predictions.csv),
+    1 the run itself failed, 2 bad usage.
+
+    \b
+    Examples:
+      wsi-prune run slides/ --out results/ --config pipelines/camelyon16.yaml
+      wsi-prune run slides.csv --out results/ --mpp 0.25 --workers 2
+      wsi-prune run slides/ --out results/ --shard 0/4
+    """
+    from .pipeline import run_batch
+
+    quiet = quiet or ctx.obj.get("quiet", False)
+    outp = Path(out)
+    _setup_logging(0, quiet, outp / "run.log")
+    cfg = load_config(config_path)
+    shard_ik = _parse_shard(shard)
+    with _client(workers, scheduler) as client:
+        rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
+                         force=force, shard=shard_ik, progress=not quiet)
+    if not quiet:
+        _print_table(rows)
+        click.echo(f"outputs: {outp}/  (predictions.csv, manifest.json, <id>/heatmap.png)")
+    sys.exit(_exit_code(rows))
+
+
+class _client(_scheduler):
+    """No client, a LocalCluster of ``workers`` processes, or an existing scheduler."""
+
+    def __init__(self, workers: int, address: str | None) -> None:
+        super().__init__(workers)
+        self.address = address
+
+    def __enter__(self) -> Any:
+        if self.address:
+            from distributed import Client
+
+            if Path(self.address).is_file():
+                self._client = Client(scheduler_file=self.address)
+            else:
+                self._client = Client(self.address)
+            click.echo(f"Dask dashboard: {self._client.dashboard_link}", err=True)
+            return self._client
+        if self.workers <= 0:
+            return None
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@_errors
+def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
+           as_json: bool) -> None:
+    """Preflight a batch without running models: can each slide be opened, its MPP and
+    source, size, estimated tissue tiles and time.
+
+    \b
+    Example:
+      wsi-prune doctor slides/ --mpp 0.25
+    """
+    from .errors import EXIT_SOME_FAILED
+    from .pipeline import discover
+    from .preflight import inspect_slide
+
+    cfg = load_config(config_path)
+    bad = 0
+    for entry in discover(inputs, mpp):
+        try:
+            rep = inspect_slide(entry.path, cfg, entry.mpp)
+            rep = {"id": entry.id, "status": "ok", **rep}
+        except WsiPruneError as exc:
+            rep = {"id": entry.id, "path": str(entry.path), "status": "error",
+                   "error": exc.one_line()}
+            bad += 1
+        if as_json:
+            click.echo(json.dumps(rep))
+        elif rep["status"] == "ok":
+            click.echo(f"ok     {entry.id}: {rep['size_px']} px, {rep['mpp']} µm/px "
+                       f"({rep['mpp_source']}), {rep['tissue_tiles']} tissue tiles, "
+                       f"~{rep['estimated_seconds']:.0f} s")
+        else:
+            click.echo(f"error  {entry.id}: {rep['error']}")
+    sys.exit(EXIT_SOME_FAILED if bad else 0)
+
+
+@main.command()
+@click.argument("store_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--slide", "slide_path", default=None, type=click.Path(exists=True),
+              help="The slide file, if it moved since the run.")
+@click.option("--mpp", type=float, default=None, help="MPP override used for the run.")
+@_errors
+def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
+    """Re-render heatmap.png, tokens.png, regions.geojson and candidates.csv from a store,
+    without recomputing.
+
+    \b
+    Example:
+      wsi-prune heatmap results/tumor_001.zarr
+    """
+    from .outputs import rerender
+
+    dest = rerender(store_path, slide_path, mpp)
+    click.echo(f"{dest}/heatmap.png")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--n", "n", type=int, default=4, show_default=True, help="Synthetic slides.")
+@click.option("--size", type=int, default=6144, show_default=True, help="Synthetic slide side.")
+@click.option("--real/--no-real", default=True, show_default=True,
+              help="Also run the real slide in ../shared/data when present.")
+@click.option("--quiet", is_flag=True)
+@_errors
+def demo(out: str, n: int, size: int, real: bool, quiet: bool) -> None:
+    """The main job on a built-in default: synthetic slides with tumour regions (and the real
+    slide in ../shared/data when present) through the whole pipeline with pipelines/demo.yaml.
+
+    \b
+    Example:
+      wsi-prune demo --out demo-out
+    """
+    from .demo import run_demo
+
+    rows = run_demo(Path(out), n=n, size=size, real=real, quiet=quiet)
+    _print_table(rows)
+    sys.exit(_exit_code(rows))

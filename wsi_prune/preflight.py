@@ -11,6 +11,9 @@ from .slide import Slide
 from .tiling import make_grid
 from .tissue import tissue_mask
 
+#: end-to-end seconds per tissue tile with pipelines/camelyon16.yaml on 2 CPU cores
+SECONDS_PER_TISSUE_TILE = 0.05
+
 
 def inspect_slide(
     path: str | os.PathLike[str], config: RunConfig, mpp: float | None = None
@@ -44,4 +47,6 @@ def inspect_slide(
         "tissue_tiles": len(grid),
         "tile": f"{config.tiling.tile_px} px @ {config.tiling.mpp} µm/px",
         "inspect_seconds": round(time.perf_counter() - t0, 3),
+        # A rough CPU estimate for the default ViT-S (see docs/benchmarks.md for measurements).
+        "estimated_seconds": round(len(grid) * SECONDS_PER_TISSUE_TILE, 1),
     }

@@ -1,0 +1,658 @@
+"""The main job: slide folders in, slide predictions, heatmaps and a run report out.
+
+Per slide (:func:`process_slide`), each stage a function over the slide's store and the config:
+
+1. :func:`wsi_prune.tiling.tile_slide` - tissue mask and coarse tiles in ``OUT/<id>.zarr``;
+2. :func:`triage` - the CNN scores every coarse tile and every ViT patch inside it, and the
+   tile policy keeps some tiles;
+3. :func:`embed_kept` - full-resolution pixels are read for kept tiles only, the CNN patch map
+   picks the tokens that enter the pruned ViT, which prunes further inside;
+4. :func:`slide_head` - gated ABMIL over the kept tiles' embeddings;
+5. :func:`wsi_prune.outputs.write_outputs` - heatmaps, GeoJSON, candidates.
+
+A slide's results count as done only when the store's ``run_hash`` attribute equals the
+config hash and its output folder exists: both are written last, so a run killed at any point
+is redone on the next run rather than mistaken for complete. Any error in one slide is
+recorded in ``predictions.csv`` and the batch goes on (:func:`run_batch`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from . import __version__, store
+from .config import RunConfig
+from .errors import ConfigError, OutputConflict, UnsupportedSlide, WsiPruneError
+from .slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, Slide
+from .tiling import tile_slide
+
+_logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = (
+    "id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",
+    "tissue_tiles", "kept_tiles", "token_fraction", "gmacs", "gmacs_dense",
+    "sec_tiling", "sec_triage", "sec_vit", "sec_mil", "sec_outputs", "sec_total",
+)
+STAGES = ("tiling", "triage", "vit", "mil", "outputs")
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# -- inputs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide of a batch.
+
+    Attributes:
+        id: unique, filesystem-safe name of its outputs (``OUT/<id>.zarr``, ``OUT/<id>/``).
+        path: the slide file.
+        mpp: user MPP override for this slide (µm/px), or None.
+        label: reference label from a slide list (0/1), or None.
+    """
+
+    id: str
+    path: Path
+    mpp: float | None = None
+    label: int | None = None
+
+
+def safe_id(name: str) -> str:
+    """A filesystem-safe id: letters, digits, ``.``, ``_``, ``-``; never empty, never hidden,
+    never ``..``, so ``OUT/<id>`` stays inside OUT."""
+    sid = _SAFE_ID.sub("_", name).strip("._") or "slide"
+    return sid[:120]
+
+
+def discover(
+    inputs: Iterable[str | os.PathLike[str]], mpp: float | None = None
+) -> list[SlideEntry]:
+    """Expand slide files, folders (recursive, by slide extension) and CSV slide lists.
+
+    A CSV list has a ``path`` column (relative paths are relative to the CSV) and optional
+    ``id``, ``mpp`` and ``label`` columns. Ids are made unique with ``-2``, ``-3``...
+
+    Raises:
+        ConfigError: an input that does not exist, or a CSV without a ``path`` column.
+    """
+    raw: list[tuple[Path, str | None, float | None, int | None]] = []
+    exts = tuple(SLIDE_EXTENSIONS) + tuple(IMAGE_EXTENSIONS) if mpp else tuple(SLIDE_EXTENSIONS)
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
+                           and not f.name.startswith("."))
+            raw.extend((f, None, None, None) for f in found)
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            raw.extend(_read_slide_list(p))
+        elif p.exists() or p.suffix:  # a missing file is a failed slide, not a usage error
+            raw.append((p, None, None, None))
+        else:
+            raise ConfigError("input is neither a slide, a folder nor a CSV slide list", p)
+    entries, seen = [], set()
+    for path, given_id, row_mpp, label in raw:
+        base = safe_id(given_id or path.stem)
+        sid, k = base, 2
+        while sid.lower() in seen:
+            sid, k = f"{base}-{k}", k + 1
+        seen.add(sid.lower())
+        entries.append(SlideEntry(sid, path, row_mpp if row_mpp is not None else mpp, label))
+    return entries
+
+
+def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:
+    from .annotations import parse_label
+
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise ConfigError("slide list needs a 'path' column", path)
+        for i, row in enumerate(reader, start=2):
+            p = Path(row["path"])
+            if not p.is_absolute():
+                p = path.parent / p
+            try:
+                row_mpp = float(row["mpp"]) if row.get("mpp") else None
+                label = parse_label(row["label"]) if row.get("label") else None
+            except ValueError as exc:
+                raise ConfigError(f"line {i}: {exc}", path) from exc
+            rows.append((p, row.get("id") or None, row_mpp, label))
+    return rows
+
+
+# -- models ----------------------------------------------------------------------------------
+@dataclass
+class Models:
+    """The three models of a run, built once per process."""
+
+    scorer: torch.nn.Module
+    vit: torch.nn.Module  # PrunedViT
+    mil: torch.nn.Module
+    grid: tuple[int, int]
+    vit_mean: torch.Tensor
+    vit_std: torch.Tensor
+    describe: dict[str, Any] = field(default_factory=dict)
+    macs: dict[str, Any] = field(default_factory=dict)
+
+
+def load_models(config: RunConfig, device: str = "cpu") -> Models:
+    """Build scorer, pruned ViT and MIL head from the config (local weights only unless the
+    config asks for hub weights).
+
+    Raises:
+        ConfigError / CheckpointRefused: unknown models, bad or unsafe weight files.
+    """
+    import timm.data
+
+    from .flops import ViTSpec, cnn_macs
+    from .models.mil import build_mil
+    from .models.pruned_vit import PrunedViT, build_vit
+    from .models.scorer import build_scorer
+    from .models.weights import file_sha256, load_into
+
+    vit_model = build_vit(config.vit, load_weights=load_into)
+    pruned = PrunedViT(vit_model, config.vit).to(device).eval()
+    gh, gw = vit_model.patch_embed.grid_size
+    if gh != gw:
+        raise ConfigError(f"vit.model has a non-square patch grid {gh}x{gw}")
+    img = vit_model.patch_embed.img_size
+    if tuple(img) != (config.tiling.tile_px, config.tiling.tile_px):
+        raise ConfigError(
+            f"vit.model takes {img[0]}x{img[1]} px images but tiling.tile_px is "
+            f"{config.tiling.tile_px}; set vit.model_kwargs.img_size or tiling.tile_px"
+        )
+    scorer = build_scorer(config.scorer, gh).to(device)
+    embed_dim = int(vit_model.num_features) * (2 if config.vit.pooling == "cls+mean" else 1)
+    mil = build_mil(config.mil, embed_dim).to(device)
+    data_cfg = timm.data.resolve_data_config({}, model=vit_model)
+    mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1)
+
+    def weights(path: str | None) -> dict[str, Any]:
+        if not path:
+            return {"weights": None, "sha256": None, "trained": False}
+        p = Path(path)
+        digest = file_sha256(p) if p.is_file() else None
+        return {"weights": str(path), "sha256": digest, "trained": True}
+
+    cp = config.tiling.coarse_px
+    describe = {
+        "scorer": {"model": config.scorer.model, **weights(config.scorer.weights)},
+        "vit": {"model": config.vit.model, "model_kwargs": config.vit.model_kwargs,
+                **weights(config.vit.weights), "pretrained": config.vit.pretrained},
+        "mil": {"in_dim": embed_dim, **weights(config.mil.weights)},
+    }
+    macs = {
+        "spec": ViTSpec.from_timm(vit_model),
+        "scorer_per_tile": cnn_macs(scorer, (3, cp, cp)),
+    }
+    return Models(scorer, pruned, mil, (gh, gw), mean, std, describe, macs)
+
+
+# -- stages ------------------------------------------------------------------------------------
+Progress = Callable[[int, int], None] | None
+
+
+def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progress = None
+           ) -> dict[str, np.ndarray]:
+    """Score every coarse tile and every ViT patch in it; choose the tiles for the ViT.
+
+    Returns:
+        ``tile_score`` (N,), ``patch_importance`` (N, G, G), ``embedding`` (N, C), ``kept`` (N,).
+    """
+    from .models.scorer import score_tiles
+    from .prune import select_tiles
+
+    out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
+                      config.scorer.threads, progress)
+    patch, tile, emb = out.numpy()
+    kept = select_tiles(tile, config.tile_select, np.asarray(group["tiles/grid"][:]), emb)
+    return {"tile_score": tile, "patch_importance": patch, "embedding": emb, "kept": kept}
+
+
+def embed_kept(
+    entry: SlideEntry, group: zarr.Group, config: RunConfig, models: Models,
+    tile_index: np.ndarray, patch_importance: np.ndarray, device: str = "cpu",
+    progress: Progress = None,
+) -> dict[str, Any]:
+    """Read full-resolution pixels of the kept tiles only and run the pruned ViT on them.
+
+    Args:
+        tile_index: (K,) indices of kept tiles.
+        patch_importance: (N, G, G) CNN patch maps of all tiles.
+
+    Returns:
+        ``embedding`` (K, D), ``token_importance`` (K, P), ``kept_tokens`` (K, S, P) bool,
+        ``macs`` (MACs spent on the K tiles by the ViT).
+    """
+    from .flops import vit_macs
+    from .prune import select_patches
+
+    tcfg = config.tiling
+    coords = np.asarray(group["tiles/coords"][:])
+    tile_level0 = float(group.attrs["grid"]["tile_level0"])
+    size0 = int(round(tile_level0))
+    full = group["tiles/full"] if "full" in group["tiles"] else None
+    k = len(tile_index)
+    g = models.grid[0] * models.grid[1]
+    embeddings, importance, kept_tokens = [], [], []
+    macs = 0
+    spec = models.macs["spec"]
+    bs = config.vit.batch_size
+    with Slide(entry.path, entry.mpp) as slide:
+        for start in range(0, k, bs):
+            idx = tile_index[start:start + bs]
+            if full is not None:
+                pix = np.stack([np.asarray(full[int(i)]) for i in idx])
+            else:
+                pix = np.stack([
+                    slide.read(tuple(int(v) for v in coords[i]), (size0, size0), tcfg.mpp,
+                               out_size=(tcfg.tile_px, tcfg.tile_px))
+                    for i in idx
+                ])
+            x = torch.from_numpy(pix).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            x = (x - models.vit_mean) / models.vit_std
+            keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
+                                   grid=models.grid)
+            with torch.inference_mode():
+                res = models.vit(x, keep0)
+            embeddings.append(res.embedding.float().cpu().numpy())
+            importance.append(res.token_importance.float().cpu().numpy())
+            kept_tokens.append(torch.stack([s.cpu() for s in res.kept], 1).numpy())
+            # The padded batch width is what was computed: count it, per image.
+            macs += len(idx) * vit_macs(spec, res.tokens_per_block,
+                                        cls_attn_blocks=sorted(config.vit.prune_blocks))
+            if progress is not None:
+                progress(min(start + bs, k), k)
+    d = models.mil.in_dim
+    n_stages = 1 + len(config.vit.prune_blocks)
+    return {
+        "embedding": np.concatenate(embeddings) if k else np.zeros((0, d), np.float32),
+        "token_importance": np.concatenate(importance) if k else np.zeros((0, g), np.float32),
+        "kept_tokens": np.concatenate(kept_tokens) if k else np.zeros((0, n_stages, g), bool),
+        "macs": macs,
+    }
+
+
+def slide_head(models: Models, embedding: np.ndarray) -> tuple[float, np.ndarray]:
+    """Slide probability and MIL attention (K,) over the kept tiles' embeddings."""
+    with torch.inference_mode():
+        out = models.mil(torch.from_numpy(np.ascontiguousarray(embedding)).float())
+    return float(out.prob), out.attention.float().cpu().numpy()
+
+
+def tile_heat(tile_score: np.ndarray, kept: np.ndarray, attention: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile heat in [0, 1] and its source (1: ViT/MIL, 0: CNN only).
+
+    Kept tiles get their MIL attention relative to the slide's most attended tile. Dropped
+    tiles get their CNN score scaled below the lowest kept tile's heat, so the picture never
+    ranks a tile the triage dropped above one it kept.
+    """
+    heat = np.zeros(tile_score.shape, np.float32)
+    source = kept.astype(np.uint8)
+    if kept.any():
+        att = attention / max(float(attention.max()), 1e-12)
+        heat[kept] = att
+        floor = float(att.min())
+    else:
+        floor = 1.0
+    heat[~kept] = tile_score[~kept] * floor
+    return heat, source
+
+
+# -- one slide ---------------------------------------------------------------------------------
+def run_complete(out: Path, entry: SlideEntry, config: RunConfig) -> bool:
+    """Whether ``entry``'s outputs in ``out`` are complete for this config."""
+    try:
+        group = zarr.open_group(str(out / f"{entry.id}.zarr"), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
+    return (group.attrs.get("run_hash") == config.hash() and "result" in group.attrs
+            and (out / entry.id / "heatmap.png").is_file())
+
+
+def _row_from_result(entry: SlideEntry, status: str, result: dict[str, Any],
+                     attrs: dict[str, Any]) -> dict[str, Any]:
+    sec = result.get("seconds", {})
+    row = {
+        "id": entry.id, "path": str(entry.path), "status": status, "error": "",
+        "probability": result["probability"], "label": result["label"],
+        "mpp": attrs.get("mpp"), "mpp_source": attrs.get("mpp_source"),
+        "tissue_tiles": result["tissue_tiles"], "kept_tiles": result["kept_tiles"],
+        "token_fraction": result["token_fraction"], "gmacs": result["gmacs"],
+        "gmacs_dense": result["gmacs_dense"],
+    }
+    for s in STAGES:
+        row[f"sec_{s}"] = sec.get(s)
+    row["sec_total"] = sum(v for v in sec.values() if v is not None) if sec else None
+    return row
+
+
+def process_slide(
+    entry: SlideEntry, out: Path, config: RunConfig, models: Models | Callable[[], Models],
+    device: str = "cpu", force: bool = False, scheduler: Any = "threads",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run every stage on one slide; return its ``predictions.csv`` row.
+
+    Errors are raised (:func:`run_batch` records them); ``models`` may be a factory so that a
+    skipped slide never builds them.
+    """
+    out = Path(out)
+    store_path = out / f"{entry.id}.zarr"
+    if not force and run_complete(out, entry, config):
+        group = zarr.open_group(str(store_path), mode="r")
+        _logger.info("%s: outputs complete for this config, skipping", entry.id)
+        return _row_from_result(entry, "skipped", group.attrs["result"], dict(group.attrs))
+    if not entry.path.exists():
+        raise UnsupportedSlide("no such file", entry.path)
+    with store.locked(out / entry.id):
+        return _process_locked(entry, out, config, models, device, force, scheduler, progress)
+
+
+def _process_locked(entry, out, config, models, device, force, scheduler, progress):
+    from .outputs import write_outputs
+
+    seconds: dict[str, float] = {}
+    store_path = out / f"{entry.id}.zarr"
+    t = time.perf_counter()
+
+    def stage_progress(name: str) -> Progress:
+        return None if progress is None else (lambda done, total: progress(name, done, total))
+
+    tile_slide(entry.path, store_path, config, mpp=entry.mpp, scheduler=scheduler,
+               progress=stage_progress("tiling"), force=force)
+    seconds["tiling"] = time.perf_counter() - t
+    group = zarr.open_group(str(store_path), mode="r+")
+    # A new result is about to be written: the old one must not look current meanwhile.
+    for key in ("run_hash", "result"):
+        if key in group.attrs:
+            del group.attrs[key]
+    n = int(group["tiles/coords"].shape[0])
+    if n == 0:
+        from .errors import NoTissue
+
+        raise NoTissue("no tissue tile at the configured threshold", entry.path)
+    if callable(models) and not isinstance(models, Models):
+        models = models()
+
+    t = time.perf_counter()
+    tri = triage(group, config, models, stage_progress("triage"))
+    for name in ("tile_score", "patch_importance", "embedding", "kept"):
+        store.write_array(group, f"triage/{name}", tri[name])
+    seconds["triage"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tile_index = np.flatnonzero(tri["kept"]).astype(np.int64)
+    vit = embed_kept(entry, group, config, models, tile_index, tri["patch_importance"], device,
+                     stage_progress("vit"))
+    store.write_array(group, "vit/tile_index", tile_index)
+    for name in ("embedding", "token_importance", "kept_tokens"):
+        store.write_array(group, f"vit/{name}", vit[name])
+    seconds["vit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prob, attention = slide_head(models, vit["embedding"])
+    store.write_array(group, "mil/attention", attention.astype(np.float32))
+    heat, source = tile_heat(tri["tile_score"], tri["kept"], attention)
+    store.write_array(group, "heatmap/tile", heat)
+    store.write_array(group, "heatmap/source", source)
+    gh, gw = models.grid
+    imp = vit["token_importance"].reshape(-1, gh, gw)
+    peak = np.maximum(imp.max(axis=(1, 2), keepdims=True), 1e-12)
+    patch_heat = (imp / peak) * heat[tile_index][:, None, None]
+    store.write_array(group, "heatmap/patch", patch_heat.astype(np.float32))
+    seconds["mil"] = time.perf_counter() - t
+
+    spec = models.macs["spec"]
+    from .flops import vit_macs
+
+    dense_per_tile = vit_macs(spec)
+    scorer_macs = n * models.macs["scorer_per_tile"]
+    p = gh * gw
+    label = int(prob >= config.mil.threshold)
+    result = {
+        "probability": prob, "label": label, "tissue_tiles": n,
+        "kept_tiles": int(len(tile_index)),
+        # tokens that entered the ViT (stage 0, after the CNN prior) over all tissue tokens
+        "token_fraction": float(vit["kept_tokens"][:, 0].sum()) / (n * p),
+        "gmacs": (vit["macs"] + scorer_macs) / 1e9,
+        "gmacs_dense": n * dense_per_tile / 1e9,
+        "seconds": seconds,
+    }
+    t = time.perf_counter()
+    write_outputs(group, out / entry.id, entry.id, prob, config, slide_path=entry.path,
+                  mpp=entry.mpp)
+    seconds["outputs"] = time.perf_counter() - t
+    result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    # last: the marker that makes these outputs complete
+    group.attrs.update({"result": result, "run_hash": config.hash(),
+                        "run_config": config.to_dict(), "models": models.describe})
+    _logger.info("%s: p=%.3f, %d/%d tiles kept, %.1f%% tokens", entry.id, prob,
+                 result["kept_tiles"], n, 100 * result["token_fraction"])
+    return _row_from_result(entry, "ok", result, dict(group.attrs))
+
+
+# -- a batch -----------------------------------------------------------------------------------
+def failed_row(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
+    """A ``predictions.csv`` row for a slide that failed, with a one-line reason."""
+    if isinstance(exc, WsiPruneError):
+        reason = exc.one_line()
+    else:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    row = {c: None for c in PREDICTION_COLUMNS}
+    row.update(id=entry.id, path=str(entry.path), status="failed", error=reason)
+    return row
+
+
+def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``predictions.csv`` atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
+    os.replace(tmp, path)
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def versions() -> dict[str, str]:
+    """Versions of the package and the libraries that decide its numbers."""
+    import dask
+    import openslide
+    import timm
+
+    out = {"wsi_prune": __version__, "python": platform.python_version(),
+           "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
+           "dask": dask.__version__, "numpy": np.__version__,
+           "openslide_python": openslide.__version__,
+           "openslide": getattr(openslide, "__library_version__", "unknown")}
+    return out
+
+
+def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]],
+                   started: str, models: dict[str, Any] | None, extra: dict | None = None) -> None:
+    """Write ``manifest.json`` atomically: config, hash, versions, models, times, slides."""
+    manifest = {
+        "config": config.to_dict(), "config_hash": config.hash(), "versions": versions(),
+        "models": models, "started": started,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "slides": {r["id"]: {k: r.get(k) for k in ("status", "error", "path", "probability",
+                                                   "sec_total")} for r in rows},
+        **(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_batch(
+    inputs: Sequence[str | os.PathLike[str]] | Sequence[SlideEntry],
+    out: str | os.PathLike[str],
+    config: RunConfig,
+    *,
+    mpp: float | None = None,
+    device: str = "cpu",
+    client: Any = None,
+    force: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run the pipeline on every slide; one slide's failure never stops the others.
+
+    Args:
+        inputs: slide files, folders, CSV slide lists, or ready :class:`SlideEntry` objects.
+        out: output folder (created).
+        config: the run config.
+        mpp: MPP override for slides without metadata, µm/px.
+        device: ``cpu`` or ``cuda``.
+        client: a ``distributed.Client``: slides become tasks on its workers (models load
+            once per worker); None: this process.
+        force: recompute slides whose outputs are complete.
+        shard: ``(i, k)``: only the i-th of k deterministic shards of the slide list; the
+            shard writes its own ``predictions.shard-i-of-k.csv`` and manifest.
+        progress: show progress bars (slides, and tile batches per slide).
+
+    Returns:
+        The ``predictions.csv`` rows, in slide order.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if inputs and isinstance(inputs[0], SlideEntry):
+        entries = list(inputs)  # type: ignore[arg-type]
+    else:
+        entries = discover(inputs, mpp)  # type: ignore[arg-type]
+    suffix = ""
+    if shard is not None:
+        i, k = shard
+        if not (k >= 1 and 0 <= i < k):
+            raise ConfigError(f"bad shard {i}/{k}: need 0 <= i < k")
+        entries = sorted(entries, key=lambda e: e.id)[i::k]
+        suffix = f".shard-{i}-of-{k}"
+    pred_path = out / f"predictions{suffix}.csv"
+    manifest_path = out / f"manifest{suffix}.json"
+    _logger.info("%d slide(s) -> %s (config %s)", len(entries), out, config.hash()[:12])
+
+    rows: dict[str, dict[str, Any]] = {}
+    described: dict[str, Any] | None = None
+    cache: dict[str, Models] = {}
+
+    def get_models() -> Models:
+        if "m" not in cache:
+            cache["m"] = load_models(config, device)
+        return cache["m"]
+
+    def record(entry: SlideEntry, row: dict[str, Any]) -> None:
+        rows[entry.id] = row
+        ordered = [rows[e.id] for e in entries if e.id in rows]
+        write_predictions(pred_path, ordered)
+
+    bar = tqdm(total=len(entries), desc="slides", unit="slide", disable=not progress)
+    if client is None:
+        for entry in entries:
+            bar.set_postfix_str(entry.id)
+            inner: dict[str, Any] = {}
+
+            def tick(stage: str, done: int, total: int, _inner=inner) -> None:
+                b = _inner.get(stage)
+                if b is None:
+                    b = _inner[stage] = tqdm(total=total, desc=f"  {stage}", unit="tile",
+                                             leave=False, disable=not progress)
+                b.update(done - b.n)
+
+            try:
+                row = process_slide(entry, out, config, get_models, device, force,
+                                    progress=tick if progress else None)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except OutputConflict as exc:
+                row = failed_row(entry, exc)
+            except Exception as exc:  # noqa: BLE001 - one slide must never stop the batch
+                _logger.warning("%s failed: %s", entry.id, failed_row(entry, exc)["error"])
+                _logger.debug("%s", traceback.format_exc())
+                row = failed_row(entry, exc)
+            finally:
+                for b in inner.values():
+                    b.close()
+            record(entry, row)
+            bar.update(1)
+        if "m" in cache:
+            described = cache["m"].describe
+    else:
+        from distributed import as_completed
+
+        futures = {client.submit(_slide_task, e, str(out), config.to_dict(), device, force,
+                                 pure=False, key=f"slide-{e.id}-{os.getpid()}"): e
+                   for e in entries}
+        for fut in as_completed(futures):
+            entry = futures[fut]
+            try:
+                row = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a lost worker etc.
+                row = failed_row(entry, exc)
+            record(entry, row)
+            bar.update(1)
+    bar.close()
+    ordered = [rows[e.id] for e in entries]
+    write_predictions(pred_path, ordered)
+    write_manifest(manifest_path, config, ordered, started, described,
+                   {"shard": list(shard) if shard else None, "out": str(out)})
+    return ordered
+
+
+_WORKER_MODELS: dict[str, Models] = {}
+
+
+def _slide_task(entry: SlideEntry, out: str, config_dict: dict, device: str, force: bool
+                ) -> dict[str, Any]:
+    """A slide as a Dask task: models load once per worker process and stay there."""
+    config = RunConfig.from_dict(config_dict)
+    key = config.hash()
+
+    def models() -> Models:
+        if key not in _WORKER_MODELS:
+            _WORKER_MODELS.clear()
+            _WORKER_MODELS[key] = load_models(config, device)
+        return _WORKER_MODELS[key]
+
+    torch.set_num_threads(1)
+    try:
+        return process_slide(entry, Path(out), config, models, device, force, scheduler="sync")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
+        return failed_row(entry, exc)
+
+
+def clean_out(out: Path, entry: SlideEntry) -> None:
+    """Remove a slide's outputs (used by ``--force`` paths and tests)."""
+    shutil.rmtree(out / f"{entry.id}.zarr", ignore_errors=True)
+    shutil.rmtree(out / entry.id, ignore_errors=True)
