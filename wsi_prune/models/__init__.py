@@ -1,0 +1,1 @@
+"""Models: the CNN triage scorer, the token-pruned ViT wrapper, the MIL head and weights."""

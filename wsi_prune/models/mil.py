@@ -1,0 +1,184 @@
+"""Gated attention-based multiple-instance learning (ABMIL) slide head.
+
+Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018, gated
+variant, as used by CLAM (Lu et al. 2021): each instance (tile embedding) h_k = ReLU(W x_k) gets
+an attention score a_k = w·(tanh(V h_k) ⊙ sigmoid(U h_k)); the softmax of the scores over the bag
+weighs the instances into one slide embedding, and a linear layer turns it into the slide logit.
+The attention doubles as the tile heatmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import MILConfig
+from ..errors import CheckpointRefused
+from .weights import load_into, read_sidecar, warn_untrained_once
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["GatedABMIL", "MILOutput", "build_mil", "trained_mil_config"]
+
+#: ``kind`` of the JSON config saved next to trained MIL weights
+MIL_KIND = "wsi-prune-mil"
+
+
+@dataclass
+class MILOutput:
+    """A slide head's answer for one bag (shapes without B) or a batch of B bags.
+
+    Attributes:
+        logit: () or (B,) float32 for one class; (n_classes,) or (B, n_classes) otherwise.
+        prob: sigmoid (one class) or softmax (several) of ``logit``, same shape.
+        attention: (K,) or (B, K) float32, softmax over the valid instances of each bag:
+            sums to 1 over them and is exactly 0 on masked ones.
+    """
+
+    logit: torch.Tensor
+    prob: torch.Tensor
+    attention: torch.Tensor
+
+
+class GatedABMIL(nn.Module):
+    """Gated attention-MIL over a bag of instance embeddings.
+
+    Args:
+        in_dim: D, size of an instance embedding (the ViT's embedding width).
+        hidden: size of the projected instances and of the attention branches.
+        dropout: dropout after the first layer (active in training mode only).
+        n_classes: 1 for a binary slide label (sigmoid), more for a softmax over classes.
+    """
+
+    def __init__(
+        self, in_dim: int, hidden: int = 128, dropout: float = 0.0, n_classes: int = 1
+    ) -> None:
+        super().__init__()
+        if in_dim < 1 or hidden < 1 or n_classes < 1:
+            raise ValueError("in_dim, hidden and n_classes must be >= 1")
+        self.in_dim = int(in_dim)
+        self.n_classes = int(n_classes)
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attention_v = nn.Linear(hidden, hidden)
+        self.attention_u = nn.Linear(hidden, hidden)
+        self.attention_w = nn.Linear(hidden, 1)
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(self, bag: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """Pool a bag (or a padded batch of bags) into slide logits.
+
+        Args:
+            bag: (K, D) one bag, or (B, K, D) a batch of bags padded to K instances.
+            mask: (K,) or (B, K) bool, True for real instances; None: all are real. Padded
+                instances get exactly zero attention and do not change the output, whatever
+                their values (even NaN).
+
+        Returns:
+            :class:`MILOutput`; for a (K, D) bag the batch axis is dropped.
+
+        Raises:
+            ValueError: wrong shapes, or a bag with no (valid) instance.
+        """
+        single = bag.ndim == 2
+        if single:
+            bag = bag.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        if bag.ndim != 3 or bag.shape[-1] != self.in_dim:
+            raise ValueError(
+                f"bag must be (K, {self.in_dim}) or (B, K, {self.in_dim}), got {tuple(bag.shape)}"
+            )
+        if bag.shape[1] == 0:
+            raise ValueError("empty bag: a slide needs at least one instance (tile)")
+        if mask is not None:
+            if mask.shape != bag.shape[:2]:
+                raise ValueError(f"mask {tuple(mask.shape)} does not match bag {tuple(bag.shape)}")
+            mask = mask.to(device=bag.device, dtype=torch.bool)
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError("empty bag: every instance of a bag is masked out")
+            # Zero padded rows first so that NaN/inf padding cannot leak through 0 * x.
+            bag = torch.where(mask.unsqueeze(-1), bag, torch.zeros((), dtype=bag.dtype))
+        h = self.fc(bag.float())  # (B, K, hidden)
+        gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        scores = self.attention_w(gate).squeeze(-1)  # (B, K)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attention = torch.softmax(scores, dim=1)
+        pooled = torch.bmm(attention.unsqueeze(1), h).squeeze(1)  # (B, hidden)
+        logit = self.classifier(pooled)  # (B, n_classes)
+        if self.n_classes == 1:
+            logit = logit.squeeze(-1)
+            prob = torch.sigmoid(logit)
+        else:
+            prob = torch.softmax(logit, dim=-1)
+        if single:
+            logit, prob, attention = logit[0], prob[0], attention[0]
+        return MILOutput(logit=logit, prob=prob, attention=attention)
+
+
+def build_mil(config: MILConfig, in_dim: int, n_classes: int = 1) -> GatedABMIL:
+    """Build the slide head in eval mode, loading ``config.weights`` when set.
+
+    Args:
+        config: the MIL section.
+        in_dim: D, embedding width of the ViT feeding it.
+        n_classes: 1 for a binary slide label.
+
+    Raises:
+        CheckpointRefused: the weights file is missing, unsafe, or made for another in_dim or
+            hidden size (the message names the file and the mismatched tensors).
+    """
+    if config.weights:
+        _check_sidecar(config, in_dim, n_classes)
+    model = GatedABMIL(in_dim, hidden=config.hidden, dropout=config.dropout, n_classes=n_classes)
+    if config.weights:
+        load_into(model, config.weights)
+        _logger.info("MIL head: loaded weights from %s", config.weights)
+    else:
+        warn_untrained_once("MIL slide head")
+    return model.eval()
+
+
+def trained_mil_config(weights: str, base: MILConfig | None = None) -> tuple[MILConfig, int, int]:
+    """The MIL config, embedding width and class count that trained weights were made for.
+
+    Reads the JSON config that ``wsi-prune train-mil`` writes next to the weights
+    (``mil.safetensors`` → ``mil.json``); ``hidden`` comes from it, ``threshold`` from ``base``.
+
+    Args:
+        weights: the trained weights file.
+        base: the run's MIL section (default: :class:`MILConfig` defaults).
+
+    Returns:
+        ``(config with weights and hidden set, in_dim, n_classes)``.
+
+    Raises:
+        CheckpointRefused: no JSON config next to ``weights``, or it is not a MIL head's.
+    """
+    meta = read_sidecar(weights, MIL_KIND)
+    if meta is None:
+        raise CheckpointRefused("no MIL config (.json) next to the weights", weights)
+    base = base or MILConfig()
+    try:
+        config = dataclasses.replace(base, weights=str(weights), hidden=int(meta["hidden"]))
+        return config, int(meta["in_dim"]), int(meta["n_classes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointRefused(f"MIL config lacks or mistypes {exc}", weights) from exc
+
+
+def _check_sidecar(config: MILConfig, in_dim: int, n_classes: int) -> None:
+    """Refuse weights whose JSON config says they were trained for another shape."""
+    meta = read_sidecar(config.weights, MIL_KIND)
+    if meta is None:
+        return
+    wanted = {"in_dim": in_dim, "hidden": config.hidden, "n_classes": n_classes}
+    diff = [f"{k}={meta.get(k)!r} (here: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
+    if diff:
+        raise CheckpointRefused(
+            "this MIL head was trained with " + ", ".join(diff)
+            + " (in_dim is the ViT embedding width; trained_mil_config reads the rest)",
+            config.weights,
+        )
