@@ -341,7 +341,7 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
     Example:
       wsi-prune heatmap results/tumor_001.zarr
     """
-    from .outputs import rerender
+    from .heatmap import rerender
 
     dest = rerender(store_path, slide_path, mpp)
     click.echo(f"{dest}/heatmap.png")
@@ -365,6 +365,7 @@ def demo(out: str, n: int, size: int, real: bool, quiet: bool) -> None:
     """
     from .demo import run_demo
 
+    _setup_logging(0, quiet, Path(out) / "demo.log")
     rows = run_demo(Path(out), n=n, size=size, real=real, quiet=quiet)
     _print_table(rows)
     sys.exit(_exit_code(rows))

@@ -8,7 +8,7 @@ Per slide (:func:`process_slide`), each stage a function over the slide's store 
 3. :func:`embed_kept` - full-resolution pixels are read for kept tiles only, the CNN patch map
    picks the tokens that enter the pruned ViT, which prunes further inside;
 4. :func:`slide_head` - gated ABMIL over the kept tiles' embeddings;
-5. :func:`wsi_prune.outputs.write_outputs` - heatmaps, GeoJSON, candidates.
+5. :func:`wsi_prune.heatmap.write_outputs` - heatmaps, GeoJSON, candidates.
 
 A slide's results count as done only when the store's ``run_hash`` attribute equals the
 config hash and its output folder exists: both are written last, so a run killed at any point
@@ -368,7 +368,7 @@ def process_slide(
 
 
 def _process_locked(entry, out, config, models, device, force, scheduler, progress):
-    from .outputs import write_outputs
+    from .heatmap import write_outputs
 
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
