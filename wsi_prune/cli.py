@@ -369,3 +369,9 @@ def demo(out: str, n: int, size: int, real: bool, quiet: bool) -> None:
     rows = run_demo(Path(out), n=n, size=size, real=real, quiet=quiet)
     _print_table(rows)
     sys.exit(_exit_code(rows))
+
+
+# Commands that live in their own modules (kept out of this file's imports until used).
+from .cli_eval import evaluate  # noqa: E402
+
+main.add_command(evaluate)

@@ -1,0 +1,374 @@
+"""Slide metrics, CAMELYON16 FROC, run evaluation, pruned-vs-dense comparison and the CLI, on
+real files: predictions/candidates CSVs, ASAP XML and Zarr v3 stores written here."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from test_annotations import square, write_xml
+
+from wsi_prune.annotations import Annotation, evaluation_mask
+from wsi_prune.cli_eval import evaluate as evaluate_cmd
+from wsi_prune.evaluate import (
+    EvaluationError,
+    compare_runs,
+    evaluate_run,
+    froc,
+    read_candidates,
+    slide_metrics,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ["id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",
+           "tissue_tiles", "kept_tiles", "token_fraction", "gmacs", "gmacs_dense", "sec_tiling",
+           "sec_triage", "sec_vit", "sec_mil", "sec_outputs", "sec_total"]  # fmt: skip
+
+
+# -- slide level ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("probs, labels, auc", [
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 3 / 4),  # pairs (pos > neg): 3 of 4
+    ([0.2, 0.6, 0.6, 0.9], [0, 0, 1, 1], 3.5 / 4),  # a tie counts one half
+    ([0.9, 0.8, 0.1, 0.2, 0.3], [0, 0, 1, 1, 1], 0.0),
+])  # fmt: skip
+def test_auc_matches_hand_count(probs, labels, auc):
+    m = slide_metrics(probs, labels, n_boot=0)
+    assert m.auc == pytest.approx(auc) and m.auc_ci is None and m.n_boot == 0
+
+
+def test_threshold_metrics():
+    m = slide_metrics([0.1, 0.4, 0.35, 0.8, 0.5], [0, 0, 1, 1, 0], threshold=0.5, n_boot=0)
+    # called positive: 0.8 (tumour) and 0.5 (normal: at the threshold counts as positive)
+    assert (m.tp, m.fp, m.tn, m.fn) == (1, 1, 2, 1)
+    assert m.accuracy == pytest.approx(3 / 5)
+    assert m.sensitivity == pytest.approx(1 / 2) and m.specificity == pytest.approx(2 / 3)
+    assert (m.n, m.n_pos, m.n_neg) == (5, 2, 3)
+    assert m.fpr[0] == 0 and m.tpr[-1] == 1
+
+
+def test_bootstrap_ci_contains_auc_and_is_seeded():
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 20)
+    p = np.clip(0.35 + 0.3 * y + rng.normal(0, 0.2, 40), 0, 1)
+    a = slide_metrics(p, y, n_boot=300, seed=7)
+    b = slide_metrics(p, y, n_boot=300, seed=7)
+    c = slide_metrics(p, y, n_boot=300, seed=8)
+    lo, hi = a.auc_ci
+    assert lo < a.auc < hi and 0.5 < lo and hi <= 1.0
+    assert a.auc_ci == b.auc_ci and a.auc_ci != c.auc_ci
+    assert a.n_boot == 300  # stratified: every resample has both classes
+
+
+def test_single_class_has_no_auc():
+    m = slide_metrics([0.2, 0.7], [0, 0], n_boot=50)
+    assert m.auc is None and m.auc_ci is None and m.sensitivity is None
+    assert m.specificity == 0.5
+    with pytest.raises(ValueError, match="0 or 1"):
+        slide_metrics([0.2, 0.7], [0, 2])
+
+
+# -- FROC ----------------------------------------------------------------------------------------
+
+# Slide "a" at 0.5 µm/px: two lesions, one ITC and an exclusion region; slide "b" is normal.
+L1, L2 = square(2000, 2000, 2000), square(8000, 2000, 800)  # 1000 µm and 400 µm wide
+ITC, EXCL = square(2000, 8000, 200), square(8000, 8000, 1000)  # 100 µm ITC; 500 µm exclusion
+ANNOTATIONS = {"a": [Annotation(L1, "Tumor"), Annotation(L2, "_1"), Annotation(ITC, "_0"),
+                     Annotation(EXCL, "_2")]}  # fmt: skip
+CANDIDATES = {
+    "a": np.array([[0.9, 3000, 3000],  # in L1: true positive
+                   [0.6, 2500, 2500],  # in L1 again: L1 keeps 0.9
+                   [0.3, 8840, 2400],  # 20 µm right of L2: inside the 37.5 µm margin, hit
+                   [0.7, 8920, 2400],  # 60 µm right of L2: false positive
+                   [0.95, 8500, 8500],  # in the exclusion region: ignored
+                   [0.85, 2100, 8100]]),  # on the ITC: ignored
+    "b": np.array([[0.5, 100, 100], [0.2, 5000, 5000]]),  # normal slide: false positives
+}  # fmt: skip
+
+
+def test_froc_hand_computed():
+    r = froc(CANDIDATES, ANNOTATIONS, {"a": 0.5, "b": 0.5})
+    # Lesion confidences L1 0.9, L2 0.3; false positives 0.7, 0.5, 0.2 over 2 slides.
+    # Thresholds 0.9, 0.7, 0.5, 0.3, 0.2 give (FP/slide, sensitivity) = (0, .5), (.5, .5),
+    # (1, .5), (1, 1), (1.5, 1).
+    assert (r.n_slides, r.n_lesions, r.n_itc, r.n_fp, r.n_ignored) == (2, 2, 1, 3, 2)
+    assert r.curve_fp == (0, 0, 0.5, 1, 1, 1.5)
+    assert r.curve_sensitivity == (0, 0.5, 0.5, 0.5, 1, 1)
+    assert r.sensitivities == pytest.approx((0.5, 0.5, 1, 1, 1, 1))
+    assert r.average == pytest.approx(5 / 6)
+    assert r.per_slide["a"] == {"lesions": 2, "itc": 1, "detected": 2, "fp": 1, "ignored": 2}
+    assert r.per_slide["b"] == {"lesions": 0, "itc": 0, "detected": 0, "fp": 2, "ignored": 0}
+
+
+def test_froc_interpolates_between_operating_points():
+    # Only L1 is found (0.9); false positives 0.8 and 0.1: (0, .5), (.5, .5), (1, .5).
+    cands = {"a": np.array([[0.8, 100, 100], [0.9, 3000, 3000], [0.1, 200, 200]]),
+             "b": np.zeros((0, 3))}  # fmt: skip
+    r = froc(cands, ANNOTATIONS, {"a": 0.5})
+    assert r.curve_fp == (0, 0, 0.5, 1.0) and r.curve_sensitivity == (0, 0.5, 0.5, 0.5)
+    assert r.sensitivities == pytest.approx((0.5,) * 6)
+    # with no lesion anywhere the sensitivity is undefined
+    none = froc({"b": CANDIDATES["b"]}, {}, {})
+    assert none.sensitivities is None and none.average is None and none.n_fp == 2
+
+
+def test_froc_equals_the_challenge_script_when_a_lesion_is_missed():
+    """Same lesions and hits: the curve read as Evaluation_FROC.py reads it (np.interp over its
+    thresholds, all_probs[1:] harmless because a missed lesion puts a 0 in the list)."""
+    rng = np.random.default_rng(0)
+    lesions = [Annotation(square(x, y, 600), "_0") for x, y in
+               [(1000, 1000), (4000, 1000), (7000, 1000), (1000, 6000), (7000, 7000)]]
+    les = evaluation_mask(lesions, 0.5)
+    cands = {}
+    for s in range(3):
+        xy = rng.uniform(0, 9000, (40, 2))
+        hits = np.array([[1300, 1300], [4300, 1300], [1300, 6300]])[: 3 - s]
+        xy = np.concatenate([xy, hits])
+        cands[f"s{s}"] = np.column_stack([rng.uniform(0.01, 1, len(xy)), xy])
+    r = froc(cands, {k: lesions for k in cands}, {k: 0.5 for k in cands})
+    # the script, on the lesion ids of the same mask
+    fp_probs, tp_probs, n_tumours = [], [], 0
+    for c in cands.values():
+        ids, _ = les.lookup(c[:, 1:])
+        tp = np.zeros(les.labels.max(), np.float32)
+        for p, i in zip(c[:, 0], ids, strict=True):
+            if i == 0:
+                fp_probs.append(p)
+            else:
+                tp[i - 1] = max(p, tp[i - 1])
+        tp_probs.extend(tp.tolist())
+        n_tumours += les.n_lesions
+    all_probs = sorted(set(fp_probs + tp_probs))
+    assert all_probs[0] == 0  # a lesion is missed somewhere
+    fps = [(np.asarray(fp_probs) >= t).sum() for t in all_probs[1:]] + [0]
+    tps = [(np.asarray(tp_probs) >= t).sum() for t in all_probs[1:]] + [0]
+    fps = np.asarray(fps) / len(cands)
+    sens = np.asarray(tps) / n_tumours
+    expected = np.interp([0.25, 0.5, 1, 2, 4, 8], fps[::-1], sens[::-1])
+    np.testing.assert_allclose(r.sensitivities, expected, rtol=1e-6)
+    assert r.n_lesions == n_tumours == 15 and 0 < r.average < 1
+
+
+def test_read_candidates(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("X,Y,confidence\n10,20,0.5\n30,40,0.25\n")
+    np.testing.assert_array_equal(read_candidates(p), [[0.5, 10, 20], [0.25, 30, 40]])
+    p.write_text("0.5,10,20\n")  # the challenge's own format has no header
+    np.testing.assert_array_equal(read_candidates(p), [[0.5, 10, 20]])
+    p.write_text("confidence,X,Y\n")
+    assert read_candidates(p).shape == (0, 3)
+    p.write_text("confidence,X,Y\n0.5,ten,20\n")
+    with pytest.raises(EvaluationError, match="row 1 is not confidence,X,Y") as err:
+        read_candidates(p)
+    assert err.value.path == str(p)
+
+
+# -- run folders ---------------------------------------------------------------------------------
+
+
+def write_store(path: Path, heat: np.ndarray, source: np.ndarray, coords: np.ndarray) -> None:
+    """A minimal complete slide store with the layout's heatmap and tile arrays."""
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.create_array("tiles/coords", data=np.asarray(coords, np.int64))
+    g.create_array("heatmap/tile", data=np.asarray(heat, np.float32))
+    g.create_array("heatmap/source", data=np.asarray(source, np.uint8))
+    g.attrs["complete"] = True
+
+
+def write_run(run: Path, rows: list[dict], candidates: dict[str, np.ndarray] | None = None,
+              stores: dict[str, tuple] | None = None) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    with (run / "predictions.csv").open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, COLUMNS)
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({k: r.get(k, "") for k in COLUMNS})
+    for sid, c in (candidates or {}).items():
+        (run / sid).mkdir(exist_ok=True)
+        np.savetxt(run / sid / "candidates.csv", c.reshape(-1, 3), delimiter=",",
+                   header="confidence,X,Y", comments="", fmt="%.6g")  # fmt: skip
+    for sid, arrays in (stores or {}).items():
+        write_store(run / f"{sid}.zarr", *arrays)
+    return run
+
+
+def row(sid: str, prob: float | None, status: str = "ok", **kw) -> dict:
+    base = {"id": sid, "path": f"/slides/{sid}.svs", "status": status,
+            "probability": "" if prob is None else prob, "label": int((prob or 0) >= 0.5),
+            "mpp": 0.5, "tissue_tiles": 100, "kept_tiles": 10, "token_fraction": 0.05,
+            "gmacs": 10.0, "gmacs_dense": 200.0, "sec_total": 2.0}  # fmt: skip
+    return base | kw
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> dict[str, Path]:
+    """Labels, annotations and a run: slides a (tumour), b, c (normal), d (tumour), e failed."""
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    write_xml(ann / "a.xml", [("Tumor", L1), ("_1", L2), ("_0", ITC), ("_2", EXCL)])
+    write_xml(ann / "d.xml", [("_0", square(3000, 3000, 1600))])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\na,Tumor\nb,Normal\nc,Normal\nd,Tumor\ne,Tumor\n")
+    cands = dict(CANDIDATES, c=np.zeros((0, 3)), d=np.array([[0.4, 3500, 3500]]))
+    run = write_run(tmp_path / "run", [row("a", 0.9), row("b", 0.6), row("c", 0.1),
+                                       row("d", 0.7), row("e", None, "failed")], cands)
+    return {"run": run, "labels": labels, "annotations": ann}
+
+
+def test_evaluate_run_writes_report_metrics_and_plots(dataset, tmp_path):
+    out = tmp_path / "eval"
+    m = evaluate_run(dataset["run"], dataset["labels"], dataset["annotations"], out, n_boot=200)
+    s = m["slide_level"]
+    # a .9 T, d .7 T, b .6 N, c .1 N: AUC 1; at 0.5 b is a false positive
+    assert s["auc"] == 1.0 and (s["tp"], s["fp"], s["tn"], s["fn"]) == (2, 1, 1, 0)
+    assert s["n"] == 4 and s["unlabelled"] == [] and s["labelled_not_in_run"] == []
+    assert m["slides"]["failed"] == 1 and m["slides"]["not_ok"] == ["e"]
+    f = m["froc"]
+    # FROC example plus slide d (one lesion hit at 0.4) and c (nothing): 3 lesions, 4 slides.
+    # Points: (0,1/3) (.25,1/3) (.5,1/3) (.5,2/3)@0.4 (.5,1)@0.3 (.75,1)@0.2
+    assert (f["n_slides"], f["n_lesions"], f["n_fp"]) == (4, 3, 3)
+    assert f["sensitivities"] == pytest.approx([1 / 3, 1, 1, 1, 1, 1])
+    assert m["cost"]["gmacs"] == 40.0 and m["cost"]["token_fraction_mean"] == 0.05
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["froc"]["average"] == pytest.approx(8 / 9)
+    report = (out / "report.md").read_text()
+    assert "| AUC | 1.000 |" in report and "![FROC](froc.png)" in report and "Not ok: e" in report
+    for png in ("roc.png", "froc.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    assert not list(out.glob(".*partial*"))
+
+
+def test_evaluate_run_without_annotation_for_a_tumour_slide(dataset):
+    (dataset["annotations"] / "d.xml").unlink()
+    m = evaluate_run(dataset["run"], dataset["labels"], dataset["annotations"], n_boot=0)
+    assert m["froc"]["tumour_slides_without_xml"] == ["d"] and m["froc"]["n_slides"] == 3
+    assert (dataset["run"] / "evaluation" / "report.md").is_file()
+    # without labels, a slide without XML is simply normal
+    m = evaluate_run(dataset["run"], None, dataset["annotations"], n_boot=0)
+    assert m["froc"]["n_slides"] == 4 and m["slide_level"] is None
+
+
+def test_evaluate_run_errors(dataset, tmp_path):
+    with pytest.raises(EvaluationError, match="not a wsi-prune run folder"):
+        evaluate_run(tmp_path, dataset["labels"])
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "predictions.shard-0-of-2.csv").write_text("id,status\n")
+    with pytest.raises(EvaluationError, match="wsi-prune merge"):
+        evaluate_run(shard, dataset["labels"])
+    (dataset["run"] / "c" / "candidates.csv").unlink()
+    with pytest.raises(EvaluationError, match="candidates file missing") as err:
+        evaluate_run(dataset["run"], dataset["labels"], dataset["annotations"])
+    assert err.value.path.endswith("c/candidates.csv")
+    other = tmp_path / "other.csv"
+    other.write_text("slide,label\nzz,Tumor\n")
+    with pytest.raises(EvaluationError, match="no successful slide of the run has a label"):
+        evaluate_run(dataset["run"], other)
+
+
+# -- pruned versus dense -------------------------------------------------------------------------
+
+
+def _tiles(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    coords = np.stack(np.meshgrid(np.arange(n) * 448, [0, 448]), -1).reshape(-1, 2)[:n]
+    return rng.uniform(0, 1, n), coords
+
+
+def test_compare_identical_runs(tmp_path):
+    stores = {}
+    for sid, seed in (("a", 1), ("b", 2)):
+        heat, coords = _tiles(30, seed)
+        stores[sid] = (heat, np.ones(30), coords)
+    rows = [row("a", 0.8), row("b", 0.3)]
+    dense = write_run(tmp_path / "dense", rows, stores=stores)
+    pruned = write_run(tmp_path / "pruned", rows, stores=stores)
+    m = compare_runs(dense, pruned, tmp_path / "cmp")
+    assert m["n_slides"] == 2
+    assert m["probability"]["max_abs_diff"] == 0 and m["probability"]["label_agreement"] == 1
+    h = m["heatmap"]
+    assert h["vit"]["mean"] == pytest.approx(1) and h["all"]["pooled"] == pytest.approx(1)
+    assert h["per_slide"]["a"] == {"tiles": 30, "tiles_vit_both": 30,
+                                   "spearman_vit": pytest.approx(1),
+                                   "spearman_all": pytest.approx(1)}  # fmt: skip
+    assert m["cost"]["gmacs_ratio"] == 1 and "difference" not in m
+    assert "# Pruned versus dense" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_compare_pruned_run(dataset, tmp_path):
+    """A pruned run: other tile order, CNN-only tiles with other heat, nearby probabilities."""
+    heat, coords = _tiles(40, 5)
+    kept = np.arange(40) % 4 == 0  # 10 tiles reach the ViT
+    cnn_heat = np.where(kept, heat, 1 - heat)  # CNN-only tiles rank the other way
+    order = np.random.default_rng(0).permutation(40)
+    dense_rows = [row("a", 0.9, gmacs=200.0, sec_total=20.0), row("b", 0.6, gmacs=200.0),
+                  row("c", 0.1, gmacs=200.0), row("d", 0.7, gmacs=200.0)]
+    pruned_rows = [row("a", 0.85), row("b", 0.4), row("c", 0.12), row("d", 0.75),
+                   row("e", 0.9)]  # fmt: skip
+    cands = dict(CANDIDATES, c=np.zeros((0, 3)), d=np.array([[0.4, 3500, 3500]]))
+    dense = write_run(tmp_path / "dense", dense_rows, cands,
+                      {"a": (heat, np.ones(40), coords)})  # fmt: skip
+    pcands = dict(cands, d=np.zeros((0, 3)))  # the pruned run misses slide d's lesion
+    pruned = write_run(tmp_path / "pruned", pruned_rows, pcands,
+                       {"a": (cnn_heat[order], kept[order], coords[order])})  # fmt: skip
+    out = tmp_path / "cmp"
+    m = compare_runs(dense, pruned, out, dataset["labels"], dataset["annotations"], n_boot=200)
+    p = m["probability"]
+    assert m["n_slides"] == 4 and m["only_pruned"] == ["e"]
+    assert p["max_abs_diff"] == pytest.approx(0.2) and p["mean_abs_diff"] == pytest.approx(
+        (0.05 + 0.2 + 0.02 + 0.05) / 4)  # fmt: skip
+    assert p["label_agreement"] == 0.75 and p["disagreeing"] == ["b"]
+    h = m["heatmap"]["per_slide"]
+    assert h["a"]["tiles"] == 40 and h["a"]["tiles_vit_both"] == 10
+    assert h["a"]["spearman_vit"] == pytest.approx(1) and h["a"]["spearman_all"] < 0.5
+    assert h["b"]["error"].endswith("no Zarr store here")
+    c = m["cost"]
+    assert c["gmacs_ratio"] == pytest.approx(20) and c["speedup"] == pytest.approx(26 / 8)
+    d = m["difference"]
+    assert d["auc"] == pytest.approx(0.0)  # both rank the tumours first
+    lo, hi = d["auc_ci"]
+    assert lo <= 0 <= hi
+    # dense: sensitivities as in the run evaluation; pruned misses d's lesion
+    ev = m["evaluation"]
+    assert ev["dense"]["froc"]["average"] == pytest.approx(8 / 9)
+    assert ev["pruned"]["froc"]["n_lesions"] == 3
+    assert d["froc"] == pytest.approx(ev["pruned"]["froc"]["average"] - 8 / 9) and d["froc"] < 0
+    for f in ("report.md", "metrics.json", "roc.png", "froc.png"):
+        assert (out / f).is_file()
+    assert "pruned - dense" in (out / "report.md").read_text()
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_evaluate_and_compare(dataset, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(evaluate_cmd, [str(dataset["run"]), "--labels", str(dataset["labels"]),
+                                       "--annotations", str(dataset["annotations"]),
+                                       "--out", str(tmp_path / "e"), "--bootstrap", "50"])
+    assert res.exit_code == 0, res.output
+    assert "AUC 1.000" in res.output and "FROC 0.889" in res.output
+    assert (tmp_path / "e" / "metrics.json").is_file()
+    res = runner.invoke(evaluate_cmd, ["--compare", str(dataset["run"]), str(dataset["run"]),
+                                       "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    assert "label agreement 1.000" in res.output
+    assert (dataset["run"] / "comparison" / "report.md").is_file()
+
+
+def test_cli_usage_and_errors(dataset, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(evaluate_cmd, ["--help"])
+    assert res.exit_code == 0 and "wsi-prune evaluate --compare" in res.output
+    assert runner.invoke(evaluate_cmd, []).exit_code == 2
+    assert runner.invoke(evaluate_cmd, [str(dataset["run"])]).exit_code == 2
+    both = [str(dataset["run"]), "--compare", str(dataset["run"]), str(dataset["run"])]
+    assert runner.invoke(evaluate_cmd, both).exit_code == 2
+    res = runner.invoke(evaluate_cmd, [str(tmp_path), "--labels", str(dataset["labels"])])
+    assert res.exit_code == 1 and "error:" in res.output and "predictions.csv" in res.output

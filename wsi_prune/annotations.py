@@ -1,0 +1,381 @@
+"""CAMELYON-style ground truth: ASAP XML lesion annotations, lesion masks and slide labels.
+
+ASAP XML (CAMELYON16/17) holds polygons in level-0 px::
+
+    <ASAP_Annotations><Annotations>
+      <Annotation Name="_0" Type="Polygon" PartOfGroup="Tumor" Color="#F4FA58">
+        <Coordinates><Coordinate Order="0" X="1234.5" Y="678.9"/>...</Coordinates>
+      </Annotation>...
+    </Annotations><AnnotationGroups>...</AnnotationGroups></ASAP_Annotations>
+
+Groups ``Tumor``, ``_0``, ``_1`` (and CAMELYON17's ``metastases``) are lesions; ``_2`` (and
+``Exclusion``) are non-tumour regions cut out of them, as in the CAMELYON16 masks. Other groups
+are kept on the :class:`Annotation` but take no part in masks.
+
+Slide labels come as a CSV of ``slide, label`` rows (CAMELYON16 ``reference.csv``, with or
+without a header; CAMELYON17 ``stage_labels.csv``). :func:`parse_label` maps every label
+spelling used by the two challenges to 0/1.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.draw import polygon as draw_polygon
+from skimage.measure import label as label_components
+from skimage.measure import regionprops
+
+from .errors import WsiPruneError
+
+_logger = logging.getLogger(__name__)
+
+CAMELYON16_MASK_MPP = 0.243 * 2**5  # level 5 of the CAMELYON16 scans, µm/px
+MARGIN_UM = 75.0  # CAMELYON16: "75 µm, the size of five tumour cells"
+ITC_UM = 200.0  # isolated tumour cells: longest diameter below 200 µm
+
+POSITIVE_GROUPS = frozenset({"tumor", "_0", "_1", "metastases", "metastasis"})
+EXCLUSION_GROUPS = frozenset({"_2", "exclusion"})
+
+# Every label spelling of CAMELYON16 (reference.csv) and CAMELYON17 (stage_labels.csv). pN0(i+)
+# and 'itc' are isolated tumour cells, which both challenges count as negative.
+_LABELS = {
+    "tumor": 1, "tumour": 1, "positive": 1, "pos": 1, "1": 1, "true": 1,
+    "normal": 0, "negative": 0, "neg": 0, "0": 0, "false": 0,
+    "pn0": 0, "pn0(i+)": 0, "itc": 0,
+    "pn1mi": 1, "pn1": 1, "pn2": 1, "pn3": 1, "micro": 1, "macro": 1,
+}  # fmt: skip
+_SLIDE_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms",
+                             ".zip", ".xml"})  # fmt: skip
+_KEY_COLUMNS = ("slide", "image", "id", "patient", "name", "case", "filename", "file")
+_LABEL_COLUMNS = ("label", "stage", "class", "diagnosis", "reference", "target")
+
+
+class AnnotationError(WsiPruneError, ValueError):
+    """An annotation, label or candidate file cannot be read."""
+
+    kind = "annotation"
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One ASAP annotation.
+
+    Attributes:
+        coords: (K, 2) float64 (x, y) vertices, level-0 px, in ``Order``.
+        group: ``PartOfGroup`` as written (``Tumor``, ``_0``, ``_2``...).
+        name: ``Name`` attribute.
+        type: ``Type`` attribute (``Polygon``, ``Spline``, ``Rectangle``, ``Dot``...).
+    """
+
+    coords: np.ndarray
+    group: str
+    name: str = ""
+    type: str = "Polygon"
+
+    @property
+    def role(self) -> str:
+        """``positive`` (lesion), ``exclusion`` (cut out of lesions) or ``other``."""
+        g = self.group.strip().lower()
+        if g in POSITIVE_GROUPS:
+            return "positive"
+        if g in EXCLUSION_GROUPS:
+            return "exclusion"
+        return "other"
+
+    @property
+    def is_area(self) -> bool:
+        """True when the annotation encloses an area (at least 3 vertices, not a dot set)."""
+        return len(self.coords) >= 3 and self.type.lower() not in ("dot", "pointset")
+
+
+def _number(text: str | None, what: str, path: Path) -> float:
+    if text is None:
+        raise AnnotationError(f"{what} has no value", path)
+    t = text.strip()
+    if "," in t and "." not in t:  # some CAMELYON XMLs were written with a decimal comma
+        t = t.replace(",", ".")
+    try:
+        value = float(t)
+    except ValueError:
+        raise AnnotationError(f"{what}: {text!r} is not a number", path) from None
+    if not math.isfinite(value):
+        raise AnnotationError(f"{what}: {text!r} is not finite", path)
+    return value
+
+
+def read_asap_xml(path: str | os.PathLike[str]) -> list[Annotation]:
+    """Read every annotation of an ASAP XML file.
+
+    Args:
+        path: ``.xml`` file written by ASAP (CAMELYON16/17) or :func:`wsi_prune.synth`.
+
+    Returns:
+        The annotations in file order; coordinates in level-0 px.
+
+    Raises:
+        AnnotationError: the file is missing, is not XML, is not an ASAP file, or a coordinate
+            is not a number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError("no such annotation file", path)
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise AnnotationError(f"not valid XML ({exc})", path) from None
+    if root.tag != "ASAP_Annotations":
+        raise AnnotationError(f"root element is <{root.tag}>, not <ASAP_Annotations>", path)
+    out = []
+    for i, node in enumerate(root.iter("Annotation")):
+        name = node.get("Name", f"#{i}")
+        pts = []
+        for j, c in enumerate(node.iter("Coordinate")):
+            where = f"annotation {name!r} coordinate {j}"
+            order = _number(c.get("Order", str(j)), f"{where} Order", path)
+            pts.append((order, _number(c.get("X"), f"{where} X", path),
+                        _number(c.get("Y"), f"{where} Y", path)))  # fmt: skip
+        pts.sort(key=lambda p: p[0])
+        coords = np.array([p[1:] for p in pts], np.float64).reshape(-1, 2)
+        ann = Annotation(coords, node.get("PartOfGroup", "None"), name, node.get("Type", "Polygon"))
+        if ann.role == "other":
+            _logger.warning("%s: annotation %r in group %r is neither lesion nor exclusion; "
+                            "ignored in masks", path, name, ann.group)  # fmt: skip
+        out.append(ann)
+    return out
+
+
+def _rasterise(annotations: Iterable[Annotation], origin_xy: tuple[float, float],
+               shape: tuple[int, int], scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and exclusion masks of a region.
+
+    Mask pixel (r, c) covers level-0 ``[x0 + c*scale, x0 + (c+1)*scale)`` (same for y) and is
+    set when its centre lies inside a polygon, so the mask area matches the polygon area.
+
+    Returns:
+        (positive, exclusion), each (H, W) bool.
+    """
+    pos = np.zeros(shape, bool)
+    exc = np.zeros(shape, bool)
+    for ann in annotations:
+        if not ann.is_area or ann.role == "other":
+            continue
+        # skimage fills pixels whose integer (centre) coordinate is inside: shift by half a px.
+        cols = (ann.coords[:, 0] - origin_xy[0]) / scale - 0.5
+        rows = (ann.coords[:, 1] - origin_xy[1]) / scale - 0.5
+        rr, cc = draw_polygon(rows, cols, shape=shape)
+        (pos if ann.role == "positive" else exc)[rr, cc] = True
+    return pos, exc
+
+
+def region_masks(annotations: Sequence[Annotation], level0_xy: tuple[float, float],
+                 shape: tuple[int, int], mpp: float, level0_mpp: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and exclusion masks of an ``shape`` region at ``mpp``, top-left ``level0_xy``.
+
+    Args:
+        annotations: from :func:`read_asap_xml`.
+        level0_xy: top-left of the region, level-0 px.
+        shape: (H, W) of the masks, px at ``mpp``.
+        mpp: mask resolution, µm/px.
+        level0_mpp: slide level-0 resolution, µm/px.
+
+    Returns:
+        (positive, exclusion): (H, W) bool each. Memory is that of the two masks only.
+    """
+    if mpp <= 0 or level0_mpp <= 0:
+        raise ValueError(f"mpp and level0_mpp must be > 0, got {mpp}, {level0_mpp}")
+    return _rasterise(annotations, level0_xy, shape, mpp / level0_mpp)
+
+
+def lesion_mask(annotations: Sequence[Annotation], level0_size: tuple[int, int], mpp: float,
+                level0_mpp: float, level0_xy: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Lesion mask (positive groups minus exclusion groups) at any resolution.
+
+    Args:
+        annotations: from :func:`read_asap_xml`.
+        level0_size: (width, height) of the area to cover, level-0 px (the slide dimensions,
+            or a region of them).
+        mpp: resolution of the mask, µm/px.
+        level0_mpp: the slide's level-0 resolution, µm/px.
+        level0_xy: top-left of the area, level-0 px.
+
+    Returns:
+        (ceil(height / s), ceil(width / s)) bool with s = mpp / level0_mpp; True = lesion.
+    """
+    if mpp <= 0 or level0_mpp <= 0:
+        raise ValueError(f"mpp and level0_mpp must be > 0, got {mpp}, {level0_mpp}")
+    scale = mpp / level0_mpp
+    shape = (math.ceil(level0_size[1] / scale - 1e-9), math.ceil(level0_size[0] / scale - 1e-9))
+    pos, exc = _rasterise(annotations, level0_xy, shape, scale)
+    return pos & ~exc
+
+
+@dataclass(frozen=True)
+class SlideLesions:
+    """The evaluation mask of one slide over a region of the global ``scale`` mask grid.
+
+    Attributes:
+        labels: (H, W) int32 lesion ids, 0 = none (dilated, holes filled).
+        exclusion: (H, W) bool exclusion regions.
+        itc: lesion ids that are isolated tumour cells.
+        origin: (col, row) of ``labels[0, 0]`` in the grid whose pixel (r, c) covers level-0
+            ``[c*scale, (c+1)*scale)`` x ``[r*scale, (r+1)*scale)``.
+        scale: level-0 px per mask px.
+    """
+
+    labels: np.ndarray
+    exclusion: np.ndarray
+    itc: frozenset[int]
+    origin: tuple[int, int]
+    scale: float
+
+    @property
+    def n_lesions(self) -> int:
+        """Lesions to find (ITCs excluded)."""
+        return int(self.labels.max(initial=0)) - len(self.itc)
+
+    def lookup(self, level0_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lesion id (0 = none) and exclusion flag of (M, 2) level-0 (x, y) points."""
+        xy = np.asarray(level0_xy, np.float64).reshape(-1, 2)
+        c = np.floor(xy[:, 0] / self.scale).astype(np.int64) - self.origin[0]
+        r = np.floor(xy[:, 1] / self.scale).astype(np.int64) - self.origin[1]
+        h, w = self.labels.shape
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        ids = np.zeros(len(xy), np.int32)
+        exc = np.zeros(len(xy), bool)
+        ids[inside] = self.labels[r[inside], c[inside]]
+        exc[inside] = self.exclusion[r[inside], c[inside]]
+        return ids, exc
+
+
+def evaluation_mask(annotations: Sequence[Annotation], level0_mpp: float,
+                    mask_mpp: float = CAMELYON16_MASK_MPP, margin_um: float = MARGIN_UM,
+                    itc_um: float = ITC_UM) -> SlideLesions:
+    """Lesions of one slide as the CAMELYON16 evaluation script sees them.
+
+    The lesion mask (positive minus exclusion) is drawn at ``mask_mpp``; pixels closer than
+    ``margin_um / 2`` to it join it, holes are filled, and 8-connected components are the
+    lesions. A lesion is an ITC when the major axis of its component is below
+    ``itc_um + margin_um``. The mask covers only the annotations' bounding box plus the margin.
+    See :mod:`wsi_prune.evaluate` for the whole protocol.
+
+    Args:
+        annotations: from :func:`read_asap_xml` (may be empty: no lesions).
+        level0_mpp: the slide's level-0 µm/px.
+        mask_mpp: evaluation-mask resolution, µm/px.
+        margin_um, itc_um: lesion margin and ITC size, µm.
+    """
+    scale = mask_mpp / level0_mpp
+    areas = [a for a in annotations if a.is_area and a.role != "other"]
+    if not areas:
+        return SlideLesions(np.zeros((0, 0), np.int32), np.zeros((0, 0), bool), frozenset(),
+                            (0, 0), scale)  # fmt: skip
+    pts = np.concatenate([a.coords for a in areas])
+    pad = margin_um / mask_mpp + 2  # mask px: room for the dilation and a background ring
+    c0 = max(0, math.floor(pts[:, 0].min() / scale - pad))
+    r0 = max(0, math.floor(pts[:, 1].min() / scale - pad))
+    c1 = math.ceil(pts[:, 0].max() / scale + pad)
+    r1 = math.ceil(pts[:, 1].max() / scale + pad)
+    pos, exc = region_masks(areas, (c0 * scale, r0 * scale), (r1 - r0, c1 - c0), mask_mpp,
+                            level0_mpp)  # fmt: skip
+    lesion = pos & ~exc
+    if lesion.any():
+        lesion = ndi.distance_transform_edt(~lesion) < margin_um / 2 / mask_mpp
+    labels = label_components(ndi.binary_fill_holes(lesion), connectivity=2).astype(np.int32)
+    itc_px = (itc_um + margin_um) / mask_mpp
+    itc = frozenset(int(p.label) for p in regionprops(labels) if p.axis_major_length < itc_px)
+    return SlideLesions(labels, exc, itc, (c0, r0), scale)
+
+
+def parse_label(value: str) -> int:
+    """Slide label as 0/1.
+
+    Accepts ``Tumor``/``Normal`` (any case), ``1``/``0``, ``positive``/``negative``, CAMELYON17
+    pN stages (``pN0``, ``pN0(i+)`` -> 0; ``pN1mi``, ``pN1``, ``pN2``, ``pN3`` -> 1) and
+    CAMELYON17 slide labels (``negative``, ``itc`` -> 0; ``micro``, ``macro`` -> 1). Isolated
+    tumour cells count as negative, as in the CAMELYON17 challenge.
+
+    Raises:
+        ValueError: any other value.
+    """
+    key = "".join(str(value).split()).lower()
+    if key in _LABELS:
+        return _LABELS[key]
+    raise ValueError(f"unknown label {value!r} (expected Tumor/Normal, 1/0, positive/negative, "
+                     f"a pN stage or negative/itc/micro/macro)")  # fmt: skip
+
+
+def slide_key(name: str) -> str:
+    """Slide id of a label-file cell: the name without folder and slide-file suffix."""
+    p = Path(name.strip())
+    return p.stem if p.suffix.lower() in _SLIDE_SUFFIXES else p.name
+
+
+def _header_columns(row: list[str], path: Path, why: str) -> tuple[int, int]:
+    """Slide and label columns named by a header row; ``why`` explains a row that is neither."""
+    low = [c.strip().lower() for c in row]
+    key = next((low.index(k) for k in _KEY_COLUMNS if k in low), None)
+    lab = next((low.index(k) for k in _LABEL_COLUMNS if k in low), None)
+    if key is None and lab is None:
+        # Not a header we know: most likely a data row with a bad label, so say that.
+        raise AnnotationError(f"row 1: {why}", path)
+    if lab is None:
+        lab = 1 if key == 0 else 0
+    key = (1 if lab == 0 else 0) if key is None else key
+    if key == lab:
+        raise AnnotationError(f"cannot tell slide and label columns in header {row}", path)
+    return key, lab
+
+
+def read_labels(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Read a slide-label CSV into ``{slide id: 0/1}``.
+
+    The first row is a header when its label cell is not a label; header names pick the
+    columns (``slide``/``image``/``patient``... and ``label``/``stage``...), otherwise the
+    first two columns are used and any further ones (CAMELYON16's lesion type) are ignored.
+    Slide ids lose their folder and slide-file suffix (``patient_004_node_4.tif`` ->
+    ``patient_004_node_4``).
+
+    Raises:
+        AnnotationError: missing file, empty file, an unknown label or a slide listed twice with
+            different labels; the message names the row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError("no such label file", path)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise AnnotationError("label file is empty", path)
+    key_col, lab_col, start = 0, 1, 0
+    first = rows[0]
+    try:
+        parse_label(first[1] if len(first) > 1 else "")
+    except ValueError as exc:
+        key_col, lab_col = _header_columns(first, path, str(exc))
+        start = 1
+    labels: dict[str, int] = {}
+    for n, row in enumerate(rows[start:], start=start + 1):
+        if len(row) <= max(key_col, lab_col):
+            raise AnnotationError(f"row {n} has {len(row)} columns, expected slide and label: "
+                                  f"{row}", path)  # fmt: skip
+        key = slide_key(row[key_col])
+        try:
+            value = parse_label(row[lab_col])
+        except ValueError as exc:
+            raise AnnotationError(f"row {n} ({key}): {exc}", path) from None
+        if labels.get(key, value) != value:
+            raise AnnotationError(f"row {n}: slide {key!r} listed again with another label", path)
+        labels[key] = value
+    if not labels:
+        raise AnnotationError("label file has a header but no rows", path)
+    return labels
