@@ -34,7 +34,7 @@ from skimage.draw import polygon as draw_polygon
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
 
-from .errors import WsiPruneError
+from .errors import AnnotationError
 
 _logger = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ _KEY_COLUMNS = ("slide", "image", "id", "patient", "name", "case", "filename", "
 _LABEL_COLUMNS = ("label", "stage", "class", "diagnosis", "reference", "target")
 
 
-class AnnotationError(WsiPruneError, ValueError):
-    """An annotation, label or candidate file cannot be read."""
-
-    kind = "annotation"
 
 
 @dataclass(frozen=True)

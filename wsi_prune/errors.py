@@ -83,3 +83,15 @@ class StoreError(WsiPruneError):
     """A Zarr store is missing, incomplete or inconsistent."""
 
     kind = "store"
+
+
+class AnnotationError(WsiPruneError, ValueError):
+    """An annotation, label or candidate file cannot be read."""
+
+    kind = "annotation"
+
+
+class EvaluationError(WsiPruneError):
+    """A run cannot be evaluated (no predictions, broken candidates, nothing to compare)."""
+
+    kind = "evaluation"

@@ -57,7 +57,7 @@ from .annotations import (
     read_asap_xml,
     read_labels,
 )
-from .errors import StoreError, WsiPruneError
+from .errors import EvaluationError, StoreError
 from .store import open_store
 
 _logger = logging.getLogger(__name__)
@@ -65,10 +65,6 @@ _logger = logging.getLogger(__name__)
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-class EvaluationError(WsiPruneError):
-    """A run cannot be evaluated (no predictions, broken candidates, nothing to compare)."""
-
-    kind = "evaluation"
 
 
 # -- slide level ---------------------------------------------------------------------------------
