@@ -373,5 +373,7 @@ def demo(out: str, n: int, size: int, real: bool, quiet: bool) -> None:
 
 # Commands that live in their own modules (kept out of this file's imports until used).
 from .cli_eval import evaluate  # noqa: E402
+from .cli_train import train_mil, train_scorer  # noqa: E402
 
-main.add_command(evaluate)
+for _cmd in (evaluate, train_scorer, train_mil):
+    main.add_command(_cmd)

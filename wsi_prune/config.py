@@ -170,8 +170,11 @@ class TileSelectConfig:
     redundancy_eps: float | None = None
 
     def __post_init__(self) -> None:
-        policies = ("nucleus", "topk", "threshold", "all")
-        _check(self.policy in policies, f"bad tile policy {self.policy}")
+        from .prune import list_policies  # the registry: new policies are configurable
+
+        policies = list_policies("tile")
+        _check(self.policy in policies,
+               f"tile_select.policy {self.policy!r} is not one of {', '.join(policies)}")
         _check(0.0 < self.p <= 1.0, "tile_select.p must be in (0, 1]")
         _check(self.min_tiles >= 0, "tile_select.min_tiles must be >= 0")
         _check(self.max_tiles is None or self.max_tiles >= max(1, self.min_tiles),
@@ -199,7 +202,11 @@ class TokenSelectConfig:
     min_tokens: int = 4
 
     def __post_init__(self) -> None:
-        _check(self.policy in ("nucleus", "ratio", "all"), f"bad token policy {self.policy}")
+        from .prune import list_policies
+
+        policies = list_policies("token")
+        _check(self.policy in policies,
+               f"token_select.policy {self.policy!r} is not one of {', '.join(policies)}")
         _check(0.0 < self.p <= 1.0 and 0.0 < self.keep_ratio <= 1.0, "token p/keep_ratio in (0,1]")
         _check(self.min_tokens >= 1, "token_select.min_tokens must be >= 1")
 

@@ -39,6 +39,9 @@ Convention (it reproduces every published number in ``tests/test_flops.py`` with
     The bipartite matching (≈ (N/2)²·head_dim, 0.6 M MACs per block for DeiT-S) is left out.
 * :func:`cls_attention_macs` is the cost of recomputing the CLS row of attention
   (``heads · N · head_dim``) when a wrapper cannot read it out of a fused attention kernel.
+* Runs of :class:`wsi_prune.models.pruned_vit.PrunedViT`: :func:`vit_batch_macs` turns its
+  per-image token counts into MACs for a batch and the dense equivalent; :func:`slide_macs`
+  adds the scorer and the tiles triage dropped (a :class:`MacTally`, "GMACs spent vs dense").
 """
 
 from __future__ import annotations
@@ -405,6 +408,140 @@ def tome_schedule(spec: ViTSpec, r: int) -> list[tuple[int, int]]:
         out.append((n, n - merged))
         n -= merged
     return out
+
+
+@dataclass(frozen=True)
+class MacTally:
+    """MACs spent by a run and what the dense ViT would have spent, summed over tiles.
+
+    Tallies add with ``+``, so a pipeline sums one per ViT batch plus one for the scorer.
+
+    Attributes:
+        vit: MACs of the pruned ViT (patch embedding, blocks, CLS rows).
+        scorer: MACs of the CNN scorer.
+        dense: MACs of the dense ViT over the same tiles (every scored tile, unpruned).
+    """
+
+    vit: int = 0
+    scorer: int = 0
+    dense: int = 0
+
+    def __add__(self, other: MacTally) -> MacTally:
+        if not isinstance(other, MacTally):
+            return NotImplemented
+        return MacTally(self.vit + other.vit, self.scorer + other.scorer, self.dense + other.dense)
+
+    @property
+    def spent(self) -> int:
+        """MACs actually spent: ViT plus scorer."""
+        return self.vit + self.scorer
+
+    @property
+    def gmacs(self) -> float:
+        """:attr:`spent` in GMACs (the "GFLOPs" of papers)."""
+        return self.spent / 1e9
+
+    @property
+    def gmacs_dense(self) -> float:
+        """:attr:`dense` in GMACs."""
+        return self.dense / 1e9
+
+
+def _per_image_pairs(spec: ViTSpec, tokens_per_image: Any) -> torch.Tensor:
+    """(B, depth, 2) int64 from (B, depth, 2) or (B, depth) counts, validated."""
+    t = torch.as_tensor(tokens_per_image).detach().to("cpu", torch.int64)
+    if t.ndim == 2:
+        t = torch.stack([t, t], -1)
+    if t.ndim != 3 or t.shape[1:] != (spec.depth, 2):
+        raise ConfigError(
+            f"tokens_per_image must be (B, {spec.depth}, 2) or (B, {spec.depth}), "
+            f"got {tuple(t.shape)}"
+        )
+    n_attn, n_mlp = t[..., 0], t[..., 1]
+    if bool((t < 0).any()) or bool((n_mlp > n_attn).any()):
+        raise ConfigError("tokens_per_image: negative counts or n_mlp > n_attn")
+    if bool((n_attn[:, 1:] > n_mlp[:, :-1]).any()):
+        raise ConfigError("tokens_per_image: a token schedule grows between blocks")
+    return t
+
+
+def vit_batch_macs(
+    spec: ViTSpec,
+    tokens_per_image: Any,
+    *,
+    cls_attn_blocks: Sequence[int] = (),
+    include_patch_embed: bool = True,
+) -> MacTally:
+    """MACs of a batch through a token-pruned ViT, and of the same batch through the dense one.
+
+    The same convention as :func:`vit_macs`, applied to each image's own schedule (padding is
+    not counted: it is what the tokens cost, whatever the batching), summed over the batch.
+
+    Args:
+        spec: the model (:meth:`ViTSpec.from_timm`).
+        tokens_per_image: (B, depth, 2) ints (tensor or array), per image and block the tokens
+            seen by attention and by the MLP, prefix and fused tokens included, e.g.
+            ``PrunedOutput.tokens_per_image``; or (B, depth) when both are equal.
+        cls_attn_blocks: blocks where a CLS attention row was computed separately, e.g.
+            ``PrunedOutput.cls_attn_blocks`` (:func:`cls_attention_macs` each).
+        include_patch_embed: add :func:`patch_embed_macs` per image (the wrapper embeds every
+            patch, then selects).
+
+    Returns:
+        :class:`MacTally` with ``vit`` (pruned, summed over B) and ``dense`` (B dense images).
+
+    Raises:
+        ConfigError: wrong shape, negative or growing counts, a CLS block outside the model.
+    """
+    t = _per_image_pairs(spec, tokens_per_image)
+    b = int(t.shape[0])
+    d, h = spec.embed_dim, spec.hidden_dim
+    n_attn, n_mlp = t[..., 0], t[..., 1]
+    mlp_matmuls = 3 if spec.swiglu else 2
+    total = int((4 * n_attn * d * d + 2 * n_attn * n_attn * d + mlp_matmuls * n_mlp * d * h).sum())
+    for blk in cls_attn_blocks:
+        if not 0 <= blk < spec.depth:
+            raise ConfigError(f"cls_attn_blocks entry {blk} outside 0..{spec.depth - 1}")
+        total += spec.num_heads * spec.head_dim * int(n_attn[:, blk].sum())
+    if include_patch_embed:
+        total += b * patch_embed_macs(spec)
+    dense = b * vit_macs(spec, include_patch_embed=include_patch_embed)
+    return MacTally(vit=total, dense=dense)
+
+
+def slide_macs(
+    spec: ViTSpec,
+    vit_batches: Sequence[Any],
+    *,
+    n_tiles: int,
+    scorer_macs_per_tile: int = 0,
+    cls_attn_blocks: Sequence[int] = (),
+) -> MacTally:
+    """MACs spent on one slide (scorer on every tile, pruned ViT on the kept ones) vs dense.
+
+    Args:
+        spec: the ViT.
+        vit_batches: the ``tokens_per_image`` of every ViT batch of the slide.
+        n_tiles: tissue tiles scored by the CNN (the dense baseline runs the ViT on all).
+        scorer_macs_per_tile: :func:`cnn_macs` of the scorer on one coarse tile.
+        cls_attn_blocks: as in :func:`vit_batch_macs`.
+
+    Returns:
+        :class:`MacTally`: ``vit`` + ``scorer`` spent; ``dense`` = ``n_tiles`` dense ViT passes.
+
+    Raises:
+        ConfigError: more ViT images than ``n_tiles``, or bad counts.
+    """
+    vit = sum(
+        (vit_batch_macs(spec, t, cls_attn_blocks=cls_attn_blocks) for t in vit_batches),
+        MacTally(),
+    )
+    n_vit = sum(int(torch.as_tensor(t).shape[0]) for t in vit_batches)
+    if n_vit > n_tiles or scorer_macs_per_tile < 0:
+        raise ConfigError(f"{n_vit} ViT tiles of {n_tiles} scored, scorer {scorer_macs_per_tile}")
+    return MacTally(
+        vit=vit.vit, scorer=n_tiles * scorer_macs_per_tile, dense=n_tiles * vit_macs(spec)
+    )
 
 
 def cnn_macs(model: nn.Module, input_shape: Sequence[int]) -> int:

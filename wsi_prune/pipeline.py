@@ -137,6 +137,24 @@ def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, i
 
 
 # -- models ----------------------------------------------------------------------------------
+# -- models ----------------------------------------------------------------------------------
+def apply_trained_configs(config: RunConfig) -> RunConfig:
+    """Take the architecture of trained scorer/MIL weights from the JSON that ``train-scorer``
+    and ``train-mil`` write next to them, so a run config only has to name the weights file.
+    Weights without such a JSON are used with the config as it is."""
+    from .models.mil import trained_mil_config
+    from .models.scorer import trained_scorer_config
+    from .models.weights import sidecar_path
+
+    if config.scorer.weights and sidecar_path(config.scorer.weights).is_file():
+        scorer, _ = trained_scorer_config(config.scorer.weights, config.scorer)
+        config = config.replace(scorer=scorer)
+    if config.mil.weights and sidecar_path(config.mil.weights).is_file():
+        mil, _, _ = trained_mil_config(config.mil.weights, config.mil)
+        config = config.replace(mil=mil)
+    return config
+
+
 @dataclass
 class Models:
     """The three models of a run, built once per process."""
@@ -241,7 +259,7 @@ def embed_kept(
         ``embedding`` (K, D), ``token_importance`` (K, P), ``kept_tokens`` (K, S, P) bool,
         ``macs`` (MACs spent on the K tiles by the ViT).
     """
-    from .flops import vit_macs
+    from .flops import vit_batch_macs
     from .prune import select_patches
 
     tcfg = config.tiling
@@ -275,9 +293,9 @@ def embed_kept(
             embeddings.append(res.embedding.float().cpu().numpy())
             importance.append(res.token_importance.float().cpu().numpy())
             kept_tokens.append(torch.stack([s.cpu() for s in res.kept], 1).numpy())
-            # The padded batch width is what was computed: count it, per image.
-            macs += len(idx) * vit_macs(spec, res.tokens_per_block,
-                                        cls_attn_blocks=sorted(config.vit.prune_blocks))
+            # per image, padding not counted (attention on padded keys is masked work)
+            macs += vit_batch_macs(spec, res.tokens_per_image,
+                                   cls_attn_blocks=res.cls_attn_blocks).vit
             if progress is not None:
                 progress(min(start + bs, k), k)
     d = models.mil.in_dim
@@ -545,6 +563,7 @@ def run_batch(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    config = apply_trained_configs(config)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if inputs and isinstance(inputs[0], SlideEntry):
         entries = list(inputs)  # type: ignore[arg-type]

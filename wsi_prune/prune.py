@@ -328,6 +328,8 @@ def select_patches(
         imp = imp.flatten(1)
     if imp.ndim != 2:
         raise ValueError(f"importance must be (B, G, G) or (B, P), got {tuple(importance.shape)}")
+    if not bool(torch.isfinite(imp).all()):
+        raise ValueError("importance must be finite")
     if grid is not None and imp.shape[1] != grid[0] * grid[1]:
         raise ValueError(
             f"importance has {imp.shape[1]} patches, ViT grid {grid} needs {grid[0] * grid[1]}"

@@ -25,8 +25,11 @@ Images in one batch keep different numbers of tokens. Two ways to batch them (``
 * ``"bucket"``: regroup the images by exact token count after each pruning stage and run each
   group unpadded.
 
-Both give each image the same output whatever its batch (up to float rounding); the benchmark
-``benchmarks/bench_pruning.py`` measured padding faster on CPU (``docs/bench_pruning.md``).
+Both give each image the same output whatever its batch (up to float rounding). Padding is the
+default: ``benchmarks/bench_pruning.py`` measured it 1.1-1.5x faster than bucketing on CPU with
+nucleus selection (32 tiles, 27 different token counts: buckets of one or two images make small,
+inefficient matmuls, while padding only costs in attention since the MLP runs packed); see the
+pruning section of ``docs/benchmarks.md``.
 
 Token layout inside the wrapper, per image: ``[prefix tokens][fused token?][patch slots]``, with
 ``pos`` (B, T) long giving each slot's original patch index (row-major in the patch grid), or one
@@ -195,7 +198,8 @@ class PrunedViT(nn.Module):
 
     Args:
         model: the timm model (its modules are used, never copied). Put it in eval mode:
-            dropout and drop-path would otherwise be active.
+            this is an inference wrapper (in train mode dropout would be active and drop-path
+            would act per token on the packed MLP rows instead of per image).
         config: ``prune_blocks``, ``prune_policy``, ``prune_p``, ``keep_ratio``,
             ``prune_min_tokens``, ``fuse_pruned``, ``pooling``.
         batching: ``pad`` (pad + key mask, packed MLP) or ``bucket`` (exact-length groups).

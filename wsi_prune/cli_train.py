@@ -1,0 +1,169 @@
+"""``wsi-prune train-scorer`` and ``wsi-prune train-mil``: thin click commands over
+:mod:`wsi_prune.train`. They are standalone :class:`click.Command` objects that ``cli.py``
+registers with ``main.add_command``."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import EXIT_ERROR, WsiPruneError
+
+__all__ = ["train_mil", "train_scorer"]
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Our exceptions become a one-line message and exit code 1 (as in ``cli.py``, which
+    imports this module, so it cannot be imported from there)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WsiPruneError as exc:
+            click.echo(f"error: {exc.one_line()}", err=True)
+            sys.exit(EXIT_ERROR)
+
+    return wrapper
+
+
+def _progress() -> bool:
+    """Progress bars unless the ``wsi-prune`` group was given ``--quiet``."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return not (isinstance(obj, dict) and obj.get("quiet"))
+
+
+_stores = click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True))
+_out = click.option("--out", required=True, type=click.Path(dir_okay=False),
+                    help="Weights file to write (.safetensors); its .json config goes next to it.")
+_seed = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Same seed and threads, same weights.")
+_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="torch CPU threads while training (default: torch's).")
+
+
+@click.command("train-scorer")
+@_stores
+@click.option("--annotations", type=click.Path(exists=True), default=None,
+              help="Folder of ASAP XML lesion annotations named <slide id>.xml (level-0 px); "
+                   "slides without one are lesion-free.")
+@click.option("--distill", is_flag=True,
+              help="Targets from a dense ViT run's vit/token_importance instead of annotations.")
+@_out
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Pipeline YAML: its scorer section sets the architecture.")
+@click.option("--model", default=None, help="timm CNN for the scorer (overrides --config).")
+@click.option("--grid", type=click.IntRange(min=1), default=None,
+              help="ViT patches per tile side (14 for 224 px / patch 16, 16 for patch 14). "
+                   "[default: 14, or the dense run's]")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--max-tiles-per-store", type=click.IntRange(min=0), default=512,
+              show_default=True, help="Tiles drawn per slide, half with lesion (0: all).")
+@click.option("--no-augment", is_flag=True, help="No random rotations/flips.")
+@click.option("--pretrained-backbone", is_flag=True,
+              help="Start from timm's ImageNet weights (downloads: needs network).")
+@click.option("--init", "init_weights", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Scorer weights to fine-tune from.")
+@_seed
+@_threads
+@_errors
+def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool, out: str,
+                 config_path: str | None, model: str | None, grid: int | None, epochs: int,
+                 lr: float, batch_size: int, max_tiles_per_store: int, no_augment: bool,
+                 pretrained_backbone: bool, init_weights: str | None, seed: int,
+                 threads: int | None) -> None:
+    """Train the CNN triage scorer on slide stores (tile or run stores, or run folders).
+
+    Patch targets are the fraction of each ViT patch inside an annotated lesion, or with
+    --distill the dense ViT's token importance. Writes OUT (.safetensors) and OUT's .json, which
+    `run` loads as scorer.weights.
+
+    \b
+    Examples:
+      wsi-prune train-scorer tiles/ --annotations lesions/ --out models/scorer.safetensors
+      wsi-prune train-scorer dense-run/ --distill --out models/scorer-distilled.safetensors
+    """
+    import dataclasses
+
+    from .config import RunConfig
+    from .train import train_scorer as run_training
+
+    if annotations is not None and distill:
+        raise click.UsageError("give --annotations or --distill, not both")
+    if annotations is None and not distill:
+        raise click.UsageError("give --annotations DIR, or --distill with dense run stores")
+    scorer_cfg = (RunConfig.from_yaml(config_path) if config_path else RunConfig()).scorer
+    if model is not None:
+        scorer_cfg = dataclasses.replace(scorer_cfg, model=model)
+    res = run_training(
+        list(stores), annotations, out, distill=distill, config=scorer_cfg, grid=grid,
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        max_tiles_per_store=max_tiles_per_store or None, augment=not no_augment,
+        pretrained_backbone=pretrained_backbone, init_weights=init_weights, threads=threads,
+        progress=_progress(),
+    )
+    click.echo(f"{res.n_tiles} tiles ({res.n_positive} with target mass), grid {res.grid}: "
+               f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.1f} s")
+    click.echo(f"wrote {res.weights} and {res.config}")
+
+
+@click.command("train-mil")
+@_stores
+@click.option("--labels", "labels_csv", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="CSV slide,label (Tumor/Normal, 1/0 or CAMELYON17 pN stages).")
+@_out
+@click.option("--folds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="k of the stratified cross-validation (1: no validation).")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Maximum epochs per fold.")
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Stop a fold after this many epochs without a better validation loss.")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.25,
+              show_default=True)
+@click.option("--batch-bags", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Slides per training step.")
+@click.option("--max-instances", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Tiles drawn per slide per training step (0: all).")
+@_seed
+@_threads
+@_errors
+def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, epochs: int,
+              patience: int, lr: float, hidden: int, dropout: float, batch_bags: int,
+              max_instances: int, seed: int, threads: int | None) -> None:
+    """Train the gated-ABMIL slide head on the ViT embeddings of run stores (or run folders).
+
+    k-fold cross-validation with early stopping on validation loss reports each fold's
+    validation AUC; the final model is trained on every slide for the folds' median best epoch.
+    Writes OUT (.safetensors) and OUT's .json, which `run` loads as mil.weights.
+
+    \b
+    Example:
+      wsi-prune train-mil train-run/ --labels train/labels.csv --out models/mil.safetensors
+    """
+    from .train import train_mil as run_training
+
+    res = run_training(
+        list(stores), labels_csv, out, folds=folds, epochs=epochs, lr=lr, patience=patience,
+        hidden=hidden, dropout=dropout, batch_bags=batch_bags,
+        max_instances=max_instances or None, seed=seed, threads=threads, progress=_progress(),
+    )
+    n_pos = sum(res.slides.values())
+    click.echo(f"{len(res.slides)} slides ({n_pos} positive)")
+    for i, (auc, ep) in enumerate(zip(res.fold_auc, res.best_epochs, strict=True), start=1):
+        click.echo(f"fold {i}: val AUC {auc:.3f} (best epoch {ep})")
+    if res.fold_auc:
+        oof = "n/a" if math.isnan(res.oof_auc) else f"{res.oof_auc:.3f}"
+        click.echo(f"mean val AUC {res.mean_auc:.3f}, out-of-fold AUC {oof}")
+    click.echo(f"final model: {res.final_epochs} epochs on all slides in {res.seconds:.1f} s")
+    click.echo(f"wrote {res.weights} and {res.config}")
