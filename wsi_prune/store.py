@@ -8,7 +8,7 @@ Layout of ``<id>.zarr`` (N tissue tiles, G×G ViT patch grid)::
     tiles/coarse          (N, cp, cp, 3) uint8   triage tiles at coarse_mpp, one tile a chunk
     tiles/full            (N, tp, tp, 3) uint8   only with store_tiles
     tiles/coords          (N, 2) int64           top-left (x, y), level-0 px
-    tiles/grid            (N, 2) int32           (row, col) in the tile grid
+    tiles/grid            (N, 2) int64           (row, col) in the tile grid
     tiles/tissue_fraction (N,) float32
     mask/tissue           (H, W) bool            tissue mask at attrs["mpp"] µm/px
 
@@ -121,6 +121,17 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, **attrs: Any) ->
     return arr
 
 
+def _array_dir(arr: zarr.Array) -> Path:
+    """The directory of an array in a local store."""
+    return Path(str(arr.store_path.store.root)) / arr.path
+
+
+def _shard_file(arr: zarr.Array, i: int) -> Path:
+    """The file of shard (or unsharded chunk) ``i`` along axis 0 of an array in a local store,
+    whose other axes are one shard wide (the tile arrays)."""
+    return (_array_dir(arr) / "c" / str(i)).joinpath(*("0" for _ in arr.shape[1:]))
+
+
 def missing_shards(arr: zarr.Array) -> list[int]:
     """Indices of shards (along axis 0) absent from disk.
 
@@ -131,13 +142,70 @@ def missing_shards(arr: zarr.Array) -> list[int]:
     if n == 0:
         return []
     shard0 = (arr.shards or arr.chunks)[0]
-    root = Path(str(arr.store_path.store.root)) / arr.path
-    rest = "/".join("0" for _ in arr.shape[1:])
+    return [i for i in range(math.ceil(n / shard0)) if not _shard_file(arr, i).is_file()]
+
+
+# An empty slot in a shard index: offset and length both 2**64 - 1 (Zarr v3 sharding spec).
+_EMPTY_SLOT = np.uint64(2**64 - 1)
+_DEFAULT_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
+                         {"name": "crc32c"}]
+
+
+def missing_chunks(arr: zarr.Array) -> list[int]:
+    """Indices (along axis 0) of chunks with no data on disk: their shard is absent or
+    truncated, or the shard's index marks them empty.
+
+    Stricter than :func:`missing_shards`: a shard written by two tasks at once can exist and
+    still have lost one task's chunks. Tile arrays are written with ``write_empty_chunks``, so
+    every chunk of a complete array is present even where it equals the fill value. Reads only
+    the shard indexes (16 bytes per chunk), not the data.
+
+    Args:
+        arr: an array in a local store, chunked along axis 0 only (one chunk spans the other
+            axes), sharded or not.
+
+    Raises:
+        StoreError: the array is chunked along another axis, or its shard index uses codecs
+            other than zarr's default (little-endian bytes + crc32c).
+    """
+    n = arr.shape[0]
+    if n == 0:
+        return []
+    chunk0 = arr.chunks[0]
+    if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
+        raise StoreError(f"chunked along an axis other than 0: chunks {arr.chunks}",
+                         _array_dir(arr))
+    n_chunks = math.ceil(n / chunk0)
+    if arr.shards is None:
+        return [i for i in range(n_chunks) if not _shard_file(arr, i).is_file()]
+    # through JSON: the in-memory metadata holds tuples where the file holds lists
+    codec = json.loads(json.dumps(arr.metadata.to_dict()["codecs"][0]["configuration"]))
+    if codec.get("index_codecs") != _DEFAULT_INDEX_CODECS:
+        raise StoreError(f"unsupported shard index codecs {codec.get('index_codecs')}",
+                         _array_dir(arr))
+    per_shard = arr.shards[0] // chunk0
+    index_bytes = per_shard * 16 + 4  # (offset, nbytes) uint64 per chunk, then a crc32c
+    at_end = codec.get("index_location", "end") == "end"
     missing = []
-    for i in range(math.ceil(n / shard0)):
-        key = root / "c" / str(i) / rest if rest else root / "c" / str(i)
-        if not key.is_file():
-            missing.append(i)
+    for s in range(math.ceil(n_chunks / per_shard)):
+        first = s * per_shard
+        want = range(first, min(first + per_shard, n_chunks))
+        path = _shard_file(arr, s)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                if size < index_bytes:
+                    raise OSError("shorter than its index")
+                fh.seek(size - index_bytes if at_end else 0)
+                raw = fh.read(index_bytes - 4)
+        except OSError:
+            missing.extend(want)
+            continue
+        slots = np.frombuffer(raw, "<u8").reshape(per_shard, 2)
+        for i in want:
+            off, nbytes = slots[i - first]
+            if (off == _EMPTY_SLOT and nbytes == _EMPTY_SLOT) or int(off) + int(nbytes) > size:
+                missing.append(i)
     return missing
 
 

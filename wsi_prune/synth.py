@@ -24,8 +24,9 @@ import math
 import os
 import pathlib
 import time
+import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -50,6 +51,13 @@ _NUCLEUS_TUMOUR = np.array([66.0, 40.0, 122.0], np.float32)
 _BORDER = np.array([22.0, 22.0, 26.0], np.float32)
 # Pen ink as transmittance (multiplied over what is below); index 0-1 are blue and green.
 _INKS = np.array([[40, 72, 190], [36, 150, 78], [46, 46, 52]], np.float32) / 255.0
+
+# Alpha of a shape that covers a whole tile: broadcasts like a full (M, N) alpha.
+_FULL = np.ones((1, 1), np.float32)
+_FULL.flags.writeable = False
+
+# ASAP's default annotation colour, as in CAMELYON16's lesion files.
+_ASAP_COLOUR = "#F4FA58"
 
 # Nuclei layers: (cell side µm, probability of a nucleus per cell, radius range µm).
 _STROMA_NUCLEI = (14.0, 0.35, 2.6, 3.8)
@@ -215,6 +223,26 @@ class _Blob:
         e = self.extent + pad
         return self.cx - e, self.cy - e, self.cx + e, self.cy + e
 
+    def cover(self, box: tuple[float, float, float, float], edge: float) -> int:
+        """1 if every point of ``box`` has alpha 1, -1 if every point has alpha 0, else 0.
+
+        From bounds on :meth:`signed_dist` at distance ``r`` from the centre:
+        ``(1 - r / inradius) k <= sd <= (1 - r / extent) k`` with ``k = sqrt(a b)``; alpha is
+        clipped to 1 (0) once ``sd >= edge / 2`` (``<= -edge / 2``). Interior tiles of a large
+        island then skip the per-pixel outline, which is most of the work on a 100k px slide.
+        """
+        x0, y0, x1, y1 = box
+        far = math.hypot(max(abs(x0 - self.cx), abs(x1 - self.cx)),
+                         max(abs(y0 - self.cy), abs(y1 - self.cy)))
+        near = math.hypot(max(x0 - self.cx, 0.0, self.cx - x1),
+                          max(y0 - self.cy, 0.0, self.cy - y1))
+        slack = edge / math.sqrt(self.a * self.b)  # twice what the bound needs
+        if far <= self.inradius * (1.0 - slack):
+            return 1
+        if near >= self.extent * (1.0 + slack):
+            return -1
+        return 0
+
 
 @dataclass(frozen=True)
 class _Stroke:
@@ -327,12 +355,22 @@ class _Layout:
     # --- analytic fields, each ``(M, N) float32`` alpha in [0, 1] or None if absent ------------
 
     @staticmethod
-    def _alpha(shapes, x, y, box, edge: float) -> np.ndarray | None:
+    def _alpha(shapes: list[_Blob], x, y, box, edge: float) -> np.ndarray | None:
+        """Union of the blobs' alphas; ``None`` where none reaches the box, and the ``(1, 1)``
+        array :data:`_FULL` where one covers it entirely (callers skip blending then)."""
         out = None
         for shp in shapes:
-            if _hits(shp.bbox(edge), *box):
-                a = np.clip(shp.signed_dist(x, y) / edge + 0.5, 0.0, 1.0)
-                out = a if out is None else np.maximum(out, a)
+            if not _hits(shp.bbox(edge), *box):
+                continue
+            cover = shp.cover(box, edge)
+            if cover == 1:
+                return _FULL
+            if cover == -1:
+                continue
+            a = np.clip(shp.signed_dist(x, y) / edge + 0.5, 0.0, 1.0)
+            if a.max() <= 0.0:
+                continue
+            out = a if out is None else np.maximum(out, a)
         return out
 
     def tissue(self, x, y, box, edge):
@@ -393,17 +431,13 @@ def _value_noise(x_um: np.ndarray, y_um: np.ndarray, scale: float, salt: int) ->
     return wy @ lattice @ wx.T
 
 
-def _nuclei(x_um: np.ndarray, y_um: np.ndarray, layer: tuple, edge_um: float, salt: int):
-    """Coverage ``(M, N) float32`` of hash-placed discs, at most one per grid cell.
+def _cell_params(gx: np.ndarray, gy: np.ndarray, layer: tuple, salt: int):
+    """Disc centre x, y and radius (µm; radius -100 where the cell holds no disc) of the grid
+    cells ``(gx, gy)``, three ``float32`` arrays of their broadcast shape.
 
-    Each cell's hash gives presence, radius and a jitter that keeps the disc inside its cell,
-    so a pixel only ever looks at its own cell and any tile renders independently.
+    Each cell's hash gives presence, radius and a jitter that keeps the disc inside its cell.
     """
     cell, prob, rmin, rmax = layer
-    cx = np.floor(x_um / cell).astype(np.int64)
-    cy = np.floor(y_um / cell).astype(np.int64)
-    gx = np.arange(cx.min(), cx.max() + 1)[None, :]
-    gy = np.arange(cy.min(), cy.max() + 1)[:, None]
     h = _hash32(gx, gy, salt)
     byte = [
         ((h >> np.uint32(8 * k)) & np.uint32(0xFF)).astype(np.float64) / 255.0 for k in range(4)
@@ -413,11 +447,42 @@ def _nuclei(x_um: np.ndarray, y_um: np.ndarray, layer: tuple, edge_um: float, sa
     ncx = gx * cell + margin + byte[2] * (cell - 2 * margin)
     ncy = gy * cell + margin + byte[3] * (cell - 2 * margin)
     r = np.where(byte[0] < prob, r, -100.0)
-    params = np.stack([ncx, ncy, r], axis=-1).astype(np.float32)
-    p = params[(cy - gy[0, 0])[:, None], (cx - gx[0, 0])[None, :]]
-    dx = x_um.astype(np.float32)[None, :] - p[..., 0]
-    dy = y_um.astype(np.float32)[:, None] - p[..., 1]
-    return np.clip((p[..., 2] - np.sqrt(dx * dx + dy * dy)) / edge_um + 0.5, 0.0, 1.0)
+    return ncx.astype(np.float32), ncy.astype(np.float32), r.astype(np.float32)
+
+
+def _nuclei(x_um: np.ndarray, y_um: np.ndarray, layer: tuple, edge_um: float, salt: int,
+            rows_per_chunk: int = 128) -> np.ndarray:
+    """Coverage ``(M, N) float32`` of hash-placed discs, at most one per grid cell.
+
+    A pixel only ever looks at its own cell, so any tile renders independently. Fine levels
+    evaluate each cell once and gather; on coarse levels of a large slide a tile spans more
+    cells than it has samples (a 256 px tile at 64 µm/px covers ~1200² cells of 14 µm), so each
+    sample evaluates its own cell instead. Either way the work runs in chunks of rows, which
+    keeps temporaries at a few MB whatever the level.
+    """
+    cell = layer[0]
+    cx = np.floor(x_um / cell).astype(np.int64)
+    cy = np.floor(y_um / cell).astype(np.int64)
+    xs, ys = x_um.astype(np.float32)[None, :], y_um.astype(np.float32)[:, None]
+    n_cells = (int(cx.max() - cx.min()) + 1) * (int(cy.max() - cy.min()) + 1)
+    by_cell = n_cells <= len(cx) * len(cy)
+    if by_cell:
+        gx0, gy0 = int(cx.min()), int(cy.min())
+        grid = _cell_params(np.arange(gx0, cx.max() + 1)[None, :],
+                            np.arange(gy0, cy.max() + 1)[:, None], layer, salt)
+        ix = (cx - gx0)[None, :]
+    out = np.empty((len(y_um), len(x_um)), np.float32)
+    for r0 in range(0, len(y_um), rows_per_chunk):
+        rows = slice(r0, r0 + rows_per_chunk)
+        if by_cell:
+            iy = (cy[rows] - gy0)[:, None]
+            px, py, pr = (g[iy, ix] for g in grid)
+        else:
+            px, py, pr = _cell_params(cx[None, :], cy[rows, None], layer, salt)
+        dx = xs - px
+        dy = ys[rows] - py
+        out[rows] = np.clip((pr - np.sqrt(dx * dx + dy * dy)) / edge_um + 0.5, 0.0, 1.0)
+    return out
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -451,17 +516,22 @@ def render_tile(layout: _Layout, downsample: int, col0: int, row0: int, tw: int,
         salt = layout.salt
         tex = 0.07 * _value_noise(x_um, y_um, 40.0, salt + 1)
         tex += 0.05 * _value_noise(x_um, y_um, 9.0, salt + 2)
-        col = _STROMA * (1.0 + tex)[..., None]
-        cov = _nuclei(x_um, y_um, _STROMA_NUCLEI, edge_um, salt + 3)
-        ncol = np.broadcast_to(_NUCLEUS_STROMA, col.shape)
         tumour = layout.tumour(x, y, box, edge)
-        if tumour is not None:
+        if tumour is _FULL:  # inside a tumour: no stroma to blend with
+            col = _TUMOUR_CYTO * (1.0 + tex)[..., None]
+            cov = _nuclei(x_um, y_um, _TUMOUR_NUCLEI, edge_um, salt + 4)
+            ncol = np.broadcast_to(_NUCLEUS_TUMOUR, col.shape)
+        else:
+            col = _STROMA * (1.0 + tex)[..., None]
+            cov = _nuclei(x_um, y_um, _STROMA_NUCLEI, edge_um, salt + 3)
+            ncol = np.broadcast_to(_NUCLEUS_STROMA, col.shape)
+        if tumour is not None and tumour is not _FULL:
             col = _lerp(col, _TUMOUR_CYTO * (1.0 + tex)[..., None], tumour)
             cov_t = _nuclei(x_um, y_um, _TUMOUR_NUCLEI, edge_um, salt + 4)
             cov = cov + (cov_t - cov) * tumour
             ncol = _lerp(ncol, np.broadcast_to(_NUCLEUS_TUMOUR, col.shape), tumour)
         col = _lerp(col, ncol, cov)
-        out = _lerp(out, col, tissue)
+        out = col if tissue is _FULL else _lerp(out, col, tissue)
     pen = layout.pen(x, y, box, edge)
     if pen is not None:
         alpha, trans = pen
@@ -622,6 +692,54 @@ def tissue_truth(spec: SynthSpec, mpp: float) -> np.ndarray:
     return tissue
 
 
+def write_asap_xml(
+    path: str | os.PathLike[str],
+    polygons: Sequence[np.ndarray] | SynthSpec,
+    group: str = "Tumor",
+) -> pathlib.Path:
+    """Write polygons as an ASAP annotation file, the format of CAMELYON16's lesion XMLs.
+
+    One ``<Annotation Type="Polygon" PartOfGroup=group>`` per polygon, coordinates in level-0
+    px, and one ``<Group Name=group>``. Written next to ``path`` and renamed into place.
+
+    Args:
+        path: output ``.xml`` file.
+        polygons: outlines, each ``(K, 2)`` level-0 px (x, y) with K >= 3; or a
+            :class:`SynthSpec`, whose planted tumour outlines are written (what
+            :func:`write_slide` returns as ``tumour_polygons``, without rendering the slide).
+        group: annotation group (``Tumor``, or CAMELYON16's ``_0``/``_1``/``_2``).
+
+    Returns:
+        ``path``.
+    """
+    path = pathlib.Path(path)
+    if isinstance(polygons, SynthSpec):
+        polygons = [b.outline() for b in _Layout(polygons).tumours]
+    root = ET.Element("ASAP_Annotations")
+    anns = ET.SubElement(root, "Annotations")
+    for i, poly in enumerate(polygons):
+        poly = np.asarray(poly, np.float64)
+        if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3 or not np.isfinite(poly).all():
+            raise ConfigError(f"polygon {i} must be (K >= 3, 2) finite level-0 px, "
+                              f"got shape {poly.shape}", path)  # fmt: skip
+        ann = ET.SubElement(anns, "Annotation", Name=f"Annotation {i}", Type="Polygon",
+                            PartOfGroup=group, Color=_ASAP_COLOUR)  # fmt: skip
+        coords = ET.SubElement(ann, "Coordinates")
+        for k, (x, y) in enumerate(poly):
+            ET.SubElement(coords, "Coordinate", Order=str(k), X=f"{x:.2f}", Y=f"{y:.2f}")
+    groups = ET.SubElement(root, "AnnotationGroups")
+    grp = ET.SubElement(groups, "Group", Name=group, PartOfGroup="None", Color=_ASAP_COLOUR)
+    ET.SubElement(grp, "Attributes")
+    ET.indent(root, space="\t")
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_dataset(
     out_dir: str | os.PathLike[str],
     n: int,
@@ -634,6 +752,8 @@ def write_dataset(
 
     Exactly ``round(n * tumour_fraction)`` slides get tumour, at positions drawn from ``seed``;
     each slide has its own seed derived from ``(seed, index)``. Labels are ``Tumor``/``Normal``.
+    Each tumour slide ``synth_<i>.<ext>`` gets its lesion outlines in ``synth_<i>.xml`` (ASAP
+    format, group ``Tumor``, level-0 px; see :func:`write_asap_xml`), as CAMELYON16 ships them.
 
     Args:
         out_dir: created if missing.
@@ -659,7 +779,13 @@ def write_dataset(
         spec = SynthSpec(width=size, height=size, seed=slide_seed, tumour=i in positive,
                          **spec_overrides)  # fmt: skip
         ext = ".svs" if spec.flavour == "svs" else ".tif"
-        slides.append(write_slide(out / f"synth_{i:03d}{ext}", spec))
+        slide = write_slide(out / f"synth_{i:03d}{ext}", spec)
+        xml = slide.path.with_suffix(".xml")
+        if slide.label:
+            write_asap_xml(xml, slide.tumour_polygons)
+        else:
+            xml.unlink(missing_ok=True)  # a stale annotation from an earlier set in this folder
+        slides.append(slide)
     tmp = out / ".labels.csv.partial"
     with tmp.open("w", newline="") as fh:
         wr = csv.writer(fh)

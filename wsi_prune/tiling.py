@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dask.callbacks import Callback
 
 from . import __version__, store
 from .config import RunConfig, TilingConfig
+from .errors import StoreError
 from .slide import Slide, SlideInfo
 from .tissue import tile_fractions, tissue_mask
 
@@ -44,7 +46,7 @@ class TileGrid:
 
     Attributes:
         level0_xy: (N, 2) int64 top-left (x, y) of each tile, level-0 px.
-        grid_rc: (N, 2) int32 (row, col) of each tile in the full grid.
+        grid_rc: (N, 2) int64 (row, col) of each tile in the full grid.
         tissue_fraction: (N,) float32 tissue fraction of each tile.
         tile_level0: side of a tile in level-0 px (float: 224 px at 0.5 µm/px on a 0.499 µm/px
             slide is 224.45 level-0 px).
@@ -77,7 +79,7 @@ def make_grid(
     n_cols = int(math.floor(info.width / tile_level0 + 1e-9))
     n_rows = int(math.floor(info.height / tile_level0 + 1e-9))
     rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    rc = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.int32)
+    rc = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.int64)
     xy = np.round(rc[:, ::-1] * tile_level0).astype(np.int64)
     if len(rc):
         frac = tile_fractions(mask, mask_mpp, xy, tile_level0, info.mpp).astype(np.float32)
@@ -222,6 +224,9 @@ def _build(
     # the thumbnail's real scale (rounded size) is what the mask is measured in
     mask_mpp = info.width * info.mpp / thumb.shape[1]
     tm = tissue_mask(thumb, mask_mpp, config.tissue)
+    # (H, W, 3) uint8 at mask_mpp, 117 MB for 50 x 50 mm of glass at 8 µm/px: not needed
+    # while the blocks run
+    del thumb
     grid = make_grid(info, tm.mask, mask_mpp, tcfg)
     n = len(grid)
 
@@ -240,9 +245,10 @@ def _build(
     _run_blocks(str(slide_path), mpp, str(tmp), grid, tcfg, scheduler, progress)
 
     for name in ("tiles/coarse", "tiles/full") if tcfg.store_tiles else ("tiles/coarse",):
-        lost = store.missing_shards(group[name])
+        lost = store.missing_chunks(group[name])
         if lost:
-            raise RuntimeError(f"{tmp}/{name}: shards {lost[:5]} missing after writing")
+            raise StoreError(f"{name}: {len(lost)} tiles missing after writing (first: "
+                             f"{lost[:5]}); was a shard written by two tasks?", tmp)
     group.attrs.update({
         "slide": info.to_dict(),
         "mpp": info.mpp,
@@ -273,21 +279,51 @@ def _run_blocks(
     for start in range(0, n, step):
         xy = grid.level0_xy[start:start + step]
         name = f"tile-block-{start}-{os.path.basename(tmp)}"
-        task = dask.delayed(_write_block, pure=False, name=name)(
-            slide_path, mpp, tmp, start, xy, grid.tile_level0, tcfg
+        # the key names the block on dashboards; the temporary store's unique name keeps keys
+        # of two builds apart on a long-lived cluster
+        task = dask.delayed(_write_block, pure=False)(
+            slide_path, mpp, tmp, start, xy, grid.tile_level0, tcfg, dask_key_name=name
         )
         tasks.append(task)
         sizes[task.key] = len(xy)
     if hasattr(scheduler, "compute") and hasattr(scheduler, "gather"):  # distributed.Client
-        from distributed import as_completed
+        _run_distributed(scheduler, tasks, n, progress)
+        return
+    with contextlib.ExitStack() as stack:
+        kwargs: dict[str, Any] = {}
+        if scheduler == "threads":
+            # Our own pool, so that on a failure we wait for blocks still running before the
+            # caller deletes the temporary store (they would otherwise write into a deleted
+            # directory, recreating parts of it) and drop the blocks not yet started.
+            pool = ThreadPoolExecutor(_n_threads(), thread_name_prefix="wsi-prune-tiling")
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            kwargs["pool"] = pool
+        if progress:
+            stack.enter_context(_TaskProgress(sizes, n, progress))
+        dask.compute(*tasks, scheduler=scheduler, **kwargs)
 
-        done = 0
-        for fut in as_completed(scheduler.compute(tasks)):
+
+def _n_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_distributed(client: Any, tasks: list, n: int, progress: Progress | None) -> None:
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    done = 0
+    try:
+        for fut in as_completed(futures):
             done += fut.result()
             if progress:
                 progress(done, n)
-        return
-    with contextlib.ExitStack() as stack:
-        if progress:
-            stack.enter_context(_TaskProgress(sizes, n, progress))
-        dask.compute(*tasks, scheduler=scheduler)
+    except BaseException:
+        # Blocks not started never start. Blocks already running on a worker cannot be
+        # stopped; they may still write into the temporary store after the caller deleted it,
+        # which leaves a hidden, incomplete directory that the next run removes
+        # (store.remove_stale_tmp), never a store that looks complete.
+        client.cancel(futures)
+        raise

@@ -1,0 +1,345 @@
+"""Dask -> Zarr tiling on real slides (synthetic SVS/TIFF and the real Aperio slide): grids,
+tile pixels, schedulers (threads, sync, a 2-process LocalCluster), atomic publication, resume
+after SIGKILL, skip/rebuild by config, locks, empty and corrupt slides."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from wsi_prune import store
+from wsi_prune.config import RunConfig
+from wsi_prune.errors import CorruptSlide, OutputConflict
+from wsi_prune.slide import Slide
+from wsi_prune.synth import SynthSpec, tissue_truth, write_slide
+from wsi_prune.tiling import tile_slide
+
+# what conftest.py writes to svs_slide
+SVS_SPEC = SynthSpec(width=4096, height=4096, mpp=0.5, flavour="svs", seed=1, tumour=True)
+# small shards: many Dask tasks, each writing its own shards
+SMALL_SHARDS = RunConfig().replace(tiling={"tiles_per_shard": 4})
+ARRAYS = ("tiles/coarse", "tiles/coords", "tiles/grid", "tiles/tissue_fraction", "mask/tissue")
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    g = store.open_store(path)
+    return {name: g[name][...] for name in ARRAYS}
+
+
+def _assert_same_arrays(a: Path, b: Path) -> None:
+    xa, xb = _arrays(a), _arrays(b)
+    for name in ARRAYS:
+        assert xa[name].dtype == xb[name].dtype, name
+        np.testing.assert_array_equal(xa[name], xb[name], err_msg=name)
+
+
+def _assert_whole(path: Path, n: int) -> None:
+    """Complete, every shard and every chunk on disk: nothing read back as fill value."""
+    g = store.open_store(path)
+    coarse = g["tiles/coarse"]
+    assert coarse.shape[0] == n
+    assert store.missing_shards(coarse) == []
+    assert store.missing_chunks(coarse) == []
+    assert not list(path.parent.glob(f".{path.name}.tmp-*"))
+    assert not Path(f"{path}.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One 2-process LocalCluster for the module (starting one costs seconds)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=":0") as cluster:
+        with distributed.Client(cluster) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def svs_threads(svs_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """svs_slide tiled once with the threaded scheduler and small shards: the reference."""
+    out = tmp_path_factory.mktemp("ref") / "svs.zarr"
+    tile_slide(svs_slide, out, SMALL_SHARDS, scheduler="threads")
+    return out
+
+
+# -- grids -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["svs_slide", "tiff_slide", "real_slide"])
+def test_grid_inside_slide(name: str, request, tmp_path: Path) -> None:
+    slide = request.getfixturevalue(name)
+    res = tile_slide(slide, tmp_path / "s.zarr", RunConfig())
+    g = store.open_store(tmp_path / "s.zarr")
+    a = g.attrs
+    with Slide(slide) as s:
+        w, h = s.dimensions
+        mpp, source = s.mpp, s.info.mpp_source
+    side = a["grid"]["tile_level0"]
+    assert side == pytest.approx(224 * 0.5 / mpp)
+    n_rows, n_cols = int(h // side), int(w // side)
+    assert (a["grid"]["n_rows"], a["grid"]["n_cols"]) == (n_rows, n_cols)
+    assert res.n_grid == a["grid"]["n_grid"] == n_rows * n_cols
+    assert res.n_tiles == a["grid"]["n_tiles"] == g["tiles/coords"].shape[0] > 0
+    assert (a["mpp"], a["mpp_source"], a["complete"]) == (pytest.approx(mpp), source, True)
+    assert a["config_hash"] == RunConfig().hash()
+    xy, rc = g["tiles/coords"][...], g["tiles/grid"][...]
+    frac = g["tiles/tissue_fraction"][...]
+    assert xy.dtype == rc.dtype == np.int64 and frac.dtype == np.float32
+    np.testing.assert_array_equal(xy, np.round(rc[:, ::-1] * side))
+    assert (xy >= 0).all() and (xy[:, 0] + side <= w).all() and (xy[:, 1] + side <= h).all()
+    assert len({tuple(r) for r in rc}) == len(rc)  # no tile twice
+    order = rc[:, 0] * n_cols + rc[:, 1]
+    assert (np.diff(order) > 0).all()  # row-major
+    assert (frac >= 0.25).all() and (frac <= 1).all()
+    assert g["tiles/coarse"].shape == (res.n_tiles, 56, 56, 3)
+    assert g["mask/tissue"].attrs["mpp"] == pytest.approx(8.0, rel=0.02)
+    _assert_whole(tmp_path / "s.zarr", res.n_tiles)
+
+
+def test_real_slide_counts(real_slide: Path, tmp_path: Path) -> None:
+    res = tile_slide(real_slide, tmp_path / "r.zarr", RunConfig())
+    assert (res.n_tiles, res.n_grid) == (54, 117)  # 9 x 13 whole 224.4 px tiles
+    tiles = store.open_store(tmp_path / "r.zarr")["tiles/coarse"][...]
+    # tissue tiles of an H&E slide: stained, not glass
+    assert 100 < tiles.mean() < 225 and tiles.std() > 20
+
+
+def test_tissue_filter_matches_synthetic_truth(svs_slide: Path, svs_threads: Path) -> None:
+    """Kept tiles are those whose true (drawn) tissue fraction is >= 0.25."""
+    g = store.open_store(svs_threads)
+    truth = tissue_truth(SVS_SPEC, 4.0)  # 8 level-0 px per px: a tile is 28 x 28 px
+    true_frac = truth[:18 * 28, :18 * 28].reshape(18, 28, 18, 28).mean(axis=(1, 3))
+    rc = g["tiles/grid"][...]
+    kept = np.zeros((18, 18), bool)
+    kept[rc[:, 0], rc[:, 1]] = True
+    clear = np.abs(true_frac - 0.25) > 0.05  # tiles right at the threshold may go either way
+    np.testing.assert_array_equal(kept[clear], true_frac[clear] >= 0.25)
+    measured = g["tiles/tissue_fraction"][...]
+    assert np.abs(measured - true_frac[rc[:, 0], rc[:, 1]]).max() < 0.08
+
+
+@pytest.mark.parametrize("name", ["svs_slide", "tiff_slide", "real_slide"])
+def test_coarse_tiles_equal_direct_reads(name: str, request, tmp_path: Path) -> None:
+    slide = request.getfixturevalue(name)
+    tile_slide(slide, tmp_path / "s.zarr", RunConfig())
+    g = store.open_store(tmp_path / "s.zarr")
+    coarse, xy = g["tiles/coarse"], g["tiles/coords"][...]
+    side = round(g.attrs["grid"]["tile_level0"])
+    picks = sorted({0, len(xy) // 3, len(xy) // 2, len(xy) - 1})
+    with Slide(slide) as s:
+        for i in picks:
+            direct = s.read(tuple(xy[i]), (side, side), 2.0, out_size=(56, 56))
+            np.testing.assert_array_equal(coarse[i], direct)
+        # and not any tile: the neighbour's pixels differ
+        shifted = s.read((int(xy[0][0]) + side // 2, int(xy[0][1])), (side, side), 2.0, (56, 56))
+        assert np.abs(shifted.astype(int) - coarse[0]).mean() > 1
+
+
+def test_store_tiles_full_resolution(svs_slide: Path, tmp_path: Path) -> None:
+    cfg = RunConfig().replace(tiling={"store_tiles": True, "tiles_per_shard": 16})
+    res = tile_slide(svs_slide, tmp_path / "f.zarr", cfg)
+    g = store.open_store(tmp_path / "f.zarr")
+    full, coarse = g["tiles/full"], g["tiles/coarse"][...]
+    assert full.shape == (res.n_tiles, 224, 224, 3)
+    assert store.missing_chunks(full) == []
+    pooled = full[...].reshape(-1, 56, 4, 56, 4, 3).mean(axis=(2, 4))
+    # the coarse level is the 4x area average of level 0, up to JPEG on fine texture...
+    err = np.abs(pooled - coarse).mean(axis=(1, 2, 3))
+    assert err.mean() < 5 and err.max() < 12
+    # ...and each full tile matches its own coarse tile, not its neighbour's
+    other = np.abs(pooled - np.roll(coarse, 1, axis=0)).mean(axis=(1, 2, 3))
+    assert (other > err).mean() > 0.9
+    default = tile_slide(svs_slide, tmp_path / "d.zarr", RunConfig()).store_path
+    assert "full" not in store.open_store(default)["tiles"]  # only when asked
+
+
+# -- schedulers --------------------------------------------------------------------------------
+def test_threads_and_sync_give_identical_stores(svs_slide, svs_threads, tmp_path: Path) -> None:
+    seen = []
+    res = tile_slide(svs_slide, tmp_path / "sync.zarr", SMALL_SHARDS, scheduler="sync",
+                     progress=lambda done, total: seen.append((done, total)))
+    assert res.n_tiles > 100  # > 25 shards of 4 tiles, one Dask task each
+    _assert_same_arrays(svs_threads, tmp_path / "sync.zarr")
+    _assert_whole(tmp_path / "sync.zarr", res.n_tiles)
+    _assert_whole(svs_threads, res.n_tiles)
+    assert seen[-1] == (res.n_tiles, res.n_tiles)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == -(-res.n_tiles // 4)
+
+
+def test_local_cluster_gives_identical_store(client, svs_slide, svs_threads, tmp_path) -> None:
+    from distributed import get_task_stream
+
+    out = tmp_path / "dist.zarr"
+    with get_task_stream(client) as ts:
+        res = tile_slide(svs_slide, out, SMALL_SHARDS, scheduler=client)
+    assert not res.skipped
+    _assert_same_arrays(svs_threads, out)
+    _assert_whole(out, res.n_tiles)
+    blocks = [t for t in ts.data if str(t["key"]).startswith("tile-block-")]
+    assert len(blocks) == -(-res.n_tiles // 4)
+    # both worker processes wrote shards
+    assert len({t["worker"] for t in blocks}) == 2
+
+
+def test_local_cluster_corrupt_slide(client, svs_slide: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.svs"
+    _corrupt_page(svs_slide, bad, page=1)
+    cfg = SMALL_SHARDS.replace(tiling={"coarse_factor": 2})  # coarse tiles read page 1
+    with pytest.raises(CorruptSlide) as err:
+        tile_slide(bad, tmp_path / "bad.zarr", cfg, scheduler=client)
+    assert str(bad) in str(err.value)
+    assert not (tmp_path / "bad.zarr").exists()
+    assert not Path(f"{tmp_path / 'bad.zarr'}.lock").exists()
+
+
+# -- publication, resume, config -----------------------------------------------------------------
+_KILLABLE = textwrap.dedent("""
+    import json, sys, time
+    from wsi_prune.config import RunConfig
+    from wsi_prune.tiling import tile_slide
+
+    def slow(done, total):
+        print("progress", done, total, flush=True)
+        time.sleep(0.5)
+
+    cfg = RunConfig.from_dict(json.loads(sys.argv[3]))
+    tile_slide(sys.argv[1], sys.argv[2], cfg, scheduler="threads", progress=slow)
+    print("finished", flush=True)
+""")
+
+
+def test_resume_after_sigkill(svs_slide: Path, svs_threads: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE, str(svs_slide), str(out),
+         json.dumps(SMALL_SHARDS.to_dict())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # the first block is written; the others wait on us
+        assert line.startswith("progress"), (line, proc.stderr.read())
+        (tmp,) = tmp_path.glob(".k.zarr.tmp-*")
+        assert store.open_store(tmp, require_complete=False).attrs["complete"] is False
+        # a second run on the same store while this one holds it
+        with pytest.raises(OutputConflict, match=f"pid {proc.pid}"):
+            tile_slide(svs_slide, out, SMALL_SHARDS)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and not store.is_complete(out)
+    assert Path(f"{out}.lock").exists()  # left by the dead process
+    written = [p for p in (tmp / "tiles" / "coarse" / "c").iterdir()]
+    n_shards = -(-store.open_store(svs_threads)["tiles/coarse"].shape[0] // 4)
+    assert 0 < len(written) < n_shards
+
+    res = tile_slide(svs_slide, out, SMALL_SHARDS)  # takes the dead lock, drops the debris
+    assert not res.skipped and not tmp.exists()
+    _assert_whole(out, res.n_tiles)
+    _assert_same_arrays(svs_threads, out)
+
+
+def test_same_config_skips_other_config_rebuilds(svs_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    first = tile_slide(svs_slide, out, SMALL_SHARDS)
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    again = tile_slide(svs_slide, out, SMALL_SHARDS)
+    assert again.skipped and not first.skipped and again.n_tiles == first.n_tiles
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp
+    # model settings do not touch the tile store
+    vit = tile_slide(svs_slide, out, SMALL_SHARDS.replace(vit={"keep_ratio": 0.3}))
+    assert vit.skipped
+    stricter = SMALL_SHARDS.replace(tiling={"tissue_threshold": 0.9})
+    rebuilt = tile_slide(svs_slide, out, stricter)
+    assert not rebuilt.skipped and 0 < rebuilt.n_tiles < first.n_tiles
+    g = store.open_store(out)
+    assert g.attrs["tile_hash"] == stricter.section_hash("tissue", "tiling")
+    assert (g["tiles/tissue_fraction"][...] >= 0.9).all()
+    _assert_whole(out, rebuilt.n_tiles)
+    forced = tile_slide(svs_slide, out, stricter, force=True)
+    assert not forced.skipped and forced.n_tiles == rebuilt.n_tiles
+
+
+def test_slide_smaller_than_a_tile(tmp_path: Path) -> None:
+    # 256 px at 0.25 µm/px = 64 µm, less than one 112 µm tile
+    slide = write_slide(tmp_path / "tiny.tif",
+                        SynthSpec(width=256, height=256, mpp=0.25, flavour="tiff")).path
+    out = tmp_path / "tiny.zarr"
+    res = tile_slide(slide, out, RunConfig())
+    assert (res.n_tiles, res.n_grid, res.skipped) == (0, 0, False)
+    assert store.is_complete(out, RunConfig().section_hash("tissue", "tiling"))
+    g = store.open_store(out)
+    assert g["tiles/coarse"].shape == (0, 56, 56, 3) and g["tiles/coords"].shape == (0, 2)
+    assert g["mask/tissue"].shape == (8, 8)  # 64 µm at 8 µm/px
+    _assert_whole(out, 0)
+    assert tile_slide(slide, out, RunConfig()).skipped
+
+
+def _corrupt_page(src: Path, dst: Path, page: int) -> None:
+    """Copy ``src``, breaking the JPEG data of the middle half of one pyramid page's tiles."""
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        p = tif.pages[page]
+        offs, counts = p.dataoffsets, p.databytecounts
+    n = len(offs)
+    with open(dst, "r+b") as fh:
+        for i in range(n // 4, 3 * n // 4):
+            fh.seek(offs[i] + 2)  # keep the SOI marker, break everything after it
+            fh.write(bytes([0xFF, 0xD9]) + b"\x13" * max(0, counts[i] - 4))
+
+
+def test_corrupt_slide_publishes_nothing(svs_slide: Path, tmp_path: Path) -> None:
+    from test_slide import corrupt_tiles
+
+    # every level broken: the thumbnail read for the tissue mask fails
+    bad = tmp_path / "all.svs"
+    corrupt_tiles(svs_slide, bad)
+    with pytest.raises(CorruptSlide) as err:
+        tile_slide(bad, tmp_path / "all.zarr", SMALL_SHARDS)
+    assert str(bad) in str(err.value)
+    # the thumbnail level (page 2) intact, the coarse-tile level (page 1) broken: the mask
+    # is fine and Dask tasks fail mid-slide, after other tasks wrote their shards
+    mid = tmp_path / "mid.svs"
+    _corrupt_page(svs_slide, mid, page=1)
+    cfg = SMALL_SHARDS.replace(tiling={"coarse_factor": 2})
+    with Slide(mid) as s:
+        assert s.best_level(cfg.tissue.mask_mpp) == 2 and s.best_level(1.0) == 1
+    with pytest.raises(CorruptSlide, match="read failed") as err:
+        tile_slide(mid, tmp_path / "mid.zarr", cfg, scheduler="threads")
+    assert str(mid) in str(err.value)
+    for name in ("all.zarr", "mid.zarr"):
+        assert not (tmp_path / name).exists()
+        assert not Path(f"{tmp_path / name}.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.svs", "mid.svs"]
+
+
+def test_concurrent_run_in_process_gets_output_conflict(svs_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.zarr"
+    with store.locked(out):  # what a running tile_slide holds
+        with pytest.raises(OutputConflict, match=f"pid {os.getpid()}") as err:
+            tile_slide(svs_slide, out, RunConfig())
+        assert str(out) in str(err.value)
+    assert not out.exists()
+    assert tile_slide(svs_slide, out, RunConfig()).n_tiles > 0
+
+
+def test_store_group_layout(svs_threads: Path) -> None:
+    g = zarr.open_group(str(svs_threads), mode="r")
+    a = g.attrs
+    cfg = RunConfig.from_dict(a["config"])
+    assert cfg == SMALL_SHARDS and a["tile_hash"] == cfg.section_hash("tissue", "tiling")
+    assert set(a["grid"]) >= {"tile_px", "mpp", "coarse_px", "coarse_mpp", "tile_level0",
+                              "n_rows", "n_cols", "n_grid", "n_tiles"}
+    assert a["slide"]["vendor"] == "aperio" and a["slide"]["width"] == 4096
+    assert 0.1 < a["tissue"]["fraction"] < 0.6
+    coarse = g["tiles/coarse"]
+    assert coarse.chunks == (1, 56, 56, 3) and coarse.shards == (4, 56, 56, 3)
