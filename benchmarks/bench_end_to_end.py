@@ -61,8 +61,7 @@ def base_config(tiny: bool, vit: str) -> RunConfig:
 
 
 def dense(cfg: RunConfig) -> RunConfig:
-    return cfg.replace(tile_select={"policy": "all", "min_tiles": 0, "max_tiles": None},
-                       token_select={"policy": "all"}, vit={"prune_blocks": ()})
+    return cfg.dense()
 
 
 def timed_run(inputs: list[Path], out: Path, cfg: RunConfig) -> tuple[list[dict], float]:
@@ -118,7 +117,8 @@ def main() -> None:
     mil_w = out / "weights" / "mil.safetensors"
     if not mil_w.is_file():
         res = train_mil(sorted((out / "train-dense").glob("*.zarr")), train_dir / "labels.csv",
-                        mil_w, folds=4, hidden=cfg.mil.hidden, progress=False)
+                        mil_w, folds=min(4, args.n_train // 2), hidden=cfg.mil.hidden,
+                        progress=False)
         print("MIL cross-validation:", getattr(res, "summary", lambda: res)())
     timings["train_mil"] = time.perf_counter() - t
     cfg = cfg.replace(mil={"weights": str(mil_w)})

@@ -349,15 +349,21 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--n", "n", type=int, default=4, show_default=True, help="Synthetic slides.")
-@click.option("--size", type=int, default=6144, show_default=True, help="Synthetic slide side.")
+@click.option("--n-train", type=int, default=6, show_default=True, help="Training slides.")
+@click.option("--n-test", type=int, default=4, show_default=True, help="Test slides.")
+@click.option("--size", type=int, default=4096, show_default=True, help="Synthetic slide side.")
+@click.option("--train/--no-train", default=True, show_default=True,
+              help="Train the scorer and MIL head on the training slides first.")
 @click.option("--real/--no-real", default=True, show_default=True,
               help="Also run the real slide in ../shared/data when present.")
 @click.option("--quiet", is_flag=True)
 @_errors
-def demo(out: str, n: int, size: int, real: bool, quiet: bool) -> None:
-    """The main job on a built-in default: synthetic slides with tumour regions (and the real
-    slide in ../shared/data when present) through the whole pipeline with pipelines/demo.yaml.
+def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool,
+         quiet: bool) -> None:
+    """The main job on a built-in default: synthetic CAMELYON-like slides with tumour regions;
+    trains the tiny demo models on a training set, runs the whole pipeline
+    (pipelines/demo.yaml) on a separate test set, evaluates it, and runs the real slide in
+    ../shared/data when present.
 
     \b
     Example:
@@ -366,7 +372,8 @@ def demo(out: str, n: int, size: int, real: bool, quiet: bool) -> None:
     from .demo import run_demo
 
     _setup_logging(0, quiet, Path(out) / "demo.log")
-    rows = run_demo(Path(out), n=n, size=size, real=real, quiet=quiet)
+    rows = run_demo(Path(out), n_train=n_train, n_test=n_test, size=size, real=real,
+                    quiet=quiet, train=train)
     _print_table(rows)
     sys.exit(_exit_code(rows))
 

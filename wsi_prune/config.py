@@ -336,6 +336,16 @@ class RunConfig:
             out[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
         return dataclasses.replace(self, **out)
 
+    def dense(self) -> RunConfig:
+        """The same models with nothing pruned: every tissue tile and every token reaches the
+        ViT (the reference a pruned run is compared with, and what MIL heads train on)."""
+        return self.replace(
+            tile_select={"policy": "all", "min_tiles": 0, "max_tiles": None,
+                         "redundancy_eps": None},
+            token_select={"policy": "all"},
+            vit={"prune_blocks": ()},
+        )
+
     # -- identity ------------------------------------------------------------------------------
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of the whole config."""

@@ -44,34 +44,76 @@ def find_real_slide() -> Path | None:
     return None
 
 
-def run_demo(out: Path, n: int = 4, size: int = 6144, real: bool = True, quiet: bool = False,
-             config: RunConfig | None = None) -> list[dict[str, Any]]:
-    """Generate the demo slides (once) and run the pipeline on them.
+def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool = False,
+                      scorer_epochs: int = 4) -> RunConfig:
+    """Train the scorer (from the lesion XML) and the MIL head (on dense embeddings) on the
+    training slides; return ``config`` pointing at the weights. Reuses weights already there."""
+    import click
+
+    from .pipeline import run_batch
+    from .tiling import tile_slide
+    from .train import train_mil, train_scorer
+
+    weights = out / "weights"
+    scorer_w, mil_w = weights / "scorer.safetensors", weights / "mil.safetensors"
+    slides = sorted(p for p in train_dir.iterdir() if p.suffix in (".svs", ".tif"))
+    train_run = out / "train-run"
+    if not scorer_w.is_file():
+        click.echo(f"training the CNN scorer on {len(slides)} slides' lesion annotations ...")
+        stores = [tile_slide(s, train_run / f"{s.stem}.zarr", config).store_path for s in slides]
+        train_scorer(stores, train_dir, scorer_w, config=config.scorer, epochs=scorer_epochs,
+                     progress=not quiet)
+    config = config.replace(scorer={"weights": str(scorer_w)})
+    if not mil_w.is_file():
+        click.echo("dense run on the training slides, then training the MIL head ...")
+        run_batch(slides, train_run, config.dense(), progress=not quiet)
+        res = train_mil(sorted(train_run.glob("*.zarr")), train_dir / "labels.csv", mil_w,
+                        folds=2, hidden=config.mil.hidden, progress=not quiet)
+        click.echo(f"MIL cross-validation AUC per fold: {res.fold_auc}")
+    return config.replace(mil={"weights": str(mil_w)})
+
+
+def run_demo(out: Path, n_train: int = 6, n_test: int = 4, size: int = 4096, real: bool = True,
+             quiet: bool = False, train: bool = True, config: RunConfig | None = None,
+             ) -> list[dict[str, Any]]:
+    """Generate the demo slides (once), train the demo models on a training set (once), run
+    the pipeline on a separate test set and evaluate it; the real slide runs too when present.
 
     Returns:
-        The ``predictions.csv`` rows.
+        The ``predictions.csv`` rows of the test set (and of the real slide).
     """
     import click
 
+    from .evaluate import evaluate_run
     from .pipeline import run_batch
     from .synth import write_dataset
 
     out = Path(out)
-    slides_dir = out / "slides"
-    if not (slides_dir / "labels.csv").is_file():
-        click.echo(f"writing {n} synthetic slides ({size}x{size} px) to {slides_dir} ...")
-        write_dataset(slides_dir, n=n, seed=0, size=size)
-    inputs: list[Path] = [slides_dir]
-    real_slide = find_real_slide() if real else None
-    if real_slide is not None:
-        inputs.append(real_slide)
-        click.echo(f"using the real slide {real_slide}")
+    train_dir, test_dir = out / "train-slides", out / "slides"
+    for d, n, seed in ((train_dir, n_train, 1), (test_dir, n_test, 0)):
+        if train or d is test_dir:
+            if not (d / "labels.csv").is_file():
+                click.echo(f"writing {n} synthetic slides ({size}x{size} px) to {d} ...")
+                write_dataset(d, n=n, seed=seed, size=size)
     cfg = config or demo_config()
-    trained = bool(cfg.scorer.weights and cfg.mil.weights)
-    if not trained:
+    if train:
+        cfg = train_demo_models(out, train_dir, cfg, quiet)
+    else:
         click.echo("NOTE: the demo models are UNTRAINED (random weights): probabilities and "
                    "heatmaps show the pipeline working, not a diagnosis.")
-    rows = run_batch(inputs, out / "run", cfg, progress=not quiet)
+    rows = run_batch([test_dir], out / "run", cfg, progress=not quiet)
+    metrics = evaluate_run(out / "run", test_dir / "labels.csv", test_dir, n_boot=200)
+    sl, fr = metrics.get("slide_level") or {}, metrics.get("froc") or {}
+    click.echo(f"test set: AUC {_num(sl.get('auc'))}, accuracy {_num(sl.get('accuracy'))}, "
+               f"FROC {_num(fr.get('average'))} (report: {out / 'run' / 'evaluation'}/report.md)")
+    real_slide = find_real_slide() if real else None
+    if real_slide is not None:
+        click.echo(f"also running the real slide {real_slide}")
+        rows += run_batch([real_slide], out / "real", cfg, progress=not quiet)
     click.echo(f"pictures: {out / 'run'}/<id>/heatmap.png and tokens.png; "
                f"table: {out / 'run' / 'predictions.csv'}")
     return rows
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
