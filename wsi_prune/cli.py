@@ -14,6 +14,8 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_cluster import cluster_options, merge, submit
+from .cluster import ClusterRequest, make_client, shard_suffix
 from .config import RunConfig
 from .errors import EXIT_ERROR, WsiPruneError
 
@@ -127,33 +129,10 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
     if store_tiles:
         cfg = cfg.replace(tiling={"store_tiles": True})
     dest = Path(out) / f"{Path(slide).stem}.zarr"
-    with _scheduler(workers) as sched:
-        res = tile_slide(slide, dest, cfg, mpp=mpp, scheduler=sched, force=force)
+    with make_client(workers=workers or None) as client:
+        res = tile_slide(slide, dest, cfg, mpp=mpp, scheduler=client or "threads", force=force)
     state = "already complete" if res.skipped else f"{res.seconds:.1f} s"
     click.echo(f"{dest}: {res.n_tiles} tissue tiles of {res.n_grid} ({state})")
-
-
-class _scheduler:
-    """``threads`` in-process, or a LocalCluster of ``workers`` processes."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers, self._cluster, self._client = workers, None, None
-
-    def __enter__(self) -> Any:
-        if self.workers <= 0:
-            return "threads"
-        from distributed import Client, LocalCluster
-
-        self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
-                                     processes=True, dashboard_address=":0")
-        self._client = Client(self._cluster)
-        click.echo(f"Dask dashboard: {self._client.dashboard_link}", err=True)
-        return self._client
-
-    def __exit__(self, *exc: object) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._cluster.close()
 
 
 @main.command()
@@ -200,40 +179,25 @@ def _exit_code(rows: list[dict[str, Any]]) -> int:
     return EXIT_SOME_FAILED if any(r["status"] == "failed" for r in rows) else EXIT_OK
 
 
-def _parse_shard(value: str | None) -> tuple[int, int] | None:
-    if not value:
-        return None
-    try:
-        i, k = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("expected i/K, e.g. 0/4", param_hint="--shard") from None
-    if not (k >= 1 and 0 <= i < k):
-        raise click.BadParameter("need 0 <= i < K", param_hint="--shard")
-    return i, k
-
-
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--workers", type=int, default=0,
-              help="Dask LocalCluster worker processes, one slide per task (0: this process).")
-@click.option("--scheduler", default=None,
-              help="Address (tcp://host:8786) or scheduler file of an existing Dask cluster.")
-@click.option("--shard", default=None, help="Run only shard i of K of the slide list (i/K).")
+@cluster_options
 @click.option("--force", is_flag=True, help="Recompute slides whose outputs are complete.")
 @click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
 @click.pass_context
 @_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
-        mpp: float | None, device: str, workers: int, scheduler: str | None, shard: str | None,
-        force: bool, quiet: bool) -> None:
+        mpp: float | None, device: str, cluster_request: ClusterRequest,
+        shard: tuple[int, int] | None, force: bool, quiet: bool) -> None:
     """Slides in, predictions, heatmaps and a run report out.
 
     INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
     with columns path[,id,mpp,label]. Writes OUT/<id>.zarr, OUT/<id>/heatmap.png, tokens.png,
-    regions.geojson, candidates.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log.
+    regions.geojson, candidates.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log
+    (with --shard i/K: predictions, manifest and log named .shard-i-of-K).
 
     Exit codes: 0 all slides ok (or skipped), 3 some slides failed (see predictions.csv),
     1 the run itself failed, 2 bad usage.
@@ -241,51 +205,26 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     \b
     Examples:
       wsi-prune run slides/ --out results/ --config pipelines/camelyon16.yaml
-      wsi-prune run slides.csv --out results/ --mpp 0.25 --workers 2
+      wsi-prune run slides.csv --out results/ --mpp 0.25 --workers 2 --memory-limit 6GB
+      wsi-prune run slides/ --out results/ --scheduler tcp://10.0.0.5:8786
+      wsi-prune run slides/ --out /scratch/res --cluster slurm --queue cpu --max-jobs 8
       wsi-prune run slides/ --out results/ --shard 0/4
     """
     from .pipeline import run_batch
 
     quiet = quiet or ctx.obj.get("quiet", False)
     outp = Path(out)
-    _setup_logging(0, quiet, outp / "run.log")
+    # a shard logs to its own file: array tasks never write the same path
+    log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
+    _setup_logging(0, quiet, outp / log)
     cfg = load_config(config_path)
-    shard_ik = _parse_shard(shard)
-    with _client(workers, scheduler) as client:
+    with cluster_request.client() as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
-                         force=force, shard=shard_ik, progress=not quiet)
+                         force=force, shard=shard, progress=not quiet)
     if not quiet:
         _print_table(rows)
         click.echo(f"outputs: {outp}/  (predictions.csv, manifest.json, <id>/heatmap.png)")
     sys.exit(_exit_code(rows))
-
-
-class _client(_scheduler):
-    """No client, a LocalCluster of ``workers`` processes, or an existing scheduler."""
-
-    def __init__(self, workers: int, address: str | None) -> None:
-        super().__init__(workers)
-        self.address = address
-
-    def __enter__(self) -> Any:
-        if self.address:
-            from distributed import Client
-
-            if Path(self.address).is_file():
-                self._client = Client(scheduler_file=self.address)
-            else:
-                self._client = Client(self.address)
-            click.echo(f"Dask dashboard: {self._client.dashboard_link}", err=True)
-            return self._client
-        if self.workers <= 0:
-            return None
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._client is not None:
-            self._client.close()
-        if self._cluster is not None:
-            self._cluster.close()
 
 
 @main.command()
@@ -382,5 +321,5 @@ def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool
 from .cli_eval import evaluate  # noqa: E402
 from .cli_train import train_mil, train_scorer  # noqa: E402
 
-for _cmd in (evaluate, train_scorer, train_mil):
+for _cmd in (evaluate, train_scorer, train_mil, submit, merge):
     main.add_command(_cmd)

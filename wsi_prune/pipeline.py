@@ -155,6 +155,10 @@ def apply_trained_configs(config: RunConfig) -> RunConfig:
     return config
 
 
+#: Seed of the random initialisation of models without weight files.
+INIT_SEED = 0
+
+
 @dataclass
 class Models:
     """The three models of a run, built once per process."""
@@ -184,7 +188,14 @@ def load_models(config: RunConfig, device: str = "cpu") -> Models:
     from .models.scorer import build_scorer
     from .models.weights import file_sha256, load_into
 
-    vit_model = build_vit(config.vit, load_weights=load_into)
+    # Parts without weight files start from one fixed seed, so every process (Dask workers,
+    # SLURM array tasks, a resumed run) builds the same untrained model and their slides agree.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        vit_model = build_vit(config.vit, load_weights=load_into)
+        scorer = build_scorer(config.scorer, vit_model.patch_embed.grid_size[0])
+        embed_dim = int(vit_model.num_features) * (2 if config.vit.pooling == "cls+mean" else 1)
+        mil = build_mil(config.mil, embed_dim)
     pruned = PrunedViT(vit_model, config.vit).to(device).eval()
     gh, gw = vit_model.patch_embed.grid_size
     if gh != gw:
@@ -195,9 +206,7 @@ def load_models(config: RunConfig, device: str = "cpu") -> Models:
             f"vit.model takes {img[0]}x{img[1]} px images but tiling.tile_px is "
             f"{config.tiling.tile_px}; set vit.model_kwargs.img_size or tiling.tile_px"
         )
-    scorer = build_scorer(config.scorer, gh).to(device)
-    embed_dim = int(vit_model.num_features) * (2 if config.vit.pooling == "cls+mean" else 1)
-    mil = build_mil(config.mil, embed_dim).to(device)
+    scorer, mil = scorer.to(device), mil.to(device)
     data_cfg = timm.data.resolve_data_config({}, model=vit_model)
     mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1)
@@ -569,15 +578,13 @@ def run_batch(
         entries = list(inputs)  # type: ignore[arg-type]
     else:
         entries = discover(inputs, mpp)  # type: ignore[arg-type]
-    suffix = ""
     if shard is not None:
-        i, k = shard
-        if not (k >= 1 and 0 <= i < k):
-            raise ConfigError(f"bad shard {i}/{k}: need 0 <= i < k")
-        entries = sorted(entries, key=lambda e: e.id)[i::k]
-        suffix = f".shard-{i}-of-{k}"
-    pred_path = out / f"predictions{suffix}.csv"
-    manifest_path = out / f"manifest{suffix}.json"
+        from .cluster import shard_entries, shard_paths
+
+        entries = shard_entries(entries, *shard)
+        pred_path, manifest_path = shard_paths(out, *shard)
+    else:
+        pred_path, manifest_path = out / "predictions.csv", out / "manifest.json"
     _logger.info("%d slide(s) -> %s (config %s)", len(entries), out, config.hash()[:12])
 
     rows: dict[str, dict[str, Any]] = {}
@@ -628,7 +635,10 @@ def run_batch(
     else:
         from distributed import as_completed
 
-        futures = {client.submit(_slide_task, e, str(out), config.to_dict(), device, force,
+        # One task per slide, carrying the config as JSON (a few KB), never the weights; each
+        # slide's tile blocks become tasks of their own on the same cluster (tiling.py).
+        config_json = json.dumps(config.to_dict(), sort_keys=True)
+        futures = {client.submit(_slide_task, e, str(out), config_json, device, force,
                                  pure=False, key=f"slide-{e.id}-{os.getpid()}"): e
                    for e in entries}
         for fut in as_completed(futures):
@@ -647,24 +657,17 @@ def run_batch(
     return ordered
 
 
-_WORKER_MODELS: dict[str, Models] = {}
-
-
-def _slide_task(entry: SlideEntry, out: str, config_dict: dict, device: str, force: bool
+def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool
                 ) -> dict[str, Any]:
-    """A slide as a Dask task: models load once per worker process and stay there."""
-    config = RunConfig.from_dict(config_dict)
-    key = config.hash()
+    """A slide as a Dask task: models load once per worker process and stay there
+    (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster."""
+    from .cluster import get_models
 
-    def models() -> Models:
-        if key not in _WORKER_MODELS:
-            _WORKER_MODELS.clear()
-            _WORKER_MODELS[key] = load_models(config, device)
-        return _WORKER_MODELS[key]
-
+    config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)
     try:
-        return process_slide(entry, Path(out), config, models, device, force, scheduler="sync")
+        return process_slide(entry, Path(out), config, lambda: get_models(config_json, device),
+                             device, force, scheduler="dask-worker")
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on

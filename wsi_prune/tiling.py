@@ -180,7 +180,9 @@ def tile_slide(
         store_path: final ``<id>.zarr`` path; built under a temporary name and renamed.
         config: run configuration (its tissue and tiling sections are used and hashed).
         mpp: user MPP override (see :mod:`wsi_prune.slide`).
-        scheduler: ``"threads"``, ``"sync"``, ``"processes"`` or a ``distributed.Client``.
+        scheduler: ``"threads"``, ``"sync"``, ``"processes"``, a ``distributed.Client``, or
+            ``"dask-worker"`` when called from a task on a distributed worker (the blocks
+            become tasks on that worker's cluster).
         progress: called with (tiles done, tiles total) as blocks finish.
         force: rebuild even when a complete store with the same tile hash exists.
 
@@ -288,6 +290,15 @@ def _run_blocks(
         sizes[task.key] = len(xy)
     if hasattr(scheduler, "compute") and hasattr(scheduler, "gather"):  # distributed.Client
         _run_distributed(scheduler, tasks, n, progress)
+        return
+    if scheduler == "dask-worker":
+        # Inside a task on a distributed worker (a slide of a batch): the blocks become tasks
+        # on the same cluster, and this task leaves its worker thread while it waits, so the
+        # blocks of one large slide spread over every worker instead of queueing behind it.
+        from distributed import worker_client
+
+        with worker_client() as client:
+            _run_distributed(client, tasks, n, progress)
         return
     with contextlib.ExitStack() as stack:
         kwargs: dict[str, Any] = {}
