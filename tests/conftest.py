@@ -64,3 +64,10 @@ def nompp_slide(slide_dir: Path) -> Path:
     """Generic pyramidal TIFF without any resolution metadata."""
     return _make(slide_dir, "nompp.tif", width=2048, height=2048, mpp=0.5,
                  flavour="tiff-nompp", seed=3, tumour=False)
+
+
+@pytest.fixture(scope="session")
+def svs_nompp_slide(slide_dir: Path) -> Path:
+    """Aperio-style SVS with AppMag = 20 but no MPP: only the objective power gives 0.5 µm/px."""
+    return _make(slide_dir, "appmag_only.svs", width=2048, height=2048, mpp=0.5,
+                 flavour="svs-nompp", seed=4, tumour=False)

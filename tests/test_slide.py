@@ -3,12 +3,14 @@ and broken inputs, each with its exact error class and a message naming the file
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from wsi_prune.errors import CorruptSlide, MissingMPP, UnsupportedSlide
 from wsi_prune.slide import Slide, resolve_mpp
@@ -27,9 +29,33 @@ def test_svs_metadata(svs_slide: Path) -> None:
 def test_generic_tiff_mpp_from_resolution_tags(tiff_slide: Path) -> None:
     with Slide(tiff_slide) as s:
         assert s.info.vendor == "generic-tiff"
-        # openslide 4 may report mpp itself from the tags; either way the value must be right
-        assert s.info.mpp_source in ("openslide", "tiff-resolution")
+        # OpenSlide 4's generic-tiff driver turns the centimetre resolution tags into
+        # openslide.mpp-x/y itself (checked on openslide-bin 4.0.1), so the first link of our
+        # chain wins; the "tiff-resolution" link serves drivers and versions that do not
+        # (test_resolve_mpp_chain_order, test_synth.test_tiff_mpp_from_resolution_tags)
+        assert s.info.mpp_source == "openslide"
         assert s.mpp == pytest.approx(0.25, rel=1e-3)
+
+
+def test_objective_power_only_slide(svs_nompp_slide: Path, caplog) -> None:
+    """An Aperio file with AppMag but no MPP (as some TCGA slides): 20x gives 0.5 µm/px."""
+    import openslide
+
+    with openslide.OpenSlide(str(svs_nompp_slide)) as osr:
+        props = dict(osr.properties)
+    assert props["aperio.AppMag"] == "20" and "aperio.MPP" not in props
+    assert openslide.PROPERTY_NAME_MPP_X not in props
+    with caplog.at_level("WARNING", logger="wsi_prune.slide"):
+        with Slide(svs_nompp_slide) as s:
+            assert s.info.vendor == "aperio" and s.info.objective_power == 20
+            assert s.info.mpp_source == "objective-power"
+            assert (s.info.mpp_x, s.info.mpp_y) == (pytest.approx(0.5), pytest.approx(0.5))
+    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.slide"]
+    assert rec.levelno == logging.WARNING
+    assert str(svs_nompp_slide) in rec.getMessage() and "objective power 20x" in rec.getMessage()
+    # the chain puts objective power before a user override
+    with Slide(svs_nompp_slide, mpp=0.3) as s:
+        assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.5), "objective-power")
 
 
 def test_resolve_mpp_chain_order() -> None:
@@ -84,6 +110,41 @@ def test_thumbnail_blocks_match_direct_read(svs_slide: Path, monkeypatch) -> Non
     assert np.abs(direct.astype(int) - blocks.astype(int)).mean() < 2
 
 
+def test_low_resolution_read_from_single_level_slide(real_slide: Path, monkeypatch) -> None:
+    """A read far coarser than the only pyramid level, with a small read limit, goes block by
+    block at level 0 (it used to recurse forever) and matches an area-averaged reference."""
+    import openslide
+
+    import wsi_prune.slide as slide_mod
+
+    x, y, w, h = 300, 500, 1800, 2200  # level-0 box, not at the origin
+    with openslide.OpenSlide(str(real_slide)) as osr:
+        assert osr.level_count == 1
+        full = osr.read_region((0, 0), 0, osr.dimensions).convert("RGB")
+    sizes = []
+    real_read_region = Slide._read_region
+
+    def counted(self, xy, level, size):
+        sizes.append((level, *size))
+        return real_read_region(self, xy, level, size)
+
+    monkeypatch.setattr(slide_mod, "_MAX_READ_PX", 300)
+    monkeypatch.setattr(Slide, "_read_region", counted)
+    with Slide(real_slide) as s:
+        thumb = s.read_thumbnail(16.0)
+        box = s.read((x, y), (w, h), 16.0)
+    assert thumb.shape == (93, 69, 3)  # 2967 x 2220 px at 0.499 / 16 µm/px
+    assert box.shape == (round(h * 0.499 / 16), round(w * 0.499 / 16), 3)
+    # bounded: no single OpenSlide call larger than the limit, all at the only level
+    assert len(sizes) > 20 and max(max(sw, sh) for _, sw, sh in sizes) <= 300
+    assert {lv for lv, _, _ in sizes} == {0}
+    for got, ref_img in ((thumb, full), (box, full.crop((x, y, x + w, y + h)))):
+        ref = np.asarray(ref_img.resize(got.shape[1::-1], Image.Resampling.BOX)).astype(int)
+        diff = np.abs(got.astype(int) - ref)
+        assert diff.mean() < 1.5 and np.percentile(diff, 99) < 8, (diff.mean(), diff.max())
+        assert got.std() > 10  # real content, not a flat fill
+
+
 def test_real_slide(real_slide: Path) -> None:
     with Slide(real_slide) as s:
         assert s.info.vendor == "aperio"
@@ -115,13 +176,40 @@ def test_truncated_slide(svs_slide: Path, tmp_path: Path) -> None:
     p = tmp_path / "truncated.svs"
     data = svs_slide.read_bytes()
     p.write_bytes(data[: len(data) // 3])
-    with pytest.raises((CorruptSlide, UnsupportedSlide)) as err:
-        with Slide(p) as s:
-            for level_mpp in (0.5, 2.0, 8.0):
-                s.read_thumbnail(max(level_mpp, 4.0))
-                s.read((0, 0), s.dimensions, 8.0)
-                s.read((2048, 2048), (2048, 2048), level_mpp)
-    assert str(p) in str(err.value)
+    # OpenSlide calls it "unsupported"; a file with a TIFF header cut short is corrupt
+    with pytest.raises(CorruptSlide, match="past the end of the file") as err:
+        Slide(p)
+    assert type(err.value) is CorruptSlide
+    assert str(p) in str(err.value) and "truncated" in str(err.value)
+
+
+@pytest.mark.parametrize("bigtiff, byteorder", [(False, ">"), (True, "<"), (True, ">")])
+def test_truncated_tiff_variants(tmp_path: Path, bigtiff: bool, byteorder: str) -> None:
+    """BigTIFF and big-endian headers (MM) are recognised as TIFF too."""
+    rng = np.random.default_rng(0)
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, rng.integers(0, 255, (1024, 1024, 3), np.uint8), tile=(256, 256),
+                     photometric="rgb", bigtiff=bigtiff, byteorder=byteorder)
+    magic = whole.read_bytes()[:4]
+    assert magic == {(False, ">"): b"MM\0*", (True, "<"): b"II+\0",
+                     (True, ">"): b"MM\0+"}[bigtiff, byteorder]
+    for cut in (3, 100_000):  # into the tile data, and into the header
+        p = tmp_path / f"cut{cut}.tif"
+        p.write_bytes(whole.read_bytes()[: max(12, len(whole.read_bytes()) // cut)])
+        with pytest.raises(CorruptSlide) as err:
+            Slide(p, mpp=0.5)  # even with --mpp the fallback reader is not tried on it
+        assert type(err.value) is CorruptSlide and str(p) in str(err.value)
+
+
+def test_intact_plain_tiff_is_not_called_corrupt(tmp_path: Path) -> None:
+    """A whole striped TIFF that OpenSlide rejects is a plain image, not a damaged slide."""
+    p = tmp_path / "photo.tif"
+    tifffile.imwrite(p, np.full((200, 300, 3), 180, np.uint8), photometric="rgb")
+    with pytest.raises(UnsupportedSlide, match="--mpp") as err:
+        Slide(p)
+    assert type(err.value) is UnsupportedSlide
+    with Slide(p, mpp=1.0) as s:
+        assert (s.info.reader, s.dimensions) == ("image", (300, 200))
 
 
 def corrupt_tiles(src: Path, dst: Path) -> None:
@@ -160,8 +248,6 @@ def test_non_ascii_file_name(svs_slide: Path, tmp_path: Path) -> None:
 
 
 def test_plain_image_needs_mpp(tmp_path: Path) -> None:
-    from PIL import Image
-
     p = tmp_path / "photo.png"
     rgba = np.zeros((300, 400, 4), np.uint8)
     rgba[50:250, 50:350] = (200, 100, 180, 255)  # opaque pink box on transparent glass

@@ -5,6 +5,7 @@ the same seed gives the same bytes, and a dataset comes with labels and ASAP XML
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,13 +33,13 @@ def flavours(tmp_path_factory: pytest.TempPathFactory) -> dict[str, synth.SynthS
     d = tmp_path_factory.mktemp("flavours")
     out = {}
     for i, (flavour, ext) in enumerate((("svs", ".svs"), ("tiff", ".tif"),
-                                        ("tiff-nompp", ".tif"))):
+                                        ("tiff-nompp", ".tif"), ("svs-nompp", ".svs"))):
         spec = SynthSpec(width=_W, height=_H, mpp=0.25, flavour=flavour, seed=10 + i)
         out[flavour] = write_slide(d / f"{flavour}{ext}", spec)
     return out
 
 
-@pytest.mark.parametrize("flavour", ["svs", "tiff", "tiff-nompp"])
+@pytest.mark.parametrize("flavour", ["svs", "svs-nompp", "tiff", "tiff-nompp"])
 def test_flavour_geometry(flavours, flavour: str) -> None:
     s = flavours[flavour]
     with openslide.OpenSlide(str(s.path)) as osr:
@@ -48,7 +49,7 @@ def test_flavour_geometry(flavours, flavour: str) -> None:
         assert osr.level_dimensions == tuple((w, h) for w, h, _ in s.spec.level_shapes)
         assert osr.level_downsamples == pytest.approx((1.0, 2.0, 4.0), rel=2e-3)
         vendor = osr.properties[openslide.PROPERTY_NAME_VENDOR]
-        assert vendor == ("aperio" if flavour == "svs" else "generic-tiff")
+        assert vendor == ("aperio" if flavour.startswith("svs") else "generic-tiff")
         # every level decodes right up to its last partial tile
         for level, (w, h) in enumerate(osr.level_dimensions):
             ds = osr.level_downsamples[level]
@@ -80,8 +81,20 @@ def test_tiff_mpp_from_resolution_tags(flavours) -> None:
     no_vendor_mpp = {k: v for k, v in props.items() if not k.startswith("openslide.mpp")}
     assert resolve_mpp(no_vendor_mpp, str(path)) == (0.25, 0.25, "tiff-resolution")
     with Slide(path) as s:
-        assert s.mpp == pytest.approx(0.25) and s.info.mpp_source in ("openslide",
-                                                                      "tiff-resolution")
+        # OpenSlide (4.0.1 here) sets openslide.mpp-x from the tags, and that link comes first
+        assert s.mpp == pytest.approx(0.25) and s.info.mpp_source == "openslide"
+
+
+def test_svs_nompp_has_only_objective_power(flavours) -> None:
+    path = flavours["svs-nompp"].path
+    with openslide.OpenSlide(str(path)) as osr:
+        props = dict(osr.properties)
+        desc = osr.properties["tiff.ImageDescription"]
+    assert "AppMag = 40" in desc and "MPP" not in desc  # 0.25 µm/px is a 40x scan
+    assert props[openslide.PROPERTY_NAME_OBJECTIVE_POWER] == "40"
+    assert openslide.PROPERTY_NAME_MPP_X not in props and props["tiff.ResolutionUnit"] == "none"
+    with Slide(path) as s:
+        assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.25), "objective-power")
 
 
 def test_nompp_has_no_resolution(flavours) -> None:
@@ -118,7 +131,8 @@ def test_tumour_mask_inside_tissue_and_darker() -> None:
     truth = tumour_mask(spec, 4.0)
     tissue = tissue_truth(spec, 4.0)
     assert truth.shape == tissue.shape == (512, 512)
-    assert truth.sum() > 200  # two regions of >= 150 µm radius: >= 2 x 4400 px at 4 µm/px
+    # two lesions of >= 50 µm radius (the smallest size drawn): >= 2 x ~400 px at 4 µm/px
+    assert truth.sum() > 600
     assert not (truth & ~tissue).any()
     normal = SynthSpec(width=4096, height=4096, mpp=0.5, seed=1, tumour=False)
     assert not tumour_mask(normal, 4.0).any()
@@ -215,6 +229,52 @@ def test_blob_cover_agrees_with_per_pixel_alpha() -> None:
             elif cover == -1:
                 assert alpha.max() == 0.0
     assert min(seen.values()) > 5, seen
+
+
+def _radii_um(spec: SynthSpec) -> list[float]:
+    """Radius (geometric mean of the semi-axes) of each planted lesion, µm."""
+    return [np.sqrt(t.a * t.b) * spec.mpp for t in synth._Layout(spec).tumours]
+
+
+def test_lesion_sizes_range_from_itc_to_macro() -> None:
+    """Over seeds and slide sizes, lesions span CAMELYON's classes: ITC/small micro-metastases
+    (< 200 µm radius) everywhere, macro-metastases (> 1000 µm, > 2 mm across) on slides big
+    enough to hold them; sizes vary within a slide and come from the seed alone."""
+    small_slide, big_slide = [], []
+    for seed in range(12):
+        small = SynthSpec(width=8192, height=8192, mpp=0.5, seed=seed, n_tumours=3)
+        big = SynthSpec(width=60000, height=60000, mpp=0.5, seed=seed, n_tumours=3)
+        small_slide += _radii_um(small)
+        big_slide += _radii_um(big)
+        assert _radii_um(big) == _radii_um(dataclasses.replace(big))  # deterministic
+    lo, hi = SynthSpec().tumour_radius_um
+    for radii in (small_slide, big_slide):
+        assert min(radii) >= lo and max(radii) <= hi
+        assert sum(r < 200 for r in radii) >= 5
+    assert sum(200 <= r <= 1000 for r in small_slide) >= 3  # micro fits on a 4 mm slide
+    assert max(small_slide) < 1000  # but no macro lesion: its islands cannot hold one
+    assert sum(r > 1000 for r in big_slide) >= 3 and sum(200 <= r <= 1000 for r in big_slide) >= 5
+    assert max(big_slide) / min(big_slide) > 20
+    # a user range is kept (test_train plants 200-400 µm lesions)
+    fixed = SynthSpec(width=8192, height=8192, mpp=0.5, seed=1, n_tumours=4,
+                      tumour_radius_um=(200.0, 400.0))
+    assert all(200 <= r <= 400 for r in _radii_um(fixed))
+
+
+def test_macro_lesion_in_the_ground_truth_mask() -> None:
+    """The drawn tumour of a macro-sized draw really is > 2 mm across, inside tissue."""
+    from skimage.measure import label, regionprops
+
+    specs = (SynthSpec(width=60000, height=60000, mpp=0.5, seed=s, n_tumours=3)
+             for s in range(12))
+    spec = next(sp for sp in specs if max(_radii_um(sp)) > 1200)
+    mpp = 32.0
+    truth = tumour_mask(spec, mpp)
+    assert not (truth & ~tissue_truth(spec, mpp)).any()
+    regions = regionprops(label(truth))
+    diam_um = max(r.equivalent_diameter_area for r in regions) * mpp
+    assert diam_um > 2000
+    assert len(regions) >= 2
 
 
 def _read_xml(path: Path) -> tuple[list[np.ndarray], ET.Element]:

@@ -18,12 +18,12 @@ import pytest
 import tifffile
 import zarr
 
-from wsi_prune import store
+from wsi_prune import store, tiling
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import CorruptSlide, OutputConflict
+from wsi_prune.errors import CorruptSlide, OutputConflict, StoreError
 from wsi_prune.slide import Slide
 from wsi_prune.synth import SynthSpec, tissue_truth, write_slide
-from wsi_prune.tiling import tile_slide
+from wsi_prune.tiling import tile_slide, tile_store_hash
 
 # what conftest.py writes to svs_slide
 SVS_SPEC = SynthSpec(width=4096, height=4096, mpp=0.5, flavour="svs", seed=1, tumour=True)
@@ -42,6 +42,12 @@ def _assert_same_arrays(a: Path, b: Path) -> None:
     for name in ARRAYS:
         assert xa[name].dtype == xb[name].dtype, name
         np.testing.assert_array_equal(xa[name], xb[name], err_msg=name)
+
+
+def _hash(slide: Path, config: RunConfig, mpp: float | None = None) -> str:
+    """The tile hash a store of ``slide`` built with ``config`` must carry."""
+    with Slide(slide, mpp) as s:
+        return tile_store_hash(config, s.info, slide.stat())
 
 
 def _assert_whole(path: Path, n: int) -> None:
@@ -262,7 +268,7 @@ def test_same_config_skips_other_config_rebuilds(svs_slide: Path, tmp_path: Path
     rebuilt = tile_slide(svs_slide, out, stricter)
     assert not rebuilt.skipped and 0 < rebuilt.n_tiles < first.n_tiles
     g = store.open_store(out)
-    assert g.attrs["tile_hash"] == stricter.section_hash("tissue", "tiling")
+    assert g.attrs["tile_hash"] == _hash(svs_slide, stricter)
     assert (g["tiles/tissue_fraction"][...] >= 0.9).all()
     _assert_whole(out, rebuilt.n_tiles)
     forced = tile_slide(svs_slide, out, stricter, force=True)
@@ -276,7 +282,7 @@ def test_slide_smaller_than_a_tile(tmp_path: Path) -> None:
     out = tmp_path / "tiny.zarr"
     res = tile_slide(slide, out, RunConfig())
     assert (res.n_tiles, res.n_grid, res.skipped) == (0, 0, False)
-    assert store.is_complete(out, RunConfig().section_hash("tissue", "tiling"))
+    assert store.is_complete(out, _hash(slide, RunConfig()))
     g = store.open_store(out)
     assert g["tiles/coarse"].shape == (0, 56, 56, 3) and g["tiles/coords"].shape == (0, 2)
     assert g["mask/tissue"].shape == (8, 8)  # 64 µm at 8 µm/px
@@ -332,14 +338,104 @@ def test_concurrent_run_in_process_gets_output_conflict(svs_slide: Path, tmp_pat
     assert tile_slide(svs_slide, out, RunConfig()).n_tiles > 0
 
 
-def test_store_group_layout(svs_threads: Path) -> None:
+def test_store_group_layout(svs_slide: Path, svs_threads: Path) -> None:
     g = zarr.open_group(str(svs_threads), mode="r")
     a = g.attrs
     cfg = RunConfig.from_dict(a["config"])
-    assert cfg == SMALL_SHARDS and a["tile_hash"] == cfg.section_hash("tissue", "tiling")
+    assert cfg == SMALL_SHARDS and a["tile_hash"] == _hash(svs_slide, cfg)
+    st = svs_slide.stat()
+    assert a["slide_file"] == {"path": str(svs_slide), "size_bytes": st.st_size,
+                               "mtime_ns": st.st_mtime_ns}
     assert set(a["grid"]) >= {"tile_px", "mpp", "coarse_px", "coarse_mpp", "tile_level0",
                               "n_rows", "n_cols", "n_grid", "n_tiles"}
     assert a["slide"]["vendor"] == "aperio" and a["slide"]["width"] == 4096
     assert 0.1 < a["tissue"]["fraction"] < 0.6
     coarse = g["tiles/coarse"]
     assert coarse.chunks == (1, 56, 56, 3) and coarse.shards == (4, 56, 56, 3)
+
+
+def test_user_mpp_and_slide_file_are_part_of_the_store_identity(nompp_slide: Path,
+                                                                 tmp_path: Path) -> None:
+    """A slide without metadata re-tiled with another --mpp must not reuse the old store."""
+    slide = tmp_path / "nompp.tif"
+    shutil.copy2(nompp_slide, slide)  # a copy: its mtime is changed below
+    out = tmp_path / "n.zarr"
+    half = tile_slide(slide, out, RunConfig(), mpp=0.5)
+    xy_half = store.open_store(out)["tiles/coords"][...]
+    quarter = tile_slide(slide, out, RunConfig(), mpp=0.25)
+    assert not half.skipped and not quarter.skipped
+    g = store.open_store(out)
+    # at 0.25 µm/px the slide is half as wide: 224 px at 0.5 µm/px is 448 level-0 px
+    assert (g.attrs["mpp"], g.attrs["mpp_source"]) == (0.25, "user")
+    assert g.attrs["grid"]["tile_level0"] == pytest.approx(448.0)
+    assert (half.n_grid, quarter.n_grid) == (81, 16)  # 9 x 9 and 4 x 4 whole tiles
+    assert 0 < quarter.n_tiles < half.n_tiles
+    assert not np.array_equal(g["tiles/coords"][...], xy_half[:quarter.n_tiles])
+    assert g.attrs["tile_hash"] == _hash(slide, RunConfig(), 0.25) != _hash(slide, RunConfig(),
+                                                                           0.5)
+    _assert_whole(out, quarter.n_tiles)
+    again = tile_slide(slide, out, RunConfig(), mpp=0.25)
+    assert again.skipped and again.n_tiles == quarter.n_tiles
+    # a replaced slide file (another mtime) is rebuilt, into the same tiles
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    replaced = tile_slide(slide, out, RunConfig(), mpp=0.25)
+    assert not replaced.skipped and replaced.n_tiles == quarter.n_tiles
+    assert store.open_store(out).attrs["slide_file"]["mtime_ns"] == st.st_mtime_ns + 10**9
+
+
+def test_lost_chunks_raise_and_publish_nothing(svs_slide: Path, tmp_path: Path,
+                                               monkeypatch) -> None:
+    """A block that writes fewer tiles than its shard holds (what a shard shared by two tasks
+    loses) fails the build with StoreError naming the array; nothing is published."""
+    real = tiling._write_block
+    calls = []
+
+    def short_block(slide_path, mpp, store_path, start, level0_xy, tile_level0, config):
+        calls.append(start)
+        if start == 4:  # the second shard: its last tile is never written
+            level0_xy = level0_xy[:-1]
+        return real(slide_path, mpp, store_path, start, level0_xy, tile_level0, config)
+
+    monkeypatch.setattr(tiling, "_write_block", short_block)
+    out = tmp_path / "lost.zarr"
+    with pytest.raises(StoreError, match=r"tiles/coarse: 1 tiles missing .*first: \[7\]"):
+        tile_slide(svs_slide, out, SMALL_SHARDS, scheduler="threads")
+    assert 4 in calls and len(calls) > 10
+    assert not out.exists() and not store.is_complete(out)
+    assert not Path(f"{out}.lock").exists()
+    assert not list(tmp_path.glob(".lost.zarr.tmp-*"))
+
+
+def test_non_ascii_file_name_tiles_like_ascii(svs_slide: Path, tmp_path: Path) -> None:
+    uni = tmp_path / "Präparat_µ_淋巴结.svs"
+    ascii_ = tmp_path / "plain.svs"
+    shutil.copy(svs_slide, uni)
+    shutil.copy(svs_slide, ascii_)
+    a = tile_slide(uni, tmp_path / "Präparat_µ.zarr", SMALL_SHARDS)
+    b = tile_slide(ascii_, tmp_path / "plain.zarr", SMALL_SHARDS)
+    assert a.n_tiles == b.n_tiles > 100 and a.n_grid == b.n_grid
+    _assert_same_arrays(tmp_path / "Präparat_µ.zarr", tmp_path / "plain.zarr")
+    _assert_whole(tmp_path / "Präparat_µ.zarr", a.n_tiles)
+    assert store.open_store(tmp_path / "Präparat_µ.zarr").attrs["slide"]["path"] == str(uni)
+
+
+def test_relative_slide_path_reaches_tasks_absolute(svs_slide: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    real = tiling._write_block
+    seen = []
+
+    def recording(slide_path, *args):
+        seen.append(slide_path)
+        return real(slide_path, *args)
+
+    monkeypatch.setattr(tiling, "_write_block", recording)
+    monkeypatch.chdir(svs_slide.parent)
+    out = tmp_path / "rel.zarr"
+    res = tile_slide(Path(svs_slide.name), out, RunConfig())
+    assert res.n_tiles > 0 and seen
+    for p in seen:
+        assert os.path.isabs(p) and os.path.samefile(p, svs_slide)
+    a = store.open_store(out).attrs
+    assert os.path.isabs(a["slide"]["path"]) and a["slide"]["path"] == a["slide_file"]["path"]
+    assert os.path.samefile(a["slide"]["path"], svs_slide)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from wsi_prune.config import TissueConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.tissue import TissueMask, pen_mask, tile_fractions, tissue_mask
-
-CMU_SMALL = "/work/shared/data/cmu-1-small-region.svs"
 
 GLASS = (238, 236, 240)
 STROMA = (232, 150, 190)  # eosin pink, saturation ~90/255
@@ -247,10 +243,9 @@ def test_tile_fractions_match_brute_force_on_unaligned_tiles():
 
 
 # -- a real slide --------------------------------------------------------------------------------
-@pytest.mark.skipif(not os.path.exists(CMU_SMALL), reason=f"{CMU_SMALL} not present")
-def test_real_aperio_slide_fraction():
+def test_real_aperio_slide_fraction(real_slide):
     openslide = pytest.importorskip("openslide")
-    with openslide.OpenSlide(CMU_SMALL) as slide:
+    with openslide.OpenSlide(str(real_slide)) as slide:
         w, h = slide.dimensions
         mpp0 = float(slide.properties["openslide.mpp-x"])
         rgb = np.asarray(slide.get_thumbnail((w // 16, h // 16)).convert("RGB"))

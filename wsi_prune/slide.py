@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import openslide
+import tifffile
 from PIL import Image
 
 from .errors import CorruptSlide, MissingMPP, UnsupportedSlide
@@ -46,6 +48,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Largest region handed to OpenSlide in one call, px: bigger reads are split so a read never
 # allocates gigabytes of RGBA at once.
 _MAX_READ_PX = 4096
+# Classic and BigTIFF headers, both byte orders.
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+# A TIFF with more directories than this is not a slide; stop walking a runaway chain.
+_MAX_IFDS = 4096
 
 
 @dataclass(frozen=True)
@@ -179,7 +185,13 @@ class Slide:
             raise UnsupportedSlide("empty file (0 bytes)", spath)
         try:
             self._osr = openslide.OpenSlide(spath)
-        except openslide.OpenSlideUnsupportedFormatError:
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            # OpenSlide says "unsupported" for a slide whose directories or tile data lie past
+            # the end of the file (a truncated copy): a damaged TIFF is corrupt, not foreign,
+            # and is not handed to the plain-image reader, which would fail or read a part.
+            damage = _tiff_damage(self.path) if _is_tiff(self.path) else None
+            if damage:
+                raise CorruptSlide(f"damaged TIFF: {damage} (OpenSlide: {exc})", spath) from exc
             self._open_image(mpp)
             return
         except openslide.OpenSlideError as exc:
@@ -299,7 +311,7 @@ class Slide:
         ds = self.info.level_downsamples[level]
         wl, hl = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
         if wl * hl > _MAX_READ_PX * _MAX_READ_PX:
-            return self._read_blocks(level0_xy, (w0, h0), out_size)
+            return self._read_blocks(level0_xy, (w0, h0), level, out_size)
         region = self._read_region(level0_xy, level, (wl, hl))
         return _resize(region, out_size)
 
@@ -315,28 +327,89 @@ class Slide:
         return _to_rgb(np.asarray(rgba))
 
     def _read_blocks(
-        self, xy: tuple[int, int], size0: tuple[int, int], out_size: tuple[int, int]
+        self, xy: tuple[int, int], size0: tuple[int, int], level: int,
+        out_size: tuple[int, int],
     ) -> np.ndarray:
-        # Output-space blocks mapped back to level-0 boxes: memory stays at one block of the
-        # source level plus the output, whatever the box size.
+        # Output-space blocks mapped back to level-0 boxes, each read straight from ``level``
+        # and resized: memory stays at one block of at most _MAX_READ_PX² level px plus the
+        # output, whatever the box size and however far the level is from the request (a
+        # single-level slide read at 16 µm/px).
         out_w, out_h = out_size
-        sx, sy = size0[0] / out_w, size0[1] / out_h
+        sx, sy = size0[0] / out_w, size0[1] / out_h  # level-0 px per output px
+        ds = self.info.level_downsamples[level]
+        level_per_out = max(sx, sy) / ds
+        # one px short of the limit: the rounded level-0 edges add up to one level px
+        step = max(1, int((_MAX_READ_PX - 1) / max(level_per_out, 1.0)))
         out = np.empty((out_h, out_w, 3), np.uint8)
-        step = max(64, int(_MAX_READ_PX / max(sx, sy, 1.0)))
         for oy in range(0, out_h, step):
             for ox in range(0, out_w, step):
                 bw, bh = min(step, out_w - ox), min(step, out_h - oy)
+                # rounded level-0 edges shared by neighbouring blocks: no gap, no overlap
                 x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
                 x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
-                out[oy:oy + bh, ox:ox + bw] = self.read(
-                    (x0, y0), (max(1, x1 - x0), max(1, y1 - y0)), self.mpp * max(sx, sy), (bw, bh)
-                )
+                wl, hl = max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds))
+                region = self._read_region((x0, y0), level, (wl, hl))
+                out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
         return out
 
     def read_thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks from the
         smallest adequate level (never a full level at once)."""
         return self.read((0, 0), self.dimensions, mpp, out_size=self.size_at(mpp))
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) in _TIFF_MAGIC
+
+
+def _tiff_damage(path: Path) -> str | None:
+    """Why a file with a TIFF header is structurally broken, or None if it looks whole.
+
+    Walks the directory chain by hand (tifffile stops quietly at a directory offset past the
+    end of the file, which is exactly what a truncated copy has), then asks tifffile for every
+    page's strip/tile offsets and checks that the data lies inside the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = head[2:4] in (b"+\0", b"\0+")
+        if len(head) < (16 if big else 8):
+            return f"header cut short ({size} bytes)"
+        count_fmt, entry_bytes, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+        count_bytes, off_bytes = struct.calcsize(count_fmt), struct.calcsize(off_fmt)
+        off = struct.unpack(order + off_fmt, head[8:16] if big else head[4:8])[0]
+        seen: set[int] = set()
+        while off:
+            i = len(seen)
+            if off in seen or i >= _MAX_IFDS:
+                return f"directory chain loops or runs away at directory {i}"
+            seen.add(off)
+            if off + count_bytes > size:
+                return (f"directory {i} at byte {off} lies past the end of the file "
+                        f"({size} bytes): truncated?")
+            fh.seek(off)
+            n = struct.unpack(order + count_fmt, fh.read(count_bytes))[0]
+            end = off + count_bytes + n * entry_bytes + off_bytes
+            if end > size:
+                return (f"directory {i} ends at byte {end}, past the end of the file "
+                        f"({size} bytes): truncated?")
+            fh.seek(end - off_bytes)
+            off = struct.unpack(order + off_fmt, fh.read(off_bytes))[0]
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for i, page in enumerate(tif.pages):
+                offs = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                if offs.size:
+                    data_end = int((offs + counts)[counts > 0].max(initial=0))
+                    if data_end > size:
+                        return (f"image data of page {i} ends at byte {data_end}, past the end "
+                                f"of the file ({size} bytes): truncated?")
+    except Exception as exc:  # any failure to parse the tags is damage, whatever its type
+        return f"unreadable TIFF tags: {exc}"
+    return None
 
 
 def _to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -6,11 +6,13 @@ nuclei and lattice noise. Any tile of any level is therefore rendered on its own
 level's resolution, and a slide is written tile by tile: memory does not grow with slide size
 (a 100k x 100k px slide needs the same few tens of MB as a 2k one).
 
-Three flavours are written with tifffile, each pyramid level as its own tiled JPEG page
+Four flavours are written with tifffile, each pyramid level as its own tiled JPEG page
 (no SubIFDs, ``subfiletype=1`` on reduced levels), which is what OpenSlide's aperio and
 generic-tiff drivers expect:
 
 * ``svs``: Aperio ImageDescription carrying ``MPP`` and ``AppMag`` (vendor ``aperio``).
+* ``svs-nompp``: Aperio ImageDescription with ``AppMag`` but no ``MPP``, like some TCGA files:
+  only the objective power tells the resolution.
 * ``tiff``: generic TIFF with ``ResolutionUnit`` centimeter and X/YResolution in px/cm.
 * ``tiff-nompp``: generic TIFF with no physical resolution (unit NONE), like some TCGA files.
 """
@@ -38,7 +40,7 @@ from .errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
-FLAVOURS = ("svs", "tiff", "tiff-nompp")
+FLAVOURS = ("svs", "svs-nompp", "tiff", "tiff-nompp")
 _MIN_TOP_LEVEL_PX = 1024  # stop the pyramid once the smallest side is at most this
 
 # Colours (RGB 0-255). Stroma is eosin pink, nuclei haematoxylin blue-purple; tumour cytoplasm
@@ -71,11 +73,18 @@ class SynthSpec:
     Attributes:
         width / height: level-0 size, px.
         mpp: level-0 resolution, µm/px.
-        flavour: ``svs`` | ``tiff`` | ``tiff-nompp``.
+        flavour: ``svs`` | ``svs-nompp`` | ``tiff`` | ``tiff-nompp``.
         seed: seed of the layout and the texture (>= 0).
         tumour: plant tumour regions (the slide label is then 1).
         n_tumours: number of tumour regions when ``tumour`` is set.
-        tumour_radius_um: (min, max) radius of a tumour region, µm (clipped to fit its island).
+        tumour_radius_um: (min, max) radius of a tumour region, µm. Each lesion's radius is
+            drawn log-uniformly in this range, capped at what its island can hold, so one
+            slide mixes sizes like CAMELYON's classes: with the default (50, 2500) about a
+            third are ITC/small-micro-like (50-200 µm), 40 % micro (200-1000 µm) and a
+            quarter macro (> 1000 µm, i.e. > 2 mm across) where the island can hold one:
+            the first appear at a slide side of about 10 mm (20k px at 0.5 µm/px), the full
+            quarter from about 30 mm. On smaller slides the range shrinks to what the island
+            holds (a 2 mm slide gets 50-120 µm lesions), still log-uniform within it.
         pen: draw 1-2 thick pen-ink strokes (blue or green first, maybe black) around tissue.
         border: draw a black slide-edge strip along one side.
         tissue_fraction: approximate fraction of the slide area covered by tissue.
@@ -91,7 +100,7 @@ class SynthSpec:
     seed: int = 0
     tumour: bool = True
     n_tumours: int = 2
-    tumour_radius_um: tuple[float, float] = (150.0, 600.0)
+    tumour_radius_um: tuple[float, float] = (50.0, 2500.0)
     pen: bool = False
     border: bool = False
     tissue_fraction: float = 0.35
@@ -284,6 +293,26 @@ def _random_blob(rng: np.random.Generator, cx: float, cy: float, r: float, wav: 
     )  # fmt: skip
 
 
+# Largest extent / radius of a tumour blob: aspect up to 1/sqrt(0.7) and a wave of up to 0.15
+# (see _random_blob and the draw in _Layout).
+_TUMOUR_EXTENT_PER_RADIUS = 1.0 / math.sqrt(0.7) * 1.15
+
+
+def _lesion_radius_um(spec: SynthSpec, u: float, island_inradius: float) -> float:
+    """A lesion radius, µm: ``u`` in [0, 1) mapped log-uniformly onto ``tumour_radius_um``,
+    the range first capped at the largest lesion its island holds (extent <= 0.6 inradius).
+
+    Capping the range rather than the draw keeps sizes varied on small slides, where a plain
+    clip would turn every large draw into the same island-filling lesion.
+    """
+    lo, hi = spec.tumour_radius_um
+    cap = 0.6 * island_inradius * spec.mpp / _TUMOUR_EXTENT_PER_RADIUS
+    hi = min(hi, cap)
+    if hi <= lo:
+        return hi  # not even the smallest size fits: the largest that does
+    return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+
+
 class _Layout:
     """The analytic layout of one slide (level-0 px) and its texture parameters."""
 
@@ -324,7 +353,7 @@ class _Layout:
             areas = np.array([isl.a * isl.b for isl in self.islands])
             for _ in range(spec.n_tumours):
                 isl = self.islands[int(rng.choice(len(self.islands), p=areas / areas.sum()))]
-                r = float(rng.uniform(*spec.tumour_radius_um)) / spec.mpp
+                r = _lesion_radius_um(spec, float(rng.uniform()), isl.inradius) / spec.mpp
                 t = _random_blob(rng, 0.0, 0.0, r, float(rng.uniform(0.05, 0.15)))
                 scale = min(1.0, 0.6 * isl.inradius / t.extent)
                 t = _random_blob(rng, 0.0, 0.0, r * scale, sum(t.amps))
@@ -567,9 +596,10 @@ def _prefetch(fn: Callable, items: list, workers: int) -> Iterator[np.ndarray]:
 def _aperio_description(spec: SynthSpec, path: pathlib.Path) -> str:
     w, h, t = spec.width, spec.height, spec.tile
     app_mag = 40 if spec.mpp < 0.35 else 20
+    mpp = "" if spec.flavour == "svs-nompp" else f"|MPP = {spec.mpp:.6g}"
     return (
         f"Aperio Image Library v12.0.0 \n{w}x{h} [0,0 {w}x{h}] ({t}x{t}) JPEG/RGB Q={spec.quality}"
-        f"|AppMag = {app_mag}|Filename = {path.stem}|MPP = {spec.mpp:.6g}"
+        f"|AppMag = {app_mag}|Filename = {path.stem}{mpp}"
     )
 
 
@@ -601,7 +631,7 @@ def write_slide(path: str | os.PathLike[str], spec: SynthSpec, workers: int = 2)
                 _logger.info("%s: level %d/%d %dx%d px (%d tiles)", path.name, li + 1,
                              len(levels), lw, lh, len(tiles))  # fmt: skip
                 kwargs: dict = {}
-                if li == 0 and spec.flavour == "svs":
+                if li == 0 and spec.flavour in ("svs", "svs-nompp"):
                     kwargs["description"] = _aperio_description(spec, path)
                 if spec.flavour == "tiff":
                     px_per_cm = 10_000.0 / (spec.mpp * ds)
@@ -778,7 +808,7 @@ def write_dataset(
         slide_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         spec = SynthSpec(width=size, height=size, seed=slide_seed, tumour=i in positive,
                          **spec_overrides)  # fmt: skip
-        ext = ".svs" if spec.flavour == "svs" else ".tif"
+        ext = ".svs" if spec.flavour.startswith("svs") else ".tif"
         slide = write_slide(out / f"synth_{i:03d}{ext}", spec)
         xml = slide.path.with_suffix(".xml")
         if slide.label:

@@ -12,6 +12,8 @@ Memory is bounded by one block of tiles per worker thread plus the low-resolutio
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -129,6 +131,22 @@ def _write_block(
     return n
 
 
+def tile_store_hash(config: RunConfig, info: SlideInfo, slide_stat: os.stat_result) -> str:
+    """The identity of a slide's tile store (SHA-256 hex), recorded as its ``tile_hash``.
+
+    It covers what decides the tiles: the tissue and tiling config sections, the resolved MPP
+    and its source (a re-run with another ``--mpp`` on a slide without metadata changes every
+    tile's footprint), and the slide file's size and mtime (a replaced slide). Model sections
+    are left out, so changing only them reuses the store.
+    """
+    ident = {
+        "sections": config.section_hash("tissue", "tiling"),
+        "mpp_x": info.mpp_x, "mpp_y": info.mpp_y, "mpp_source": info.mpp_source,
+        "slide_bytes": slide_stat.st_size, "slide_mtime_ns": slide_stat.st_mtime_ns,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class TilingResult:
     """What :func:`tile_slide` did.
@@ -137,7 +155,8 @@ class TilingResult:
         store_path: the published store.
         n_tiles: tissue tiles written.
         n_grid: whole tiles in the grid.
-        skipped: True when a complete store with the same tile hash already existed.
+        skipped: True when a complete store with the same tile hash (see
+            :func:`tile_store_hash`) already existed.
         seconds: wall time.
         info: slide metadata.
     """
@@ -176,9 +195,11 @@ def tile_slide(
     """Build (or reuse) the tile store of one slide.
 
     Args:
-        slide_path: the slide file.
+        slide_path: the slide file; made absolute before it goes to Dask tasks, which may run
+            in another working directory.
         store_path: final ``<id>.zarr`` path; built under a temporary name and renamed.
-        config: run configuration (its tissue and tiling sections are used and hashed).
+        config: run configuration (its tissue and tiling sections are used and hashed, with
+            the resolved MPP and the slide file's size and mtime: :func:`tile_store_hash`).
         mpp: user MPP override (see :mod:`wsi_prune.slide`).
         scheduler: ``"threads"``, ``"sync"``, ``"processes"``, a ``distributed.Client``, or
             ``"dask-worker"`` when called from a task on a distributed worker (the blocks
@@ -191,8 +212,12 @@ def tile_slide(
         OutputConflict: another run holds this store's lock.
     """
     t0 = time.perf_counter()
-    slide_path, store_path = Path(slide_path), Path(store_path)
-    tile_hash = config.section_hash("tissue", "tiling")
+    # abspath, not resolve(): messages keep naming the file as the user sees it (a symlink)
+    slide_path, store_path = Path(os.path.abspath(slide_path)), Path(store_path)
+    # the MPP is resolved before the skip test: it is part of the store's identity
+    with Slide(slide_path, mpp) as slide:
+        slide_stat = slide_path.stat()
+        tile_hash = tile_store_hash(config, slide.info, slide_stat)
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with store.locked(store_path):
         if not force and store.is_complete(store_path, tile_hash):
@@ -204,7 +229,8 @@ def tile_slide(
         store.remove_stale_tmp(store_path)
         tmp = store.tmp_path_for(store_path)
         try:
-            info, n_grid, n = _build(slide_path, tmp, config, mpp, scheduler, progress, tile_hash)
+            info, n_grid, n = _build(slide_path, tmp, config, mpp, scheduler, progress, tile_hash,
+                                     slide_stat)
             store.publish(tmp, store_path)
         except BaseException:
             # a failed or interrupted build must never look complete
@@ -217,7 +243,7 @@ def tile_slide(
 
 def _build(
     slide_path: Path, tmp: Path, config: RunConfig, mpp: float | None, scheduler: Any,
-    progress: Progress | None, tile_hash: str,
+    progress: Progress | None, tile_hash: str, slide_stat: os.stat_result,
 ) -> tuple[SlideInfo, int, int]:
     tcfg = config.tiling
     with Slide(slide_path, mpp) as slide:
@@ -253,6 +279,8 @@ def _build(
                              f"{lost[:5]}); was a shard written by two tasks?", tmp)
     group.attrs.update({
         "slide": info.to_dict(),
+        "slide_file": {"path": str(slide_path), "size_bytes": slide_stat.st_size,
+                       "mtime_ns": slide_stat.st_mtime_ns},
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
         "config": config.to_dict(),
