@@ -11,6 +11,7 @@ import math
 
 import pytest
 import timm
+import timm.data
 import torch
 import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
@@ -18,10 +19,11 @@ from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 from torch import nn
 
 from wsi_prune.config import ViTConfig
-from wsi_prune.errors import ConfigError
+from wsi_prune.errors import CheckpointRefused, ConfigError
 from wsi_prune.flops import MacTally, ViTSpec, block_macs, slide_macs, vit_batch_macs, vit_macs
 from wsi_prune.models import pruned_vit
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
+from wsi_prune.models.weights import load_into, save_safetensors
 
 TOL = 1e-5
 TINY = dict(depth=4, embed_dim=64, num_heads=2, img_size=96)  # 6x6 = 36 patches
@@ -461,19 +463,142 @@ def test_patch_keep_is_validated(models: dict[str, nn.Module]) -> None:
         w(images(2), keep)
 
 
-def test_build_vit() -> None:
+def test_build_vit(tmp_path) -> None:
     cfg = ViTConfig(model="vit_small_patch16_224", model_kwargs=TINY)
     model = build_vit(cfg)
     assert not model.training and model.num_classes == 0
-    with pytest.raises(ConfigError, match="vit.model"):
+    with pytest.raises(ConfigError, match="vit.model: unknown timm model"):
         build_vit(ViTConfig(model="vit_nonexistent_model"))
     with pytest.raises(ConfigError, match="not a timm VisionTransformer"):
         build_vit(ViTConfig(model="resnet18"))
-    with pytest.raises(ConfigError, match="no load_weights"):
+    with pytest.raises(CheckpointRefused, match=r"w\.pt: weights file not found"):
         build_vit(ViTConfig(model="vit_small_patch16_224", model_kwargs=TINY, weights="w.pt"))
+    path = tmp_path / "w.safetensors"
+    save_safetensors(model, path)
     seen = []
     build_vit(
-        ViTConfig(model="vit_small_patch16_224", model_kwargs=TINY, weights="w.pt"),
-        load_weights=lambda m, path: seen.append(path),
+        ViTConfig(model="vit_small_patch16_224", model_kwargs=TINY, weights=str(path)),
+        load_weights=lambda m, p: seen.append(p),
     )
-    assert seen == ["w.pt"]
+    assert seen == [str(path)]
+
+
+# ------------------------------------------- where the weights come from, with the Hub off
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> list:
+    """HF_HUB_OFFLINE=1 set after huggingface_hub was imported (the hard case: it reads the
+    variable once, at import), an empty Hugging Face cache, and every socket refused. Returns
+    the list of attempted connections, which must stay empty."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+UNI_TINY = dict(depth=2, embed_dim=32, num_heads=2, img_size=32)
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_hub_name_with_local_weights_builds_offline(tmp_path, offline: list) -> None:
+    """The pipelines/uni.yaml pattern (hf-hub name, pretrained: true) plus a local file: the
+    architecture comes from the known-models table, the local file is loaded, nothing
+    downloads. A tiny UNI-shaped ViT stands in for UNI (same architecture, fewer blocks)."""
+    torch.manual_seed(3)
+    ref = timm.create_model(
+        "vit_large_patch16_224", pretrained=False, num_classes=0, init_values=1e-5,
+        dynamic_img_size=True, **UNI_TINY,
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / "uni.safetensors"
+    save_safetensors(ref, path)
+    cfg = ViTConfig(model="hf-hub:MahmoodLab/uni", pretrained=True, weights=str(path),
+                    model_kwargs=UNI_TINY, prune_blocks=())
+    torch.manual_seed(4)
+    model = build_vit(cfg, load_weights=load_into)
+    # LayerScale (init_values) and dynamic_img_size came from the table: the keys match
+    assert _same_state(model, ref) and model.dynamic_img_size
+    x = images(2, size=32)
+    assert torch.equal(stock(model, x), stock(ref, x))
+    # UNI's ImageNet normalisation, not timm's 0.5/0.5 for vit_large_patch16_224
+    data = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data["mean"]) == (0.485, 0.456, 0.406)
+    assert tuple(data["std"]) == (0.229, 0.224, 0.225)
+    assert offline == []
+
+
+def _cache_config(root, repo: str, config: dict) -> None:
+    """A repo's config.json laid out as huggingface_hub caches it."""
+    import json
+
+    commit = "0" * 40
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config))
+
+
+def test_hub_name_architecture_from_the_cache(tmp_path, offline: list) -> None:
+    cfg_json = {
+        "architecture": "vit_small_patch16_224",
+        "model_args": {**TINY, "reg_tokens": 2},
+        "pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "tag": "x"},
+    }
+    _cache_config(tmp_path / "hf-cache", "someorg/tiny-vit", cfg_json)
+    ref = tiny(reg_tokens=2)
+    path = tmp_path / "tiny.safetensors"
+    save_safetensors(ref, path)
+    model = build_vit(ViTConfig(model="hf-hub:someorg/tiny-vit", weights=str(path)))
+    assert _same_state(model, ref) and model.num_reg_tokens == 2
+    assert list(model.pretrained_cfg["mean"]) == [0.1, 0.2, 0.3]
+    assert offline == []
+
+
+def test_hub_name_without_local_weights_gives_a_clear_error(tmp_path, offline: list) -> None:
+    with pytest.raises(CheckpointRefused) as info:
+        build_vit(ViTConfig(model="hf-hub:MahmoodLab/uni", pretrained=True, model_kwargs=TINY))
+    msg = str(info.value)
+    assert "hf-hub:MahmoodLab/uni" in msg and "HF_HUB_OFFLINE" in msg
+    assert "local safetensors file" in msg and "vit.weights" in msg
+    assert type(info.value) is CheckpointRefused  # not a huggingface_hub exception
+    with pytest.raises(CheckpointRefused, match="local safetensors file.*pretrained: true"):
+        build_vit(ViTConfig(model="hf-hub:MahmoodLab/uni", pretrained=False))
+    # timm weights of a plain timm name: only from the cache when the Hub is off
+    with pytest.raises(CheckpointRefused, match="vit_small_patch16_224 needs the Hugging Face"):
+        build_vit(ViTConfig(model="vit_small_patch16_224", pretrained=True, model_kwargs=TINY))
+    # a hub model nobody knows offline, with a local file: name its architecture instead
+    w = tmp_path / "w.safetensors"
+    save_safetensors(tiny(), w)
+    with pytest.raises(ConfigError, match="vit.model: hf-hub:someorg/other.*timm architecture"):
+        build_vit(ViTConfig(model="hf-hub:someorg/other", weights=str(w)))
+    assert offline == []
+
+
+def test_local_weights_win_over_pretrained(tmp_path, offline: list) -> None:
+    ref = tiny()
+    path = tmp_path / "vit.safetensors"
+    save_safetensors(ref, path)
+    model = build_vit(ViTConfig(model="vit_small_patch16_224", pretrained=True,
+                                weights=str(path), model_kwargs=TINY))
+    assert _same_state(model, ref) and offline == []

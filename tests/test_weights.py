@@ -14,6 +14,8 @@ from wsi_prune.models.weights import (
     ModelSource,
     create_from_source,
     file_sha256,
+    hub_architecture,
+    hub_offline,
     load_into,
     load_state_dict,
     read_sidecar,
@@ -200,6 +202,9 @@ def test_resolve_model_source_classification(tmp_path) -> None:
     save_safetensors(_net(0), w)
     local = resolve_model_source("hf-hub:MahmoodLab/UNI", w, pretrained=True)
     assert local.is_hub and local.weights_path == str(w) and not local.pretrained
+    # the architecture is known here, so the local copy builds without the Hub
+    assert local.architecture == "vit_large_patch16_224"
+    assert local.model_args["init_values"] == 1e-5 and local.model_args["dynamic_img_size"]
 
     hub = resolve_model_source("hf-hub:MahmoodLab/UNI", None, pretrained=True)
     assert hub.is_hub and hub.pretrained and hub.weights_path is None
@@ -224,6 +229,54 @@ def test_create_from_source_loads_local_weights(tmp_path) -> None:
     assert _same(ref, got)
     with pytest.raises(TypeError):
         create_from_source(ModelSource("vit_tiny_patch16_224", False, None), no_such_arg=1)
+
+
+def test_hub_offline_reads_the_environment_now(monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert not hub_offline()
+    for value, off in [("1", True), ("yes", True), ("0", False), ("", False)]:
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub_offline() is off, value
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub_offline()
+
+
+def _cached_config(cache, repo: str, text: str) -> None:
+    commit = "1" * 40
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    (base / "snapshots" / commit).mkdir(parents=True)
+    (base / "snapshots" / commit / "config.json").write_text(text)
+
+
+def test_hub_architecture_from_cache_table_or_refusal(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    # timm's legacy flat layout; a known model: the cached config wins over the table
+    _cached_config(tmp_path, "MahmoodLab/UNI", json.dumps(
+        {"architecture": "vit_large_patch16_224", "num_classes": 0, "mean": [0.5, 0.5, 0.5],
+         "std": [0.5, 0.5, 0.5], "model_args": {"img_size": 256}}))
+    arch, args, pcfg = hub_architecture("hf-hub:MahmoodLab/UNI")
+    assert arch == "vit_large_patch16_224" and args["img_size"] == 256
+    assert args["init_values"] == 1e-5  # from the table: UNI's config.json does not say it
+    assert pcfg["mean"] == [0.5, 0.5, 0.5]
+    # not cached but known; revisions are accepted
+    assert hub_architecture("hf-hub:mahmoodlab/uni@main")[0] == "vit_large_patch16_224"
+    _cached_config(tmp_path, "org/broken", "{not json")
+    with pytest.raises(CheckpointRefused, match=r"config\.json: unreadable timm hub config"):
+        hub_architecture("hf-hub:org/broken")
+    _cached_config(tmp_path, "org/noarch", json.dumps({"pretrained_cfg": {}}))
+    with pytest.raises(CheckpointRefused, match="unreadable timm hub config"):
+        hub_architecture("hf-hub:org/noarch")
+    with pytest.raises(ConfigError, match="org/unknown's config.json is not in the Hugging"):
+        hub_architecture("hf-hub:org/unknown")
 
 
 # -- sidecar configs and digests ----------------------------------------------------------------

@@ -15,8 +15,24 @@ two things:
   kept tokens only, which is where the time goes.
 
 Attention is always ``F.scaled_dot_product_attention``: timm's own ``Attention.forward`` (fused)
-in ordinary blocks; at pruning blocks (and the last block, for the heatmap importance) the
-module's own qkv, q/k norms, scale norm, gate and proj around one SDPA call plus the CLS row.
+in ordinary blocks; at pruning blocks and at the last block the module's own qkv, q/k norms,
+scale norm, gate and proj around one SDPA call plus the CLS row.
+
+The CLS row is ``softmax(q_cls · Kᵀ · scale)`` per head over *all* present keys, prefix tokens
+(CLS, registers) and the fused token included, averaged over heads; only its patch entries are
+then used, renormalised over the present patches (ranking, nucleus mass, heatmap share). Masking
+the prefix keys out of the softmax instead was considered and not done: per head it changes no
+ranking (renormalising a head's row is one scalar), but it would reweight the heads in the
+average. With the full softmax a head whose CLS query mostly attends to the prefix (register
+tokens act as attention sinks) contributes little patch mass, while masking would blow that
+head's small, noisy remainder up to a full unit. It is also the row of the stock attention, what
+EViT ranks by (``attn[:, :, 0, 1:].mean(1)``) and what weights the fused token.
+
+Heatmap importance (``PrunedOutput.token_importance``) comes from these rows too: each patch
+keeps its share of the last row computed while it was present. The row is therefore also
+computed at the last block, whether or not it prunes, so that every patch that reaches the end
+gets its share from the deepest attention, and a patch pruned earlier keeps the share it had at
+the block that dropped it.
 
 Images in one batch keep different numbers of tokens. Two ways to batch them (``batching``):
 
@@ -43,7 +59,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
@@ -52,6 +67,7 @@ from torch import nn
 from ..config import ViTConfig
 from ..errors import ConfigError
 from ..prune import keep_by_attention
+from .weights import create_architecture, load_into, resolve_model_source
 
 _logger = logging.getLogger(__name__)
 
@@ -134,32 +150,40 @@ def build_vit(
 ) -> VisionTransformer:
     """Create the timm ViT named by ``config`` (no classifier head), in eval mode.
 
+    Where it comes from is decided by :func:`~wsi_prune.models.weights.resolve_model_source`,
+    without the network:
+
+    * a local ``config.weights`` file always wins, ``pretrained`` or not: the architecture is
+      built with ``pretrained=False`` and the file loaded. For an ``hf-hub:`` name the
+      architecture comes from the repo's ``config.json`` in the local Hugging Face cache or from
+      :data:`~wsi_prune.models.weights.KNOWN_HUB_MODELS` (UNI), never from the Hub;
+      ``config.model_kwargs`` override its arguments.
+    * without a local file, ``pretrained: true`` downloads through timm (Hub or its cache; only
+      the cache when ``HF_HUB_OFFLINE`` is set), and an ``hf-hub:`` name needs it.
+
     Args:
         config: ``model``, ``pretrained``, ``model_kwargs`` and ``weights``.
-        load_weights: called as ``load_weights(model, config.weights)`` when ``config.weights``
-            is set (the weights module owns checkpoint safety and key mapping).
+        load_weights: called as ``load_weights(model, config.weights)`` to load the local file
+            (default :func:`~wsi_prune.models.weights.load_into`, which owns checkpoint safety).
 
     Raises:
-        ConfigError: unknown model name, not a ``VisionTransformer``, or weights without a loader.
+        ConfigError: unknown model name, not a ``VisionTransformer``, a hub name with a local
+            file whose architecture is unknown offline.
+        CheckpointRefused: the weights file is missing or does not fit; the Hub is needed but
+            switched off, unreachable or refusing access (the message names the model and says
+            to pass a local safetensors file); a hub name without ``pretrained`` or a file.
     """
     try:
-        model = timm.create_model(
-            config.model, pretrained=config.pretrained, num_classes=0, **config.model_kwargs
-        )
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ConfigError(f"vit.model: {exc}") from exc
-        raise
+        source = resolve_model_source(config.model, config.weights, config.pretrained)
+        model = create_architecture(source, **{**config.model_kwargs, "num_classes": 0})
+    except ConfigError as exc:
+        raise ConfigError(f"vit.model: {exc.reason}", exc.path) from exc
     if not isinstance(model, VisionTransformer):
         raise ConfigError(
             f"vit.model {config.model!r} is a {type(model).__name__}, not a timm VisionTransformer"
         )
-    if config.weights is not None:
-        if load_weights is None:
-            raise ConfigError(
-                "vit.weights is set but build_vit got no load_weights", config.weights
-            )
-        load_weights(model, config.weights)
+    if source.weights_path is not None:
+        (load_weights or load_into)(model, source.weights_path)
     return model.eval()
 
 
@@ -467,7 +491,12 @@ def _to_grid(mask: torch.Tensor, pos: torch.Tensor, n_patch: int) -> torch.Tenso
 
 
 def _importance(importance: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``importance`` (B, P) with each present patch's share of patch-token CLS attention."""
+    """``importance`` (B, P) with each present patch's share of patch-token CLS attention.
+
+    ``attn`` (B, T) is the row over all keys; the prefix and fused entries are dropped and the
+    patch entries renormalised, so each image's present patches sum to 1. Patches not present
+    keep the share they had when last present.
+    """
     is_patch = pos >= 0
     a = torch.where(is_patch, attn, torch.zeros_like(attn)).float()
     share = a / a.sum(1, keepdim=True).clamp_min(1e-30)
@@ -484,8 +513,9 @@ def _sdpa_attention(
     """timm ``Attention.forward`` through one fused SDPA call, plus (optionally) the CLS row.
 
     Uses the module's own qkv, q_norm, k_norm, scale norm, gate and proj, so the output equals
-    ``attn(x, attn_mask=mask)``. The CLS row is ``softmax(q_cls · Kᵀ · scale)`` over valid keys,
-    averaged over heads: ``heads · T · head_dim`` extra MACs, the q and K are shared.
+    ``attn(x, attn_mask=mask)``. The CLS row is ``softmax(q_cls · Kᵀ · scale)`` over all valid
+    keys, prefix keys included on purpose (see the module docstring), averaged over heads:
+    ``heads · T · head_dim`` extra MACs, the q and K are shared.
 
     Args:
         attn: a timm ``Attention``; x: (B, T, D) normed block input; mask: (B, 1, 1, T) bool
