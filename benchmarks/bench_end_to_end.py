@@ -70,6 +70,10 @@ def timed_run(inputs: list[Path], out: Path, cfg: RunConfig) -> tuple[list[dict]
     return rows, time.perf_counter() - t
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/e2e"))
@@ -152,25 +156,25 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     budget = []
+    dense_auc = (runs["dense"]["eval"].get("slide_level") or {}).get("auc")
+    dense_fr = (runs["dense"]["eval"].get("froc") or {}).get("average")
     for name, r in runs.items():
         ev = r["eval"]
-        ok = [x for x in r["rows"] if x["status"] == "ok"]
+        ok = [x for x in r["rows"] if x["status"] in ("ok", "skipped")]
         tok = sum(x["token_fraction"] * x["tissue_tiles"] for x in ok) / max(
             1, sum(x["tissue_tiles"] for x in ok))
         gm = sum(x["gmacs"] for x in ok)
         gd = sum(x["gmacs_dense"] for x in ok)
-        auc = ev["slide_level"]["auc"]
-        ci = ev["slide_level"].get("auc_ci") or [float("nan")] * 2
+        # AUC is None when a run's test slides hold one class only (or every slide failed)
+        auc = (ev.get("slide_level") or {}).get("auc")
+        ci = (ev.get("slide_level") or {}).get("auc_ci") or [float("nan")] * 2
         fr = (ev.get("froc") or {}).get("average")
         if name == "dense":
             d_auc, d_fr, dp, agree, sp = "", "", "", "", ""
         else:
             c = comps[name]
-            dauc = abs(auc - runs["dense"]["eval"]["slide_level"]["auc"])
-            d_auc = f"{dauc:.3f}"
-            dfr_v = None if fr is None else fr - (runs["dense"]["eval"].get("froc") or {}).get(
-                "average", 0.0)
-            d_fr = "" if dfr_v is None else f"{dfr_v:+.3f}"
+            d_auc = "" if auc is None or dense_auc is None else f"{abs(auc - dense_auc):.3f}"
+            d_fr = "" if fr is None or dense_fr is None else f"{fr - dense_fr:+.3f}"
             dp = f"{c['probability']['max_abs_diff']:.3f}"
             agree = f"{c['probability']['label_agreement']:.2f}"
             sp_v = c["heatmap"]["vit"]["mean"]
@@ -178,7 +182,7 @@ def main() -> None:
             budget.append((tok, auc, fr))
         lines.append(
             f"| {name} | {tok:.1%} | {gm:.0f} ({gm / gd:.1%}) | {r['wall_s']:.0f} | "
-            f"{dense_wall / r['wall_s']:.1f}x | {auc:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] | "
+            f"{dense_wall / r['wall_s']:.1f}x | {_num(auc)} [{ci[0]:.2f}, {ci[1]:.2f}] | "
             f"{'' if fr is None else f'{fr:.3f}'} | {d_auc} | {d_fr} | {dp} | {agree} | {sp} |")
     lines += ["", "Preparation (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     text = "\n".join(lines)
@@ -194,10 +198,11 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    budget.sort()
-    ax.plot([b[0] * 100 for b in budget], [b[1] for b in budget], "o-", label="pruned AUC")
-    ax.axhline(runs["dense"]["eval"]["slide_level"]["auc"], color="k", ls="--",
-               label="dense AUC")
+    budget.sort(key=lambda b: b[0])  # an AUC may be None: never compared
+    if all(b[1] is not None for b in budget):
+        ax.plot([b[0] * 100 for b in budget], [b[1] for b in budget], "o-", label="pruned AUC")
+    if dense_auc is not None:
+        ax.axhline(dense_auc, color="k", ls="--", label="dense AUC")
     if all(b[2] is not None for b in budget):
         ax.plot([b[0] * 100 for b in budget], [b[2] for b in budget], "s-", label="pruned FROC")
     ax.set_xlabel("tissue tokens reaching the ViT (%)")

@@ -14,6 +14,7 @@ from wsi_prune.annotations import (
     AnnotationError,
     evaluation_mask,
     lesion_mask,
+    lookup_slide,
     parse_label,
     read_asap_xml,
     read_labels,
@@ -225,6 +226,19 @@ def test_read_labels_errors_name_file_and_row(tmp_path, content, message):
     with pytest.raises(AnnotationError, match=message) as err:
         read_labels(p)
     assert err.value.path == str(p)
+
+
+def test_lookup_slide_matches_ids_ignoring_case(tmp_path):
+    # CAMELYON16: reference.csv names Test_001 and Tumor_110, the files are test_001.tif and
+    # tumor_110.tif (so the run ids are lower case)
+    p = tmp_path / "reference.csv"
+    p.write_text("Test_001,Tumor,Macro\nTest_002,Normal\nTUMOR_110.tif,Tumor\n")
+    labels = read_labels(p)
+    assert [lookup_slide(labels, i) for i in ("test_001", "test_002", "tumor_110")] == [1, 0, 1]
+    assert lookup_slide(labels, "Test_001") == 1 and lookup_slide(labels, "test_003") is None
+    # an exact key wins over one that differs only in case
+    assert lookup_slide({"a": 0, "A": 1}, "A") == 1 and lookup_slide({"a": 0, "A": 1}, "a") == 0
+    assert lookup_slide({}, "a") is None
 
 
 def test_read_labels_missing_file(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ from wsi_prune.evaluate import (
     evaluate_run,
     froc,
     read_candidates,
+    roc_figure,
     slide_metrics,
 )
+from wsi_prune.heatmap import write_candidates
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",
@@ -157,16 +160,37 @@ def test_froc_equals_the_challenge_script_when_a_lesion_is_missed():
 
 def test_read_candidates(tmp_path):
     p = tmp_path / "c.csv"
+    # the challenge's own format, as the pipeline writes it: no header, integer X, Y
+    write_candidates(p, [(0.5, 10, 20), (0.25, 30, 40)])
+    assert p.read_text() == "0.500000,10,20\n0.250000,30,40\n"
+    np.testing.assert_array_equal(read_candidates(p), [[0.5, 10, 20], [0.25, 30, 40]])
+    # files of older versions: a header naming the columns (any order), float coordinates
+    p.write_text("confidence,X,Y\n0.5,10.0,20.5\n")
+    np.testing.assert_array_equal(read_candidates(p), [[0.5, 10, 20.5]])
     p.write_text("X,Y,confidence\n10,20,0.5\n30,40,0.25\n")
     np.testing.assert_array_equal(read_candidates(p), [[0.5, 10, 20], [0.25, 30, 40]])
-    p.write_text("0.5,10,20\n")  # the challenge's own format has no header
-    np.testing.assert_array_equal(read_candidates(p), [[0.5, 10, 20]])
-    p.write_text("confidence,X,Y\n")
-    assert read_candidates(p).shape == (0, 3)
+    for empty in ("", "confidence,X,Y\n"):  # a slide without candidates
+        p.write_text(empty)
+        assert read_candidates(p).shape == (0, 3)
     p.write_text("confidence,X,Y\n0.5,ten,20\n")
     with pytest.raises(EvaluationError, match="row 1 is not confidence,X,Y") as err:
         read_candidates(p)
     assert err.value.path == str(p)
+    p.write_text("0.5,10\n")
+    with pytest.raises(EvaluationError, match="row 1 is not confidence,X,Y"):
+        read_candidates(p)
+
+
+def test_roc_is_drawn_as_straight_lines_between_the_points():
+    # tied scores (4 slides at 0.5) are one diagonal segment of the ROC, not a staircase
+    m = slide_metrics([0.1, 0.5, 0.5, 0.5, 0.5, 0.9], [0, 0, 1, 0, 1, 1], n_boot=0)
+    fig = roc_figure({"run": m})
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("run"))
+    assert line.get_drawstyle() == "default"
+    np.testing.assert_array_equal(line.get_xdata(), m.fpr)
+    np.testing.assert_array_equal(line.get_ydata(), m.tpr)
+    assert m.fpr == pytest.approx((0, 0, 2 / 3, 1)) and m.tpr == pytest.approx((0, 1 / 3, 1, 1))
+    assert m.auc == pytest.approx(0.5 * (1 / 3 + 1) * 2 / 3 + 1 / 3)  # trapezoid of the tie
 
 
 # -- run folders ---------------------------------------------------------------------------------
@@ -191,8 +215,7 @@ def write_run(run: Path, rows: list[dict], candidates: dict[str, np.ndarray] | N
             wr.writerow({k: r.get(k, "") for k in COLUMNS})
     for sid, c in (candidates or {}).items():
         (run / sid).mkdir(exist_ok=True)
-        np.savetxt(run / sid / "candidates.csv", c.reshape(-1, 3), delimiter=",",
-                   header="confidence,X,Y", comments="", fmt="%.6g")  # fmt: skip
+        write_candidates(run / sid / "candidates.csv", c.reshape(-1, 3))
     for sid, arrays in (stores or {}).items():
         write_store(run / f"{sid}.zarr", *arrays)
     return run
@@ -270,6 +293,61 @@ def test_evaluate_run_errors(dataset, tmp_path):
     other.write_text("slide,label\nzz,Tumor\n")
     with pytest.raises(EvaluationError, match="no successful slide of the run has a label"):
         evaluate_run(dataset["run"], other)
+
+
+def _statuses(run: Path, status: str) -> None:
+    """Rewrite the run's ok rows with another status (what a re-run over a finished OUT
+    writes: every complete slide ``skipped``, its stored result in the row)."""
+    with (run / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    write_run(run, [r | {"status": status} if r["status"] == "ok" else r for r in rows])
+
+
+def test_skipped_slides_are_evaluated_like_ok_ones(dataset, tmp_path):
+    first = evaluate_run(dataset["run"], dataset["labels"], dataset["annotations"],
+                         tmp_path / "first", n_boot=100)
+    _statuses(dataset["run"], "skipped")
+    again = evaluate_run(dataset["run"], dataset["labels"], dataset["annotations"],
+                         tmp_path / "again", n_boot=100)
+    assert again["slides"]["skipped"] == 4 and again["slides"]["ok"] == 0
+    assert again["slides"]["not_ok"] == ["e"]  # only the failed slide is left out
+    for key in ("slide_level", "froc", "cost"):
+        assert again[key] == first[key], key
+    assert again["slide_level"]["n"] == 4 and again["froc"]["average"] == pytest.approx(8 / 9)
+    # a re-run compared with the first run: every slide is shared
+    m = compare_runs(dataset["run"], dataset["run"], tmp_path / "cmp", dataset["labels"],
+                     n_boot=0)
+    assert m["n_slides"] == 4 and m["probability"]["max_abs_diff"] == 0
+    assert m["evaluation"]["pruned"]["slide_level"]["auc"] == 1.0
+    other = write_run(tmp_path / "mixed", [row("a", 0.9, "skipped"), row("b", 0.6),
+                                           row("c", 0.1, "skipped"), row("d", 0.7)])
+    m = compare_runs(dataset["run"], other, tmp_path / "cmp2", dataset["labels"], n_boot=0)
+    assert m["n_slides"] == 4 and m["difference"]["auc"] == 0.0
+    (dataset["run"] / "predictions.csv").write_text(
+        "id,status,probability\na,skipped,\n")
+    with pytest.raises(EvaluationError, match="row 2 \\(a\\) is skipped but has no probability"):
+        evaluate_run(dataset["run"], dataset["labels"])
+
+
+def test_labels_and_annotations_match_ids_case_insensitively(dataset, tmp_path):
+    """CAMELYON16: reference.csv says Test_001 and the XML may be Test_001.xml, for a slide
+    test_001.tif whose run id is test_001."""
+    want = evaluate_run(dataset["run"], dataset["labels"], dataset["annotations"],
+                        tmp_path / "want", n_boot=100)
+    labels = tmp_path / "reference.csv"
+    labels.write_text("A.tif,Tumor\nB.tif,Normal\nC.tif,Normal\nD.tif,Tumor\nE.tif,Tumor\n"
+                      "F.tif,Normal\n")
+    ann = tmp_path / "upper"
+    ann.mkdir()
+    for xml in dataset["annotations"].glob("*.xml"):
+        shutil.copy(xml, ann / f"{xml.stem.upper()}.xml")
+    got = evaluate_run(dataset["run"], labels, ann, tmp_path / "got", n_boot=100)
+    assert got["slide_level"] == want["slide_level"] | {"labelled_not_in_run": ["F"]}
+    assert got["froc"]["average"] == want["froc"]["average"] == pytest.approx(8 / 9)
+    assert got["froc"]["n_lesions"] == 3 and got["froc"]["tumour_slides_without_xml"] == []
+    m = compare_runs(dataset["run"], dataset["run"], tmp_path / "cmp", labels, n_boot=50)
+    assert m["evaluation"]["dense"]["slide_level"]["n"] == 4
+    assert m["difference"]["auc"] == 0.0 and m["difference"]["auc_ci"] == (0.0, 0.0)
 
 
 # -- pruned versus dense -------------------------------------------------------------------------

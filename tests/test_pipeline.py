@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +65,10 @@ def test_statuses_and_one_line_reasons(batch, svs_slide):
     out, rows = batch
     assert rows["synth"]["status"] == "ok"
     assert rows["nompp"]["status"] == "failed" and "--mpp" in rows["nompp"]["error"]
+    assert rows["nompp"]["error"].startswith("missing-mpp: ")
     assert rows["empty"]["status"] == "failed" and "empty.svs" in rows["empty"]["error"]
     assert rows["notes"]["status"] == "failed" and "notes.svs" in rows["notes"]["error"]
+    assert rows["notes"]["error"].startswith("unsupported: ")
     for r in rows.values():
         assert "\n" not in (r["error"] or "")
     # a failed slide leaves no store that could look complete
@@ -110,10 +118,17 @@ def test_store_is_consistent(batch):
     if (~kept).any():
         assert heat[~kept].max() <= heat[kept].min() + 1e-6
     assert g["heatmap/patch"].shape == (len(tidx), 14, 14)
+    # the heatmap grid and the level-0 coordinates describe the same tiles
+    grid, coords = np.asarray(g["tiles/grid"][:]), np.asarray(g["tiles/coords"][:])
+    tile_level0 = g.attrs["grid"]["tile_level0"]
+    assert np.array_equal(np.round(grid[:, ::-1] * tile_level0).astype(np.int64), coords)
+    assert grid[:, 0].max() < g.attrs["grid"]["n_rows"]
+    assert grid[:, 1].max() < g.attrs["grid"]["n_cols"]
     res = g.attrs["result"]
     assert res["probability"] == pytest.approx(rows["synth"]["probability"])
     assert set(res["seconds"]) == {"tiling", "triage", "vit", "mil", "outputs"}
-    assert g.attrs["run_hash"] == demo_config().hash()
+    # no weight files: the run hash is the config's plus "no weights"
+    assert g.attrs["run_hash"] == demo_config().run_hash() != demo_config().hash()
 
 
 def test_pictures_geojson_candidates(batch):
@@ -136,8 +151,11 @@ def test_pictures_geojson_candidates(batch):
         assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= h
         assert f["properties"]["objectType"] == "annotation"
         assert f["properties"]["classification"]["name"] == "Tumor"
-    cands = _read_csv(d / "candidates.csv")
+    # CAMELYON16's Evaluation_FROC.py format: no header, "confidence,X,Y", integer level-0 px
+    with open(d / "candidates.csv", newline="") as fh:
+        cands = [dict(zip(("confidence", "X", "Y"), row, strict=True)) for row in csv.reader(fh)]
     assert len(cands) == g["vit/tile_index"].shape[0]
+    assert all(c["X"].isdigit() and c["Y"].isdigit() for c in cands)
     conf = [float(c["confidence"]) for c in cands]
     assert conf == sorted(conf, reverse=True)
     coords = np.asarray(g["tiles/coords"][:])
@@ -153,11 +171,17 @@ def test_manifest(batch):
     out, rows = batch
     m = json.loads((out / "manifest.json").read_text())
     assert m["config_hash"] == demo_config().hash()
+    assert m["run_hash"] == demo_config().run_hash()
     assert m["versions"]["torch"].startswith("2.14.1")
     assert set(m["slides"]) == set(rows)
     assert m["slides"]["nompp"]["status"] == "failed"
     assert m["models"]["vit"]["model"] == "vit_small_patch16_224"
-    assert m["models"]["mil"]["trained"] is False
+    assert m["models"]["scorer"]["model"] == "mobilenetv3_small_100"
+    for name in ("scorer", "vit", "mil"):
+        assert m["models"][name]["trained"] is False and m["models"][name]["sha256"] is None
+    # the store records the same description as the manifest
+    g = zarr.open_group(str(out / "synth.zarr"), mode="r")
+    assert g.attrs["models"] == m["models"]
 
 
 def test_rerun_skips_then_force_recomputes(batch, svs_slide):
@@ -167,9 +191,9 @@ def test_rerun_skips_then_force_recomputes(batch, svs_slide):
     assert again[0]["probability"] == pytest.approx(rows["synth"]["probability"])
     forced = run_batch([svs_slide], out, demo_config(), force=True, progress=False)
     assert forced[0]["status"] == "ok"
-    # same weights seed? models are rebuilt with fresh random weights, so only the structure
-    # is compared
-    assert forced[0]["kept_tiles"] >= 4
+    # models without weights start from pipeline.INIT_SEED: a recomputation agrees
+    assert forced[0]["kept_tiles"] == rows["synth"]["kept_tiles"]
+    assert forced[0]["probability"] == pytest.approx(rows["synth"]["probability"], abs=1e-6)
 
 
 def test_interrupted_result_is_not_complete(tmp_path, svs_slide):
@@ -220,9 +244,16 @@ def test_cli_exit_codes_and_heatmap(tmp_path, svs_slide, bad_dir, batch):
     res = runner.invoke(main, ["run", str(svs_slide), str(bad_dir / "empty.svs"),
                                "--out", str(tmp_path / "o"), "--config", cfg, "--quiet"])
     assert res.exit_code == EXIT_SOME_FAILED, res.output
+    # --quiet: no progress bar, no table; the log file has the run all the same
+    assert "slides:" not in res.output and "tile/s" not in res.output and "it/s" not in res.output
+    assert "probability" not in res.stdout
+    log = (tmp_path / "o" / "run.log").read_text()
+    assert "2 slide(s) ->" in log and "synth: p=" in log and "empty failed" in log
     res = runner.invoke(main, ["run", str(svs_slide), "--out", str(tmp_path / "o"),
-                               "--config", cfg, "--quiet"])
+                               "--config", cfg])
     assert res.exit_code == 0, res.output  # skipped counts as fine
+    assert "slides: 100%" in res.stderr  # the bar that --quiet hides
+    assert "skipped" in res.stdout
     res = runner.invoke(main, ["run", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2  # usage: no input
     res = runner.invoke(main, ["run", str(svs_slide), "--out", str(tmp_path / "o"),
@@ -240,14 +271,38 @@ def test_cli_exit_codes_and_heatmap(tmp_path, svs_slide, bad_dir, batch):
     assert res.exit_code == EXIT_SOME_FAILED
 
 
-def test_two_runs_on_one_out_do_not_collide(tmp_path, svs_slide):
-    # A second run on the same slide while the first holds its lock fails that slide only.
+def test_locked_slide_fails_alone_locked_out_refuses(tmp_path, svs_slide):
     from wsi_prune import store
+    from wsi_prune.errors import OutputConflict
 
     cfg = demo_config()
+    # a slide held by someone else (a concurrent shard) fails that slide only
     with store.locked(tmp_path / "synth"):
         rows = run_batch([svs_slide], tmp_path, cfg, progress=False)
     assert rows[0]["status"] == "failed" and "locked" in rows[0]["error"]
+    assert rows[0]["error"].startswith("output-conflict: ")
+    # the OUT held by a live run: refused before anything is written
+    (tmp_path / "predictions.csv").unlink()
+    with store.locked(tmp_path / ".run"):
+        with pytest.raises(OutputConflict, match=f"pid {os.getpid()}") as err:
+            run_batch([svs_slide], tmp_path, cfg, progress=False)
+    assert str(tmp_path) in str(err.value) and "--out" in str(err.value)
+    assert not (tmp_path / "predictions.csv").exists()
+    # a shard holds its own lock, so shards of one OUT run side by side
+    with store.locked(tmp_path / ".run"):
+        rows = run_batch([svs_slide], tmp_path, cfg, shard=(0, 1), progress=False)
+    assert rows[0]["status"] == "ok" and (tmp_path / "predictions.shard-0-of-1.csv").is_file()
+    # a lock left by a dead process is taken over
+    (tmp_path / ".run.lock").write_text(json.dumps({"pid": _dead_pid(),
+                                                    "host": socket.gethostname()}))
+    assert run_batch([svs_slide], tmp_path, cfg, progress=False)[0]["status"] == "skipped"
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def test_help_everywhere():
@@ -255,3 +310,251 @@ def test_help_everywhere():
         res = CliRunner().invoke(main, [cmd, "--help"])
         assert res.exit_code == 0 and "Example" in res.output, cmd
 
+
+
+def test_info_cli(svs_slide, batch):
+    out, rows = batch
+    cfg = str(ROOT / "pipelines" / "demo.yaml")
+    res = CliRunner().invoke(main, ["info", str(svs_slide), "--config", cfg, "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["mpp"] == pytest.approx(0.5) and info["mpp_source"] == "openslide"
+    assert info["vendor"] == "aperio" and info["size_px"] == "4096x4096"
+    assert info["levels"] >= 3 and info["level_downsamples"][:2] == [1.0, 2.0]
+    # the estimate is the tiling the run does
+    assert info["tissue_tiles"] == rows["synth"]["tissue_tiles"] > 0
+    assert 0 < info["tissue_fraction"] < 1 and info["grid_tiles"] > info["tissue_tiles"]
+    assert "rough" in info["estimate_note"] and info["estimated_seconds"] > 0
+    text = CliRunner().invoke(main, ["info", str(svs_slide), "--config", cfg])
+    assert text.exit_code == 0 and "mpp_source: openslide" in text.output
+    bad = CliRunner().invoke(main, ["info", str(ROOT / "pyproject.toml")])
+    assert bad.exit_code == 1 and "pyproject.toml" in bad.stderr
+
+
+# -- several processes: a killed run resumes, two runs on one OUT, retrained weights ---------
+CLI = Path(sys.executable).with_name("wsi-prune")
+DEMO_YAML = str(ROOT / "pipelines" / "demo.yaml")
+
+
+def _run_cli(slides: Path, out: Path, *extra: str) -> subprocess.Popen:
+    if not CLI.is_file():
+        pytest.skip(f"console script not installed at {CLI}")
+    return subprocess.Popen([str(CLI), "run", str(slides), "--out", str(out), "--config",
+                             DEMO_YAML, "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def three_slides(tmp_path_factory) -> Path:
+    from wsi_prune.synth import write_dataset
+
+    d = tmp_path_factory.mktemp("three")
+    write_dataset(d, n=3, seed=0, size=2048)
+    return d
+
+
+@pytest.fixture(scope="module")
+def two_runs(three_slides, tmp_path_factory):
+    """Two ``wsi-prune run`` processes started together on one OUT. One takes OUT/.run.lock
+    and runs undisturbed (the reference of the resume tests); the other must refuse."""
+    out = tmp_path_factory.mktemp("two")
+    procs = [_run_cli(three_slides, out) for _ in range(2)]
+    results = [(p.pid, p.wait(timeout=300), *p.communicate()) for p in procs]
+    return out, results
+
+
+def test_second_run_on_same_out_refuses(two_runs):
+    out, results = two_runs
+    codes = sorted(rc for _, rc, _, _ in results)
+    assert codes == [0, 1], results
+    (winner, *_), (_, _, _, loser_err) = sorted(results, key=lambda r: r[1])
+    line = loser_err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(out) in line and f"pid {winner}" in line
+    assert "another wsi-prune run" in line
+    # the refused run wrote nothing: the winner's table and manifest are whole
+    table = _read_csv(out / "predictions.csv")
+    assert [r["status"] for r in table] == ["ok"] * 3
+    m = json.loads((out / "manifest.json").read_text())
+    assert {s["status"] for s in m["slides"].values()} == {"ok"}
+    assert not (out / ".run.lock").exists()
+
+
+def _outputs(out: Path, sid: str) -> dict[str, object]:
+    """Everything a slide's run computed: every array of its store, its probability and the
+    text outputs (timings and file times aside)."""
+    g = zarr.open_group(str(out / f"{sid}.zarr"), mode="r")
+    got: dict[str, object] = {name: np.asarray(a[...]) for name, a in
+                              g.members(max_depth=None) if isinstance(a, zarr.Array)}
+    got["probability"] = g.attrs["result"]["probability"]
+    got["kept_tiles"] = g.attrs["result"]["kept_tiles"]
+    for name in ("candidates.csv", "regions.geojson"):
+        got[name] = (out / sid / name).read_text()
+    return got
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_resume_after_killed_run(three_slides, two_runs, tmp_path, sig):
+    reference, _ = two_runs
+    out = tmp_path / "out"
+    cfg = demo_config()
+    entries = discover([three_slides])
+    proc = _run_cli(three_slides, out)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        pred = out / "predictions.csv"
+        if pred.is_file() and any(r["status"] == "ok" for r in _read_csv(pred)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    proc.communicate()
+    # SIGTERM stops the run like Ctrl-C (SystemExit, locks released); SIGKILL leaves locks
+    assert rc == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert (out / ".run.lock").exists() == (sig == signal.SIGKILL)
+    done = {r["id"] for r in _read_csv(out / "predictions.csv")}
+    assert all(r["status"] == "ok" for r in _read_csv(out / "predictions.csv"))
+    assert 1 <= len(done) < 3
+    assert not (out / "manifest.json").exists()  # the batch never looks finished
+    for e in entries:  # only what predictions.csv reports is complete
+        assert run_complete(out, e, cfg) == (e.id in done), e.id
+    stamps = {sid: ((out / f"{sid}.zarr" / "zarr.json").stat().st_mtime_ns,
+                    (out / sid / "heatmap.png").stat().st_mtime_ns) for sid in done}
+
+    again = _run_cli(three_slides, out)
+    assert again.wait(timeout=300) == 0, again.communicate()
+    table = {r["id"]: r for r in _read_csv(out / "predictions.csv")}
+    ref = {r["id"]: r for r in _read_csv(reference / "predictions.csv")}
+    assert {sid: r["status"] for sid, r in table.items()} == {
+        e.id: "skipped" if e.id in done else "ok" for e in entries}
+    for sid in done:  # not recomputed
+        assert stamps[sid] == ((out / f"{sid}.zarr" / "zarr.json").stat().st_mtime_ns,
+                               (out / sid / "heatmap.png").stat().st_mtime_ns)
+    for e in entries:  # every output as an undisturbed run made it
+        assert table[e.id]["probability"] == ref[e.id]["probability"]
+        got, want = _outputs(out, e.id), _outputs(reference, e.id)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert np.array_equal(got[key], want[key]), (e.id, key)
+        assert run_complete(out, e, cfg)
+    assert not (out / ".run.lock").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or p.suffix == ".lock"]
+
+
+def test_trained_weights_resume_identity_and_manifest(three_slides, two_runs, tmp_path):
+    """Trained scorer and MIL head (their JSON carries the architecture, here a MIL hidden
+    size the run config does not have) are used by run, described in the manifest with their
+    SHA-256 even when every slide is skipped, and retraining at the same path recomputes."""
+    from wsi_prune.models.weights import file_sha256
+    from wsi_prune.train import train_mil, train_scorer
+
+    reference, _ = two_runs
+    stores = sorted(reference.glob("*.zarr"))
+    labels = three_slides / "labels.csv"
+    scorer_w, mil_w = tmp_path / "w" / "scorer.safetensors", tmp_path / "w" / "mil.safetensors"
+    train_scorer(stores, three_slides, scorer_w, config=demo_config().scorer, epochs=1,
+                 max_tiles_per_store=32, progress=False)
+    train_mil(stores, labels, mil_w, folds=1, epochs=3, hidden=16, progress=False)
+    cfg = demo_config().replace(scorer={"weights": str(scorer_w)},
+                                mil={"weights": str(mil_w)})
+    assert cfg.mil.hidden == 64  # what the sidecar JSON must override
+    out = tmp_path / "out"
+
+    def manifest() -> dict:
+        return json.loads((out / "manifest.json").read_text())
+
+    first = run_batch([three_slides], out, cfg, progress=False)
+    assert [r["status"] for r in first] == ["ok"] * 3, first
+    m = manifest()
+    assert m["config"]["mil"]["hidden"] == 16 and m["config"]["mil"]["weights"] == str(mil_w)
+    assert m["models"]["scorer"]["sha256"] == file_sha256(scorer_w)
+    assert m["models"]["mil"]["sha256"] == file_sha256(mil_w)
+    assert m["models"]["mil"]["trained"] and m["models"]["mil"]["hidden"] == 16
+    assert m["models"]["vit"]["trained"] is False and m["models"]["vit"]["sha256"] is None
+    ref = {r["id"]: r["probability"] for r in _read_csv(reference / "predictions.csv")}
+    assert any(abs(r["probability"] - float(ref[r["id"]])) > 1e-4 for r in first)
+    described = m["models"]
+
+    second = run_batch([three_slides], out, cfg, progress=False)
+    assert [r["status"] for r in second] == ["skipped"] * 3
+    m = manifest()
+    assert m["models"] == described  # nothing was built, the models are described all the same
+    assert m["models"]["scorer"]["model"] == "mobilenetv3_small_100"
+
+    old_hash, config_hash = m["run_hash"], m["config_hash"]
+    train_mil(stores, labels, mil_w, folds=1, epochs=6, hidden=16, seed=1, progress=False)
+    assert file_sha256(mil_w) != described["mil"]["sha256"]
+    third = run_batch([three_slides], out, cfg, progress=False)
+    assert [r["status"] for r in third] == ["ok"] * 3  # same path, new weights: recomputed
+    m = manifest()
+    assert m["run_hash"] != old_hash and m["config_hash"] == config_hash  # paths unchanged
+    assert m["models"]["mil"]["sha256"] == file_sha256(mil_w)
+    assert [r["probability"] for r in third] != [r["probability"] for r in first]
+    g = zarr.open_group(str(out / f"{third[0]['id']}.zarr"), mode="r")
+    assert g.attrs["run_hash"] == m["run_hash"] and g.attrs["models"] == m["models"]
+
+
+def _write_blank_tiff(path: Path, size: int = 2048, mpp: float = 0.5) -> Path:
+    """A pyramidal TIFF of bare glass: near-white everywhere, with resolution tags."""
+    import tifffile
+
+    glass = np.full((size, size, 3), 242, np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(4):
+            ds = 2**level
+            px_per_cm = 10_000.0 / (mpp * ds)
+            tif.write(glass[::ds, ::ds], tile=(256, 256), photometric="rgb", compression="jpeg",
+                      subfiletype=1 if level else 0, resolution=(px_per_cm, px_per_cm),
+                      resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
+def test_mixed_folder_through_cli(tmp_path, three_slides, nompp_slide):
+    import shutil
+
+    from test_slide import corrupt_tiles
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    for name in ("synth_000.svs", "synth_001.svs"):
+        shutil.copy(three_slides / name, d / name)
+    corrupt_tiles(three_slides / "synth_002.svs", d / "corrupt.svs")
+    (d / "notes.svs").write_text("this is not a slide\n")
+    (d / "empty.svs").write_bytes(b"")
+    shutil.copy(nompp_slide, d / "nompp.tif")
+    _write_blank_tiff(d / "blank.tif")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(d), "--out", str(out), "--config", DEMO_YAML,
+                                    "--quiet"])
+    assert res.exit_code == EXIT_SOME_FAILED, res.output
+    table = {r["id"]: r for r in _read_csv(out / "predictions.csv")}
+    assert list(table) == sorted(table)  # slide order
+    expect = {  # id: (kind, what the reason says)
+        "corrupt": ("corrupt", "read failed"),
+        "notes": ("unsupported", "not a slide format"),
+        "empty": ("unsupported", "empty file (0 bytes)"),
+        "nompp": ("missing-mpp", "pass --mpp"),
+        "blank": ("no-tissue", "no tissue tile"),
+    }
+    assert set(table) == set(expect) | {"synth_000", "synth_001"}
+    for sid, (kind, words) in expect.items():
+        r = table[sid]
+        assert r["status"] == "failed", sid
+        assert r["error"].startswith(f"{kind}: {d / Path(r['path']).name}: "), r["error"]
+        assert words in r["error"] and "\n" not in r["error"], r["error"]
+        assert all(r[c] == "" for c in PREDICTION_COLUMNS[4:]), sid
+        assert f"{sid} failed: {kind}: " in res.stderr  # --quiet still logs warnings
+        if (out / f"{sid}.zarr").exists():  # e.g. the blank slide's (empty) tile store
+            assert not run_complete(out, SlideEntry(sid, Path(r["path"])), demo_config())
+        assert not (out / sid).exists()
+    for sid in ("synth_000", "synth_001"):
+        r = table[sid]
+        assert r["status"] == "ok" and r["error"] == ""
+        assert 0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("0", "1")
+        assert 0 < int(r["kept_tiles"]) <= int(r["tissue_tiles"])
+        assert float(r["mpp"]) == pytest.approx(0.5) and r["mpp_source"] == "openslide"
+        assert all(float(r[f"sec_{s}"]) >= 0 for s in ("tiling", "triage", "vit", "mil"))
+        assert (out / sid / "heatmap.png").is_file()
+    m = json.loads((out / "manifest.json").read_text())
+    assert {k: v["status"] for k, v in m["slides"].items()} == {
+        k: v["status"] for k, v in table.items()}

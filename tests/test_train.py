@@ -22,10 +22,12 @@ from wsi_prune.errors import ConfigError, StoreError, WsiPruneError
 from wsi_prune.models.mil import build_mil, trained_mil_config
 from wsi_prune.models.scorer import build_scorer, score_tiles, trained_scorer_config
 from wsi_prune.models.weights import load_state_dict
+from wsi_prune.pipeline import run_batch
 from wsi_prune.store import open_store
 from wsi_prune.synth import SynthSpec, write_asap_xml, write_slide
 from wsi_prune.tiling import tile_slide
 from wsi_prune.train import (
+    TrainingError,
     find_stores,
     load_annotations,
     parse_label,
@@ -36,6 +38,7 @@ from wsi_prune.train import (
 )
 
 D = 16  # embedding width of the synthetic MIL stores
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -257,6 +260,33 @@ def test_mil_refuses_bad_inputs(mil_data: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_mil_fold_whose_validation_loss_is_never_finite(tmp_path: Path) -> None:
+    """A store with a non-finite embedding makes every validation loss NaN (through the
+    validation bag, or through the weights it poisons in training): no epoch is ever best, so
+    there is no state to restore, and the error says so instead of load_state_dict(None)."""
+    rng = np.random.default_rng(1)
+    labels = {}
+    for i in range(6):
+        emb = rng.normal(size=(12, D))
+        if i == 3:
+            emb[5, 2] = np.nan
+        _mil_store(tmp_path / "run" / f"s{i}.zarr", emb)
+        labels[f"s{i}"] = i % 2
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(TrainingError, match="validation loss was never finite") as err:
+        train_mil([tmp_path / "run"], labels, out, folds=2, epochs=3, patience=2, hidden=8,
+                  progress=False)
+    # patience 2: stopped after 2 epochs without a best one
+    assert isinstance(err.value, WsiPruneError) and "nan after 2 epoch(s)" in str(err.value)
+    assert not out.exists()
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(labels.items())
+    res = CliRunner().invoke(train_mil_cmd, [str(tmp_path / "run"), "--labels",
+                                             str(tmp_path / "labels.csv"), "--out", str(out),
+                                             "--folds", "2", "--epochs", "2", "--hidden", "8"])
+    assert res.exit_code == 1 and "error: validation loss was never finite" in res.output
+
+
 def test_train_mil_command(mil_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "mil.safetensors"
     result = CliRunner().invoke(train_mil_cmd, [
@@ -332,9 +362,10 @@ def test_scorer_training_is_deterministic(synth_store, tmp_path: Path) -> None:
 
 def _dense_run_store(src: Path, dst: Path, polygons: list[np.ndarray], grid: int) -> None:
     """A copy of the tile store with what a dense ViT run adds: every tile kept, token
-    importance peaking on the lesions, MIL attention."""
+    importance peaking on the lesions, MIL attention, a dense run config."""
     shutil.copytree(src, dst)
     group = zarr.open_group(str(dst), mode="r+", zarr_format=3)
+    group.attrs["run_config"] = RunConfig().dense().to_dict()
     coords = group["tiles/coords"][:]
     imp = patch_targets(coords, group.attrs["grid"]["tile_level0"], grid, polygons)
     imp = imp.reshape(len(imp), -1) * 0.02 + 1e-3  # attention-like scale, not [0, 1]
@@ -361,6 +392,9 @@ def test_scorer_distillation_from_a_dense_run(synth_store, tmp_path: Path) -> No
                      progress=False)
     with pytest.raises(StoreError, match="vit/token_importance"):
         train_scorer([store], None, tmp_path / "e.safetensors", distill=True, progress=False)
+    del zarr.open_group(str(dense), mode="r+").attrs["run_config"]
+    with pytest.raises(StoreError, match="but this run pruned: no run_config attribute"):
+        train_scorer([dense], None, tmp_path / "e.safetensors", distill=True, progress=False)
     with pytest.raises(ConfigError, match="needs annotations"):
         train_scorer([store], None, tmp_path / "e.safetensors", progress=False)
 
@@ -390,3 +424,46 @@ def test_train_scorer_command_with_asap_xml(synth_store, tmp_path: Path) -> None
     missing = runner.invoke(train_scorer_cmd, [str(tmp_path), "--annotations", str(ann),
                                                "--out", str(out)])
     assert missing.exit_code == 1 and "no *.zarr slide stores" in missing.output
+
+
+@pytest.fixture(scope="module")
+def run_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(pruned store, dense store): one small synthetic tumour slide through ``run_batch`` with
+    ``pipelines/demo.yaml`` and with its ``RunConfig.dense()``."""
+    root = tmp_path_factory.mktemp("distill")
+    slide = write_slide(root / "small.svs", SynthSpec(width=2048, height=2048, mpp=0.5, seed=4,
+                                                      tumour=True, tissue_fraction=0.5))
+    cfg = RunConfig.from_yaml(ROOT / "pipelines" / "demo.yaml")
+    for name, c in (("pruned", cfg), ("dense", cfg.dense())):
+        rows = run_batch([slide.path], root / name, c, progress=False)
+        assert rows[0]["status"] == "ok", rows[0]["error"]
+    return root / "pruned" / "small.zarr", root / "dense" / "small.zarr"
+
+
+def test_distillation_takes_a_real_dense_run_and_refuses_a_pruned_one(run_stores, tmp_path):
+    pruned, dense = run_stores
+    g = open_store(dense)
+    n = g["tiles/coords"].shape[0]
+    assert np.array_equal(g["vit/tile_index"][:], np.arange(n)) and g["vit/kept_tokens"][:].all()
+    cfg = RunConfig.from_yaml(ROOT / "pipelines" / "demo.yaml")
+    res = train_scorer([dense.parent], None, tmp_path / "d.safetensors", distill=True,
+                       config=cfg.scorer, epochs=2, batch_size=8, max_tiles_per_store=16,
+                       seed=0, progress=False)
+    assert res.grid == 14 and res.n_tiles == 16 == res.n_positive  # every tile has a ranking
+    assert all(np.isfinite(res.losses)) and res.losses[-1] < res.losses[0], res.losses
+    assert json.loads((tmp_path / "d.json").read_text())["targets"] == "distill"
+
+    # the demo run pruned tiles (nucleus), CNN-prior tokens (ratio 0.5) and ViT tokens
+    assert open_store(pruned)["vit/tile_index"].shape[0] < n
+    out = tmp_path / "p.safetensors"
+    for stores in ([pruned], [dense, pruned]):
+        with pytest.raises(StoreError, match="needs a dense run store") as err:
+            train_scorer(stores, None, out, distill=True, progress=False)
+        msg = str(err.value)
+        assert err.value.path == str(pruned)
+        for why in ("tile_select.policy is 'nucleus'", "token_select.policy is 'ratio'",
+                    "vit.prune_blocks is [1, 2, 3]", "of 43 tissue tiles reached the ViT"):
+            assert why in msg, msg
+    assert not out.exists()
+    res = CliRunner().invoke(train_scorer_cmd, [str(pruned), "--distill", "--out", str(out)])
+    assert res.exit_code == 1 and "needs a dense run store" in res.output

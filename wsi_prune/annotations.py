@@ -24,9 +24,10 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -37,6 +38,7 @@ from skimage.measure import regionprops
 from .errors import AnnotationError
 
 _logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CAMELYON16_MASK_MPP = 0.243 * 2**5  # level 5 of the CAMELYON16 scans, µm/px
 MARGIN_UM = 75.0  # CAMELYON16: "75 µm, the size of five tumour cells"
@@ -314,6 +316,19 @@ def slide_key(name: str) -> str:
     """Slide id of a label-file cell: the name without folder and slide-file suffix."""
     p = Path(name.strip())
     return p.stem if p.suffix.lower() in _SLIDE_SUFFIXES else p.name
+
+
+def lookup_slide(table: Mapping[str, T], slide_id: str) -> T | None:
+    """The entry of ``slide_id`` in a table keyed by slide id, or None.
+
+    An exact key wins; otherwise case is ignored, because the challenges' own files disagree
+    on it (CAMELYON16's ``reference.csv`` says ``Test_001`` for ``test_001.tif``). Labels,
+    annotations and run ids are all matched through this one function.
+    """
+    if slide_id in table:
+        return table[slide_id]
+    key = slide_id.casefold()
+    return next((v for k, v in table.items() if k.casefold() == key), None)
 
 
 def _header_columns(row: list[str], path: Path, why: str) -> tuple[int, int]:

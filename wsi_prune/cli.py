@@ -3,11 +3,12 @@ library and map errors to exit codes (see :mod:`wsi_prune.errors`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,27 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             click.echo(f"failed: {r['id']}: {r['error']}", err=True)
 
 
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(143) in the main thread: Python's
+    default dies on the spot and no ``finally`` runs, leaving the run and slide locks behind
+    (the next run takes them over, but only on the same host)."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _exit_code(rows: list[dict[str, Any]]) -> int:
     from .errors import EXIT_OK, EXIT_SOME_FAILED
 
@@ -199,8 +221,14 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     regions.geojson, candidates.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log
     (with --shard i/K: predictions, manifest and log named .shard-i-of-K).
 
+    A run holds OUT/.run.lock (a shard: OUT/.run.shard-i-of-K.lock) while it runs: a second
+    run on the same OUT stops at once with an error naming the holder's pid (exit code 1). A
+    lock left by a killed run on this host is taken over. SIGTERM (scancel, a SLURM time
+    limit) stops the run like Ctrl-C: locks are released and finished slides are kept; the
+    next run resumes with the unfinished ones.
+
     Exit codes: 0 all slides ok (or skipped), 3 some slides failed (see predictions.csv),
-    1 the run itself failed, 2 bad usage.
+    1 the run itself failed (bad config, another run holds OUT), 2 bad usage.
 
     \b
     Examples:
@@ -218,7 +246,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
     _setup_logging(0, quiet, outp / log)
     cfg = load_config(config_path)
-    with cluster_request.client() as client:
+    with _exit_on_sigterm(), cluster_request.client() as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
                          force=force, shard=shard, progress=not quiet)
     if not quiet:
@@ -236,6 +264,9 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
            as_json: bool) -> None:
     """Preflight a batch without running models: can each slide be opened, its MPP and
     source, size, estimated tissue tiles and time.
+
+    The time is a rough estimate: the demo config's speed on 2 CPU cores (see
+    wsi_prune/preflight.py for the measurement); real models run several times slower.
 
     \b
     Example:
@@ -260,7 +291,7 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
         elif rep["status"] == "ok":
             click.echo(f"ok     {entry.id}: {rep['size_px']} px, {rep['mpp']} µm/px "
                        f"({rep['mpp_source']}), {rep['tissue_tiles']} tissue tiles, "
-                       f"~{rep['estimated_seconds']:.0f} s")
+                       f"~{rep['estimated_seconds']:.0f} s (rough estimate)")
         else:
             click.echo(f"error  {entry.id}: {rep['error']}")
     sys.exit(EXIT_SOME_FAILED if bad else 0)
@@ -300,9 +331,10 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
 def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool,
          quiet: bool) -> None:
     """The main job on a built-in default: synthetic CAMELYON-like slides with tumour regions;
-    trains the tiny demo models on a training set, runs the whole pipeline
-    (pipelines/demo.yaml) on a separate test set, evaluates it, and runs the real slide in
-    ../shared/data when present.
+    trains the tiny demo scorer and MIL head on a training set (the ViT stays random-init, and
+    the output says which models are trained), runs the whole pipeline (pipelines/demo.yaml)
+    on a separate test set, evaluates it, and runs the real slide in ../shared/data when
+    present.
 
     \b
     Example:

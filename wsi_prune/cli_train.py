@@ -54,7 +54,8 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Folder of ASAP XML lesion annotations named <slide id>.xml (level-0 px); "
                    "slides without one are lesion-free.")
 @click.option("--distill", is_flag=True,
-              help="Targets from a dense ViT run's vit/token_importance instead of annotations.")
+              help="Targets from a dense ViT run's vit/token_importance instead of annotations "
+                   "(run stores of a dense config only: pruned runs are refused).")
 @_out
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Pipeline YAML: its scorer section sets the architecture.")

@@ -1,9 +1,10 @@
 """Typed, frozen configuration of every stage, gathered in one :class:`RunConfig`.
 
 Each stage has its own ``@dataclass(frozen=True)`` validated in ``__post_init__``. A
-:class:`RunConfig` round-trips through YAML/JSON; the SHA-256 of its canonical JSON is the run's
-identity (resume, manifests). :meth:`RunConfig.section_hash` hashes only some sections, so that
-a tile store is reused when only model settings change.
+:class:`RunConfig` round-trips through YAML/JSON; the SHA-256 of its canonical JSON names the
+config, and :meth:`RunConfig.run_hash` adds the SHA-256 of the weight files it names: that is
+the run's identity (resume, manifests). :meth:`RunConfig.section_hash` hashes only some
+sections, so that a tile store is reused when only model settings change.
 """
 
 from __future__ import annotations
@@ -350,6 +351,30 @@ class RunConfig:
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of the whole config."""
         return _sha256(self.to_dict())
+
+    def weight_paths(self) -> dict[str, str | None]:
+        """The weight file each model is loaded from (None: no file named)."""
+        return {"scorer": self.scorer.weights, "vit": self.vit.weights, "mil": self.mil.weights}
+
+    def weight_digests(self) -> dict[str, str | None]:
+        """SHA-256 of each weight file the config names; None where no file is named or the
+        named file does not exist (loading it fails later, with its own reason)."""
+        from .models.weights import file_sha256
+
+        return {name: file_sha256(p) if p and os.path.isfile(p) else None
+                for name, p in self.weight_paths().items()}
+
+    def run_hash(self, digests: dict[str, str | None] | None = None) -> str:
+        """The identity of a run's outputs (the resume key): :meth:`hash` plus the content of
+        the weight files. The config names weights by path only, and retraining a model
+        rewrites the same path: outputs made with the old weights must not look current.
+
+        Args:
+            digests: :meth:`weight_digests`, when already computed (hashing a large ViT
+                checkpoint takes seconds, so a batch does it once).
+        """
+        return _sha256({"config": self.hash(),
+                        "weights": self.weight_digests() if digests is None else digests})
 
     def section_hash(self, *names: str) -> str:
         """SHA-256 of only the named sections (e.g. ``"tissue", "tiling"`` for the tile store)."""

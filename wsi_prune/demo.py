@@ -44,6 +44,31 @@ def find_real_slide() -> Path | None:
     return None
 
 
+def model_note(config: RunConfig) -> str:
+    """Which models of a run are trained and which are random-init, in plain words.
+
+    The demo trains the scorer and the MIL head but never the ViT: its embeddings are the
+    random-init features (seeded, the same in every run) that the MIL head learns on.
+    """
+
+    def state(weights: str | None, pretrained: bool = False) -> str:
+        if weights:
+            return f"trained ({weights})"
+        return "pretrained (timm weights)" if pretrained else "UNTRAINED (random init)"
+
+    kwargs = "".join(f", {k}={v}" for k, v in sorted(config.vit.model_kwargs.items()))
+    lines = [
+        "NOTE: models of this run:",
+        f"  CNN scorer ({config.scorer.model}): {state(config.scorer.weights)}",
+        f"  ViT ({config.vit.model}{kwargs}): {state(config.vit.weights, config.vit.pretrained)}",
+        f"  MIL slide head: {state(config.mil.weights)}",
+    ]
+    if not (config.scorer.weights and config.vit.weights and config.mil.weights):
+        lines.append("  Random-init models make the numbers and heatmaps show the pipeline "
+                     "working, not a diagnosis.")
+    return "\n".join(lines)
+
+
 def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool = False,
                       scorer_epochs: int = 4) -> RunConfig:
     """Train the scorer (from the lesion XML) and the MIL head (on dense embeddings) on the
@@ -98,9 +123,7 @@ def run_demo(out: Path, n_train: int = 6, n_test: int = 4, size: int = 4096, rea
     cfg = config or demo_config()
     if train:
         cfg = train_demo_models(out, train_dir, cfg, quiet)
-    else:
-        click.echo("NOTE: the demo models are UNTRAINED (random weights): probabilities and "
-                   "heatmaps show the pipeline working, not a diagnosis.")
+    click.echo(model_note(cfg))
     rows = run_batch([test_dir], out / "run", cfg, progress=not quiet)
     metrics = evaluate_run(out / "run", test_dir / "labels.csv", test_dir, n_boot=200)
     sl, fr = metrics.get("slide_level") or {}, metrics.get("froc") or {}

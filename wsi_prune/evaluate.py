@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from .annotations import (
     MARGIN_UM,
     Annotation,
     evaluation_mask,
+    lookup_slide,
     read_asap_xml,
     read_labels,
 )
@@ -178,19 +179,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def roc_png(path: str | os.PathLike[str], curves: SlideMetrics | Mapping[str, SlideMetrics]
-            ) -> Path:
-    """Draw one or more ROC curves (``{name: metrics}``) into a PNG."""
+def roc_figure(curves: SlideMetrics | Mapping[str, SlideMetrics]):
+    """A matplotlib ``Figure`` of one or more ROC curves (``{name: metrics}``)."""
     if isinstance(curves, SlideMetrics):
         curves = {"run": curves}
     fig, ax = _figure("Slide-level ROC", "1 - specificity", "sensitivity")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     for name, m in curves.items():
         if m.auc is not None:
-            ax.plot(m.fpr, m.tpr, drawstyle="steps-post", label=f"{name} (AUC {m.auc:.3f})")
+            # straight lines between roc_curve's points: a run of tied scores is one diagonal
+            # segment, which a step plot would draw as a staircase
+            ax.plot(m.fpr, m.tpr, label=f"{name} (AUC {m.auc:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
-    return _save(fig, Path(path))
+    return fig
+
+
+def roc_png(path: str | os.PathLike[str], curves: SlideMetrics | Mapping[str, SlideMetrics]
+            ) -> Path:
+    """Draw one or more ROC curves (``{name: metrics}``) into a PNG."""
+    return _save(roc_figure(curves), Path(path))
 
 
 # -- lesion level (FROC) -------------------------------------------------------------------------
@@ -342,24 +350,35 @@ def _float(row: Mapping[str, str], col: str) -> float | None:
     return x if math.isfinite(x) else None
 
 
+#: statuses whose row carries a result: ``skipped`` is a slide a re-run found complete for the
+#: same config, so its row holds the stored result, as good as ``ok``
+DONE = ("ok", "skipped")
+
+
 def _ok_rows(run_dir: Path) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
-    """Successful rows by id, and counts by status."""
+    """Rows with a result (status ok or skipped) by id, and counts by status; ``not_ok``
+    lists the slides without a result."""
     rows = read_predictions(run_dir)
     ok = {}
     for n, r in enumerate(rows, start=2):
-        if r["status"] == "ok":
+        if r["status"] in DONE:
             if _float(r, "probability") is None:
-                raise EvaluationError(f"row {n} ({r['id']}) is ok but has no probability",
-                                      run_dir / "predictions.csv")  # fmt: skip
+                raise EvaluationError(f"row {n} ({r['id']}) is {r['status']} but has no "
+                                      f"probability", run_dir / "predictions.csv")  # fmt: skip
             ok[r["id"]] = r
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     status["total"] = len(rows)
-    status["not_ok"] = sorted(r["id"] for r in rows if r["status"] != "ok")
+    status["not_ok"] = sorted(r["id"] for r in rows if r["status"] not in DONE)
     return ok, status
 
 
 def read_candidates(path: str | os.PathLike[str]) -> np.ndarray:
-    """``candidates.csv`` as (M, 3) float64 (confidence, X, Y level-0 px); header optional."""
+    """``candidates.csv`` as (M, 3) float64 (confidence, X, Y level-0 px).
+
+    Reads the CAMELYON16 format that :func:`wsi_prune.heatmap.write_candidates` writes (no
+    header, ``confidence,X,Y`` lines) and files of older versions that start with a header
+    row naming the columns (any order).
+    """
     path = Path(path)
     if not path.is_file():
         raise EvaluationError("candidates file missing", path)
@@ -411,17 +430,19 @@ def _evaluate(run_dir: Path, labels: Mapping[str, int] | None, annotations_dir: 
         ok = {k: v for k, v in ok.items() if k in only}
     ev = _RunEval({"run": str(run_dir), "slides": status, "cost": _cost(ok),
                    "slide_level": None, "froc": None})  # fmt: skip
+    lab = None if labels is None else run_labels(labels, ok)
     if labels is not None:
-        ids = sorted(k for k in ok if k in labels)
+        ids = sorted(lab)
         if not ids:
             raise EvaluationError("no successful slide of the run has a label", run_dir)
         ev.slide = slide_metrics([_float(ok[i], "probability") for i in ids],
-                                 [labels[i] for i in ids], threshold, n_boot, seed)
+                                 [lab[i] for i in ids], threshold, n_boot, seed)
+        in_run = {i.casefold() for i in (*ok, *status["not_ok"])}
         ev.metrics["slide_level"] = ev.slide.summary() | {
-            "unlabelled": sorted(set(ok) - set(labels)),
-            "labelled_not_in_run": sorted(set(labels) - set(ok) - set(status["not_ok"]))}
+            "unlabelled": sorted(set(ok) - set(lab)),
+            "labelled_not_in_run": sorted(k for k in labels if k.casefold() not in in_run)}
     if annotations_dir is not None:
-        ev.froc, skipped = _run_froc(run_dir, ok, labels, annotations_dir, mask_mpp)
+        ev.froc, skipped = _run_froc(run_dir, ok, lab, annotations_dir, mask_mpp)
         ev.metrics["froc"] = ev.froc.summary() | {"tumour_slides_without_xml": skipped,
                                                   "mask_mpp": mask_mpp}
     return ev
@@ -431,9 +452,10 @@ def _run_froc(run_dir: Path, ok: Mapping[str, Mapping[str, str]],
               labels: Mapping[str, int] | None, annotations_dir: Path, mask_mpp: float
               ) -> tuple[FrocResult, list[str]]:
     cands, anns, mpps, skipped = {}, {}, {}, []
+    xmls = {p.stem: p for p in sorted(annotations_dir.glob("*.xml")) if p.is_file()}
     for sid, row in ok.items():
-        xml = annotations_dir / f"{sid}.xml"
-        if xml.is_file():
+        xml = lookup_slide(xmls, sid)
+        if xml is not None:
             anns[sid] = read_asap_xml(xml)
         elif labels is not None and labels.get(sid) == 1:
             # A tumour slide without its lesions would turn every hit into a false positive.
@@ -452,6 +474,14 @@ def _run_froc(run_dir: Path, ok: Mapping[str, Mapping[str, str]],
         raise EvaluationError("no slide to compute a FROC on", run_dir)
     mpps = {k: v for k, v in mpps.items() if v is not None}
     return froc(cands, anns, mpps, mask_mpp=mask_mpp), sorted(skipped)
+
+
+def run_labels(labels: Mapping[str, int], ids: Iterable[str]) -> dict[str, int]:
+    """Labels of a run's slide ids, matched as :func:`~wsi_prune.annotations.lookup_slide`
+    matches them (case-insensitively: CAMELYON16's reference.csv says Test_001 for
+    test_001.tif); ids without a label are left out."""
+    found = {i: lookup_slide(labels, i) for i in ids}
+    return {i: v for i, v in found.items() if v is not None}
 
 
 def _load_labels(labels_csv: str | os.PathLike[str] | None) -> dict[str, int] | None:
@@ -612,8 +642,9 @@ def _differences(evs: Mapping[str, _RunEval], labels: Mapping[str, int] | None,
     res: dict[str, Any] = {"auc": None, "auc_ci": None, "froc": None, "sensitivities": None}
     if d.slide and p.slide and d.slide.auc is not None and p.slide.auc is not None:
         res["auc"] = p.slide.auc - d.slide.auc
-        lab = [i for i in ids if i in labels]
-        y = np.array([labels[i] for i in lab])
+        known = run_labels(labels, ids)
+        lab = [i for i in ids if i in known]
+        y = np.array([known[i] for i in lab])
         boots = _bootstrap_aucs(y, [np.array([_float(ok[i], "probability") for i in lab])
                                     for ok in (ok_d, ok_p)], n_boot, seed)  # fmt: skip
         if len(boots):
@@ -712,7 +743,8 @@ def _run_report(ev: _RunEval) -> str:
     s = m["slides"]
     parts = [f"# Evaluation of {m['run']}\n",
              f"{s['total']} slides: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped "
-             "(only ok slides are evaluated).\n"]  # fmt: skip
+             "(ok and skipped slides, whose results a re-run found complete, are "
+             "evaluated).\n"]  # fmt: skip
     if s["not_ok"]:
         parts.append(f"Not ok: {', '.join(s['not_ok'])}\n")
     if m["slide_level"]:

@@ -6,15 +6,34 @@ Coordinates: the tile grid starts at level-0 (0, 0) and a tile is ``tile_level0`
 side, so a patch-level map pixel (y, x) covers level-0 ``[x, x + 1) * tile_level0 / G`` (same
 for y). GeoJSON and candidates are in level-0 px, as QuPath and the CAMELYON16 evaluation
 expect.
+
+Heat and lesion confidence:
+
+- **Heat** (``heatmap/tile``, ``heatmap/patch``, ``heatmap.png``) is *relative*: where the model
+  looked within this slide, in [0, 1]. A kept tile's heat is its MIL attention over the most
+  attended tile's; inside it, a patch that reached the ViT gets its token importance over the
+  tile's most important token, and a patch the CNN prior kept out of the ViT gets its CNN patch
+  importance, scaled so that it never exceeds the tile's least important ViT patch (so the map
+  has no holes and never ranks a patch the ViT did not see above one it saw). Tiles dropped by
+  the triage get their CNN score scaled below the least attended kept tile. Some tile of every
+  slide reaches heat 1, tumour or not.
+- **Lesion confidence** (``regions.geojson``, ``candidates.csv``) is *absolute*: heat times the
+  slide's tumour probability. A slide the model calls normal has low confidences everywhere,
+  so it yields few or no regions above the threshold (``REGION_THRESHOLD``, 0.5: only slides
+  with probability >= 0.5 can have regions) and its candidates rank below those of tumour
+  slides, which is what the CAMELYON16 FROC needs since it pools candidates over slides.
+
+``candidates.csv`` is in the format CAMELYON16's ``Evaluation_FROC.py`` reads: no header, one
+``confidence,X,Y`` line per candidate, X and Y integer level-0 px.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +52,86 @@ PICTURE_PX = 1600
 MAX_MAP_PX = 4096
 REGION_THRESHOLD = 0.5
 REGION_CLASS = {"name": "Tumor", "color": [200, 0, 0]}
+
+
+def tile_heat(tile_score: np.ndarray, kept: np.ndarray, attention: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile heat in [0, 1] and its source (1: ViT/MIL, 0: CNN only).
+
+    Args:
+        tile_score: (N,) float CNN tile scores in [0, 1].
+        kept: (N,) bool, tiles that reached the ViT.
+        attention: (K,) float MIL attention of the kept tiles, K = ``kept.sum()``.
+
+    Kept tiles get their MIL attention relative to the slide's most attended tile. Dropped
+    tiles get their CNN score scaled below the lowest kept tile's heat, so the picture never
+    ranks a tile the triage dropped above one it kept.
+
+    Returns:
+        ``(heat, source)``: (N,) float32 and (N,) uint8.
+    """
+    heat = np.zeros(tile_score.shape, np.float32)
+    source = kept.astype(np.uint8)
+    if kept.any():
+        att = attention / max(float(attention.max()), 1e-12)
+        heat[kept] = att
+        floor = float(att.min())
+    else:
+        floor = 1.0
+    heat[~kept] = tile_score[~kept] * floor
+    return heat, source
+
+
+def patch_heat(token_importance: np.ndarray, entered: np.ndarray, cnn_importance: np.ndarray,
+               heat: np.ndarray) -> np.ndarray:
+    """Patch-level heat of the kept tiles, without holes where the CNN prior pruned tokens.
+
+    Within a tile, a patch that entered the ViT gets ``r = importance / max importance``; a
+    patch the CNN prior kept out (token importance 0) gets ``floor * cnn / ref``, where
+    ``floor`` is the tile's smallest ``r`` and ``ref`` its CNN importance at the boundary
+    (the largest of: the smallest CNN importance of a patch that entered, the largest of one
+    that did not). The fill thus rises with the CNN importance and stays at or below every
+    ViT patch, as dropped tiles stay below kept ones in :func:`tile_heat`. A tile without any
+    token importance (no CLS token) takes its CNN map over its maximum. Each tile's map is
+    then multiplied by its heat.
+
+    Args:
+        token_importance: (K, P) float ViT token importance (``vit/token_importance``).
+        entered: (K, P) bool, tokens that entered the ViT (``vit/kept_tokens[:, 0]``).
+        cnn_importance: (K, G, G) float CNN patch importance of the same tiles
+            (``triage/patch_importance[tile_index]``), P = G * G.
+        heat: (K,) float tile heat of the same tiles (:func:`tile_heat`).
+
+    Returns:
+        (K, G, G) float32 in [0, 1].
+    """
+    k, g = cnn_importance.shape[0], cnn_importance.shape[-1]
+    imp = np.asarray(token_importance, np.float64)
+    ent = np.asarray(entered, bool)
+    cnn = np.clip(np.asarray(cnn_importance, np.float64).reshape(k, g * g), 0, None)
+    if imp.shape != cnn.shape or ent.shape != cnn.shape:
+        raise ValueError(f"token importance {imp.shape}, entered {ent.shape} and CNN map "
+                         f"{cnn.shape} must all be (K, G*G)")
+    if not k:
+        return np.zeros((0, g, g), np.float32)
+    vit_imp = np.where(ent, np.clip(imp, 0, None), 0.0)
+    peak = vit_imp.max(axis=1, keepdims=True)
+    has_vit = peak[:, 0] > 1e-12
+    rel = np.divide(vit_imp, peak, out=np.zeros_like(vit_imp), where=peak > 1e-12)
+    # the smallest positive r (an underflowed 0 must not turn the whole fill into holes)
+    floor = np.where(ent & (rel > 0), rel, np.inf).min(axis=1, keepdims=True)
+    floor[~np.isfinite(floor)] = 1.0
+    lo_in = np.where(ent, cnn, np.inf).min(axis=1, keepdims=True)
+    hi_out = np.where(ent, -np.inf, cnn).max(axis=1, keepdims=True)
+    ref = np.maximum(np.where(np.isfinite(lo_in), lo_in, 0.0),
+                     np.where(np.isfinite(hi_out), hi_out, 0.0))
+    fill = floor * np.divide(cnn, ref, out=np.zeros_like(cnn), where=ref > 0)
+    out = np.where(ent, rel, np.minimum(fill, floor))
+    cnn_peak = cnn.max(axis=1, keepdims=True)
+    cnn_only = np.divide(cnn, cnn_peak, out=np.zeros_like(cnn), where=cnn_peak > 0)
+    out[~has_vit] = cnn_only[~has_vit]
+    out *= np.asarray(heat, np.float64).reshape(k, 1)
+    return np.clip(out, 0.0, 1.0).astype(np.float32).reshape(k, g, g)
 
 
 def heat_map(group: zarr.Group, max_px: int = MAX_MAP_PX) -> tuple[np.ndarray, float]:
@@ -73,19 +172,28 @@ def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
                       for j in range(n)] for i in range(n)], np.float32)
 
 
-def regions_geojson(heat: np.ndarray, px_level0: float, threshold: float = REGION_THRESHOLD,
+def regions_geojson(confidence: np.ndarray, px_level0: float,
+                    threshold: float = REGION_THRESHOLD,
                     slide_size: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Polygons around map regions with heat >= ``threshold``, as a QuPath FeatureCollection.
+    """Polygons around map regions with lesion confidence >= ``threshold``, as a QuPath
+    FeatureCollection.
+
+    Args:
+        confidence: (H, W) lesion confidence (heat times slide probability), NaN off tissue.
+        px_level0: side of one map pixel, level-0 px.
+        threshold: confidence at or above which a pixel belongs to a region.
+        slide_size: (width, height) level-0 px to clip the polygons to.
 
     Each feature is a level-0 px polygon with ``objectType: annotation``, a classification
-    (name, colour) and measurements (mean and max heat, area in level-0 px²).
+    (name, colour as QuPath's ``[r, g, b]``) and measurements (mean and max confidence, area in
+    level-0 px²).
     """
     from skimage import measure
 
-    above = np.nan_to_num(heat, nan=0.0) >= threshold
-    labels = measure.label(above, connectivity=2)
+    conf = np.nan_to_num(confidence, nan=0.0)
+    labels = measure.label(conf >= threshold, connectivity=2)
     features = []
-    for region in measure.regionprops(labels, intensity_image=np.nan_to_num(heat)):
+    for region in measure.regionprops(labels, intensity_image=conf):
         sub = np.pad(labels[region.slice] == region.label, 1)
         contours = measure.find_contours(sub.astype(np.float32), 0.5)
         if not contours:
@@ -109,10 +217,11 @@ def regions_geojson(heat: np.ndarray, px_level0: float, threshold: float = REGIO
             "properties": {
                 "objectType": "annotation",
                 "name": f"region {len(features) + 1}",
-                "classification": dict(REGION_CLASS),
+                "classification": {"name": REGION_CLASS["name"],
+                                   "color": list(REGION_CLASS["color"])},
                 "measurements": {
-                    "mean_heat": round(float(region.intensity_mean), 4),
-                    "max_heat": round(float(region.intensity_max), 4),
+                    "mean_confidence": round(float(region.intensity_mean), 4),
+                    "max_confidence": round(float(region.intensity_max), 4),
                     "area_level0_px2": round(float(region.area) * px_level0**2, 1),
                 },
             },
@@ -120,11 +229,12 @@ def regions_geojson(heat: np.ndarray, px_level0: float, threshold: float = REGIO
     return {"type": "FeatureCollection", "features": features}
 
 
-def candidates(group: zarr.Group, probability: float) -> list[tuple[float, float, float]]:
+def candidates(group: zarr.Group, probability: float) -> list[tuple[float, int, int]]:
     """CAMELYON16 lesion candidates: one per kept tile at its hottest patch.
 
-    Confidence is the slide probability times the patch heat, so candidates compare across
-    slides (the FROC pools them). Returns (confidence, X, Y) with X, Y level-0 px, sorted by
+    Confidence is the patch heat times the slide probability (the lesion confidence of the
+    module docstring), so candidates compare across slides (the FROC pools them). Returns
+    (confidence, X, Y) with X, Y the patch centre in integer level-0 px, sorted by
     decreasing confidence.
     """
     if "vit" not in group or "patch" not in group["heatmap"]:
@@ -140,11 +250,24 @@ def candidates(group: zarr.Group, probability: float) -> list[tuple[float, float
     for k, i in enumerate(tidx):
         flat = int(np.argmax(patch[k]))
         pr, pc = divmod(flat, g)
-        x = coords[i][0] + (pc + 0.5) * side
-        y = coords[i][1] + (pr + 0.5) * side
-        out.append((float(probability) * float(patch[k].max()), float(x), float(y)))
+        # floor, not round: the pixel that holds the centre, so it stays inside the tile
+        x = int(coords[i][0] + (pc + 0.5) * side)
+        y = int(coords[i][1] + (pr + 0.5) * side)
+        out.append((float(probability) * float(patch[k].max()), x, y))
     out.sort(key=lambda t: -t[0])
     return out
+
+
+def write_candidates(path: str | os.PathLike[str],
+                     rows: Iterable[tuple[float, float, float]]) -> Path:
+    """Write candidates as CAMELYON16's ``Evaluation_FROC.py`` reads them: no header, one
+    ``confidence,X,Y`` line each, X and Y integer level-0 px (the script calls ``int()`` on
+    them, which refuses ``12.0``)."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        for conf, x, y in rows:
+            fh.write(f"{float(conf):.6f},{int(round(float(x)))},{int(round(float(y)))}\n")
+    return path
 
 
 def _thumbnail(group: zarr.Group, slide_path: str | os.PathLike[str] | None,
@@ -198,7 +321,7 @@ def render_heatmap(path: Path, thumb: np.ndarray, thumb_px0: float, heat: np.nda
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     cbar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
-    cbar.set_label("heat (MIL attention in kept tiles; scaled CNN score elsewhere)", fontsize=7)
+    cbar.set_label("heat (ViT/MIL in kept tiles, scaled CNN elsewhere)", fontsize=7)
     ax.legend(handles=[Line2D([0], [0], color="lime", lw=1, label="tissue contour")],
               loc="lower right", fontsize=7, framealpha=0.7)
     fig.savefig(path, bbox_inches="tight")
@@ -271,14 +394,10 @@ def write_outputs(group: zarr.Group, dest: Path, slide_id: str, probability: flo
         render_heatmap(tmp / "heatmap.png", thumb, thumb_px0, heat, heat_px0, tissue, title)
         render_tokens(tmp / "tokens.png", thumb, thumb_px0, group, f"{slide_id}: token QC")
         info = group.attrs["slide"]
-        gj = regions_geojson(heat, heat_px0, slide_size=(int(info["width"]),
-                                                         int(info["height"])))
+        gj = regions_geojson(heat * float(probability), heat_px0,
+                             slide_size=(int(info["width"]), int(info["height"])))
         (tmp / "regions.geojson").write_text(json.dumps(gj), encoding="utf-8")
-        with open(tmp / "candidates.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["confidence", "X", "Y"])
-            for conf, x, y in candidates(group, probability):
-                w.writerow([f"{conf:.6f}", f"{x:.1f}", f"{y:.1f}"])
+        write_candidates(tmp / "candidates.csv", candidates(group, probability))
         store.publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

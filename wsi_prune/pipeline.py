@@ -10,14 +10,17 @@ Per slide (:func:`process_slide`), each stage a function over the slide's store 
 4. :func:`slide_head` - gated ABMIL over the kept tiles' embeddings;
 5. :func:`wsi_prune.heatmap.write_outputs` - heatmaps, GeoJSON, candidates.
 
-A slide's results count as done only when the store's ``run_hash`` attribute equals the
-config hash and its output folder exists: both are written last, so a run killed at any point
-is redone on the next run rather than mistaken for complete. Any error in one slide is
-recorded in ``predictions.csv`` and the batch goes on (:func:`run_batch`).
+A slide's results count as done only when the store's ``run_hash`` attribute equals the run
+hash (the config hash plus the SHA-256 of every weight file, :meth:`RunConfig.run_hash`) and
+its output folder exists: both are written last, so a run killed at any point is redone on the
+next run rather than mistaken for complete. Any error in one slide is recorded in
+``predictions.csv`` and the batch goes on (:func:`run_batch`). A run holds ``OUT/.run.lock``
+(:func:`run_lock`), so a second run on the same OUT refuses instead of racing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -28,7 +31,7 @@ import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +140,6 @@ def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, i
 
 
 # -- models ----------------------------------------------------------------------------------
-# -- models ----------------------------------------------------------------------------------
 def apply_trained_configs(config: RunConfig) -> RunConfig:
     """Take the architecture of trained scorer/MIL weights from the JSON that ``train-scorer``
     and ``train-mil`` write next to them, so a run config only has to name the weights file.
@@ -159,6 +161,30 @@ def apply_trained_configs(config: RunConfig) -> RunConfig:
 INIT_SEED = 0
 
 
+def describe_models(config: RunConfig, digests: dict[str, str | None] | None = None
+                    ) -> dict[str, Any]:
+    """Names, weight files and their SHA-256 of the run's three models, without building them
+    (a run whose slides are all skipped describes them in its manifest all the same).
+
+    Args:
+        digests: :meth:`RunConfig.weight_digests`, when already computed.
+    """
+    digests = config.weight_digests() if digests is None else digests
+    paths = config.weight_paths()
+
+    def weights(name: str) -> dict[str, Any]:
+        # "trained": loaded from a file; without one the model is random-init (INIT_SEED)
+        return {"weights": paths[name], "sha256": digests.get(name),
+                "trained": bool(paths[name])}
+
+    return {
+        "scorer": {"model": config.scorer.model, **weights("scorer")},
+        "vit": {"model": config.vit.model, "model_kwargs": config.vit.model_kwargs,
+                **weights("vit"), "pretrained": config.vit.pretrained},
+        "mil": {"model": "gated-abmil", "hidden": config.mil.hidden, **weights("mil")},
+    }
+
+
 @dataclass
 class Models:
     """The three models of a run, built once per process."""
@@ -173,9 +199,13 @@ class Models:
     macs: dict[str, Any] = field(default_factory=dict)
 
 
-def load_models(config: RunConfig, device: str = "cpu") -> Models:
+def load_models(config: RunConfig, device: str = "cpu",
+                digests: dict[str, str | None] | None = None) -> Models:
     """Build scorer, pruned ViT and MIL head from the config (local weights only unless the
     config asks for hub weights).
+
+    Args:
+        digests: :meth:`RunConfig.weight_digests`, when already computed (for ``describe``).
 
     Raises:
         ConfigError / CheckpointRefused: unknown models, bad or unsafe weight files.
@@ -186,7 +216,7 @@ def load_models(config: RunConfig, device: str = "cpu") -> Models:
     from .models.mil import build_mil
     from .models.pruned_vit import PrunedViT, build_vit
     from .models.scorer import build_scorer
-    from .models.weights import file_sha256, load_into
+    from .models.weights import load_into
 
     # Parts without weight files start from one fixed seed, so every process (Dask workers,
     # SLURM array tasks, a resumed run) builds the same untrained model and their slides agree.
@@ -211,20 +241,8 @@ def load_models(config: RunConfig, device: str = "cpu") -> Models:
     mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1)
 
-    def weights(path: str | None) -> dict[str, Any]:
-        if not path:
-            return {"weights": None, "sha256": None, "trained": False}
-        p = Path(path)
-        digest = file_sha256(p) if p.is_file() else None
-        return {"weights": str(path), "sha256": digest, "trained": True}
-
     cp = config.tiling.coarse_px
-    describe = {
-        "scorer": {"model": config.scorer.model, **weights(config.scorer.weights)},
-        "vit": {"model": config.vit.model, "model_kwargs": config.vit.model_kwargs,
-                **weights(config.vit.weights), "pretrained": config.vit.pretrained},
-        "mil": {"in_dim": embed_dim, **weights(config.mil.weights)},
-    }
+    describe = describe_models(config, digests)
     macs = {
         "spec": ViTSpec.from_timm(vit_model),
         "scorer_per_tile": cnn_macs(scorer, (3, cp, cp)),
@@ -324,34 +342,20 @@ def slide_head(models: Models, embedding: np.ndarray) -> tuple[float, np.ndarray
     return float(out.prob), out.attention.float().cpu().numpy()
 
 
-def tile_heat(tile_score: np.ndarray, kept: np.ndarray, attention: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tile heat in [0, 1] and its source (1: ViT/MIL, 0: CNN only).
-
-    Kept tiles get their MIL attention relative to the slide's most attended tile. Dropped
-    tiles get their CNN score scaled below the lowest kept tile's heat, so the picture never
-    ranks a tile the triage dropped above one it kept.
-    """
-    heat = np.zeros(tile_score.shape, np.float32)
-    source = kept.astype(np.uint8)
-    if kept.any():
-        att = attention / max(float(attention.max()), 1e-12)
-        heat[kept] = att
-        floor = float(att.min())
-    else:
-        floor = 1.0
-    heat[~kept] = tile_score[~kept] * floor
-    return heat, source
-
-
 # -- one slide ---------------------------------------------------------------------------------
-def run_complete(out: Path, entry: SlideEntry, config: RunConfig) -> bool:
-    """Whether ``entry``'s outputs in ``out`` are complete for this config."""
+def run_complete(out: Path, entry: SlideEntry, config: RunConfig,
+                 run_hash: str | None = None) -> bool:
+    """Whether ``entry``'s outputs in ``out`` are complete for this config and these weights.
+
+    Args:
+        run_hash: :meth:`RunConfig.run_hash`, when already computed.
+    """
     try:
         group = zarr.open_group(str(out / f"{entry.id}.zarr"), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return False
-    return (group.attrs.get("run_hash") == config.hash() and "result" in group.attrs
+    want = config.run_hash() if run_hash is None else run_hash
+    return (group.attrs.get("run_hash") == want and "result" in group.attrs
             and (out / entry.id / "heatmap.png").is_file())
 
 
@@ -375,26 +379,30 @@ def _row_from_result(entry: SlideEntry, status: str, result: dict[str, Any],
 def process_slide(
     entry: SlideEntry, out: Path, config: RunConfig, models: Models | Callable[[], Models],
     device: str = "cpu", force: bool = False, scheduler: Any = "threads",
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, run_hash: str | None = None,
 ) -> dict[str, Any]:
     """Run every stage on one slide; return its ``predictions.csv`` row.
 
     Errors are raised (:func:`run_batch` records them); ``models`` may be a factory so that a
-    skipped slide never builds them.
+    skipped slide never builds them. ``run_hash``: :meth:`RunConfig.run_hash` when already
+    computed (a batch hashes its weight files once).
     """
     out = Path(out)
     store_path = out / f"{entry.id}.zarr"
-    if not force and run_complete(out, entry, config):
+    run_hash = config.run_hash() if run_hash is None else run_hash
+    if not force and run_complete(out, entry, config, run_hash):
         group = zarr.open_group(str(store_path), mode="r")
         _logger.info("%s: outputs complete for this config, skipping", entry.id)
         return _row_from_result(entry, "skipped", group.attrs["result"], dict(group.attrs))
     if not entry.path.exists():
         raise UnsupportedSlide("no such file", entry.path)
     with store.locked(out / entry.id):
-        return _process_locked(entry, out, config, models, device, force, scheduler, progress)
+        store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
+        return _process_locked(entry, out, config, models, device, force, scheduler, progress,
+                               run_hash)
 
 
-def _process_locked(entry, out, config, models, device, force, scheduler, progress):
+def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
     from .heatmap import write_outputs
 
     seconds: dict[str, float] = {}
@@ -438,14 +446,15 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     t = time.perf_counter()
     prob, attention = slide_head(models, vit["embedding"])
     store.write_array(group, "mil/attention", attention.astype(np.float32))
+    from .heatmap import patch_heat, tile_heat
+
     heat, source = tile_heat(tri["tile_score"], tri["kept"], attention)
     store.write_array(group, "heatmap/tile", heat)
     store.write_array(group, "heatmap/source", source)
     gh, gw = models.grid
-    imp = vit["token_importance"].reshape(-1, gh, gw)
-    peak = np.maximum(imp.max(axis=(1, 2), keepdims=True), 1e-12)
-    patch_heat = (imp / peak) * heat[tile_index][:, None, None]
-    store.write_array(group, "heatmap/patch", patch_heat.astype(np.float32))
+    store.write_array(group, "heatmap/patch", patch_heat(
+        vit["token_importance"], vit["kept_tokens"][:, 0],
+        tri["patch_importance"][tile_index], heat[tile_index]))
     seconds["mil"] = time.perf_counter() - t
 
     spec = models.macs["spec"]
@@ -470,7 +479,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     seconds["outputs"] = time.perf_counter() - t
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     # last: the marker that makes these outputs complete
-    group.attrs.update({"result": result, "run_hash": config.hash(),
+    group.attrs.update({"result": result, "run_hash": run_hash,
                         "run_config": config.to_dict(), "models": models.describe})
     _logger.info("%s: p=%.3f, %d/%d tiles kept, %.1f%% tokens", entry.id, prob,
                  result["kept_tiles"], n, 100 * result["token_fraction"])
@@ -481,7 +490,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
 def failed_row(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
     """A ``predictions.csv`` row for a slide that failed, with a one-line reason."""
     if isinstance(exc, WsiPruneError):
-        reason = exc.one_line()
+        reason = f"{exc.kind}: {exc.one_line()}"  # e.g. "missing-mpp: /data/x.tif: ..."
     else:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
     row = {c: None for c in PREDICTION_COLUMNS}
@@ -538,6 +547,39 @@ def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]]
     os.replace(tmp, path)
 
 
+def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
+    """``OUT/.run.lock``, or ``OUT/.run.shard-i-of-K.lock`` for a shard: held by the run."""
+    if shard is None:
+        return Path(out) / ".run.lock"
+    from .cluster import shard_suffix
+
+    return Path(out) / f".run{shard_suffix(*shard)}.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[Path]:
+    """Hold the run-level lock of ``out`` (:func:`run_lock_path`, :func:`store.locked`
+    semantics: a dead holder on this host is taken over).
+
+    Without it, a second run on the same OUT would find every slide locked, record them as
+    failed and overwrite the first run's ``predictions.csv`` and ``manifest.json``.
+
+    Raises:
+        OutputConflict: another live run holds the lock; names OUT and its pid.
+    """
+    lock = run_lock_path(out, shard)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.locked(lock.with_suffix("")))
+        except OutputConflict as exc:
+            holder = getattr(exc, "holder", {})
+            raise OutputConflict(
+                f"another wsi-prune run (pid {holder.get('pid')} on {holder.get('host')}) is "
+                f"writing to this output folder; wait for it or use another --out (if no run is "
+                f"active, delete {lock})", out) from None
+        yield lock
+
+
 def run_batch(
     inputs: Sequence[str | os.PathLike[str]] | Sequence[SlideEntry],
     out: str | os.PathLike[str],
@@ -551,6 +593,9 @@ def run_batch(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the pipeline on every slide; one slide's failure never stops the others.
+
+    The run holds ``OUT/.run.lock`` (a shard: ``OUT/.run.shard-i-of-K.lock``) throughout, so
+    a second run on the same OUT refuses at once instead of racing this one.
 
     Args:
         inputs: slide files, folders, CSV slide lists, or ready :class:`SlideEntry` objects.
@@ -567,17 +612,25 @@ def run_batch(
 
     Returns:
         The ``predictions.csv`` rows, in slide order.
-    """
-    from tqdm.auto import tqdm
 
+    Raises:
+        OutputConflict: another run holds this OUT (or this shard of it).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, shard):
+        return _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
+
+
+def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress):
+    from tqdm.auto import tqdm
+
     config = apply_trained_configs(config)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if inputs and isinstance(inputs[0], SlideEntry):
-        entries = list(inputs)  # type: ignore[arg-type]
+        entries = list(inputs)
     else:
-        entries = discover(inputs, mpp)  # type: ignore[arg-type]
+        entries = discover(inputs, mpp)
     if shard is not None:
         from .cluster import shard_entries, shard_paths
 
@@ -585,15 +638,18 @@ def run_batch(
         pred_path, manifest_path = shard_paths(out, *shard)
     else:
         pred_path, manifest_path = out / "predictions.csv", out / "manifest.json"
-    _logger.info("%d slide(s) -> %s (config %s)", len(entries), out, config.hash()[:12])
+    # Weight files are hashed once per batch: they are part of the resume key and the manifest.
+    digests = config.weight_digests()
+    run_hash = config.run_hash(digests)
+    _logger.info("%d slide(s) -> %s (config %s, run %s)", len(entries), out,
+                 config.hash()[:12], run_hash[:12])
 
     rows: dict[str, dict[str, Any]] = {}
-    described: dict[str, Any] | None = None
     cache: dict[str, Models] = {}
 
     def get_models() -> Models:
         if "m" not in cache:
-            cache["m"] = load_models(config, device)
+            cache["m"] = load_models(config, device, digests)
         return cache["m"]
 
     def record(entry: SlideEntry, row: dict[str, Any]) -> None:
@@ -616,7 +672,7 @@ def run_batch(
 
             try:
                 row = process_slide(entry, out, config, get_models, device, force,
-                                    progress=tick if progress else None)
+                                    progress=tick if progress else None, run_hash=run_hash)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except OutputConflict as exc:
@@ -630,8 +686,6 @@ def run_batch(
                     b.close()
             record(entry, row)
             bar.update(1)
-        if "m" in cache:
-            described = cache["m"].describe
     else:
         from distributed import as_completed
 
@@ -639,7 +693,7 @@ def run_batch(
         # slide's tile blocks become tasks of their own on the same cluster (tiling.py).
         config_json = json.dumps(config.to_dict(), sort_keys=True)
         futures = {client.submit(_slide_task, e, str(out), config_json, device, force,
-                                 pure=False, key=f"slide-{e.id}-{os.getpid()}"): e
+                                 run_hash, pure=False, key=f"slide-{e.id}-{os.getpid()}"): e
                    for e in entries}
         for fut in as_completed(futures):
             entry = futures[fut]
@@ -652,13 +706,14 @@ def run_batch(
     bar.close()
     ordered = [rows[e.id] for e in entries]
     write_predictions(pred_path, ordered)
-    write_manifest(manifest_path, config, ordered, started, described,
-                   {"shard": list(shard) if shard else None, "out": str(out)})
+    write_manifest(manifest_path, config, ordered, started, describe_models(config, digests),
+                   {"run_hash": run_hash, "shard": list(shard) if shard else None,
+                    "out": str(out)})
     return ordered
 
 
-def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool
-                ) -> dict[str, Any]:
+def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool,
+                run_hash: str | None = None) -> dict[str, Any]:
     """A slide as a Dask task: models load once per worker process and stay there
     (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster."""
     from .cluster import get_models
@@ -667,7 +722,7 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
     torch.set_num_threads(1)
     try:
         return process_slide(entry, Path(out), config, lambda: get_models(config_json, device),
-                             device, force, scheduler="dask-worker")
+                             device, force, scheduler="dask-worker", run_hash=run_hash)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on

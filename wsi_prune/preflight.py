@@ -11,8 +11,18 @@ from .slide import Slide
 from .tiling import make_grid
 from .tissue import tissue_mask
 
-#: end-to-end seconds per tissue tile with pipelines/camelyon16.yaml on 2 CPU cores
-SECONDS_PER_TISSUE_TILE = 0.05
+# A rough time estimate, not a benchmark. Measured 2026-12-01 with run_batch (force=True,
+# models already built) and pipelines/demo.yaml on the 2-core shared development machine, on
+# synthetic SVS slides of 2048², 4096² and 6144² px at 0.5 µm/px (29, 123 and 233 tissue
+# tiles): 2.6, 3.3 and 3.9-4.6 s per slide. A line through those gives about 2.4 s per slide
+# (mostly rendering heatmap.png and tokens.png) plus 0.008 s per tissue tile. Larger models
+# (pipelines/camelyon16.yaml's ViT-S) are several times slower per tile.
+#: seconds per slide that do not grow with its size (pictures, opening), demo config
+SECONDS_PER_SLIDE = 2.4
+#: seconds per tissue tile (tiling, triage, pruned ViT on the kept share), demo config
+SECONDS_PER_TISSUE_TILE = 0.008
+#: what ``estimated_seconds`` is, for reports
+ESTIMATE_NOTE = "rough: demo-config speed on 2 CPU cores, measured 2026-12-01"
 
 
 def inspect_slide(
@@ -47,6 +57,6 @@ def inspect_slide(
         "tissue_tiles": len(grid),
         "tile": f"{config.tiling.tile_px} px @ {config.tiling.mpp} µm/px",
         "inspect_seconds": round(time.perf_counter() - t0, 3),
-        # A rough CPU estimate for the default ViT-S (see docs/benchmarks.md for measurements).
-        "estimated_seconds": round(len(grid) * SECONDS_PER_TISSUE_TILE, 1),
+        "estimated_seconds": round(SECONDS_PER_SLIDE + len(grid) * SECONDS_PER_TISSUE_TILE, 1),
+        "estimate_note": ESTIMATE_NOTE,
     }

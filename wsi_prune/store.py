@@ -251,7 +251,8 @@ def locked(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold ``<path>.lock`` (created exclusively) for the duration of a block.
 
     A lock left by a dead process on this host is taken over; a live holder raises
-    :class:`OutputConflict`, so two runs on one output never write the same slide.
+    :class:`OutputConflict` (its ``holder`` attribute: the lock's ``{"pid", "host"}``), so two
+    runs on one output never write the same slide.
     """
     lock = Path(f"{path}.lock")
     me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -269,10 +270,12 @@ def locked(path: str | os.PathLike[str]) -> Iterator[Path]:
                 _logger.warning("%s: taking over a lock left by dead process %s", lock, dead)
                 lock.unlink(missing_ok=True)
                 continue
-            raise OutputConflict(
+            err = OutputConflict(
                 f"locked by another run (pid {holder.get('pid')} on {holder.get('host')}); "
                 f"if no run is active, delete {lock}", path,
-            ) from None
+            )
+            err.holder = holder  # type: ignore[attr-defined]
+            raise err from None
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         break

@@ -35,14 +35,15 @@ from tqdm import tqdm
 from . import __version__
 from .annotations import (
     Annotation,
+    lookup_slide,
     parse_label,
     read_asap_xml,
     read_labels,
     region_masks,
     slide_key,
 )
-from .config import MILConfig, ScorerConfig
-from .errors import ConfigError, StoreError
+from .config import MILConfig, RunConfig, ScorerConfig
+from .errors import ConfigError, StoreError, WsiPruneError
 from .models.mil import MIL_KIND, GatedABMIL
 from .models.scorer import SCORER_KIND, PatchScorer, pool_patch_map
 from .models.weights import file_sha256, load_into, save_safetensors, write_sidecar
@@ -52,6 +53,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "MILTrainResult",
     "ScorerTrainResult",
+    "TrainingError",
     "find_stores",
     "load_annotations",
     "parse_label",
@@ -64,6 +66,13 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 Annotations = Sequence[Annotation | np.ndarray]
+
+
+class TrainingError(WsiPruneError, RuntimeError):
+    """Training ran but produced no usable model (e.g. a validation loss that is never
+    finite)."""
+
+    kind = "training"
 
 
 # -- stores and ids -------------------------------------------------------------------------------
@@ -95,14 +104,6 @@ def slide_id(path: PathLike) -> str:
     its store or slide-file suffix."""
     p = Path(path)
     return p.stem if p.suffix.lower() == ".zarr" else slide_key(p.name)
-
-
-def _lookup(table: Mapping[str, Any], sid: str) -> Any:
-    """Case-insensitive id lookup (CAMELYON16's reference.csv says Test_001 for test_001.tif)."""
-    if sid in table:
-        return table[sid]
-    lowered = {k.lower(): v for k, v in table.items()}
-    return lowered.get(sid.lower())
 
 
 # -- annotations and patch targets (labels: parse_label, read_labels of wsi_prune.annotations) --
@@ -220,7 +221,7 @@ def _scorer_data(
         if polygons is not None:
             g = grid or 14
             idx = np.arange(group["tiles/coords"].shape[0])
-            anns = _lookup(polygons, slide_id(path))
+            anns = lookup_slide(polygons, slide_id(path))
             annotated += anns is not None
             targets = patch_targets(group["tiles/coords"][:], float(attrs["tile_level0"]), g,
                                     anns or [])
@@ -254,6 +255,11 @@ def _distill_targets(
         raise StoreError("distillation needs vit/token_importance and vit/tile_index (a run "
                          "store made with the dense ViT)", path)
     idx = np.asarray(group["vit/tile_index"][:], np.int64)
+    pruned = _pruning(group, len(idx))
+    if pruned:
+        raise StoreError("distillation needs a dense run store (every tissue tile and token "
+                         "through the ViT, as RunConfig.dense() runs), but this run pruned: "
+                         + "; ".join(pruned), path)
     imp = np.nan_to_num(np.asarray(group["vit/token_importance"][:], np.float32)).clip(min=0)
     g = math.isqrt(imp.shape[1]) if imp.ndim == 2 else 0
     if g * g != (imp.shape[1] if imp.ndim == 2 else -1) or len(imp) != len(idx):
@@ -272,6 +278,31 @@ def _distill_targets(
         if att.max() > 0:
             tile_t = att / att.max()
     return idx, targets, tile_t, g
+
+
+def _pruning(group: Any, n_vit: int) -> list[str]:
+    """How a run store's run pruned tiles or tokens; empty for a dense run.
+
+    A pruned run's token importance is 0 on every token the CNN prior dropped, so distilling
+    from it would teach the scorer its own earlier choices instead of the ViT's.
+    """
+    if "run_config" not in group.attrs:
+        return ["no run_config attribute, so not a finished `wsi-prune run` store"]
+    cfg = RunConfig.from_dict(group.attrs["run_config"])
+    ts, tok, vit = cfg.tile_select, cfg.token_select, cfg.vit
+    out = []
+    if ts.policy != "all":
+        out.append(f"tile_select.policy is {ts.policy!r}")
+    if ts.redundancy_eps is not None:
+        out.append(f"tile_select.redundancy_eps is {ts.redundancy_eps}")
+    n_tiles = int(group["tiles/coords"].shape[0]) if "tiles/coords" in group else n_vit
+    if n_vit < n_tiles:  # e.g. tile_select.max_tiles capped an "all" selection
+        out.append(f"{n_vit} of {n_tiles} tissue tiles reached the ViT")
+    if tok.policy != "all" and not (tok.policy == "ratio" and tok.keep_ratio >= 1.0):
+        out.append(f"token_select.policy is {tok.policy!r}")
+    if vit.prune_blocks and not (vit.prune_policy == "ratio" and vit.keep_ratio >= 1.0):
+        out.append(f"vit.prune_blocks is {list(vit.prune_blocks)}")
+    return out
 
 
 def _choose(positive: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -323,8 +354,9 @@ def train_scorer(
     Annotation targets: the fraction of each ViT patch inside a lesion (see
     :func:`patch_targets`), and for the tile score the same pooling of that map as the scorer
     uses (max: the largest patch fraction). Distillation targets (``distill=True``): the dense
-    ViT's ``vit/token_importance`` of each kept tile, min-max normalised per tile, and for the
-    tile score ``mil/attention`` divided by the slide's maximum when present (else no tile
+    ViT's ``vit/token_importance`` of each kept tile, min-max normalised per tile (the store must
+    come from a dense run, ``RunConfig.dense()``: pruned runs are refused), and for the tile
+    score ``mil/attention`` divided by the slide's maximum when present (else no tile
     loss). The loss is the patch BCE (on logits) plus ``tile_loss_weight`` times the tile BCE.
 
     Args:
@@ -348,7 +380,8 @@ def train_scorer(
         progress: show a progress bar.
 
     Raises:
-        ConfigError: bad arguments or fewer than two tiles. StoreError: unusable store.
+        ConfigError: bad arguments or fewer than two tiles. StoreError: unusable store, or a
+            distillation source that is not a dense run (its config or arrays show pruning).
     """
     t0 = time.perf_counter()
     out_path = _check_out(out_path)
@@ -487,7 +520,7 @@ def _mil_data(
     bags, ys, ids, unlabelled = [], [], [], []
     for path in stores:
         sid = slide_id(path)
-        label = _lookup(labels, sid)
+        label = lookup_slide(labels, sid)
         if label is None:
             unlabelled.append(sid)
             continue
@@ -592,6 +625,12 @@ def _fit_fold(
         elif epoch - best[1] >= s.patience:
             bar.update(s.epochs - epoch)
             break
+    if best[2] is None:
+        # NaN never compares below inf: no epoch was ever "best", and there is no state to
+        # restore. Keeping the last (diverged) state would save a model that predicts NaN.
+        raise TrainingError(f"validation loss was never finite ({loss} after {epoch} "
+                            f"epoch(s)): non-finite embeddings in a store, or lr {s.lr:g} too "
+                            f"high")
     model.load_state_dict(best[2])
     return model.eval(), best[0], best[1], epoch, best[3]
 
@@ -641,6 +680,7 @@ def train_mil(
 
     Raises:
         ConfigError: bad arguments, labels or too few slides per class. StoreError: bad store.
+        TrainingError: a fold whose validation loss is never finite.
     """
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold

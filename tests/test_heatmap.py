@@ -1,0 +1,170 @@
+"""Heat, lesion confidence and the files rendered from a store: patch heat without holes,
+regions and candidates that scale with the slide probability, CAMELYON16's candidate format.
+Real run stores: a small synthetic slide through ``run_batch`` with ``pipelines/demo.yaml``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from wsi_prune.config import RunConfig
+from wsi_prune.evaluate import read_candidates
+from wsi_prune.heatmap import (
+    REGION_CLASS,
+    REGION_THRESHOLD,
+    heat_map,
+    patch_heat,
+    rerender,
+    tile_heat,
+    write_candidates,
+)
+from wsi_prune.pipeline import run_batch
+from wsi_prune.synth import SynthSpec, write_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pruned demo run of one 2048² px tumour slide: ``OUT/small.zarr`` and ``OUT/small/``."""
+    root = tmp_path_factory.mktemp("heat")
+    slide = write_slide(root / "small.svs", SynthSpec(width=2048, height=2048, mpp=0.5, seed=4,
+                                                      tumour=True, tissue_fraction=0.5))
+    cfg = RunConfig.from_yaml(ROOT / "pipelines" / "demo.yaml")
+    rows = run_batch([slide.path], root / "out", cfg, progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+    return root / "out"
+
+
+# -- heat ----------------------------------------------------------------------------------------
+
+
+def test_patch_heat_hand_computed():
+    # tile 0: two patches reached the ViT (importance .6, .3), two were pruned by the CNN prior
+    # (CNN .4, .2); tile 1: no token importance at all (no CLS token): the CNN map alone
+    imp = np.array([[0.6, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    entered = np.array([[True, True, False, False], [True, True, True, True]])
+    cnn = np.array([[0.9, 0.8, 0.4, 0.2], [0.5, 0.25, 1.0, 0.0]]).reshape(2, 2, 2)
+    out = patch_heat(imp, entered, cnn, np.array([0.5, 0.8]))
+    assert out.shape == (2, 2, 2) and out.dtype == np.float32
+    # r = 1, .5; floor .5; ref = min CNN of the ViT patches .8; fill .5 * .4/.8, .5 * .2/.8
+    np.testing.assert_allclose(out[0].ravel(), 0.5 * np.array([1, 0.5, 0.25, 0.125]), rtol=1e-6)
+    np.testing.assert_allclose(out[1].ravel(), 0.8 * np.array([0.5, 0.25, 1.0, 0.0]), rtol=1e-6)
+    # a pruned patch the CNN rated above a ViT one (a non-top-k prior) still stays below it
+    high = patch_heat(imp[:1], entered[:1], np.array([[[0.9, 0.3], [0.6, 0.2]]]), np.ones(1))
+    np.testing.assert_allclose(high.ravel(), [1, 0.5, 0.5, 0.5 * 0.2 / 0.6], rtol=1e-6)
+    assert patch_heat(np.zeros((0, 4)), np.zeros((0, 4), bool), np.zeros((0, 2, 2)),
+                      np.zeros(0)).shape == (0, 2, 2)
+    with pytest.raises(ValueError, match="must all be"):
+        patch_heat(imp, entered, np.zeros((2, 3, 3)), np.ones(2))
+
+
+def test_tile_heat_keeps_dropped_tiles_below_kept():
+    heat, src = tile_heat(np.array([0.9, 0.2, 0.5, 0.7]), np.array([False, True, False, True]),
+                          np.array([0.2, 0.8]))
+    np.testing.assert_allclose(heat, [0.9 * 0.25, 0.25, 0.5 * 0.25, 1.0])
+    assert src.tolist() == [0, 1, 0, 1]
+
+
+def test_patch_map_has_no_holes_inside_kept_tiles(run):
+    g = zarr.open_group(str(run / "small.zarr"), mode="r")
+    tidx = np.asarray(g["vit/tile_index"][:])
+    entered = np.asarray(g["vit/kept_tokens"][:, 0])
+    imp = np.asarray(g["vit/token_importance"][:])
+    cnn = np.asarray(g["triage/patch_importance"][:])[tidx].reshape(len(tidx), -1)
+    heat = np.asarray(g["heatmap/tile"][:])[tidx]
+    patch = np.asarray(g["heatmap/patch"][:]).reshape(len(tidx), -1)
+    assert len(tidx) >= 4 and entered.mean() == pytest.approx(0.5)  # demo: keep_ratio 0.5
+    assert (imp[~entered] == 0).all()  # what made the holes: no importance off the ViT
+    # no exact zero where the CNN map is not zero, and every value in [0, tile heat]
+    assert (patch[cnn > 0] > 0).all() and (cnn > 0).mean() > 0.99
+    assert (patch >= 0).all() and (patch <= heat[:, None] + 1e-6).all()
+    for k in range(len(tidx)):
+        e, p, c = entered[k], patch[k], cnn[k]
+        # ViT patches: importance relative to the tile's most important token, times its heat
+        np.testing.assert_allclose(p[e], imp[k, e] / imp[k, e].max() * heat[k], rtol=1e-5)
+        # the fill rises with the CNN importance and stays at or below every ViT patch
+        order = np.argsort(c[~e], kind="stable")
+        assert (np.diff(p[~e][order]) >= -1e-7).all()
+        assert np.corrcoef(c[~e], p[~e])[0, 1] > 0.999  # proportional: floor * cnn / ref
+        assert p[~e].max() <= p[e].min() + 1e-6
+    # the rendered map: no zero inside kept tiles either
+    m, px0 = heat_map(g)
+    per = m.shape[0] // g.attrs["grid"]["n_rows"]
+    rc = np.asarray(g["tiles/grid"][:])
+    for r, c in rc[tidx]:
+        assert (m[r * per:(r + 1) * per, c * per:(c + 1) * per] > 0).all()
+
+
+# -- lesion confidence ---------------------------------------------------------------------------
+
+
+def _with_probability(run: Path, dest: Path, probability: float) -> Path:
+    """A copy of the run's store claiming another slide probability, re-rendered."""
+    store = dest / "small.zarr"
+    shutil.copytree(run / "small.zarr", store)
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["result"] = dict(g.attrs["result"], probability=probability)
+    rerender(store)
+    return dest / "small"
+
+
+def test_regions_and_candidates_scale_with_the_slide_probability(run, tmp_path):
+    low = _with_probability(run, tmp_path / "low", 0.05)
+    high = _with_probability(run, tmp_path / "high", 0.95)
+    g = zarr.open_group(str(run / "small.zarr"), mode="r")
+    assert float(np.asarray(g["heatmap/tile"][:]).max()) == pytest.approx(1.0)  # as always
+    # normal slide: confidence <= 0.05 everywhere, so no region reaches the 0.5 threshold
+    gl = json.loads((low / "regions.geojson").read_text())
+    assert gl == {"type": "FeatureCollection", "features": []}
+    cl, ch = read_candidates(low / "candidates.csv"), read_candidates(high / "candidates.csv")
+    assert len(cl) == len(ch) == g["vit/tile_index"].shape[0]
+    assert cl[:, 0].max() <= 0.05 + 1e-6 and ch[:, 0].max() == pytest.approx(0.95, abs=1e-5)
+    np.testing.assert_array_equal(cl[:, 1:], ch[:, 1:])  # same places,
+    np.testing.assert_allclose(ch[:, 0], cl[:, 0] * 19, rtol=1e-3)  # confidence x p ratio
+    # tumour slide: the hottest patches (heat >= 0.5 / 0.95) become QuPath regions
+    gh = json.loads((high / "regions.geojson").read_text())
+    assert gh["type"] == "FeatureCollection" and len(gh["features"]) >= 1
+    w, h = g.attrs["slide"]["width"], g.attrs["slide"]["height"]
+    for f in gh["features"]:
+        props = f["properties"]
+        assert props["objectType"] == "annotation"
+        assert props["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+        assert props["classification"]["color"] == REGION_CLASS["color"]
+        color = props["classification"]["color"]
+        assert len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+        m = props["measurements"]
+        assert REGION_THRESHOLD <= m["mean_confidence"] <= m["max_confidence"] <= 0.95 + 1e-4
+        assert m["area_level0_px2"] > 0
+        ring = np.asarray(f["geometry"]["coordinates"][0])
+        assert f["geometry"]["type"] == "Polygon" and (ring[0] == ring[-1]).all()
+        assert ring.min() >= 0 and ring[:, 0].max() <= w and ring[:, 1].max() <= h
+
+
+def test_candidates_csv_is_the_camelyon16_format(run, tmp_path):
+    path = run / "small" / "candidates.csv"
+    lines = path.read_text().splitlines()
+    assert lines and not lines[0][0].isalpha()  # no header line
+    # what CAMELYON16's Evaluation_FROC.py readCSVContent does with each line
+    parsed = []
+    for line in lines:
+        elems = line.rstrip().split(",")
+        parsed.append((float(elems[0]), int(elems[1]), int(elems[2])))
+    g = zarr.open_group(str(run / "small.zarr"), mode="r")
+    p = g.attrs["result"]["probability"]
+    conf = [c for c, _, _ in parsed]
+    assert conf == sorted(conf, reverse=True) and 0 < conf[-1] <= conf[0] <= p + 1e-6
+    np.testing.assert_allclose(read_candidates(path), np.array(parsed, float))
+    coords = np.asarray(g["tiles/coords"][:])[np.asarray(g["vit/tile_index"][:])]
+    side = g.attrs["grid"]["tile_level0"]
+    for _, x, y in parsed:  # each at a patch centre inside a kept tile
+        assert ((coords[:, 0] <= x) & (x < coords[:, 0] + side) & (coords[:, 1] <= y)
+                & (y < coords[:, 1] + side)).any()
+    # the writer rounds coordinates to integer px
+    out = write_candidates(tmp_path / "c.csv", [(0.5, 10.4, 20.6), (0.25, 3, 4)])
+    assert out.read_text() == "0.500000,10,21\n0.250000,3,4\n"
