@@ -30,8 +30,14 @@ test: install
 lint: install
 	$(BIN)/ruff check wsi_prune tests benchmarks
 
+# Every benchmark with the settings of docs/benchmarks.md (about an hour on 2 cores; the 100k²
+# slide of the tiling benchmark alone writes for ~18 min). Results go to bench-out/.
 bench: install
-	$(BIN)/python benchmarks/bench_tiling.py
+	$(BIN)/python benchmarks/bench_tiling.py --work bench-out/tiling --repeats 5 \
+		--rss-sizes 4000 20000 50000 100000 --max-gen-seconds 3600
+	$(BIN)/python benchmarks/bench_pruning.py --batch 32 --reps 3 --threads 2
+	$(BIN)/python benchmarks/bench_end_to_end.py --out bench-out/e2e
+	$(BIN)/python benchmarks/bench_scale.py --out bench-out/scale --markdown bench-out/scale/table.md
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -11,7 +11,7 @@ best run is the one least disturbed by others.
 
     python benchmarks/bench_scale.py --out bench-out/scale
     python benchmarks/bench_scale.py --out bench-out/scale --n 8 --size 4096 --no-slurm
-    python benchmarks/bench_scale.py --out bench-out/scale --markdown docs/bench_scale.md
+    python benchmarks/bench_scale.py --out bench-out/scale --markdown bench-out/scale/table.md
 
 Not a test; SLURM must be running (scripts/start-slurm.sh) unless --no-slurm.
 """

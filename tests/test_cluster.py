@@ -80,7 +80,8 @@ def test_parse_shard() -> None:
 
 # -- merge ---------------------------------------------------------------------------------------
 def _write_shard(out: Path, i: int, k: int, ids: list[str], *, manifest: bool = True,
-                 config_hash: str = "h1", status: str = "ok", columns=COLUMNS) -> None:
+                 config_hash: str = "h1", status: str = "ok", columns=COLUMNS,
+                 run_hash: str = "r1") -> None:
     pred, man = shard_paths(out, i, k)
     out.mkdir(parents=True, exist_ok=True)
     with open(pred, "w", newline="") as fh:
@@ -91,7 +92,8 @@ def _write_shard(out: Path, i: int, k: int, ids: list[str], *, manifest: bool = 
                                                     "status": status, "probability": "0.25"})
     if manifest:
         man.write_text(json.dumps({
-            "config": {"k": 1}, "config_hash": config_hash, "versions": {"wsi_prune": "0.1.0"},
+            "config": {"k": 1}, "config_hash": config_hash, "run_hash": run_hash,
+            "versions": {"wsi_prune": "0.1.0"},
             "models": {"vit": "x"} if ids else None, "started": f"2026-01-0{i + 1}T00:00:00",
             "finished": f"2026-01-0{i + 2}T00:00:00",
             "slides": {sid: {"status": status} for sid in ids}, "shard": [i, k]}))
@@ -115,7 +117,7 @@ def test_merge_all_shards(tmp_path: Path) -> None:
     man = json.loads((tmp_path / "manifest.json").read_text())
     assert list(man["slides"]) == ["a", "b", "c", "d", "e"]
     assert man["slides"]["b"]["status"] == "failed"
-    assert man["config_hash"] == "h1"
+    assert man["config_hash"] == "h1" and man["run_hash"] == "r1"
     assert man["started"] == "2026-01-01T00:00:00" and man["finished"] == "2026-01-04T00:00:00"
     assert man["shards"] == {"k": 3, "merged": [0, 1, 2], "missing": [],
                              "versions_differ": False}
@@ -164,6 +166,11 @@ def test_merge_refuses_inconsistent_shards(tmp_path: Path) -> None:
     _write_shard(tmp_path / "cfg", 1, 2, ["b"], config_hash="h2")
     with pytest.raises(OutputConflict, match="different configs"):
         merge_outputs(tmp_path / "cfg")
+
+    _write_shard(tmp_path / "weights", 0, 2, ["a"])
+    _write_shard(tmp_path / "weights", 1, 2, ["b"], run_hash="r2")
+    with pytest.raises(OutputConflict, match="different weights"):
+        merge_outputs(tmp_path / "weights")
 
     _write_shard(tmp_path / "cols", 0, 2, ["a"])
     _write_shard(tmp_path / "cols", 1, 2, ["b"], columns=COLUMNS[:-1])
@@ -350,6 +357,9 @@ def test_get_models_loads_once_per_process() -> None:
     other = json.dumps(cfg.replace(mil={"hidden": 32}).to_dict(), sort_keys=True)
     assert cluster.get_models(other) is not m1
     assert cluster.cache_info()["loads"] == 2
+    # weights retrained at the same path: a new run hash, a fresh load
+    assert cluster.get_models(cfg_json, run_hash="digest-after-retraining") is not m1
+    assert cluster.cache_info()["loads"] == 3
     cluster.clear_cache()
 
 

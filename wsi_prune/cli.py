@@ -4,7 +4,6 @@ library and map errors to exit codes (see :mod:`wsi_prune.errors`)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import sys
@@ -16,9 +15,10 @@ import click
 
 from . import __version__
 from .cli_cluster import cluster_options, merge, submit
+from .cli_common import handle_errors
 from .cluster import ClusterRequest, make_client, shard_suffix
 from .config import RunConfig
-from .errors import EXIT_ERROR, WsiPruneError
+from .errors import WsiPruneError
 
 _logger = logging.getLogger("wsi_prune")
 
@@ -37,20 +37,6 @@ def _setup_logging(verbose: int, quiet: bool, logfile: Path | None = None) -> No
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our exceptions into a one-line message and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WsiPruneError as exc:
-            click.echo(f"error: {exc.one_line()}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,7 +75,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.argument("slide", type=click.Path(exists=True, dir_okay=False))
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_errors
+@handle_errors
 def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) -> None:
     """Metadata, levels, MPP and its source, and the estimated number of tissue tiles.
 
@@ -115,7 +101,7 @@ def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) 
               help="Dask LocalCluster worker processes (0: threads in this process).")
 @click.option("--store-tiles", is_flag=True, help="Also store full-resolution tiles.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete store exists.")
-@_errors
+@handle_errors
 def tile(slide: str, out: str, config_path: str | None, mpp: float | None, workers: int,
          store_tiles: bool, force: bool) -> None:
     """Tissue mask and tile store of one slide (OUT/<name>.zarr), without models.
@@ -141,7 +127,7 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
 @click.option("--n", "n", type=int, default=4, show_default=True, help="Number of slides.")
 @click.option("--size", type=int, default=8192, show_default=True, help="Slide side, px.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@_errors
+@handle_errors
 def synth(out: str, n: int, size: int, seed: int) -> None:
     """Write a CAMELYON-like synthetic set: pyramidal slides with and without tumour, and a
     labels CSV.
@@ -210,7 +196,7 @@ def _exit_code(rows: list[dict[str, Any]]) -> int:
 @click.option("--force", is_flag=True, help="Recompute slides whose outputs are complete.")
 @click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
 @click.pass_context
-@_errors
+@handle_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
         mpp: float | None, device: str, cluster_request: ClusterRequest,
         shard: tuple[int, int] | None, force: bool, quiet: bool) -> None:
@@ -259,7 +245,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
 @click.argument("inputs", nargs=-1, required=True)
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
-@_errors
+@handle_errors
 def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
            as_json: bool) -> None:
     """Preflight a batch without running models: can each slide be opened, its MPP and
@@ -302,7 +288,7 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
 @click.option("--slide", "slide_path", default=None, type=click.Path(exists=True),
               help="The slide file, if it moved since the run.")
 @click.option("--mpp", type=float, default=None, help="MPP override used for the run.")
-@_errors
+@handle_errors
 def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
     """Re-render heatmap.png, tokens.png, regions.geojson and candidates.csv from a store,
     without recomputing.
@@ -327,7 +313,7 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
 @click.option("--real/--no-real", default=True, show_default=True,
               help="Also run the real slide in ../shared/data when present.")
 @click.option("--quiet", is_flag=True)
-@_errors
+@handle_errors
 def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool,
          quiet: bool) -> None:
     """The main job on a built-in default: synthetic CAMELYON-like slides with tumour regions;

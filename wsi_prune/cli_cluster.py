@@ -11,14 +11,14 @@ Thin on purpose: options are parsed here, the work is in :mod:`wsi_prune.cluster
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from .cli_common import handle_errors
 from .cluster import ClusterRequest, SlurmOptions, merge_outputs, submit_slurm
-from .errors import EXIT_ERROR, ConfigError, WsiPruneError
+from .errors import ConfigError
 
 _CTX = {"help_option_names": ["-h", "--help"]}
 
@@ -47,20 +47,6 @@ def _shard_callback(ctx: click.Context, param: click.Parameter, value: str | Non
         return parse_shard(value)
     except ConfigError as exc:
         raise click.BadParameter(exc.reason) from None
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Our exceptions -> one line on stderr and exit code 1 (as in :mod:`wsi_prune.cli`)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WsiPruneError as exc:
-            click.echo(f"error: {exc.one_line()}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
 
 
 def _slurm_options(array: bool) -> list[Callable[..., Any]]:
@@ -163,7 +149,7 @@ def submit() -> None:
 @click.option("--setup", "setup", multiple=True, metavar="LINE",
               help="Shell line run in every job first, e.g. 'module load cuda' (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Write and print the scripts; submit nothing.")
-@_errors
+@handle_errors
 def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path: str | None,
                      mpp: float | None, queue: str | None, account: str | None, cores: int,
                      memory: str, walltime: str, gpus: int, max_jobs: int | None, job_name: str,
@@ -205,7 +191,7 @@ def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path
               help="K (default: from the shard file names).")
 @click.option("--partial", is_flag=True,
               help="Merge the shards present and record the missing ones in manifest.json.")
-@_errors
+@handle_errors
 def merge(out: str, shards: int | None, partial: bool) -> None:
     """Merge OUT/predictions.shard-i-of-K.csv into OUT/predictions.csv, and the shard
     manifests into OUT/manifest.json. Fails, listing them, if shards are missing.

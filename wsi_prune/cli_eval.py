@@ -5,12 +5,11 @@ A standalone click command; :mod:`wsi_prune.cli` registers it with ``main.add_co
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from .errors import EXIT_ERROR, WsiPruneError
+from .cli_common import handle_errors
 
 _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -32,6 +31,7 @@ _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="FROC evaluation-mask µm/px [default: 7.776, CAMELYON16 level 5].")
+@handle_errors
 def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Path | None,
              annotations: Path | None, out: Path | None, threshold: float, n_boot: int,
              seed: int, mask_mpp: float | None) -> None:
@@ -56,18 +56,14 @@ def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Pa
           "mask_mpp": mask_mpp or CAMELYON16_MASK_MPP}  # fmt: skip
     if compare is None and labels is None and annotations is None:
         raise click.UsageError("give --labels and/or --annotations to evaluate a run")
-    try:
-        if compare is None:
-            dest = out or run_dir / "evaluation"
-            m = evaluate_run(run_dir, labels, annotations, dest, **kw)
-            _echo_run(m)
-        else:
-            dest = out or compare[1] / "comparison"
-            m = compare_runs(compare[0], compare[1], dest, labels, annotations, **kw)
-            _echo_compare(m)
-    except WsiPruneError as exc:
-        click.echo(f"error: {exc.one_line()}", err=True)
-        sys.exit(EXIT_ERROR)
+    if compare is None:
+        dest = out or run_dir / "evaluation"
+        m = evaluate_run(run_dir, labels, annotations, dest, **kw)
+        _echo_run(m)
+    else:
+        dest = out or compare[1] / "comparison"
+        m = compare_runs(compare[0], compare[1], dest, labels, annotations, **kw)
+        _echo_compare(m)
     click.echo(f"report: {dest / 'report.md'}")
 
 

@@ -4,32 +4,13 @@ registers with ``main.add_command``."""
 
 from __future__ import annotations
 
-import functools
 import math
-import sys
-from collections.abc import Callable
-from typing import Any
 
 import click
 
-from .errors import EXIT_ERROR, WsiPruneError
+from .cli_common import handle_errors
 
 __all__ = ["train_mil", "train_scorer"]
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Our exceptions become a one-line message and exit code 1 (as in ``cli.py``, which
-    imports this module, so it cannot be imported from there)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WsiPruneError as exc:
-            click.echo(f"error: {exc.one_line()}", err=True)
-            sys.exit(EXIT_ERROR)
-
-    return wrapper
 
 
 def _progress() -> bool:
@@ -75,7 +56,7 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
               default=None, help="Scorer weights to fine-tune from.")
 @_seed
 @_threads
-@_errors
+@handle_errors
 def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool, out: str,
                  config_path: str | None, model: str | None, grid: int | None, epochs: int,
                  lr: float, batch_size: int, max_tiles_per_store: int, no_augment: bool,
@@ -138,7 +119,7 @@ def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool
               help="Tiles drawn per slide per training step (0: all).")
 @_seed
 @_threads
-@_errors
+@handle_errors
 def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, epochs: int,
               patience: int, lr: float, hidden: int, dropout: float, batch_bags: int,
               max_instances: int, seed: int, threads: int | None) -> None:

@@ -295,17 +295,23 @@ def clear_cache() -> None:
         _cache_stats.update(hits=0, loads=0)
 
 
-def get_models(config_json: str, device: str = "cpu") -> Any:
+def get_models(config_json: str, device: str = "cpu", run_hash: str | None = None) -> Any:
     """The run's models (:class:`wsi_prune.pipeline.Models`), loaded once per process.
 
     Args:
-        config_json: the run config as JSON (``json.dumps(config.to_dict())``); its SHA-256
-            and ``device`` are the cache key.
+        config_json: the run config as JSON (``json.dumps(config.to_dict())``).
+        device: ``cpu`` or ``cuda``.
+        run_hash: :meth:`~wsi_prune.config.RunConfig.run_hash` (config plus weight-file
+            digests), so that weights retrained at the same path are loaded afresh by a
+            long-lived worker; None: the config alone identifies the models.
+
+    The cache key is the SHA-256 of ``device``, ``config_json`` and ``run_hash``.
     """
     from .config import RunConfig
     from .pipeline import load_models
 
-    key = "models:" + hashlib.sha256(f"{device}\0{config_json}".encode()).hexdigest()
+    ident = f"{device}\0{config_json}\0{run_hash or ''}"
+    key = "models:" + hashlib.sha256(ident.encode()).hexdigest()
     return cached(key, lambda: load_models(RunConfig.from_dict(json.loads(config_json)), device))
 
 
@@ -421,6 +427,11 @@ def merge_outputs(out: str | os.PathLike[str], shards: int | None = None, partia
     if len(hashes) > 1:
         raise OutputConflict(f"shards ran with different configs ({len(hashes)} config hashes)",
                              out)
+    # same config, but weight files that changed between shards (retrained at the same path)
+    run_hashes = {m.get("run_hash") for m in manifests}
+    if len(run_hashes) > 1:
+        raise OutputConflict(f"shards ran with different weights ({len(run_hashes)} run "
+                             "hashes for one config)", out)
     rows.sort(key=lambda r: r["id"])
 
     pred_path, man_path = out / "predictions.csv", out / "manifest.json"
@@ -479,7 +490,8 @@ def _merge_manifests(manifests: list[dict[str, Any]], k: int, present: list[int]
     slides: dict[str, Any] = {}
     for m in manifests:
         slides.update(m.get("slides") or {})
-    merged = {key: first.get(key) for key in ("config", "config_hash", "versions", "models")}
+    merged = {key: first.get(key)
+              for key in ("config", "config_hash", "run_hash", "versions", "models")}
     # a shard whose slides were all skipped loaded no models; take the first that did
     merged["models"] = next((m["models"] for m in manifests if m.get("models")), None)
     starts = [m["started"] for m in manifests if m.get("started")]

@@ -318,7 +318,11 @@ def froc_png(path: str | os.PathLike[str], curves: FrocResult | Mapping[str, Fro
     ax.set(xlim=(1 / 8, 16), ylim=(0, 1.01))
     for rate in FP_RATES:
         ax.axvline(rate, color="grey", lw=0.5, ls=":")
-    ax.legend(loc="lower right")
+    if any(r.average is not None for r in curves.values()):
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "FROC undefined: no annotated lesion", transform=ax.transAxes,
+                ha="center", va="center")
     return _save(fig, Path(path))
 
 

@@ -721,8 +721,9 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
     config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)
     try:
-        return process_slide(entry, Path(out), config, lambda: get_models(config_json, device),
-                             device, force, scheduler="dask-worker", run_hash=run_hash)
+        return process_slide(entry, Path(out), config,
+                             lambda: get_models(config_json, device, run_hash), device, force,
+                             scheduler="dask-worker", run_hash=run_hash)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
