@@ -188,3 +188,18 @@ def test_readme_examples_use_existing_commands_and_options() -> None:
                 assert (REPO / c[i + 1].removeprefix("/opt/wsi-prune/")).is_file()
     text = (REPO / "docker" / "README.md").read_text()
     assert "have not been built or run in CI" in text
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/cluster.md"])
+def test_wsi_prune_commands_in_docs_exist(doc: str) -> None:
+    """Every `wsi-prune ...` line of the docs' bash blocks names a real command and options."""
+    text = (REPO / doc).read_text()
+    joined = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    cmds = [w[1:] for w in (shlex.split(ln, comments=True) for ln in joined.splitlines())
+            if w[:1] == ["wsi-prune"]]
+    assert len(cmds) >= 8
+    for c in cmds:
+        _check_wsi_prune_args(c, f"{doc}: wsi-prune {' '.join(c)}")
+        for i, word in enumerate(c[:-1]):
+            if word == "--config" and c[i + 1].startswith("pipelines/"):
+                assert (REPO / c[i + 1]).is_file(), c

@@ -558,3 +558,19 @@ def test_mixed_folder_through_cli(tmp_path, three_slides, nompp_slide):
     m = json.loads((out / "manifest.json").read_text())
     assert {k: v["status"] for k, v in m["slides"].items()} == {
         k: v["status"] for k, v in table.items()}
+
+
+def test_run_dense_flag_sends_every_tile_and_token(tmp_path, tiff_slide):
+    res = CliRunner().invoke(main, ["run", str(tiff_slide), "--out", str(tmp_path / "d"),
+                                    "--config", DEMO_YAML, "--dense", "--quiet"])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "d" / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "ok" and int(row["tissue_tiles"]) > 0
+    assert row["kept_tiles"] == row["tissue_tiles"]
+    assert float(row["token_fraction"]) == 1.0
+    g = zarr.open_group(str(tmp_path / "d" / f"{tiff_slide.stem}.zarr"), mode="r")
+    assert np.asarray(g["vit/kept_tokens"][...]).all()  # no token pruned at any stage
+    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert man["config"]["tile_select"]["policy"] == "all"
+    assert man["config"]["vit"]["prune_blocks"] == []

@@ -62,9 +62,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
     \b
     Examples:
+      wsi-prune demo
       wsi-prune info slide.svs
-      wsi-prune tile slide.svs --out out/
-      wsi-prune synth --n 4 --out synth/
+      wsi-prune run slides/ --out results/ --config pipelines/camelyon16.yaml
+      wsi-prune evaluate results/ --labels reference.csv --annotations lesions/
     """
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet
@@ -193,13 +194,16 @@ def _exit_code(rows: list[dict[str, Any]]) -> int:
 @config_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @cluster_options
+@click.option("--dense", is_flag=True,
+              help="Prune nothing: every tissue tile and token reaches the ViT (the reference "
+                   "for `evaluate --compare`, and what `train-mil` trains on).")
 @click.option("--force", is_flag=True, help="Recompute slides whose outputs are complete.")
 @click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
         mpp: float | None, device: str, cluster_request: ClusterRequest,
-        shard: tuple[int, int] | None, force: bool, quiet: bool) -> None:
+        shard: tuple[int, int] | None, dense: bool, force: bool, quiet: bool) -> None:
     """Slides in, predictions, heatmaps and a run report out.
 
     INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
@@ -223,6 +227,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out results/ --scheduler tcp://10.0.0.5:8786
       wsi-prune run slides/ --out /scratch/res --cluster slurm --queue cpu --max-jobs 8
       wsi-prune run slides/ --out results/ --shard 0/4
+      wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
     """
     from .pipeline import run_batch
 
@@ -232,6 +237,8 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
     _setup_logging(0, quiet, outp / log)
     cfg = load_config(config_path)
+    if dense:
+        cfg = cfg.dense()
     with _exit_on_sigterm(), cluster_request.client() as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
                          force=force, shard=shard, progress=not quiet)
