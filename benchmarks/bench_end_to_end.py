@@ -30,8 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from wsi_prune.batch import run_batch
 from wsi_prune.config import RunConfig
-from wsi_prune.pipeline import run_batch
 
 #: pruned keep settings: name -> config overrides
 SETTINGS = {
@@ -74,6 +74,56 @@ def _num(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def stage_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown table of seconds per pipeline stage summed over each run's slides, with each
+    stage's dense/pruned ratio (the first run is the reference)."""
+    from wsi_prune.pipeline import STAGES
+
+    ref = None
+    lines = ["| run | " + " | ".join(STAGES) + " | total |", "|---" * (len(STAGES) + 2) + "|"]
+    for name, rows in runs.items():
+        sums = [sum(float(r.get(f"sec_{s}") or 0.0) for r in rows) for s in STAGES]
+        sums.append(sum(sums))
+        ref = ref or sums
+        cells = [f"{v:.1f}" if ref is sums else f"{v:.1f} ({ref[i] / max(v, 1e-9):.1f}x)"
+                 for i, v in enumerate(sums)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scale_part(out: Path, cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Wall time of dense vs pruned on a few larger slides (thousands of tissue tiles, as real
+    CAMELYON16 slides have tens of thousands), same weights: where fixed per-slide costs
+    (opening, thumbnail, pictures) no longer hide the ViT's share."""
+    from wsi_prune.synth import write_dataset
+
+    scale_dir = out / f"scale-slides-{args.scale_size}"
+    if not (scale_dir / "labels.csv").is_file():
+        write_dataset(scale_dir, n=args.scale_n, seed=3, size=args.scale_size)
+    slides = sorted(p for p in scale_dir.iterdir() if p.suffix in (".svs", ".tif"))
+    runs, walls = {}, {}
+    for name, c in [("dense", dense(cfg))] + [
+        (s, cfg.replace(**SETTINGS[s])) for s in args.settings.split(",")
+    ]:
+        rows, walls[name] = timed_run(slides, out / f"scale-{name}", c)
+        runs[name] = rows
+        print(f"scale {name}: {walls[name]:.0f} s")
+    tiles = sum(int(r["tissue_tiles"] or 0) for r in runs["dense"])
+    lines = [f"{len(slides)} synthetic slides of {args.scale_size}x{args.scale_size} px "
+             f"({tiles} tissue tiles in all), same weights as above.", "",
+             "| run | tokens to ViT | wall s | speed-up |", "|---|---|---|---|"]
+    for name, rows in runs.items():
+        ok = [x for x in rows if x["status"] in ("ok", "skipped")]
+        tok = sum(x["token_fraction"] * x["tissue_tiles"] for x in ok) / max(
+            1, sum(x["tissue_tiles"] for x in ok))
+        lines.append(f"| {name} | {tok:.1%} | {walls[name]:.0f} | "
+                     f"{walls['dense'] / walls[name]:.1f}x |")
+    lines += ["", stage_table(runs)]
+    text = "\n".join(lines)
+    print(text)
+    (out / "scale.md").write_text(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/e2e"))
@@ -84,7 +134,15 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="4-block ViT (fast)")
     ap.add_argument("--scorer-epochs", type=int, default=8)
     ap.add_argument("--settings", default="keep-A,keep-B,keep-C")
+    ap.add_argument("--parts", default="accuracy,scale",
+                    help="accuracy: the train/test table; scale: wall time on larger slides")
+    ap.add_argument("--scale-n", type=int, default=3, help="slides of the scale part")
+    ap.add_argument("--scale-size", type=int, default=16384, help="their side, px")
+    ap.add_argument("--test-lesions", choices=["mixed", "small"], default="mixed",
+                    help="mixed: the training set's lesion sizes; small: one 40-100 µm lesion "
+                         "per tumour slide (ITC/micro-like, harder than the training set)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
     from wsi_prune.evaluate import compare_runs, evaluate_run
     from wsi_prune.synth import write_dataset
@@ -94,11 +152,14 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    train_dir, test_dir = out / "train-slides", out / "test-slides"
+    tag = "" if args.test_lesions == "mixed" else f"-{args.test_lesions}"
+    train_dir, test_dir = out / "train-slides", out / f"test-slides{tag}"
+    lesions = {"small": {"n_tumours": 1, "tumour_radius_um": (40.0, 100.0)}}
     t = time.perf_counter()
-    for d, n, seed in ((train_dir, args.n_train, 1), (test_dir, args.n_test, 2)):
+    for d, n, seed, over in ((train_dir, args.n_train, 1, {}),
+                             (test_dir, args.n_test, 2, lesions.get(args.test_lesions, {}))):
         if not (d / "labels.csv").is_file():
-            write_dataset(d, n=n, seed=seed, size=args.size)
+            write_dataset(d, n=n, seed=seed, size=args.size, **over)
     timings["synthesise"] = time.perf_counter() - t
     train_slides = sorted(p for p in train_dir.iterdir() if p.suffix in (".svs", ".tif"))
     test_slides = sorted(p for p in test_dir.iterdir() if p.suffix in (".svs", ".tif"))
@@ -127,24 +188,30 @@ def main() -> None:
     timings["train_mil"] = time.perf_counter() - t
     cfg = cfg.replace(mil={"weights": str(mil_w)})
 
+    if "scale" in parts:
+        scale_part(out, cfg, args)
+    if "accuracy" not in parts:
+        return
+
     # 4. test runs, same weights
     runs: dict[str, dict] = {}
     labels, ann = test_dir / "labels.csv", test_dir
     for name, c in [("dense", dense(cfg))] + [
         (s, cfg.replace(**SETTINGS[s])) for s in args.settings.split(",")
     ]:
-        rows, wall = timed_run(test_slides, out / f"test-{name}", c)
-        ev = evaluate_run(out / f"test-{name}", labels, ann)
+        rows, wall = timed_run(test_slides, out / f"test{tag}-{name}", c)
+        ev = evaluate_run(out / f"test{tag}-{name}", labels, ann)
         runs[name] = {"wall_s": wall, "rows": rows, "eval": ev}
         print(f"{name}: {wall:.0f} s, AUC {ev['slide_level']['auc']}")
-    comps = {name: compare_runs(out / "test-dense", out / f"test-{name}",
-                                out / f"compare-{name}", labels, ann)
+    comps = {name: compare_runs(out / f"test{tag}-dense", out / f"test{tag}-{name}",
+                                out / f"compare{tag}-{name}", labels, ann)
              for name in runs if name != "dense"}
 
     # 5. table
     dense_wall = runs["dense"]["wall_s"]
     lines = [
-        f"Synthetic CAMELYON-like set: {args.n_train} training and {args.n_test} test slides, "
+        f"Synthetic CAMELYON-like set: {args.n_train} training and {args.n_test} test slides "
+        f"({args.test_lesions} lesions), "
         f"{args.size}x{args.size} px at 0.5 µm/px; ViT {args.vit}"
         f"{' (4 blocks)' if args.tiny else ''}; scorer mobilenetv3_small_100; same weights "
         f"in every run. Machine: {psutil.cpu_count()} cores, "
@@ -152,10 +219,11 @@ def main() -> None:
         f"{dt.date.today().isoformat()}.",
         "",
         "| run | tokens to ViT | GMACs (of dense) | wall s | speed-up | AUC [95% CI] | "
-        "FROC | |ΔAUC| | ΔFROC | max |Δp| | label agreement | heat Spearman |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "accuracy / sensitivity @0.5 | FROC | |ΔAUC| | ΔFROC | max |Δp| | label agreement | "
+        "heat Spearman |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    budget = []
+    budget: list[tuple[str, float, dict]] = []
     dense_auc = (runs["dense"]["eval"].get("slide_level") or {}).get("auc")
     dense_fr = (runs["dense"]["eval"].get("froc") or {}).get("average")
     for name, r in runs.items():
@@ -179,37 +247,53 @@ def main() -> None:
             agree = f"{c['probability']['label_agreement']:.2f}"
             sp_v = c["heatmap"]["vit"]["mean"]
             sp = "" if sp_v is None else f"{sp_v:.2f}"
-            budget.append((tok, auc, fr))
+        sl = ev.get("slide_level") or {}
+        budget.append((name, tok, {"auc": auc, "froc": fr, "sensitivity": sl.get("sensitivity")}))
+        r["tokens"] = tok
         lines.append(
             f"| {name} | {tok:.1%} | {gm:.0f} ({gm / gd:.1%}) | {r['wall_s']:.0f} | "
             f"{dense_wall / r['wall_s']:.1f}x | {_num(auc)} [{ci[0]:.2f}, {ci[1]:.2f}] | "
+            f"{_num(sl.get('accuracy'))} / {_num(sl.get('sensitivity'))} | "
             f"{'' if fr is None else f'{fr:.3f}'} | {d_auc} | {d_fr} | {dp} | {agree} | {sp} |")
+    lines += ["", "Seconds per stage, summed over the test slides:", "",
+              stage_table({n: r["rows"] for n, r in runs.items()})]
     lines += ["", "Preparation (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     text = "\n".join(lines)
     print(text)
-    (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {n: {"wall_s": r["wall_s"], "eval": r["eval"]} for n, r in runs.items()}, indent=2,
+    (out / f"results{tag}.md").write_text(text + "\n")
+    (out / f"results{tag}.json").write_text(json.dumps(
+        {n: {"wall_s": r["wall_s"], "tokens": r["tokens"], "eval": r["eval"]}
+         for n, r in runs.items()}, indent=2,
         default=str))
 
+    budget_png(out / f"budget{tag}.png", budget, args.test_lesions)
+
+
+def budget_png(path: Path, points: list[tuple[str, float, dict]], lesions: str) -> None:
+    """Accuracy versus token budget: slide AUC, lesion FROC and slide sensitivity at the 0.5
+    threshold against the share of tissue tokens that reached the ViT (log axis), one point
+    per run (the dense run at 100 %)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    budget.sort(key=lambda b: b[0])  # an AUC may be None: never compared
-    if all(b[1] is not None for b in budget):
-        ax.plot([b[0] * 100 for b in budget], [b[1] for b in budget], "o-", label="pruned AUC")
-    if dense_auc is not None:
-        ax.axhline(dense_auc, color="k", ls="--", label="dense AUC")
-    if all(b[2] is not None for b in budget):
-        ax.plot([b[0] * 100 for b in budget], [b[2] for b in budget], "s-", label="pruned FROC")
-    ax.set_xlabel("tissue tokens reaching the ViT (%)")
-    ax.set_ylabel("score")
-    ax.legend()
+    pts = sorted(points, key=lambda p: p[1])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for key, label, marker in (("auc", "slide AUC", "o"), ("froc", "lesion FROC", "s"),
+                               ("sensitivity", "slide sensitivity @0.5", "^")):
+        xy = [(tok * 100, m[key]) for _, tok, m in pts if m.get(key) is not None]
+        if xy:
+            ax.plot(*zip(*xy, strict=True), marker=marker, label=label)
+    for name, tok, _ in pts:
+        ax.annotate(name, (tok * 100, 0.02), fontsize=7, ha="center", rotation=90)
+    ax.set_xscale("log")
+    ax.set(xlabel="tissue tokens reaching the ViT (%, log)", ylabel="score", ylim=(0, 1.05),
+           title=f"accuracy vs budget ({lesions} lesions)")
+    ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "budget.png")
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

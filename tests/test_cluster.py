@@ -451,8 +451,8 @@ def test_run_batch_on_two_workers_with_one_sigkilled_equals_one_process(tmp_path
 
     from distributed import get_task_stream
 
+    from wsi_prune.batch import run_batch
     from wsi_prune.config import RunConfig
-    from wsi_prune.pipeline import run_batch
     from wsi_prune.synth import write_dataset
 
     slides = write_dataset(tmp_path / "slides", n=3, size=2048, seed=5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from wsi_prune.batch import run_batch
 from wsi_prune.config import RunConfig
 from wsi_prune.evaluate import read_candidates
 from wsi_prune.heatmap import (
@@ -23,7 +24,6 @@ from wsi_prune.heatmap import (
     tile_heat,
     write_candidates,
 )
-from wsi_prune.pipeline import run_batch
 from wsi_prune.synth import SynthSpec, write_slide
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,18 +19,12 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
+from wsi_prune.batch import discover, run_batch, safe_id
 from wsi_prune.cli import main
 from wsi_prune.config import RunConfig
 from wsi_prune.demo import DEMO_CONFIG, demo_config
 from wsi_prune.errors import EXIT_SOME_FAILED
-from wsi_prune.pipeline import (
-    PREDICTION_COLUMNS,
-    SlideEntry,
-    discover,
-    run_batch,
-    run_complete,
-    safe_id,
-)
+from wsi_prune.pipeline import PREDICTION_COLUMNS, SlideEntry, run_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 

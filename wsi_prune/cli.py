@@ -229,7 +229,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out results/ --shard 0/4
       wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
     """
-    from .pipeline import run_batch
+    from .batch import run_batch
 
     quiet = quiet or ctx.obj.get("quiet", False)
     outp = Path(out)
@@ -265,8 +265,8 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
     Example:
       wsi-prune doctor slides/ --mpp 0.25
     """
+    from .batch import discover
     from .errors import EXIT_SOME_FAILED
-    from .pipeline import discover
     from .preflight import inspect_slide
 
     cfg = load_config(config_path)

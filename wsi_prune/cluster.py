@@ -2,7 +2,7 @@
 dask-jobqueue ``SLURMCluster``, or SLURM array jobs over shards of the slide list.
 
 Nothing here schedules work itself. :func:`make_client` chooses the Dask cluster; the batch
-driver (:func:`wsi_prune.pipeline.run_batch`) submits slides to it. For clusters where a
+driver (:func:`wsi_prune.batch.run_batch`) submits slides to it. For clusters where a
 long-lived Dask scheduler is unwelcome, :func:`submit_slurm` writes an sbatch **array** (one
 task per shard, each running ``wsi-prune run --shard i/K``) and a merge job that depends on it;
 :func:`merge_outputs` combines the shards' ``predictions.shard-i-of-K.csv`` and manifests.

@@ -1,7 +1,7 @@
 """``make demo``: the main job on a built-in default.
 
 Writes a few synthetic CAMELYON-like slides (half with planted tumour regions), adds the real
-Aperio slide from ``../shared/data`` when it is there, and runs :func:`wsi_prune.pipeline.run_batch`
+Aperio slide from ``../shared/data`` when it is there, and runs :func:`wsi_prune.batch.run_batch`
 with the tiny demo models (the same settings as ``pipelines/demo.yaml``).
 """
 
@@ -75,7 +75,7 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
     training slides; return ``config`` pointing at the weights. Reuses weights already there."""
     import click
 
-    from .pipeline import run_batch
+    from .batch import run_batch
     from .tiling import tile_slide
     from .train import train_mil, train_scorer
 
@@ -109,8 +109,8 @@ def run_demo(out: Path, n_train: int = 6, n_test: int = 4, size: int = 4096, rea
     """
     import click
 
+    from .batch import run_batch
     from .evaluate import evaluate_run
-    from .pipeline import run_batch
     from .synth import write_dataset
 
     out = Path(out)

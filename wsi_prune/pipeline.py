@@ -1,4 +1,4 @@
-"""The main job: slide folders in, slide predictions, heatmaps and a run report out.
+"""One slide through every stage: the models of a run and the per-slide composition.
 
 Per slide (:func:`process_slide`), each stage a function over the slide's store and the config:
 
@@ -13,25 +13,15 @@ Per slide (:func:`process_slide`), each stage a function over the slide's store 
 A slide's results count as done only when the store's ``run_hash`` attribute equals the run
 hash (the config hash plus the SHA-256 of every weight file, :meth:`RunConfig.run_hash`) and
 its output folder exists: both are written last, so a run killed at any point is redone on the
-next run rather than mistaken for complete. Any error in one slide is recorded in
-``predictions.csv`` and the batch goes on (:func:`run_batch`). A run holds ``OUT/.run.lock``
-(:func:`run_lock`), so a second run on the same OUT refuses instead of racing it.
+next run rather than mistaken for complete. Many slides, resume, failure isolation and the run
+lock live in :mod:`wsi_prune.batch`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import datetime as _dt
-import json
 import logging
-import os
-import platform
-import re
-import shutil
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +30,10 @@ import numpy as np
 import torch
 import zarr
 
-from . import __version__, store
+from . import store
 from .config import RunConfig
-from .errors import ConfigError, OutputConflict, UnsupportedSlide, WsiPruneError
-from .slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, Slide
+from .errors import ConfigError, UnsupportedSlide, WsiPruneError
+from .slide import Slide
 from .tiling import tile_slide
 
 _logger = logging.getLogger(__name__)
@@ -54,7 +44,6 @@ PREDICTION_COLUMNS = (
     "sec_tiling", "sec_triage", "sec_vit", "sec_mil", "sec_outputs", "sec_total",
 )
 STAGES = ("tiling", "triage", "vit", "mil", "outputs")
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -73,70 +62,6 @@ class SlideEntry:
     path: Path
     mpp: float | None = None
     label: int | None = None
-
-
-def safe_id(name: str) -> str:
-    """A filesystem-safe id: letters, digits, ``.``, ``_``, ``-``; never empty, never hidden,
-    never ``..``, so ``OUT/<id>`` stays inside OUT."""
-    sid = _SAFE_ID.sub("_", name).strip("._") or "slide"
-    return sid[:120]
-
-
-def discover(
-    inputs: Iterable[str | os.PathLike[str]], mpp: float | None = None
-) -> list[SlideEntry]:
-    """Expand slide files, folders (recursive, by slide extension) and CSV slide lists.
-
-    A CSV list has a ``path`` column (relative paths are relative to the CSV) and optional
-    ``id``, ``mpp`` and ``label`` columns. Ids are made unique with ``-2``, ``-3``...
-
-    Raises:
-        ConfigError: an input that does not exist, or a CSV without a ``path`` column.
-    """
-    raw: list[tuple[Path, str | None, float | None, int | None]] = []
-    exts = tuple(SLIDE_EXTENSIONS) + tuple(IMAGE_EXTENSIONS) if mpp else tuple(SLIDE_EXTENSIONS)
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
-                           and not f.name.startswith("."))
-            raw.extend((f, None, None, None) for f in found)
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            raw.extend(_read_slide_list(p))
-        elif p.exists() or p.suffix:  # a missing file is a failed slide, not a usage error
-            raw.append((p, None, None, None))
-        else:
-            raise ConfigError("input is neither a slide, a folder nor a CSV slide list", p)
-    entries, seen = [], set()
-    for path, given_id, row_mpp, label in raw:
-        base = safe_id(given_id or path.stem)
-        sid, k = base, 2
-        while sid.lower() in seen:
-            sid, k = f"{base}-{k}", k + 1
-        seen.add(sid.lower())
-        entries.append(SlideEntry(sid, path, row_mpp if row_mpp is not None else mpp, label))
-    return entries
-
-
-def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:
-    from .annotations import parse_label
-
-    rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ConfigError("slide list needs a 'path' column", path)
-        for i, row in enumerate(reader, start=2):
-            p = Path(row["path"])
-            if not p.is_absolute():
-                p = path.parent / p
-            try:
-                row_mpp = float(row["mpp"]) if row.get("mpp") else None
-                label = parse_label(row["label"]) if row.get("label") else None
-            except ValueError as exc:
-                raise ConfigError(f"line {i}: {exc}", path) from exc
-            rows.append((p, row.get("id") or None, row_mpp, label))
-    return rows
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -486,7 +411,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     return _row_from_result(entry, "ok", result, dict(group.attrs))
 
 
-# -- a batch -----------------------------------------------------------------------------------
+# -- rows ------------------------------------------------------------------------------------
 def failed_row(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
     """A ``predictions.csv`` row for a slide that failed, with a one-line reason."""
     if isinstance(exc, WsiPruneError):
@@ -496,241 +421,3 @@ def failed_row(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
     row = {c: None for c in PREDICTION_COLUMNS}
     row.update(id=entry.id, path=str(entry.path), status="failed", error=reason)
     return row
-
-
-def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``predictions.csv`` atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
-    os.replace(tmp, path)
-
-
-def _fmt(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def versions() -> dict[str, str]:
-    """Versions of the package and the libraries that decide its numbers."""
-    import dask
-    import openslide
-    import timm
-
-    out = {"wsi_prune": __version__, "python": platform.python_version(),
-           "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
-           "dask": dask.__version__, "numpy": np.__version__,
-           "openslide_python": openslide.__version__,
-           "openslide": getattr(openslide, "__library_version__", "unknown")}
-    return out
-
-
-def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]],
-                   started: str, models: dict[str, Any] | None, extra: dict | None = None) -> None:
-    """Write ``manifest.json`` atomically: config, hash, versions, models, times, slides."""
-    manifest = {
-        "config": config.to_dict(), "config_hash": config.hash(), "versions": versions(),
-        "models": models, "started": started,
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "slides": {r["id"]: {k: r.get(k) for k in ("status", "error", "path", "probability",
-                                                   "sec_total")} for r in rows},
-        **(extra or {}),
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
-    """``OUT/.run.lock``, or ``OUT/.run.shard-i-of-K.lock`` for a shard: held by the run."""
-    if shard is None:
-        return Path(out) / ".run.lock"
-    from .cluster import shard_suffix
-
-    return Path(out) / f".run{shard_suffix(*shard)}.lock"
-
-
-@contextlib.contextmanager
-def run_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[Path]:
-    """Hold the run-level lock of ``out`` (:func:`run_lock_path`, :func:`store.locked`
-    semantics: a dead holder on this host is taken over).
-
-    Without it, a second run on the same OUT would find every slide locked, record them as
-    failed and overwrite the first run's ``predictions.csv`` and ``manifest.json``.
-
-    Raises:
-        OutputConflict: another live run holds the lock; names OUT and its pid.
-    """
-    lock = run_lock_path(out, shard)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(store.locked(lock.with_suffix("")))
-        except OutputConflict as exc:
-            holder = getattr(exc, "holder", {})
-            raise OutputConflict(
-                f"another wsi-prune run (pid {holder.get('pid')} on {holder.get('host')}) is "
-                f"writing to this output folder; wait for it or use another --out (if no run is "
-                f"active, delete {lock})", out) from None
-        yield lock
-
-
-def run_batch(
-    inputs: Sequence[str | os.PathLike[str]] | Sequence[SlideEntry],
-    out: str | os.PathLike[str],
-    config: RunConfig,
-    *,
-    mpp: float | None = None,
-    device: str = "cpu",
-    client: Any = None,
-    force: bool = False,
-    shard: tuple[int, int] | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Run the pipeline on every slide; one slide's failure never stops the others.
-
-    The run holds ``OUT/.run.lock`` (a shard: ``OUT/.run.shard-i-of-K.lock``) throughout, so
-    a second run on the same OUT refuses at once instead of racing this one.
-
-    Args:
-        inputs: slide files, folders, CSV slide lists, or ready :class:`SlideEntry` objects.
-        out: output folder (created).
-        config: the run config.
-        mpp: MPP override for slides without metadata, µm/px.
-        device: ``cpu`` or ``cuda``.
-        client: a ``distributed.Client``: slides become tasks on its workers (models load
-            once per worker); None: this process.
-        force: recompute slides whose outputs are complete.
-        shard: ``(i, k)``: only the i-th of k deterministic shards of the slide list; the
-            shard writes its own ``predictions.shard-i-of-k.csv`` and manifest.
-        progress: show progress bars (slides, and tile batches per slide).
-
-    Returns:
-        The ``predictions.csv`` rows, in slide order.
-
-    Raises:
-        OutputConflict: another run holds this OUT (or this shard of it).
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out, shard):
-        return _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
-
-
-def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress):
-    from tqdm.auto import tqdm
-
-    config = apply_trained_configs(config)
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if inputs and isinstance(inputs[0], SlideEntry):
-        entries = list(inputs)
-    else:
-        entries = discover(inputs, mpp)
-    if shard is not None:
-        from .cluster import shard_entries, shard_paths
-
-        entries = shard_entries(entries, *shard)
-        pred_path, manifest_path = shard_paths(out, *shard)
-    else:
-        pred_path, manifest_path = out / "predictions.csv", out / "manifest.json"
-    # Weight files are hashed once per batch: they are part of the resume key and the manifest.
-    digests = config.weight_digests()
-    run_hash = config.run_hash(digests)
-    _logger.info("%d slide(s) -> %s (config %s, run %s)", len(entries), out,
-                 config.hash()[:12], run_hash[:12])
-
-    rows: dict[str, dict[str, Any]] = {}
-    cache: dict[str, Models] = {}
-
-    def get_models() -> Models:
-        if "m" not in cache:
-            cache["m"] = load_models(config, device, digests)
-        return cache["m"]
-
-    def record(entry: SlideEntry, row: dict[str, Any]) -> None:
-        rows[entry.id] = row
-        ordered = [rows[e.id] for e in entries if e.id in rows]
-        write_predictions(pred_path, ordered)
-
-    bar = tqdm(total=len(entries), desc="slides", unit="slide", disable=not progress)
-    if client is None:
-        for entry in entries:
-            bar.set_postfix_str(entry.id)
-            inner: dict[str, Any] = {}
-
-            def tick(stage: str, done: int, total: int, _inner=inner) -> None:
-                b = _inner.get(stage)
-                if b is None:
-                    b = _inner[stage] = tqdm(total=total, desc=f"  {stage}", unit="tile",
-                                             leave=False, disable=not progress)
-                b.update(done - b.n)
-
-            try:
-                row = process_slide(entry, out, config, get_models, device, force,
-                                    progress=tick if progress else None, run_hash=run_hash)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except OutputConflict as exc:
-                row = failed_row(entry, exc)
-            except Exception as exc:  # noqa: BLE001 - one slide must never stop the batch
-                _logger.warning("%s failed: %s", entry.id, failed_row(entry, exc)["error"])
-                _logger.debug("%s", traceback.format_exc())
-                row = failed_row(entry, exc)
-            finally:
-                for b in inner.values():
-                    b.close()
-            record(entry, row)
-            bar.update(1)
-    else:
-        from distributed import as_completed
-
-        # One task per slide, carrying the config as JSON (a few KB), never the weights; each
-        # slide's tile blocks become tasks of their own on the same cluster (tiling.py).
-        config_json = json.dumps(config.to_dict(), sort_keys=True)
-        futures = {client.submit(_slide_task, e, str(out), config_json, device, force,
-                                 run_hash, pure=False, key=f"slide-{e.id}-{os.getpid()}"): e
-                   for e in entries}
-        for fut in as_completed(futures):
-            entry = futures[fut]
-            try:
-                row = fut.result()
-            except Exception as exc:  # noqa: BLE001 - a lost worker etc.
-                row = failed_row(entry, exc)
-            record(entry, row)
-            bar.update(1)
-    bar.close()
-    ordered = [rows[e.id] for e in entries]
-    write_predictions(pred_path, ordered)
-    write_manifest(manifest_path, config, ordered, started, describe_models(config, digests),
-                   {"run_hash": run_hash, "shard": list(shard) if shard else None,
-                    "out": str(out)})
-    return ordered
-
-
-def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool,
-                run_hash: str | None = None) -> dict[str, Any]:
-    """A slide as a Dask task: models load once per worker process and stay there
-    (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster."""
-    from .cluster import get_models
-
-    config = RunConfig.from_dict(json.loads(config_json))
-    torch.set_num_threads(1)
-    try:
-        return process_slide(entry, Path(out), config,
-                             lambda: get_models(config_json, device, run_hash), device, force,
-                             scheduler="dask-worker", run_hash=run_hash)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
-        return failed_row(entry, exc)
-
-
-def clean_out(out: Path, entry: SlideEntry) -> None:
-    """Remove a slide's outputs (used by ``--force`` paths and tests)."""
-    shutil.rmtree(out / f"{entry.id}.zarr", ignore_errors=True)
-    shutil.rmtree(out / entry.id, ignore_errors=True)
