@@ -275,6 +275,9 @@ def test_make_client_default_is_one_process_and_bad_combinations() -> None:
                           ({"cluster": "slurm", "workers": 2}, "--max-jobs"),
                           ({"cluster": "k8s"}, "local or slurm"),
                           ({"workers": -1}, ">= 0"),
+                          ({"workers": 2, "memory_limit": "1GB"}, "--memory-limit 1GB"),
+                          ({"cluster": "slurm", "slurm": SlurmOptions(memory="1GB")},
+                           "--memory 1GB"),
                           ({"scheduler": "no-such-file.json"}, "neither")]:
         with pytest.raises(ConfigError, match=match):
             with make_client(**kwargs):
@@ -287,11 +290,15 @@ def _pid_and_cached(i: int) -> tuple[int, int, dict]:
 
 def test_local_cluster_two_processes_and_per_worker_cache(caplog) -> None:
     caplog.set_level(logging.INFO, logger="wsi_prune.cluster")
-    with make_client(workers=2, memory_limit="1GB", dashboard_address=":0") as client:
+    with make_client(workers=2, memory_limit="2GB", dashboard_address=":0") as client:
         pids = set(client.run(os.getpid).values())
         assert len(pids) == 2 and os.getpid() not in pids
+        # the heavy imports happened when the workers started, before any task
+        preloaded = client.run(lambda: all(m in sys.modules for m in
+                                           ("torch", "timm", "wsi_prune.batch")))
+        assert set(preloaded.values()) == {True}
         limits = {w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
-        assert limits == {10**9}
+        assert limits == {2 * 10**9}
         results = client.gather(client.map(_pid_and_cached, range(16), pure=False))
         infos = client.run(cluster.cache_info)
     assert "LocalCluster: 2 worker processes, dashboard http" in caplog.text
@@ -444,9 +451,9 @@ def _run_outputs(out: Path, ids: list[str]) -> dict[str, np.ndarray]:
 
 def test_run_batch_on_two_workers_with_one_sigkilled_equals_one_process(tmp_path: Path) -> None:
     """`run --workers 2`: one task per slide, each slide's tile blocks tasks of their own on
-    both workers; SIGKILL the worker running a slide (found by the pid in its lock file)
-    mid-run: the scheduler reruns its tasks, the stale lock is taken over, and every output
-    equals a run in one process."""
+    both workers; once the first slide is done, SIGKILL the worker running another slide
+    (found by the pid in its lock file): the scheduler reruns its tasks, the stale lock is
+    taken over, and every output equals a run in one process."""
     import threading
 
     from distributed import get_task_stream
@@ -467,6 +474,10 @@ def test_run_batch_on_two_workers_with_one_sigkilled_equals_one_process(tmp_path
     stop = threading.Event()
 
     def kill_a_slide_worker() -> None:
+        # after the first slide is recorded (its blocks have run on both workers), kill the
+        # worker running another slide
+        while not stop.is_set() and not (out / "predictions.csv").is_file():
+            time.sleep(0.005)
         while not stop.is_set():
             for lock in out.glob("*.lock"):
                 try:
@@ -610,19 +621,20 @@ def test_sbatch_array_of_wsi_prune_run_then_merge_job(slurm: str, tmp_path: Path
 def test_slurm_cluster_runs_dask_tasks_in_slurm_jobs(slurm: str, tmp_path: Path) -> None:
     """`--cluster slurm`: dask-jobqueue submits worker jobs adaptively (from 0) and the
     tasks run inside them; closing the cluster leaves no job behind."""
-    def where(x: int) -> tuple[int, str | None]:
+    def where(x: int) -> tuple[int, str | None, bool]:
         # nested, so cloudpickle ships it by value: worker jobs cannot import this test module
-        return x * x, os.environ.get("SLURM_JOB_ID")
+        return x * x, os.environ.get("SLURM_JOB_ID"), "wsi_prune.batch" in sys.modules
 
-    opts = SlurmOptions(queue=slurm, cores=1, memory="1GB", walltime="00:10:00", max_jobs=2,
+    opts = SlurmOptions(queue=slurm, cores=1, memory="2GB", walltime="00:10:00", max_jobs=2,
                         job_name="wsi-prune-test", log_directory=str(tmp_path))
     with make_client(cluster="slurm", slurm=opts, interface="lo",
                      dashboard_address=":0") as client:
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
         results = client.gather(client.map(where, range(12)))
-        job_ids = {job for _, job in results}
-    assert [r for r, _ in results] == [x * x for x in range(12)]
+        job_ids = {job for _, job, _ in results}
+    assert [r for r, _, _ in results] == [x * x for x in range(12)]
     assert None not in job_ids and 1 <= len(job_ids) <= 2
+    assert all(pre for _, _, pre in results)  # worker jobs preload wsi_prune
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         q = subprocess.run(["squeue", "-h", "-n", "wsi-prune-test"], capture_output=True,

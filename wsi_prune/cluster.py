@@ -141,6 +141,12 @@ class ClusterRequest:
 
 
 # -- Dask clients ------------------------------------------------------------------------------
+#: Module every worker we start imports first (:mod:`wsi_prune._preload`).
+PRELOAD = "wsi_prune._preload"
+#: Smallest memory limit per Dask worker we accept, bytes (see :func:`_check_worker_memory`).
+MIN_WORKER_MEMORY = 3 * 2**29  # 1.5 GiB
+
+
 @contextlib.contextmanager
 def make_client(
     workers: int | None = None,
@@ -174,6 +180,10 @@ def make_client(
         raise ConfigError("--scheduler uses a running Dask cluster: drop --workers/--cluster")
     if cluster == "slurm" and workers:
         raise ConfigError("--cluster slurm scales adaptively: use --max-jobs, not --workers")
+    if cluster == "slurm":
+        _check_worker_memory((slurm or SlurmOptions()).memory, "--memory")
+    elif memory_limit not in (None, 0, "0", "auto"):
+        _check_worker_memory(memory_limit, "--memory-limit")
 
     if scheduler:
         with _connect(scheduler) as client:
@@ -187,6 +197,23 @@ def make_client(
             yield client
     else:
         yield None
+
+
+def _check_worker_memory(memory: str | int, option: str) -> None:
+    """Refuse a worker memory limit too small to run a slide.
+
+    A worker holds about 0.8 GB once torch, timm and OpenSlide are imported (the CUDA build of
+    torch; measured with the preload), before models and tiles. Dask pauses a worker at 80 %
+    of its limit and never resumes it if the baseline alone is above that, so a small limit
+    would hang the run instead of failing it.
+    """
+    from dask.utils import format_bytes, parse_bytes
+
+    n = memory if isinstance(memory, int) else parse_bytes(str(memory))
+    if n < MIN_WORKER_MEMORY:
+        raise ConfigError(f"{option} {memory}: a Dask worker needs at least "
+                          f"{format_bytes(MIN_WORKER_MEMORY)} (about 0.8 GB after its imports, "
+                          "plus models and tiles); give 2GB or more")
 
 
 @contextlib.contextmanager
@@ -219,7 +246,8 @@ def _local_cluster(n: int, memory_limit: str | int | None, interface: str | None
     # GIL would serialise the Python parts of a slide.
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                       memory_limit=memory_limit if memory_limit is not None else "auto",
-                      interface=interface, dashboard_address=dashboard_address) as lc:
+                      interface=interface, dashboard_address=dashboard_address,
+                      preload=[PRELOAD]) as lc:
         with Client(lc) as client:
             _logger.info("Dask LocalCluster: %d worker processes, dashboard %s", n,
                          client.dashboard_link)
@@ -239,6 +267,7 @@ def _slurm_cluster(opts: SlurmOptions, interface: str | None, dashboard_address:
         job_extra_directives=extra, job_script_prologue=list(opts.setup),
         interface=interface, python=sys.executable,
         scheduler_options={"dashboard_address": dashboard_address},
+        worker_extra_args=["--preload", PRELOAD],
     )
     if opts.log_directory:
         kwargs["log_directory"] = opts.log_directory
