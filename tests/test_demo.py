@@ -12,11 +12,11 @@ from wsi_prune.demo import demo_config, model_note, run_demo
 def test_run_demo_trains_runs_evaluates_and_says_what_is_trained(tmp_path, capsys):
     from wsi_prune.models.weights import file_sha256
 
-    rows = run_demo(tmp_path, n_train=4, n_test=2, size=2048, real=False, quiet=True)
+    rows = run_demo(tmp_path, n_train=6, n_test=2, size=2048, real=False, quiet=True)
     printed = capsys.readouterr().out
     weights = {name: tmp_path / "weights" / f"{name}.safetensors" for name in ("scorer", "mil")}
     assert all(p.is_file() for p in weights.values())
-    assert "training the CNN scorer on 4 slides" in printed
+    assert "training the CNN scorer on 6 slides" in printed
     # the note names each model and its state; the demo ViT is random-init
     assert f"CNN scorer (mobilenetv3_small_100): trained ({weights['scorer']})" in printed
     assert f"MIL slide head: trained ({weights['mil']})" in printed
@@ -30,6 +30,13 @@ def test_run_demo_trains_runs_evaluates_and_says_what_is_trained(tmp_path, capsy
         table = list(csv.DictReader(fh))
     assert [r["id"] for r in table] == [r["id"] for r in rows]
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in table)
+    # trained on 6 slides, the demo already tells its tumour test slide from the normal one
+    with open(tmp_path / "slides" / "labels.csv", newline="") as fh:
+        truth = {r["slide"]: r["label"] for r in csv.DictReader(fh)}
+    prob = {r["id"]: float(r["probability"]) for r in table}
+    (tumour,) = [k for k, v in truth.items() if v == "Tumor"]
+    (normal,) = [k for k, v in truth.items() if v == "Normal"]
+    assert prob[tumour] > 0.5 > prob[normal], prob
     report = (run / "evaluation" / "report.md").read_text()
     assert "AUC" in report
     assert "test set: AUC" in printed and str(run / "predictions.csv") in printed

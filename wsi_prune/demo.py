@@ -7,6 +7,8 @@ with the tiny demo models (the same settings as ``pipelines/demo.yaml``).
 
 from __future__ import annotations
 
+import collections
+import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,11 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
         # 2 folds early stopping saw 3-slide splits and stopped at once, leaving p ~ 0.5 for
         # every test slide), and lr 1e-3 (not train-mil's 2e-4, tuned for hundreds of
         # slides) learns in the epochs such a small set allows.
+        with open(train_dir / "labels.csv", newline="") as fh:
+            per_class = collections.Counter(r["label"] for r in csv.DictReader(fh))
+        folds = max(1, min(3, *per_class.values()))
         res = train_mil(sorted(train_run.glob("*.zarr")), train_dir / "labels.csv", mil_w,
-                        folds=3, lr=1e-3, patience=20, hidden=config.mil.hidden,
+                        folds=folds, lr=1e-3, patience=20, hidden=config.mil.hidden,
                         progress=not quiet)
         click.echo(f"MIL cross-validation AUC per fold: {res.fold_auc}")
     return config.replace(mil={"weights": str(mil_w)})
