@@ -276,6 +276,9 @@ def test_make_client_default_is_one_process_and_bad_combinations() -> None:
                           ({"cluster": "k8s"}, "local or slurm"),
                           ({"workers": -1}, ">= 0"),
                           ({"workers": 2, "memory_limit": "1GB"}, "--memory-limit 1GB"),
+                          ({"workers": 2, "memory_limit": "lots"}, "not a memory size"),
+                          # "auto" is the machine's memory shared out: too little for 4096
+                          ({"workers": 4096, "memory_limit": "auto"}, "per Dask worker"),
                           ({"cluster": "slurm", "slurm": SlurmOptions(memory="1GB")},
                            "--memory 1GB"),
                           ({"scheduler": "no-such-file.json"}, "neither")]:

@@ -568,3 +568,22 @@ def test_run_dense_flag_sends_every_tile_and_token(tmp_path, tiff_slide):
     man = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert man["config"]["tile_select"]["policy"] == "all"
     assert man["config"]["vit"]["prune_blocks"] == []
+
+
+def test_rerun_recomputes_when_the_slide_or_its_mpp_changed(tmp_path, nompp_slide):
+    """The resume key covers the slide as it is now: another --mpp on a slide without
+    metadata, or a replaced file, recomputes instead of keeping stale results."""
+    import shutil
+
+    slide = tmp_path / "s.tif"
+    shutil.copy(nompp_slide, slide)
+    out, cfg = tmp_path / "o", demo_config()
+    first = run_batch([slide], out, cfg, mpp=0.5, progress=False)
+    assert first[0]["status"] == "ok"
+    assert run_batch([slide], out, cfg, mpp=0.5, progress=False)[0]["status"] == "skipped"
+    other = run_batch([slide], out, cfg, mpp=0.25, progress=False)[0]
+    assert other["status"] == "ok" and float(other["mpp"]) == 0.25
+    assert int(other["tissue_tiles"]) < int(first[0]["tissue_tiles"])  # 4x the area per tile
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was replaced
+    assert run_batch([slide], out, cfg, mpp=0.25, progress=False)[0]["status"] == "ok"

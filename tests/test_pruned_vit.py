@@ -582,6 +582,9 @@ def test_hub_name_without_local_weights_gives_a_clear_error(tmp_path, offline: l
     assert "hf-hub:MahmoodLab/uni" in msg and "HF_HUB_OFFLINE" in msg
     assert "local safetensors file" in msg and "vit.weights" in msg
     assert type(info.value) is CheckpointRefused  # not a huggingface_hub exception
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE is False  # offline mode held only during the attempt
     with pytest.raises(CheckpointRefused, match="local safetensors file.*pretrained: true"):
         build_vit(ViTConfig(model="hf-hub:MahmoodLab/uni", pretrained=False))
     # timm weights of a plain timm name: only from the cache when the Hub is off

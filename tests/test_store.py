@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +173,16 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     with pytest.raises(OutputConflict, match="elsewhere"):
         with store.locked(path):
             pass
-    # an unreadable lock is treated as held
-    lock.write_text("garbage")
-    with pytest.raises(OutputConflict):
-        with store.locked(path):
-            pass
+    # an unreadable or empty lock is treated as held while it is fresh (its maker may be
+    # between creating and writing it) ...
+    for text in ("garbage", ""):
+        lock.write_text(text)
+        with pytest.raises(OutputConflict):
+            with store.locked(path):
+                pass
+    # ... and taken over once it is old: a maker killed between the two never writes it
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    with store.locked(path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()

@@ -20,6 +20,7 @@ import platform
 import re
 import shutil
 import traceback
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,7 @@ def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]]
                                                    "sec_total")} for r in rows},
         **(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    store.write_text_atomic(path, json.dumps(manifest, indent=2, default=str))
 
 
 def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
@@ -308,8 +307,11 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
         # One task per slide, carrying the config as JSON (a few KB), never the weights; each
         # slide's tile blocks become tasks of their own on the same cluster (tiling.py).
         config_json = json.dumps(config.to_dict(), sort_keys=True)
+        # unique per call: two batches of one process on one client never share a future
+        batch_key = uuid.uuid4().hex[:12]
         futures = {client.submit(_slide_task, e, str(out), config_json, device, force,
-                                 run_hash, pure=False, key=f"slide-{e.id}-{os.getpid()}"): e
+                                 run_hash, digests, pure=False,
+                                 key=f"slide-{e.id}-{batch_key}"): e
                    for e in entries}
         for fut in as_completed(futures):
             entry = futures[fut]
@@ -329,16 +331,19 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
 
 
 def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool,
-                run_hash: str | None = None) -> dict[str, Any]:
+                run_hash: str | None = None, digests: dict[str, str | None] | None = None,
+                ) -> dict[str, Any]:
     """A slide as a Dask task: models load once per worker process and stay there
-    (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster."""
+    (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster.
+    ``digests``: the weight files' SHA-256, computed once by the batch, never per worker."""
     from .cluster import get_models
 
     config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)
     try:
         return process_slide(entry, Path(out), config,
-                             lambda: get_models(config_json, device, run_hash), device, force,
+                             lambda: get_models(config_json, device, run_hash, digests),
+                             device, force,
                              scheduler="dask-worker", run_hash=run_hash)
     except (KeyboardInterrupt, SystemExit):
         raise

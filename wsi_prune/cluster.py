@@ -182,8 +182,6 @@ def make_client(
         raise ConfigError("--cluster slurm scales adaptively: use --max-jobs, not --workers")
     if cluster == "slurm":
         _check_worker_memory((slurm or SlurmOptions()).memory, "--memory")
-    elif memory_limit not in (None, 0, "0", "auto"):
-        _check_worker_memory(memory_limit, "--memory-limit")
 
     if scheduler:
         with _connect(scheduler) as client:
@@ -193,27 +191,40 @@ def make_client(
             yield client
     elif cluster == "local" or workers:
         n = workers or os.cpu_count() or 1
+        if memory_limit not in (None, 0, "0"):
+            _check_worker_memory(memory_limit, "--memory-limit", n)
         with _local_cluster(n, memory_limit, interface, dashboard_address) as client:
             yield client
     else:
         yield None
 
 
-def _check_worker_memory(memory: str | int, option: str) -> None:
+def _check_worker_memory(memory: str | int | float, option: str, n_workers: int = 1) -> None:
     """Refuse a worker memory limit too small to run a slide.
 
+    ``memory`` is what Dask accepts for one of ``n_workers`` workers: bytes, a size string
+    (``4GB``), a fraction of this machine's memory (``0.5``) or ``auto`` (its share of it).
     A worker holds about 0.8 GB once torch, timm and OpenSlide are imported (the CUDA build of
     torch; measured with the preload), before models and tiles. Dask pauses a worker at 80 %
     of its limit and never resumes it if the baseline alone is above that, so a small limit
     would hang the run instead of failing it.
-    """
-    from dask.utils import format_bytes, parse_bytes
 
-    n = memory if isinstance(memory, int) else parse_bytes(str(memory))
-    if n < MIN_WORKER_MEMORY:
-        raise ConfigError(f"{option} {memory}: a Dask worker needs at least "
-                          f"{format_bytes(MIN_WORKER_MEMORY)} (about 0.8 GB after its imports, "
-                          "plus models and tiles); give 2GB or more")
+    Raises:
+        ConfigError: not a memory size, or under :data:`MIN_WORKER_MEMORY`.
+    """
+    from dask.utils import format_bytes
+    from distributed.worker_memory import parse_memory_limit
+
+    try:
+        n = parse_memory_limit(memory, 1, total_cores=n_workers, logger=_logger)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{option} {memory!r} is not a memory size such as 4GB, 0.5 or "
+                          "auto") from exc
+    if n is not None and n < MIN_WORKER_MEMORY:
+        raise ConfigError(f"{option} {memory}: {format_bytes(n)} per Dask worker, under the "
+                          f"{format_bytes(MIN_WORKER_MEMORY)} a worker needs (about 0.8 GB after "
+                          "its imports, plus models and tiles); give 2GB or more, or fewer "
+                          "workers")
 
 
 @contextlib.contextmanager
@@ -324,7 +335,8 @@ def clear_cache() -> None:
         _cache_stats.update(hits=0, loads=0)
 
 
-def get_models(config_json: str, device: str = "cpu", run_hash: str | None = None) -> Any:
+def get_models(config_json: str, device: str = "cpu", run_hash: str | None = None,
+               digests: dict[str, str | None] | None = None) -> Any:
     """The run's models (:class:`wsi_prune.pipeline.Models`), loaded once per process.
 
     Args:
@@ -333,6 +345,9 @@ def get_models(config_json: str, device: str = "cpu", run_hash: str | None = Non
         run_hash: :meth:`~wsi_prune.config.RunConfig.run_hash` (config plus weight-file
             digests), so that weights retrained at the same path are loaded afresh by a
             long-lived worker; None: the config alone identifies the models.
+        digests: the weight files' SHA-256 as the batch computed them
+            (:meth:`~wsi_prune.config.RunConfig.weight_digests`), so that a worker does not
+            hash a large checkpoint again; None: hashed here when the models load.
 
     The cache key is the SHA-256 of ``device``, ``config_json`` and ``run_hash``.
     """
@@ -341,7 +356,8 @@ def get_models(config_json: str, device: str = "cpu", run_hash: str | None = Non
 
     ident = f"{device}\0{config_json}\0{run_hash or ''}"
     key = "models:" + hashlib.sha256(ident.encode()).hexdigest()
-    return cached(key, lambda: load_models(RunConfig.from_dict(json.loads(config_json)), device))
+    return cached(key, lambda: load_models(RunConfig.from_dict(json.loads(config_json)), device,
+                                           digests))
 
 
 # -- shards ------------------------------------------------------------------------------------
@@ -464,9 +480,11 @@ def merge_outputs(out: str | os.PathLike[str], shards: int | None = None, partia
     rows.sort(key=lambda r: r["id"])
 
     pred_path, man_path = out / "predictions.csv", out / "manifest.json"
-    _atomic_write(pred_path, _csv_text(header, rows))
+    from .store import write_text_atomic  # here: the CLI imports this module, zarr is slow
+
+    write_text_atomic(pred_path, _csv_text(header, rows))
     manifest = _merge_manifests(manifests, shards, present, missing)
-    _atomic_write(man_path, json.dumps(manifest, indent=2, default=str))
+    write_text_atomic(man_path, json.dumps(manifest, indent=2, default=str))
     statuses = dict(collections.Counter(r.get("status", "") for r in rows))
     _logger.info("merged %d of %d shards: %d slides %s -> %s", len(present), shards, len(rows),
                  statuses, pred_path)
@@ -534,12 +552,6 @@ def _merge_manifests(manifests: list[dict[str, Any]], k: int, present: list[int]
                                         for m in manifests}) > 1},
     )
     return merged
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- SLURM arrays ------------------------------------------------------------------------------
@@ -670,9 +682,11 @@ def submit_slurm(
     # SLURM does not create the --output folder: a missing one loses every log silently
     _log_dir(out, opts).mkdir(parents=True, exist_ok=True)
     array_path, merge_path = out / "submit.sbatch", out / "merge.sbatch"
-    _atomic_write(array_path, sbatch_script(inputs, out, shards, opts, config_path,
+    from .store import write_text_atomic
+
+    write_text_atomic(array_path, sbatch_script(inputs, out, shards, opts, config_path,
                                             wsi_prune_cmd, run_args))
-    _atomic_write(merge_path, merge_script(out, opts, wsi_prune_cmd, shards))
+    write_text_atomic(merge_path, merge_script(out, opts, wsi_prune_cmd, shards))
     if dry_run:
         return Submission(array_path, merge_path, ())
     array_id = _sbatch([str(array_path)])

@@ -77,13 +77,13 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
     training slides; return ``config`` pointing at the weights. Reuses weights already there."""
     import click
 
-    from .batch import run_batch
+    from .batch import discover, run_batch
     from .tiling import tile_slide
     from .train import train_mil, train_scorer
 
     weights = out / "weights"
     scorer_w, mil_w = weights / "scorer.safetensors", weights / "mil.safetensors"
-    slides = sorted(p for p in train_dir.iterdir() if p.suffix in (".svs", ".tif"))
+    slides = [e.path for e in discover([train_dir])]
     train_run = out / "train-run"
     if not scorer_w.is_file():
         click.echo(f"training the CNN scorer on {len(slides)} slides' lesion annotations ...")
@@ -100,7 +100,7 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
         # slides) learns in the epochs such a small set allows.
         with open(train_dir / "labels.csv", newline="") as fh:
             per_class = collections.Counter(r["label"] for r in csv.DictReader(fh))
-        folds = max(1, min(3, *per_class.values()))
+        folds = max(1, min(3, *per_class.values(), 3))  # an empty list: train_mil says so
         res = train_mil(sorted(train_run.glob("*.zarr")), train_dir / "labels.csv", mil_w,
                         folds=folds, lr=1e-3, patience=20, hidden=config.mil.hidden,
                         progress=not quiet)

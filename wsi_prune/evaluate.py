@@ -59,7 +59,7 @@ from .annotations import (
     read_labels,
 )
 from .errors import EvaluationError, StoreError
-from .store import open_store
+from .store import open_store, write_text_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -677,9 +677,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

@@ -34,7 +34,7 @@ from . import store
 from .config import RunConfig
 from .errors import ConfigError, UnsupportedSlide, WsiPruneError
 from .slide import Slide
-from .tiling import tile_slide
+from .tiling import slide_tile_hash, tile_slide
 
 _logger = logging.getLogger(__name__)
 
@@ -280,8 +280,15 @@ def run_complete(out: Path, entry: SlideEntry, config: RunConfig,
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return False
     want = config.run_hash() if run_hash is None else run_hash
-    return (group.attrs.get("run_hash") == want and "result" in group.attrs
-            and (out / entry.id / "heatmap.png").is_file())
+    if not (group.attrs.get("run_hash") == want and "result" in group.attrs
+            and (out / entry.id / "heatmap.png").is_file()):
+        return False
+    # the same slide as then: same file (size, mtime) and the same resolved MPP (another --mpp
+    # on a slide without metadata moves every tile)
+    try:
+        return group.attrs.get("tile_hash") == slide_tile_hash(entry.path, config, entry.mpp)
+    except WsiPruneError:
+        return False  # process_slide reports why the slide cannot be opened
 
 
 def _row_from_result(entry: SlideEntry, status: str, result: dict[str, Any],

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,20 @@ def remove_stale_tmp(final: str | os.PathLike[str]) -> int:
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a small text file (CSV, JSON, Markdown) under a temporary name in its folder,
+    then rename it into place: readers see the old file or the new one, never half of one.
+    The temporary name carries the pid, so two processes never write the same one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> Path:
@@ -246,6 +261,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: An unreadable or empty lock file older than this (seconds) is a dead maker's leftover.
+_EMPTY_LOCK_S = 10.0
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 @contextlib.contextmanager
 def locked(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold ``<path>.lock`` (created exclusively) for the duration of a block.
@@ -264,6 +290,12 @@ def locked(path: str | os.PathLike[str]) -> Iterator[Path]:
                 holder = json.loads(lock.read_text())
             except (OSError, ValueError):
                 holder = {}
+            if not holder and _age_s(lock) > _EMPTY_LOCK_S:
+                # created but never written: its maker died between the two (SIGTERM can
+                # now land anywhere); a live maker writes it within microseconds
+                _logger.warning("%s: taking over an empty lock file", lock)
+                lock.unlink(missing_ok=True)
+                continue
             same_host = holder.get("host") == me["host"]
             if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
                 dead = holder["pid"]

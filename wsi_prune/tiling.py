@@ -131,6 +131,18 @@ def _write_block(
     return n
 
 
+def slide_tile_hash(slide_path: str | os.PathLike[str], config: RunConfig,
+                    mpp: float | None = None) -> str:
+    """:func:`tile_store_hash` of a slide file as it is now (opens it to resolve the MPP).
+
+    Raises:
+        SlideError: the slide cannot be opened.
+    """
+    path = Path(os.path.abspath(slide_path))
+    with Slide(path, mpp) as slide:
+        return tile_store_hash(config, slide.info, path.stat())
+
+
 def tile_store_hash(config: RunConfig, info: SlideInfo, slide_stat: os.stat_result) -> str:
     """The identity of a slide's tile store (SHA-256 hex), recorded as its ``tile_hash``.
 
@@ -214,12 +226,11 @@ def tile_slide(
     t0 = time.perf_counter()
     # abspath, not resolve(): messages keep naming the file as the user sees it (a symlink)
     slide_path, store_path = Path(os.path.abspath(slide_path)), Path(store_path)
+    store_path.parent.mkdir(parents=True, exist_ok=True)
     # the MPP is resolved before the skip test: it is part of the store's identity
-    with Slide(slide_path, mpp) as slide:
+    with Slide(slide_path, mpp) as slide, store.locked(store_path):
         slide_stat = slide_path.stat()
         tile_hash = tile_store_hash(config, slide.info, slide_stat)
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    with store.locked(store_path):
         if not force and store.is_complete(store_path, tile_hash):
             group = store.open_store(store_path)
             n = int(group["tiles/coords"].shape[0])
@@ -229,7 +240,7 @@ def tile_slide(
         store.remove_stale_tmp(store_path)
         tmp = store.tmp_path_for(store_path)
         try:
-            info, n_grid, n = _build(slide_path, tmp, config, mpp, scheduler, progress, tile_hash,
+            info, n_grid, n = _build(slide, tmp, config, mpp, scheduler, progress, tile_hash,
                                      slide_stat)
             store.publish(tmp, store_path)
         except BaseException:
@@ -242,13 +253,13 @@ def tile_slide(
 
 
 def _build(
-    slide_path: Path, tmp: Path, config: RunConfig, mpp: float | None, scheduler: Any,
+    slide: Slide, tmp: Path, config: RunConfig, mpp: float | None, scheduler: Any,
     progress: Progress | None, tile_hash: str, slide_stat: os.stat_result,
 ) -> tuple[SlideInfo, int, int]:
     tcfg = config.tiling
-    with Slide(slide_path, mpp) as slide:
-        info = slide.info
-        thumb = slide.read_thumbnail(config.tissue.mask_mpp)
+    slide_path = Path(slide.path)
+    info = slide.info
+    thumb = slide.read_thumbnail(config.tissue.mask_mpp)
     # the thumbnail's real scale (rounded size) is what the mask is measured in
     mask_mpp = info.width * info.mpp / thumb.shape[1]
     tm = tissue_mask(thumb, mask_mpp, config.tissue)

@@ -8,13 +8,14 @@ pickled Python object (a pickle can run arbitrary code when loaded). Every failu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,22 +490,17 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
             **kwargs,
         )
     needs_hub = source.pretrained or source.is_hub
-    if needs_hub and hub_offline():
-        if not source.is_hub and not timm.models.get_pretrained_cfg_value(
-            source.name, "hf_hub_id"
-        ):
-            # weights behind a plain URL: torch.hub would try the network, and nothing caches
-            raise _hub_refusal(source.name, None)
-        # huggingface_hub read HF_HUB_OFFLINE when it was imported; set later (a launcher,
-        # a notebook, a test), it would be ignored and the Hub contacted. Offline mode makes
-        # it refuse every request and answer from its cache only.
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE = True
+    offline = needs_hub and hub_offline()
+    if offline and not source.is_hub and not timm.models.get_pretrained_cfg_value(
+        source.name, "hf_hub_id"
+    ):
+        # weights behind a plain URL: torch.hub would try the network, and nothing caches
+        raise _hub_refusal(source.name, None)
     if overlay:
         timm_kwargs["pretrained_cfg_overlay"] = overlay
     try:
-        return timm.create_model(source.name, pretrained=source.pretrained, **timm_kwargs)
+        with _hub_offline_mode(offline):
+            return timm.create_model(source.name, pretrained=source.pretrained, **timm_kwargs)
     except TypeError:
         raise
     except RuntimeError as exc:
@@ -517,6 +513,27 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
         if not needs_hub:
             raise
         raise _hub_refusal(source.name, exc) from exc
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(on: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode for the duration of a block, then as it was.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, when it is imported; set later (a launcher,
+    a notebook, a test), the variable would be ignored and the Hub contacted. Offline mode
+    makes it refuse every request and answer from its cache only.
+    """
+    if not on:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def create_from_source(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
