@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import io
 import json
 import logging
 import os
@@ -116,14 +117,13 @@ def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, i
 
 # -- run files and the batch ---------------------------------------------------------------
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``predictions.csv`` atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
-    os.replace(tmp, path)
+    """Write ``predictions.csv`` atomically (:func:`wsi_prune.store.write_text_atomic`)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PREDICTION_COLUMNS)
+    w.writeheader()
+    for row in rows:
+        w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
+    store.write_text_atomic(path, buf.getvalue())
 
 
 def _fmt(v: Any) -> Any:
