@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_prune._ids import lookup_slide
 from wsi_prune.annotations import (
     Annotation,
     AnnotationError,
     evaluation_mask,
     lesion_mask,
-    lookup_slide,
     parse_label,
     read_asap_xml,
     read_labels,

@@ -26,7 +26,6 @@ from wsi_prune import cluster
 from wsi_prune.cli_cluster import cluster_options, merge, parse_shard, submit
 from wsi_prune.cluster import (
     ClusterRequest,
-    ShardsMissing,
     SlurmOptions,
     make_client,
     merge_outputs,
@@ -35,7 +34,7 @@ from wsi_prune.cluster import (
     shard_entries,
     shard_paths,
 )
-from wsi_prune.errors import ConfigError, OutputConflict, WsiPruneError
+from wsi_prune.errors import ConfigError, OutputConflict, ShardsMissing, WsiPruneError
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["id", "path", "status", "error", "probability", "sec_total"]

@@ -10,7 +10,7 @@ from wsi_prune.demo import demo_config, model_note, run_demo
 
 
 def test_run_demo_trains_runs_evaluates_and_says_what_is_trained(tmp_path, capsys):
-    from wsi_prune.models.weights import file_sha256
+    from wsi_prune._files import file_sha256
 
     rows = run_demo(tmp_path, n_train=6, n_test=2, size=2048, real=False, quiet=True)
     printed = capsys.readouterr().out

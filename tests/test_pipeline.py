@@ -19,7 +19,8 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from wsi_prune.batch import discover, run_batch, safe_id
+from wsi_prune._ids import safe_id
+from wsi_prune.batch import discover, run_batch
 from wsi_prune.cli import main
 from wsi_prune.config import RunConfig
 from wsi_prune.demo import DEMO_CONFIG, demo_config
@@ -439,7 +440,7 @@ def test_trained_weights_resume_identity_and_manifest(three_slides, two_runs, tm
     """Trained scorer and MIL head (their JSON carries the architecture, here a MIL hidden
     size the run config does not have) are used by run, described in the manifest with their
     SHA-256 even when every slide is skipped, and retraining at the same path recomputes."""
-    from wsi_prune.models.weights import file_sha256
+    from wsi_prune._files import file_sha256
     from wsi_prune.train import train_mil, train_scorer
 
     reference, _ = two_runs

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from wsi_prune._files import file_sha256
 from wsi_prune.errors import CheckpointRefused, ConfigError
 from wsi_prune.models.weights import (
     ModelSource,
     create_from_source,
-    file_sha256,
     hub_architecture,
     hub_offline,
     load_into,

@@ -24,10 +24,9 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -35,10 +34,10 @@ from skimage.draw import polygon as draw_polygon
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
 
-from .errors import AnnotationError
+from wsi_prune._ids import slide_key
+from wsi_prune.errors import AnnotationError
 
 _logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CAMELYON16_MASK_MPP = 0.243 * 2**5  # level 5 of the CAMELYON16 scans, µm/px
 MARGIN_UM = 75.0  # CAMELYON16: "75 µm, the size of five tumour cells"
@@ -55,8 +54,6 @@ _LABELS = {
     "pn0": 0, "pn0(i+)": 0, "itc": 0,
     "pn1mi": 1, "pn1": 1, "pn2": 1, "pn3": 1, "micro": 1, "macro": 1,
 }  # fmt: skip
-_SLIDE_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms",
-                             ".zip", ".xml"})  # fmt: skip
 _KEY_COLUMNS = ("slide", "image", "id", "patient", "name", "case", "filename", "file")
 _LABEL_COLUMNS = ("label", "stage", "class", "diagnosis", "reference", "target")
 
@@ -310,25 +307,6 @@ def parse_label(value: str) -> int:
         return _LABELS[key]
     raise ValueError(f"unknown label {value!r} (expected Tumor/Normal, 1/0, positive/negative, "
                      f"a pN stage or negative/itc/micro/macro)")  # fmt: skip
-
-
-def slide_key(name: str) -> str:
-    """Slide id of a label-file cell: the name without folder and slide-file suffix."""
-    p = Path(name.strip())
-    return p.stem if p.suffix.lower() in _SLIDE_SUFFIXES else p.name
-
-
-def lookup_slide(table: Mapping[str, T], slide_id: str) -> T | None:
-    """The entry of ``slide_id`` in a table keyed by slide id, or None.
-
-    An exact key wins; otherwise case is ignored, because the challenges' own files disagree
-    on it (CAMELYON16's ``reference.csv`` says ``Test_001`` for ``test_001.tif``). Labels,
-    annotations and run ids are all matched through this one function.
-    """
-    if slide_id in table:
-        return table[slide_id]
-    key = slide_id.casefold()
-    return next((v for k, v in table.items() if k.casefold() == key), None)
 
 
 def _header_columns(row: list[str], path: Path, why: str) -> tuple[int, int]:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import traceback
 import uuid
@@ -30,10 +29,12 @@ import numpy as np
 import torch
 import zarr
 
-from . import __version__, store
-from .config import RunConfig
-from .errors import ConfigError, OutputConflict
-from .pipeline import (
+from wsi_prune import __version__, store
+from wsi_prune._files import write_text_atomic
+from wsi_prune._ids import safe_id
+from wsi_prune.config import RunConfig
+from wsi_prune.errors import ConfigError, OutputConflict
+from wsi_prune.pipeline import (
     PREDICTION_COLUMNS,
     Models,
     SlideEntry,
@@ -43,21 +44,13 @@ from .pipeline import (
     load_models,
     process_slide,
 )
-from .slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
+from wsi_prune.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
 _logger = logging.getLogger(__name__)
 
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # -- inputs ------------------------------------------------------------------------------------
-def safe_id(name: str) -> str:
-    """A filesystem-safe id: letters, digits, ``.``, ``_``, ``-``; never empty, never hidden,
-    never ``..``, so ``OUT/<id>`` stays inside OUT."""
-    sid = _SAFE_ID.sub("_", name).strip("._") or "slide"
-    return sid[:120]
-
-
 def discover(
     inputs: Iterable[str | os.PathLike[str]], mpp: float | None = None
 ) -> list[SlideEntry]:
@@ -95,7 +88,7 @@ def discover(
 
 
 def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:
-    from .annotations import parse_label
+    from wsi_prune.annotations import parse_label
 
     rows = []
     with open(path, newline="", encoding="utf-8") as fh:
@@ -117,13 +110,13 @@ def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, i
 
 # -- run files and the batch ---------------------------------------------------------------
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``predictions.csv`` atomically (:func:`wsi_prune.store.write_text_atomic`)."""
+    """Write ``predictions.csv`` atomically (:func:`wsi_prune._files.write_text_atomic`)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=PREDICTION_COLUMNS)
     w.writeheader()
     for row in rows:
         w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
-    store.write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def _fmt(v: Any) -> Any:
@@ -159,14 +152,14 @@ def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]]
                                                    "sec_total")} for r in rows},
         **(extra or {}),
     }
-    store.write_text_atomic(path, json.dumps(manifest, indent=2, default=str))
+    write_text_atomic(path, json.dumps(manifest, indent=2, default=str))
 
 
 def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
     """``OUT/.run.lock``, or ``OUT/.run.shard-i-of-K.lock`` for a shard: held by the run."""
     if shard is None:
         return Path(out) / ".run.lock"
-    from .cluster import shard_suffix
+    from wsi_prune.cluster import shard_suffix
 
     return Path(out) / f".run{shard_suffix(*shard)}.lock"
 
@@ -247,7 +240,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
     else:
         entries = discover(inputs, mpp)
     if shard is not None:
-        from .cluster import shard_entries, shard_paths
+        from wsi_prune.cluster import shard_entries, shard_paths
 
         entries = shard_entries(entries, *shard)
         pred_path, manifest_path = shard_paths(out, *shard)
@@ -336,7 +329,7 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
     """A slide as a Dask task: models load once per worker process and stay there
     (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster.
     ``digests``: the weight files' SHA-256, computed once by the batch, never per worker."""
-    from .cluster import get_models
+    from wsi_prune.cluster import get_models
 
     config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)

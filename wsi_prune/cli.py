@@ -13,12 +13,12 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli_cluster import cluster_options, merge, submit
-from .cli_common import handle_errors
-from .cluster import ClusterRequest, make_client, shard_suffix
-from .config import RunConfig
-from .errors import WsiPruneError
+from wsi_prune import __version__
+from wsi_prune.cli_cluster import cluster_options, merge, submit
+from wsi_prune.cli_common import handle_errors
+from wsi_prune.cluster import ClusterRequest, make_client, shard_suffix
+from wsi_prune.config import RunConfig
+from wsi_prune.errors import WsiPruneError
 
 _logger = logging.getLogger("wsi_prune")
 
@@ -84,7 +84,7 @@ def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) 
     Example:
       wsi-prune info CAMELYON16/tumor_001.tif
     """
-    from .preflight import inspect_slide
+    from wsi_prune.preflight import inspect_slide
 
     report = inspect_slide(slide, load_config(config_path), mpp)
     if as_json:
@@ -111,7 +111,7 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
     Example:
       wsi-prune tile slide.svs --out out/ --workers 2
     """
-    from .tiling import tile_slide
+    from wsi_prune.tiling import tile_slide
 
     cfg = load_config(config_path)
     if store_tiles:
@@ -137,7 +137,7 @@ def synth(out: str, n: int, size: int, seed: int) -> None:
     Example:
       wsi-prune synth --n 8 --size 8192 --out synth/
     """
-    from .synth import write_dataset
+    from wsi_prune.synth import write_dataset
 
     slides = write_dataset(out, n=n, seed=seed, size=size)
     for s in slides:
@@ -183,7 +183,7 @@ def _exit_on_sigterm() -> Iterator[None]:
 
 
 def _exit_code(rows: list[dict[str, Any]]) -> int:
-    from .errors import EXIT_OK, EXIT_SOME_FAILED
+    from wsi_prune.errors import EXIT_OK, EXIT_SOME_FAILED
 
     return EXIT_SOME_FAILED if any(r["status"] == "failed" for r in rows) else EXIT_OK
 
@@ -229,7 +229,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out results/ --shard 0/4
       wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
     """
-    from .batch import run_batch
+    from wsi_prune.batch import run_batch
 
     quiet = quiet or ctx.obj.get("quiet", False)
     outp = Path(out)
@@ -265,9 +265,9 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
     Example:
       wsi-prune doctor slides/ --mpp 0.25
     """
-    from .batch import discover
-    from .errors import EXIT_SOME_FAILED
-    from .preflight import inspect_slide
+    from wsi_prune.batch import discover
+    from wsi_prune.errors import EXIT_SOME_FAILED
+    from wsi_prune.preflight import inspect_slide
 
     cfg = load_config(config_path)
     bad = 0
@@ -304,7 +304,7 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
     Example:
       wsi-prune heatmap results/tumor_001.zarr
     """
-    from .heatmap import rerender
+    from wsi_prune.heatmap import rerender
 
     dest = rerender(store_path, slide_path, mpp)
     click.echo(f"{dest}/heatmap.png")
@@ -333,7 +333,7 @@ def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool
     Example:
       wsi-prune demo --out demo-out
     """
-    from .demo import run_demo
+    from wsi_prune.demo import run_demo
 
     _setup_logging(0, quiet, Path(out) / "demo.log")
     rows = run_demo(Path(out), n_train=n_train, n_test=n_test, size=size, real=real,
@@ -343,8 +343,8 @@ def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool
 
 
 # Commands that live in their own modules (kept out of this file's imports until used).
-from .cli_eval import evaluate  # noqa: E402
-from .cli_train import train_mil, train_scorer  # noqa: E402
+from wsi_prune.cli_eval import evaluate  # noqa: E402
+from wsi_prune.cli_train import train_mil, train_scorer  # noqa: E402
 
 for _cmd in (evaluate, train_scorer, train_mil, submit, merge):
     main.add_command(_cmd)

@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from .cli_common import handle_errors
-from .cluster import ClusterRequest, SlurmOptions, merge_outputs, submit_slurm
-from .errors import ConfigError
+from wsi_prune.cli_common import handle_errors
+from wsi_prune.cluster import ClusterRequest, SlurmOptions, merge_outputs, submit_slurm
+from wsi_prune.errors import ConfigError
 
 _CTX = {"help_option_names": ["-h", "--help"]}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_ERROR, WsiPruneError
+from wsi_prune.errors import EXIT_ERROR, WsiPruneError
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import handle_errors
+from wsi_prune.cli_common import handle_errors
 
 _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -47,8 +47,8 @@ def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Pa
       wsi-prune evaluate --compare out-dense/ out-pruned/ --labels synth/labels.csv \\
           --annotations synth/
     """
-    from .annotations import CAMELYON16_MASK_MPP
-    from .evaluate import compare_runs, evaluate_run
+    from wsi_prune.annotations import CAMELYON16_MASK_MPP
+    from wsi_prune.evaluate import compare_runs, evaluate_run
 
     if (run_dir is None) == (compare is None):
         raise click.UsageError("give either RUN_DIR or --compare DENSE_RUN PRUNED_RUN")

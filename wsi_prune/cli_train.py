@@ -8,7 +8,7 @@ import math
 
 import click
 
-from .cli_common import handle_errors
+from wsi_prune.cli_common import handle_errors
 
 __all__ = ["train_mil", "train_scorer"]
 
@@ -75,8 +75,8 @@ def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool
     """
     import dataclasses
 
-    from .config import RunConfig
-    from .train import train_scorer as run_training
+    from wsi_prune.config import RunConfig
+    from wsi_prune.train import train_scorer as run_training
 
     if annotations is not None and distill:
         raise click.UsageError("give --annotations or --distill, not both")
@@ -133,7 +133,7 @@ def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, ep
     Example:
       wsi-prune train-mil train-run/ --labels train/labels.csv --out models/mil.safetensors
     """
-    from .train import train_mil as run_training
+    from wsi_prune.train import train_mil as run_training
 
     res = run_training(
         list(stores), labels_csv, out, folds=folds, epochs=epochs, lr=lr, patience=patience,

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .errors import ConfigError, OutputConflict, WsiPruneError
+from wsi_prune.errors import ConfigError, OutputConflict, ShardsMissing, WsiPruneError
 
 _logger = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ ClusterKind = Literal["local", "slurm"]
 
 _SHARD_RE = re.compile(r"^(predictions|manifest)\.shard-(\d+)-of-(\d+)\.(csv|json)$")
 _WALLTIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
-
-
-class ShardsMissing(WsiPruneError):
-    """Some shards of a sharded run have not written their results (yet)."""
-
-    kind = "shards-missing"
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -351,8 +345,8 @@ def get_models(config_json: str, device: str = "cpu", run_hash: str | None = Non
 
     The cache key is the SHA-256 of ``device``, ``config_json`` and ``run_hash``.
     """
-    from .config import RunConfig
-    from .pipeline import load_models
+    from wsi_prune.config import RunConfig
+    from wsi_prune.pipeline import load_models
 
     ident = f"{device}\0{config_json}\0{run_hash or ''}"
     key = "models:" + hashlib.sha256(ident.encode()).hexdigest()
@@ -480,7 +474,9 @@ def merge_outputs(out: str | os.PathLike[str], shards: int | None = None, partia
     rows.sort(key=lambda r: r["id"])
 
     pred_path, man_path = out / "predictions.csv", out / "manifest.json"
-    from .store import write_text_atomic  # here: the CLI imports this module, zarr is slow
+    from wsi_prune._files import (
+        write_text_atomic,  # here: the CLI imports this module, zarr is slow
+    )
 
     write_text_atomic(pred_path, _csv_text(header, rows))
     manifest = _merge_manifests(manifests, shards, present, missing)
@@ -682,7 +678,7 @@ def submit_slurm(
     # SLURM does not create the --output folder: a missing one loses every log silently
     _log_dir(out, opts).mkdir(parents=True, exist_ok=True)
     array_path, merge_path = out / "submit.sbatch", out / "merge.sbatch"
-    from .store import write_text_atomic
+    from wsi_prune._files import write_text_atomic
 
     write_text_atomic(array_path, sbatch_script(inputs, out, shards, opts, config_path,
                                             wsi_prune_cmd, run_args))

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from wsi_prune._files import file_sha256
+from wsi_prune.errors import ConfigError
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -171,11 +172,9 @@ class TileSelectConfig:
     redundancy_eps: float | None = None
 
     def __post_init__(self) -> None:
-        from .prune import list_policies  # the registry: new policies are configurable
-
-        policies = list_policies("tile")
-        _check(self.policy in policies,
-               f"tile_select.policy {self.policy!r} is not one of {', '.join(policies)}")
+        # the name is resolved where policies are built (wsi_prune.selection), as timm resolves
+        # model names in create_model: a config stays a leaf and new policies stay configurable
+        _check(bool(self.policy), "tile_select.policy must be a policy name")
         _check(0.0 < self.p <= 1.0, "tile_select.p must be in (0, 1]")
         _check(self.min_tiles >= 0, "tile_select.min_tiles must be >= 0")
         _check(self.max_tiles is None or self.max_tiles >= max(1, self.min_tiles),
@@ -203,11 +202,7 @@ class TokenSelectConfig:
     min_tokens: int = 4
 
     def __post_init__(self) -> None:
-        from .prune import list_policies
-
-        policies = list_policies("token")
-        _check(self.policy in policies,
-               f"token_select.policy {self.policy!r} is not one of {', '.join(policies)}")
+        _check(bool(self.policy), "token_select.policy must be a policy name")
         _check(0.0 < self.p <= 1.0 and 0.0 < self.keep_ratio <= 1.0, "token p/keep_ratio in (0,1]")
         _check(self.min_tokens >= 1, "token_select.min_tokens must be >= 1")
 
@@ -266,14 +261,18 @@ class MILConfig:
         weights: local safetensors file or None (untrained).
         threshold: probability at or above which a slide is called positive.
         dropout: dropout after the first layer (used in training only).
+        model: registered slide head (``wsi-prune models`` lists them; resolved where the head
+            is built, :func:`wsi_prune.models.mil.build_mil`).
     """
 
     hidden: int = 128
     weights: str | None = None
     threshold: float = 0.5
     dropout: float = 0.0
+    model: str = "gated-abmil"
 
     def __post_init__(self) -> None:
+        _check(bool(self.model), "mil.model must be a registered slide head name")
         _check(self.hidden >= 1, "mil.hidden must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "mil.dropout must be in [0, 1)")
         _check(0.0 <= self.threshold <= 1.0, "mil.threshold must be in [0, 1]")
@@ -348,9 +347,20 @@ class RunConfig:
         )
 
     # -- identity ------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the keys added after the first release that are still at
+        their default (:data:`ADDED_KEYS`): adding a key to the config must not change the
+        hash, and so the outputs' identity, of every run made before it existed."""
+        d = self.to_dict()
+        for section, key in ADDED_KEYS:
+            default = getattr(type(getattr(self, section))(), key) if section in d else None
+            if section in d and key in d[section] and d[section][key] == _jsonable(default):
+                del d[section][key]
+        return d
+
     def hash(self) -> str:
-        """SHA-256 of the canonical JSON of the whole config."""
-        return _sha256(self.to_dict())
+        """SHA-256 of the canonical JSON of the whole config (:meth:`identity`)."""
+        return _sha256(self.identity())
 
     def weight_paths(self) -> dict[str, str | None]:
         """The weight file each model is loaded from (None: no file named)."""
@@ -359,8 +369,6 @@ class RunConfig:
     def weight_digests(self) -> dict[str, str | None]:
         """SHA-256 of each weight file the config names; None where no file is named or the
         named file does not exist (loading it fails later, with its own reason)."""
-        from .models.weights import file_sha256
-
         return {name: file_sha256(p) if p and os.path.isfile(p) else None
                 for name, p in self.weight_paths().items()}
 
@@ -378,8 +386,25 @@ class RunConfig:
 
     def section_hash(self, *names: str) -> str:
         """SHA-256 of only the named sections (e.g. ``"tissue", "tiling"`` for the tile store)."""
-        d = self.to_dict()
+        d = self.identity()
         return _sha256({n: d[n] for n in names})
+
+
+#: ``(section, key)`` of config keys added after the first release: at their default they are
+#: left out of :meth:`RunConfig.identity`, so older runs keep their hash (and resume).
+ADDED_KEYS: tuple[tuple[str, str], ...] = (
+    ("mil", "model"),
+)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> RunConfig:
+    """The run config in a YAML file, or the defaults when ``path`` is None.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown sections or keys, bad values; the
+            message names the file.
+    """
+    return RunConfig() if path is None else RunConfig.from_yaml(path)
 
 
 def _build(cls: type, section: Any, name: str) -> Any:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from wsi_prune.config import RunConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -77,9 +77,9 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
     training slides; return ``config`` pointing at the weights. Reuses weights already there."""
     import click
 
-    from .batch import discover, run_batch
-    from .tiling import tile_slide
-    from .train import train_mil, train_scorer
+    from wsi_prune.batch import discover, run_batch
+    from wsi_prune.tiling import tile_slide
+    from wsi_prune.train import train_mil, train_scorer
 
     weights = out / "weights"
     scorer_w, mil_w = weights / "scorer.safetensors", weights / "mil.safetensors"
@@ -119,9 +119,9 @@ def run_demo(out: Path, n_train: int = 6, n_test: int = 4, size: int = 4096, rea
     """
     import click
 
-    from .batch import run_batch
-    from .evaluate import evaluate_run
-    from .synth import write_dataset
+    from wsi_prune.batch import run_batch
+    from wsi_prune.evaluate import evaluate_run
+    from wsi_prune.synth import write_dataset
 
     out = Path(out)
     train_dir, test_dir = out / "train-slides", out / "slides"

@@ -95,3 +95,16 @@ class EvaluationError(WsiPruneError):
     """A run cannot be evaluated (no predictions, broken candidates, nothing to compare)."""
 
     kind = "evaluation"
+
+
+class ShardsMissing(WsiPruneError):
+    """Some shards of a sharded run have not written their results (yet)."""
+
+    kind = "shards-missing"
+
+
+class TrainingError(WsiPruneError, RuntimeError):
+    """Training ran but produced no usable model (e.g. a validation loss that is never
+    finite)."""
+
+    kind = "training"

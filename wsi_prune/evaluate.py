@@ -48,18 +48,19 @@ import numpy as np
 from scipy.stats import mannwhitneyu, spearmanr
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 
-from .annotations import (
+from wsi_prune._files import write_text_atomic
+from wsi_prune._ids import lookup_slide
+from wsi_prune.annotations import (
     CAMELYON16_MASK_MPP,
     ITC_UM,
     MARGIN_UM,
     Annotation,
     evaluation_mask,
-    lookup_slide,
     read_asap_xml,
     read_labels,
 )
-from .errors import EvaluationError, StoreError
-from .store import open_store, write_text_atomic
+from wsi_prune.errors import EvaluationError, StoreError
+from wsi_prune.store import open_store
 
 _logger = logging.getLogger(__name__)
 
@@ -481,7 +482,7 @@ def _run_froc(run_dir: Path, ok: Mapping[str, Mapping[str, str]],
 
 
 def run_labels(labels: Mapping[str, int], ids: Iterable[str]) -> dict[str, int]:
-    """Labels of a run's slide ids, matched as :func:`~wsi_prune.annotations.lookup_slide`
+    """Labels of a run's slide ids, matched as :func:`~wsi_prune._ids.lookup_slide`
     matches them (case-insensitively: CAMELYON16's reference.csv says Test_001 for
     test_001.tif); ids without a label are left out."""
     found = {i: lookup_slide(labels, i) for i in ids}

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from wsi_prune.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

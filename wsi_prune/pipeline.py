@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import zarr
 
-from . import store
-from .config import RunConfig
-from .errors import ConfigError, UnsupportedSlide, WsiPruneError
-from .slide import Slide
-from .tiling import slide_tile_hash, tile_slide
+from wsi_prune import store
+from wsi_prune.config import RunConfig
+from wsi_prune.errors import ConfigError, UnsupportedSlide, WsiPruneError
+from wsi_prune.slide import Slide
+from wsi_prune.tiling import slide_tile_hash, tile_slide
 
 _logger = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def apply_trained_configs(config: RunConfig) -> RunConfig:
     """Take the architecture of trained scorer/MIL weights from the JSON that ``train-scorer``
     and ``train-mil`` write next to them, so a run config only has to name the weights file.
     Weights without such a JSON are used with the config as it is."""
-    from .models.mil import trained_mil_config
-    from .models.scorer import trained_scorer_config
-    from .models.weights import sidecar_path
+    from wsi_prune.models.mil import trained_mil_config
+    from wsi_prune.models.scorer import trained_scorer_config
+    from wsi_prune.models.weights import sidecar_path
 
     if config.scorer.weights and sidecar_path(config.scorer.weights).is_file():
         scorer, _ = trained_scorer_config(config.scorer.weights, config.scorer)
@@ -137,11 +137,11 @@ def load_models(config: RunConfig, device: str = "cpu",
     """
     import timm.data
 
-    from .flops import ViTSpec, cnn_macs
-    from .models.mil import build_mil
-    from .models.pruned_vit import PrunedViT, build_vit
-    from .models.scorer import build_scorer
-    from .models.weights import load_into
+    from wsi_prune.flops import ViTSpec, cnn_macs
+    from wsi_prune.models.mil import build_mil
+    from wsi_prune.models.pruned_vit import PrunedViT, build_vit
+    from wsi_prune.models.scorer import build_scorer
+    from wsi_prune.models.weights import load_into
 
     # Parts without weight files start from one fixed seed, so every process (Dask workers,
     # SLURM array tasks, a resumed run) builds the same untrained model and their slides agree.
@@ -186,8 +186,8 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
     Returns:
         ``tile_score`` (N,), ``patch_importance`` (N, G, G), ``embedding`` (N, C), ``kept`` (N,).
     """
-    from .models.scorer import score_tiles
-    from .prune import select_tiles
+    from wsi_prune.models.scorer import score_tiles
+    from wsi_prune.prune import select_tiles
 
     out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
                       config.scorer.threads, progress)
@@ -211,8 +211,8 @@ def embed_kept(
         ``embedding`` (K, D), ``token_importance`` (K, P), ``kept_tokens`` (K, S, P) bool,
         ``macs`` (MACs spent on the K tiles by the ViT).
     """
-    from .flops import vit_batch_macs
-    from .prune import select_patches
+    from wsi_prune.flops import vit_batch_macs
+    from wsi_prune.prune import select_patches
 
     tcfg = config.tiling
     coords = np.asarray(group["tiles/coords"][:])
@@ -335,7 +335,7 @@ def process_slide(
 
 
 def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
-    from .heatmap import write_outputs
+    from wsi_prune.heatmap import write_outputs
 
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
@@ -354,7 +354,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
             del group.attrs[key]
     n = int(group["tiles/coords"].shape[0])
     if n == 0:
-        from .errors import NoTissue
+        from wsi_prune.errors import NoTissue
 
         raise NoTissue("no tissue tile at the configured threshold", entry.path)
     if callable(models) and not isinstance(models, Models):
@@ -378,7 +378,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     t = time.perf_counter()
     prob, attention = slide_head(models, vit["embedding"])
     store.write_array(group, "mil/attention", attention.astype(np.float32))
-    from .heatmap import patch_heat, tile_heat
+    from wsi_prune.heatmap import patch_heat, tile_heat
 
     heat, source = tile_heat(tri["tile_score"], tri["kept"], attention)
     store.write_array(group, "heatmap/tile", heat)
@@ -390,7 +390,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     seconds["mil"] = time.perf_counter() - t
 
     spec = models.macs["spec"]
-    from .flops import vit_macs
+    from wsi_prune.flops import vit_macs
 
     dense_per_tile = vit_macs(spec)
     scorer_macs = n * models.macs["scorer_per_tile"]

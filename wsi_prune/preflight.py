@@ -6,10 +6,10 @@ import os
 import time
 from typing import Any
 
-from .config import RunConfig
-from .slide import Slide
-from .tiling import make_grid
-from .tissue import tissue_mask
+from wsi_prune.config import RunConfig
+from wsi_prune.slide import Slide
+from wsi_prune.tiling import make_grid
+from wsi_prune.tissue import tissue_mask
 
 # A rough time estimate, not a benchmark. Measured 2026-12-01 with run_batch (force=True,
 # models already built) and pipelines/demo.yaml on the 2-core shared development machine, on

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TileSelectConfig, TokenSelectConfig
-from .errors import ConfigError
+from wsi_prune.config import TileSelectConfig, TokenSelectConfig
+from wsi_prune.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import openslide
 import tifffile
 from PIL import Image
 
-from .errors import CorruptSlide, MissingMPP, UnsupportedSlide
+from wsi_prune.errors import CorruptSlide, MissingMPP, UnsupportedSlide
 
 _logger = logging.getLogger(__name__)
 

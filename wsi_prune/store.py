@@ -38,8 +38,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from . import __version__
-from .errors import OutputConflict, StoreError
+from wsi_prune import __version__
+from wsi_prune.errors import OutputConflict, StoreError
 
 _logger = logging.getLogger(__name__)
 
@@ -61,20 +61,6 @@ def remove_stale_tmp(final: str | os.PathLike[str]) -> int:
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a small text file (CSV, JSON, Markdown) under a temporary name in its folder,
-    then rename it into place: readers see the old file or the new one, never half of one.
-    The temporary name carries the pid, so two processes never write the same one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> Path:

@@ -36,7 +36,7 @@ from itertools import islice
 import numpy as np
 import tifffile
 
-from .errors import ConfigError
+from wsi_prune.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ import numpy as np
 import zarr
 from dask.callbacks import Callback
 
-from . import __version__, store
-from .config import RunConfig, TilingConfig
-from .errors import StoreError
-from .slide import Slide, SlideInfo
-from .tissue import tile_fractions, tissue_mask
+from wsi_prune import __version__, store
+from wsi_prune.config import RunConfig, TilingConfig
+from wsi_prune.errors import StoreError
+from wsi_prune.slide import Slide, SlideInfo
+from wsi_prune.tissue import tile_fractions, tissue_mask
 
 _logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-from .config import TissueConfig
+from wsi_prune.config import TissueConfig
 
 _logger = logging.getLogger(__name__)
 

@@ -32,22 +32,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
-from .annotations import (
-    Annotation,
-    lookup_slide,
-    parse_label,
-    read_asap_xml,
-    read_labels,
-    region_masks,
-    slide_key,
-)
-from .config import MILConfig, RunConfig, ScorerConfig
-from .errors import ConfigError, StoreError, WsiPruneError
-from .models.mil import MIL_KIND, GatedABMIL
-from .models.scorer import SCORER_KIND, PatchScorer, pool_patch_map
-from .models.weights import file_sha256, load_into, save_safetensors, write_sidecar
-from .store import open_store
+from wsi_prune import __version__
+from wsi_prune._files import file_sha256
+from wsi_prune._ids import lookup_slide, slide_id
+from wsi_prune.annotations import Annotation, parse_label, read_asap_xml, read_labels, region_masks
+from wsi_prune.config import MILConfig, RunConfig, ScorerConfig
+from wsi_prune.errors import ConfigError, StoreError, TrainingError
+from wsi_prune.models.mil import MIL_KIND, GatedABMIL
+from wsi_prune.models.scorer import SCORER_KIND, PatchScorer, pool_patch_map
+from wsi_prune.models.weights import load_into, save_safetensors, write_sidecar
+from wsi_prune.store import open_store
 
 _logger = logging.getLogger(__name__)
 __all__ = [
@@ -66,13 +60,6 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 Annotations = Sequence[Annotation | np.ndarray]
-
-
-class TrainingError(WsiPruneError, RuntimeError):
-    """Training ran but produced no usable model (e.g. a validation loss that is never
-    finite)."""
-
-    kind = "training"
 
 
 # -- stores and ids -------------------------------------------------------------------------------
@@ -97,13 +84,6 @@ def find_stores(paths: Iterable[PathLike]) -> list[Path]:
         else:
             raise StoreError("not a Zarr store or a folder of stores", p)
     return out
-
-
-def slide_id(path: PathLike) -> str:
-    """Slide id of a store (``OUT/<id>.zarr``), slide or annotation file: the file name without
-    its store or slide-file suffix."""
-    p = Path(path)
-    return p.stem if p.suffix.lower() == ".zarr" else slide_key(p.name)
 
 
 # -- annotations and patch targets (labels: parse_label, read_labels of wsi_prune.annotations) --

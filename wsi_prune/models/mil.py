@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import MILConfig
-from ..errors import CheckpointRefused
-from .weights import load_into, read_sidecar, warn_untrained_once
+from wsi_prune.config import MILConfig
+from wsi_prune.errors import CheckpointRefused
+from wsi_prune.models.weights import load_into, read_sidecar, warn_untrained_once
 
 _logger = logging.getLogger(__name__)
 

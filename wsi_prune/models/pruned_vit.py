@@ -64,10 +64,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
-from ..config import ViTConfig
-from ..errors import ConfigError
-from ..prune import keep_by_attention
-from .weights import create_architecture, load_into, resolve_model_source
+from wsi_prune.config import ViTConfig
+from wsi_prune.errors import ConfigError
+from wsi_prune.models.weights import create_architecture, load_into, resolve_model_source
+from wsi_prune.prune import keep_by_attention
 
 _logger = logging.getLogger(__name__)
 

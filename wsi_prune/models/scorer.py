@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ScorerConfig
-from ..errors import CheckpointRefused, ConfigError
-from .weights import load_into, read_sidecar, warn_untrained_once
+from wsi_prune.config import ScorerConfig
+from wsi_prune.errors import CheckpointRefused, ConfigError
+from wsi_prune.models.weights import load_into, read_sidecar, warn_untrained_once
 
 _logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ pickled Python object (a pickle can run arbitrary code when loaded). Every failu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointRefused, ConfigError
+from wsi_prune.errors import CheckpointRefused, ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -35,7 +34,6 @@ __all__ = [
     "KNOWN_HUB_MODELS",
     "create_architecture",
     "create_from_source",
-    "file_sha256",
     "hub_architecture",
     "hub_offline",
     "load_into",
@@ -247,18 +245,6 @@ def save_safetensors(
         if os.path.exists(tmp):
             os.remove(tmp)
     _logger.info("wrote %d tensors to %s", len(tensors), path)
-
-
-def file_sha256(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks (for run manifests)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_bytes):
-                digest.update(chunk)
-    except OSError as exc:
-        raise CheckpointRefused(f"cannot read file: {exc.strerror}", path) from exc
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
