@@ -145,8 +145,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
 
     from wsi_prune.evaluate import compare_runs, evaluate_run
+    from wsi_prune.io.tiling import tile_slide
     from wsi_prune.synth import write_dataset
-    from wsi_prune.tiling import tile_slide
     from wsi_prune.train import train_mil, train_scorer
 
     out: Path = args.out

@@ -56,13 +56,13 @@ from torch import nn
 
 from wsi_prune.config import ScorerConfig, TilingConfig, TissueConfig, TokenSelectConfig, ViTConfig
 from wsi_prune.flops import ViTSpec, cnn_macs, tome_schedule, vit_batch_macs, vit_macs
+from wsi_prune.io.slide import Slide
+from wsi_prune.io.tiling import make_grid, read_tiles
+from wsi_prune.io.tissue import tissue_mask
 from wsi_prune.models.pruned_vit import PrunedOutput, PrunedViT
 from wsi_prune.models.scorer import build_scorer, score_tiles, to_input
 from wsi_prune.prune import select_patches
-from wsi_prune.slide import Slide
 from wsi_prune.synth import SynthSpec, write_slide
-from wsi_prune.tiling import make_grid, read_tiles
-from wsi_prune.tissue import tissue_mask
 
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu-1-small-region.svs"
 

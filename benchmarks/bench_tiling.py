@@ -4,7 +4,8 @@ compressor, and peak memory per slide size.
 Three measurements, all on synthetic slides written by :mod:`wsi_prune.synth` (svs flavour,
 0.5 µm/px, default tissue fraction):
 
-1. **Throughput** on one slide (``--size``): tissue tiles/s of :func:`wsi_prune.tiling.tile_slide`
+1. **Throughput** on one slide (``--size``): tissue tiles/s of
+   :func:`wsi_prune.io.tiling.tile_slide`
    (threaded and synchronous schedulers; whole call: thumbnail, tissue mask, grid, Dask blocks,
    Zarr writes, completeness check, publish) against a bare loop of
    ``openslide.OpenSlide.read_region`` over the same tiles at the best level for the coarse
@@ -63,8 +64,8 @@ def _maxrss_mib() -> float:
 def _child(argv: list[str]) -> None:
     what = argv[0]
     if what == "import":
+        import wsi_prune.io.tiling  # noqa: F401
         import wsi_prune.synth  # noqa: F401
-        import wsi_prune.tiling  # noqa: F401
 
         out = {"imports_mib": _maxrss_mib()}
         from wsi_prune.config import RunConfig
@@ -80,7 +81,7 @@ def _child(argv: list[str]) -> None:
         out = {"seconds": time.perf_counter() - t0}
     elif what == "tile":
         from wsi_prune.config import RunConfig
-        from wsi_prune.tiling import tile_slide
+        from wsi_prune.io.tiling import tile_slide
 
         cfg = RunConfig()
         sampler = _RssSampler()
@@ -179,9 +180,9 @@ def _bare_loop(path: Path, xy, side: int, coarse_mpp: float, coarse_px: int) -> 
 def _prepare(path: Path, cfg) -> float:
     """Seconds for the per-slide part of tile_slide before any tile: open, thumbnail, tissue
     mask, grid."""
-    from wsi_prune.slide import Slide
-    from wsi_prune.tiling import make_grid
-    from wsi_prune.tissue import tissue_mask
+    from wsi_prune.io.slide import Slide
+    from wsi_prune.io.tiling import make_grid
+    from wsi_prune.io.tissue import tissue_mask
 
     t0 = time.perf_counter()
     with Slide(path) as s:
@@ -192,9 +193,9 @@ def _prepare(path: Path, cfg) -> float:
 
 
 def throughput(slide: Path, work: Path, repeats: int) -> tuple[list[tuple], float]:
-    from wsi_prune import store
     from wsi_prune.config import RunConfig
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io import store
+    from wsi_prune.io.tiling import tile_slide
 
     cfg = RunConfig()
     out = work / "throughput.zarr"
@@ -232,9 +233,9 @@ def _dir_bytes(path: Path) -> int:
 def compressors(slides: dict[str, Path], work: Path, repeats: int) -> list[tuple]:
     """Rows (slide, compressor, arrays, tiles, coarse KiB/tile, full KiB/tile, tile_slide s,
     coarse tiles/s read back one by one)."""
-    from wsi_prune import store
     from wsi_prune.config import RunConfig
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io import store
+    from wsi_prune.io.tiling import tile_slide
 
     rows = []
     for name, slide in slides.items():
@@ -344,7 +345,8 @@ def main() -> None:
         floor, rows = rss(args.rss_sizes, work, args.max_gen_seconds)
         torch = ", which imports torch" if floor["torch_loaded"] else ""
         print(f"\n## Peak RSS per slide size (fresh process each)\n\nFloor: importing "
-              f"wsi_prune.synth + wsi_prune.tiling {floor['imports_mib']:.0f} MiB; then building "
+              f"wsi_prune.synth + wsi_prune.io.tiling "
+              f"{floor['imports_mib']:.0f} MiB; then building "
               f"RunConfig(){torch}: {floor['maxrss_mib']:.0f} MiB.\n")
         print("| slide px | file MiB | write s | write peak RSS MiB | tissue tiles | "
               "tile_slide s | tile_slide peak RSS MiB | RSS while Dask blocks run, MiB |")

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 
 from wsi_prune._ids import lookup_slide
-from wsi_prune.annotations import (
+from wsi_prune.errors import WsiPruneError
+from wsi_prune.io.annotations import (
     Annotation,
     AnnotationError,
     evaluation_mask,
     lesion_mask,
-    parse_label,
     read_asap_xml,
-    read_labels,
 )
-from wsi_prune.errors import WsiPruneError
+from wsi_prune.io.labels import parse_label, read_labels
 
 
 def write_xml(path: Path, polygons: list[tuple[str, np.ndarray]], shuffle: bool = False,

@@ -413,7 +413,7 @@ def test_worker_sigkill_mid_run_gives_identical_store(svs_slide: Path, tmp_path:
     the first block finishes: the nanny restarts it, the scheduler recomputes its tasks, and
     the store equals an undisturbed single-process build byte for byte."""
     from wsi_prune.config import RunConfig
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io.tiling import tile_slide
 
     cfg = RunConfig().replace(tiling={"tiles_per_shard": 2})
     ref = tile_slide(svs_slide, tmp_path / "ref.zarr", cfg, scheduler="sync")

@@ -14,7 +14,6 @@ import zarr
 from click.testing import CliRunner
 from test_annotations import square, write_xml
 
-from wsi_prune.annotations import Annotation, evaluation_mask
 from wsi_prune.cli_eval import evaluate as evaluate_cmd
 from wsi_prune.evaluate import (
     EvaluationError,
@@ -26,6 +25,7 @@ from wsi_prune.evaluate import (
     slide_metrics,
 )
 from wsi_prune.heatmap import write_candidates
+from wsi_prune.io.annotations import Annotation, evaluation_mask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",

@@ -194,7 +194,7 @@ def test_rerun_skips_then_force_recomputes(batch, svs_slide):
 def test_interrupted_result_is_not_complete(tmp_path, svs_slide):
     # What a run killed after tiling leaves: a complete tile store without a result.
     cfg = demo_config()
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io.tiling import tile_slide
 
     tile_slide(svs_slide, tmp_path / "synth.zarr", cfg)
     entry = SlideEntry("synth", svs_slide)
@@ -267,24 +267,24 @@ def test_cli_exit_codes_and_heatmap(tmp_path, svs_slide, bad_dir, batch):
 
 
 def test_locked_slide_fails_alone_locked_out_refuses(tmp_path, svs_slide):
-    from wsi_prune import store
     from wsi_prune.errors import OutputConflict
+    from wsi_prune.io import locks
 
     cfg = demo_config()
     # a slide held by someone else (a concurrent shard) fails that slide only
-    with store.locked(tmp_path / "synth"):
+    with locks.locked(tmp_path / "synth"):
         rows = run_batch([svs_slide], tmp_path, cfg, progress=False)
     assert rows[0]["status"] == "failed" and "locked" in rows[0]["error"]
     assert rows[0]["error"].startswith("output-conflict: ")
     # the OUT held by a live run: refused before anything is written
     (tmp_path / "predictions.csv").unlink()
-    with store.locked(tmp_path / ".run"):
+    with locks.locked(tmp_path / ".run"):
         with pytest.raises(OutputConflict, match=f"pid {os.getpid()}") as err:
             run_batch([svs_slide], tmp_path, cfg, progress=False)
     assert str(tmp_path) in str(err.value) and "--out" in str(err.value)
     assert not (tmp_path / "predictions.csv").exists()
     # a shard holds its own lock, so shards of one OUT run side by side
-    with store.locked(tmp_path / ".run"):
+    with locks.locked(tmp_path / ".run"):
         rows = run_batch([svs_slide], tmp_path, cfg, shard=(0, 1), progress=False)
     assert rows[0]["status"] == "ok" and (tmp_path / "predictions.shard-0-of-1.csv").is_file()
     # a lock left by a dead process is taken over

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from wsi_prune.errors import CorruptSlide, MissingMPP, UnsupportedSlide
-from wsi_prune.slide import Slide, resolve_mpp
+from wsi_prune.io.slide import Slide, resolve_mpp
 
 
 def test_svs_metadata(svs_slide: Path) -> None:
@@ -45,12 +45,12 @@ def test_objective_power_only_slide(svs_nompp_slide: Path, caplog) -> None:
         props = dict(osr.properties)
     assert props["aperio.AppMag"] == "20" and "aperio.MPP" not in props
     assert openslide.PROPERTY_NAME_MPP_X not in props
-    with caplog.at_level("WARNING", logger="wsi_prune.slide"):
+    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
         with Slide(svs_nompp_slide) as s:
             assert s.info.vendor == "aperio" and s.info.objective_power == 20
             assert s.info.mpp_source == "objective-power"
             assert (s.info.mpp_x, s.info.mpp_y) == (pytest.approx(0.5), pytest.approx(0.5))
-    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.slide"]
+    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
     assert rec.levelno == logging.WARNING
     assert str(svs_nompp_slide) in rec.getMessage() and "objective power 20x" in rec.getMessage()
     # the chain puts objective power before a user override
@@ -100,7 +100,7 @@ def test_read_physical_resolution(svs_slide: Path) -> None:
 
 
 def test_thumbnail_blocks_match_direct_read(svs_slide: Path, monkeypatch) -> None:
-    import wsi_prune.slide as slide_mod
+    import wsi_prune.io.slide as slide_mod
 
     with Slide(svs_slide) as s:
         direct = s.read_thumbnail(8.0)
@@ -115,7 +115,7 @@ def test_low_resolution_read_from_single_level_slide(real_slide: Path, monkeypat
     block at level 0 (it used to recurse forever) and matches an area-averaged reference."""
     import openslide
 
-    import wsi_prune.slide as slide_mod
+    import wsi_prune.io.slide as slide_mod
 
     x, y, w, h = 300, 500, 1800, 2200  # level-0 box, not at the origin
     with openslide.OpenSlide(str(real_slide)) as osr:

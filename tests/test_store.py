@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_prune import store
 from wsi_prune.errors import OutputConflict, StoreError
+from wsi_prune.io import locks, store
 
 
 def _tiles(n: int, seed: int = 0) -> np.ndarray:
@@ -144,17 +144,17 @@ def test_completeness_markers(tmp_path: Path) -> None:
 def test_lock_excludes_a_live_holder(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     lock = Path(f"{path}.lock")
-    with store.locked(path) as held:
+    with locks.locked(path) as held:
         assert held == lock
         assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
         with pytest.raises(OutputConflict, match="delete") as err:
-            with store.locked(path):
+            with locks.locked(path):
                 pass
         assert str(path) in str(err.value)
     assert not lock.exists()
     # released on error too
     with pytest.raises(RuntimeError):
-        with store.locked(path):
+        with locks.locked(path):
             raise RuntimeError("boom")
     assert not lock.exists()
 
@@ -166,23 +166,23 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     pid = int(dead.stdout)
     lock = Path(f"{path}.lock")
     lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
-    with store.locked(path):
+    with locks.locked(path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     # another host's lock is never taken over: its process cannot be checked from here
     lock.write_text(json.dumps({"pid": pid, "host": "elsewhere"}))
     with pytest.raises(OutputConflict, match="elsewhere"):
-        with store.locked(path):
+        with locks.locked(path):
             pass
     # an unreadable or empty lock is treated as held while it is fresh (its maker may be
     # between creating and writing it) ...
     for text in ("garbage", ""):
         lock.write_text(text)
         with pytest.raises(OutputConflict):
-            with store.locked(path):
+            with locks.locked(path):
                 pass
     # ... and taken over once it is old: a maker killed between the two never writes it
     old = time.time() - 60
     os.utime(lock, (old, old))
-    with store.locked(path):
+    with locks.locked(path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()

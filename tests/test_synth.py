@@ -20,7 +20,7 @@ from skimage.draw import polygon as fill_polygon
 
 from wsi_prune import synth
 from wsi_prune.errors import ConfigError
-from wsi_prune.slide import Slide, resolve_mpp
+from wsi_prune.io.slide import Slide, resolve_mpp
 from wsi_prune.synth import SynthSpec, tissue_truth, tumour_mask, write_dataset, write_slide
 
 # Non-square and not a multiple of the TIFF tile, so a width/height swap or a lost edge shows.

@@ -18,12 +18,12 @@ import pytest
 import tifffile
 import zarr
 
-from wsi_prune import store, tiling
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import CorruptSlide, OutputConflict, StoreError
-from wsi_prune.slide import Slide
+from wsi_prune.io import locks, store, tiling
+from wsi_prune.io.slide import Slide
+from wsi_prune.io.tiling import tile_slide, tile_store_hash
 from wsi_prune.synth import SynthSpec, tissue_truth, write_slide
-from wsi_prune.tiling import tile_slide, tile_store_hash
 
 # what conftest.py writes to svs_slide
 SVS_SPEC = SynthSpec(width=4096, height=4096, mpp=0.5, flavour="svs", seed=1, tumour=True)
@@ -211,7 +211,7 @@ def test_local_cluster_corrupt_slide(client, svs_slide: Path, tmp_path: Path) ->
 _KILLABLE = textwrap.dedent("""
     import json, sys, time
     from wsi_prune.config import RunConfig
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io.tiling import tile_slide
 
     def slow(done, total):
         print("progress", done, total, flush=True)
@@ -330,7 +330,7 @@ def test_corrupt_slide_publishes_nothing(svs_slide: Path, tmp_path: Path) -> Non
 
 def test_concurrent_run_in_process_gets_output_conflict(svs_slide: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.zarr"
-    with store.locked(out):  # what a running tile_slide holds
+    with locks.locked(out):  # what a running tile_slide holds
         with pytest.raises(OutputConflict, match=f"pid {os.getpid()}") as err:
             tile_slide(svs_slide, out, RunConfig())
         assert str(out) in str(err.value)

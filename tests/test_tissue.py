@@ -7,7 +7,7 @@ import pytest
 
 from wsi_prune.config import TissueConfig
 from wsi_prune.errors import ConfigError
-from wsi_prune.tissue import TissueMask, pen_mask, tile_fractions, tissue_mask
+from wsi_prune.io.tissue import TissueMask, pen_mask, tile_fractions, tissue_mask
 
 GLASS = (238, 236, 240)
 STROMA = (232, 150, 190)  # eosin pink, saturation ~90/255

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 import zarr
 
-from wsi_prune import __version__, store
+from wsi_prune import __version__
 from wsi_prune._files import write_text_atomic
 from wsi_prune._ids import safe_id
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError, OutputConflict
+from wsi_prune.io import locks
+from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 from wsi_prune.pipeline import (
     PREDICTION_COLUMNS,
     Models,
@@ -44,7 +46,6 @@ from wsi_prune.pipeline import (
     load_models,
     process_slide,
 )
-from wsi_prune.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
 _logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def discover(
 
 
 def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:
-    from wsi_prune.annotations import parse_label
+    from wsi_prune.io.labels import parse_label
 
     rows = []
     with open(path, newline="", encoding="utf-8") as fh:
@@ -166,7 +167,7 @@ def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = N
 
 @contextlib.contextmanager
 def run_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[Path]:
-    """Hold the run-level lock of ``out`` (:func:`run_lock_path`, :func:`store.locked`
+    """Hold the run-level lock of ``out`` (:func:`run_lock_path`, :func:`wsi_prune.io.locks.locked`
     semantics: a dead holder on this host is taken over).
 
     Without it, a second run on the same OUT would find every slide locked, record them as
@@ -178,7 +179,7 @@ def run_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[Path]:
     lock = run_lock_path(out, shard)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(store.locked(lock.with_suffix("")))
+            stack.enter_context(locks.locked(lock.with_suffix("")))
         except OutputConflict as exc:
             holder = getattr(exc, "holder", {})
             raise OutputConflict(

@@ -111,7 +111,7 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
     Example:
       wsi-prune tile slide.svs --out out/ --workers 2
     """
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io.tiling import tile_slide
 
     cfg = load_config(config_path)
     if store_tiles:

@@ -47,8 +47,8 @@ def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Pa
       wsi-prune evaluate --compare out-dense/ out-pruned/ --labels synth/labels.csv \\
           --annotations synth/
     """
-    from wsi_prune.annotations import CAMELYON16_MASK_MPP
     from wsi_prune.evaluate import compare_runs, evaluate_run
+    from wsi_prune.io.annotations import CAMELYON16_MASK_MPP
 
     if (run_dir is None) == (compare is None):
         raise click.UsageError("give either RUN_DIR or --compare DENSE_RUN PRUNED_RUN")

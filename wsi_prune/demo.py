@@ -78,7 +78,7 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
     import click
 
     from wsi_prune.batch import discover, run_batch
-    from wsi_prune.tiling import tile_slide
+    from wsi_prune.io.tiling import tile_slide
     from wsi_prune.train import train_mil, train_scorer
 
     weights = out / "weights"

@@ -50,17 +50,17 @@ from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc
 
 from wsi_prune._files import write_text_atomic
 from wsi_prune._ids import lookup_slide
-from wsi_prune.annotations import (
+from wsi_prune.errors import EvaluationError, StoreError
+from wsi_prune.io.annotations import (
     CAMELYON16_MASK_MPP,
     ITC_UM,
     MARGIN_UM,
     Annotation,
     evaluation_mask,
     read_asap_xml,
-    read_labels,
 )
-from wsi_prune.errors import EvaluationError, StoreError
-from wsi_prune.store import open_store
+from wsi_prune.io.labels import read_labels
+from wsi_prune.io.store import open_store
 
 _logger = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[
 
     Args:
         run_dir: folder holding ``predictions.csv`` and ``<id>/candidates.csv``.
-        labels_csv: slide labels (see :func:`wsi_prune.annotations.read_labels`): slide-level
+        labels_csv: slide labels (see :func:`wsi_prune.io.labels.read_labels`): slide-level
             metrics.
         annotations_dir: ``<id>.xml`` ASAP annotations: lesion-level FROC. Slides without an
             XML are normal, unless the labels call them tumour (then they are left out).

@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from wsi_prune import store
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import SlideError, StoreError
+from wsi_prune.io import store
 
 _logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _thumbnail(group: zarr.Group, slide_path: str | os.PathLike[str] | None,
                mpp: float | None) -> tuple[np.ndarray, float]:
     """(H, W, 3) uint8 picture of the slide and its level-0 px per picture px. Falls back to
     the tissue mask (grey on white) when the slide file cannot be read."""
-    from wsi_prune.slide import Slide
+    from wsi_prune.io.slide import Slide
 
     info = group.attrs["slide"]
     width, height = int(info["width"]), int(info["height"])

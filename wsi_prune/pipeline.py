@@ -2,7 +2,7 @@
 
 Per slide (:func:`process_slide`), each stage a function over the slide's store and the config:
 
-1. :func:`wsi_prune.tiling.tile_slide` - tissue mask and coarse tiles in ``OUT/<id>.zarr``;
+1. :func:`wsi_prune.io.tiling.tile_slide` - tissue mask and coarse tiles in ``OUT/<id>.zarr``;
 2. :func:`triage` - the CNN scores every coarse tile and every ViT patch inside it, and the
    tile policy keeps some tiles;
 3. :func:`embed_kept` - full-resolution pixels are read for kept tiles only, the CNN patch map
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import zarr
 
-from wsi_prune import store
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError, UnsupportedSlide, WsiPruneError
-from wsi_prune.slide import Slide
-from wsi_prune.tiling import slide_tile_hash, tile_slide
+from wsi_prune.io import locks, store
+from wsi_prune.io.slide import Slide
+from wsi_prune.io.tiling import slide_tile_hash, tile_slide
 
 _logger = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def process_slide(
         return _row_from_result(entry, "skipped", group.attrs["result"], dict(group.attrs))
     if not entry.path.exists():
         raise UnsupportedSlide("no such file", entry.path)
-    with store.locked(out / entry.id):
+    with locks.locked(out / entry.id):
         store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
         return _process_locked(entry, out, config, models, device, force, scheduler, progress,
                                run_hash)

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from wsi_prune.config import RunConfig
-from wsi_prune.slide import Slide
-from wsi_prune.tiling import make_grid
-from wsi_prune.tissue import tissue_mask
+from wsi_prune.io.slide import Slide
+from wsi_prune.io.tiling import make_grid
+from wsi_prune.io.tissue import tissue_mask
 
 # A rough time estimate, not a benchmark. Measured 2026-12-01 with run_batch (force=True,
 # models already built) and pipelines/demo.yaml on the 2-core shared development machine, on

@@ -35,13 +35,14 @@ from tqdm import tqdm
 from wsi_prune import __version__
 from wsi_prune._files import file_sha256
 from wsi_prune._ids import lookup_slide, slide_id
-from wsi_prune.annotations import Annotation, parse_label, read_asap_xml, read_labels, region_masks
 from wsi_prune.config import MILConfig, RunConfig, ScorerConfig
 from wsi_prune.errors import ConfigError, StoreError, TrainingError
+from wsi_prune.io.annotations import Annotation, read_asap_xml, region_masks
+from wsi_prune.io.labels import parse_label, read_labels
+from wsi_prune.io.store import open_store
 from wsi_prune.models.mil import MIL_KIND, GatedABMIL
 from wsi_prune.models.scorer import SCORER_KIND, PatchScorer, pool_patch_map
 from wsi_prune.models.weights import load_into, save_safetensors, write_sidecar
-from wsi_prune.store import open_store
 
 _logger = logging.getLogger(__name__)
 __all__ = [
@@ -86,7 +87,7 @@ def find_stores(paths: Iterable[PathLike]) -> list[Path]:
     return out
 
 
-# -- annotations and patch targets (labels: parse_label, read_labels of wsi_prune.annotations) --
+# -- annotations and patch targets (labels: parse_label, read_labels of wsi_prune.io.annotations) --
 def load_annotations(
     annotations: Mapping[str, Annotations] | PathLike,
 ) -> dict[str, list[Annotation]]:

@@ -30,11 +30,12 @@ import numpy as np
 import zarr
 from dask.callbacks import Callback
 
-from wsi_prune import __version__, store
+from wsi_prune import __version__
 from wsi_prune.config import RunConfig, TilingConfig
 from wsi_prune.errors import StoreError
-from wsi_prune.slide import Slide, SlideInfo
-from wsi_prune.tissue import tile_fractions, tissue_mask
+from wsi_prune.io import locks, store
+from wsi_prune.io.slide import Slide, SlideInfo
+from wsi_prune.io.tissue import tile_fractions, tissue_mask
 
 _logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def tile_slide(
         store_path: final ``<id>.zarr`` path; built under a temporary name and renamed.
         config: run configuration (its tissue and tiling sections are used and hashed, with
             the resolved MPP and the slide file's size and mtime: :func:`tile_store_hash`).
-        mpp: user MPP override (see :mod:`wsi_prune.slide`).
+        mpp: user MPP override (see :mod:`wsi_prune.io.slide`).
         scheduler: ``"threads"``, ``"sync"``, ``"processes"``, a ``distributed.Client``, or
             ``"dask-worker"`` when called from a task on a distributed worker (the blocks
             become tasks on that worker's cluster).
@@ -228,7 +229,7 @@ def tile_slide(
     slide_path, store_path = Path(os.path.abspath(slide_path)), Path(store_path)
     store_path.parent.mkdir(parents=True, exist_ok=True)
     # the MPP is resolved before the skip test: it is part of the store's identity
-    with Slide(slide_path, mpp) as slide, store.locked(store_path):
+    with Slide(slide_path, mpp) as slide, locks.locked(store_path):
         slide_stat = slide_path.stat()
         tile_hash = tile_store_hash(config, slide.info, slide_stat)
         if not force and store.is_complete(store_path, tile_hash):
