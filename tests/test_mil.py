@@ -7,8 +7,9 @@ import torch
 
 from wsi_prune.config import MILConfig
 from wsi_prune.errors import CheckpointRefused
+from wsi_prune.models.checkpoints import save_safetensors
 from wsi_prune.models.mil import GatedABMIL, build_mil, trained_mil_config
-from wsi_prune.models.weights import save_safetensors, write_sidecar
+from wsi_prune.models.sidecars import write_sidecar
 
 D = 24
 

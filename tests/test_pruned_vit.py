@@ -22,8 +22,8 @@ from wsi_prune.config import ViTConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
 from wsi_prune.flops import MacTally, ViTSpec, block_macs, slide_macs, vit_batch_macs, vit_macs
 from wsi_prune.models import pruned_vit
+from wsi_prune.models.checkpoints import load_into, save_safetensors
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
-from wsi_prune.models.weights import load_into, save_safetensors
 
 TOL = 1e-5
 TINY = dict(depth=4, embed_dim=64, num_heads=2, img_size=96)  # 6x6 = 36 patches

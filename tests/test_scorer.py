@@ -12,6 +12,7 @@ import zarr
 from wsi_prune.config import ScorerConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
 from wsi_prune.models import scorer as scorer_mod
+from wsi_prune.models.checkpoints import save_safetensors
 from wsi_prune.models.scorer import (
     PatchScorer,
     build_scorer,
@@ -21,7 +22,7 @@ from wsi_prune.models.scorer import (
     to_input,
     trained_scorer_config,
 )
-from wsi_prune.models.weights import save_safetensors, write_sidecar
+from wsi_prune.models.sidecars import write_sidecar
 
 CNNS = ["mobilenetv3_small_100", "resnet18"]
 
@@ -254,7 +255,7 @@ def test_registered_scorer_is_built_by_name() -> None:
         assert out.patch.shape == (3, 16, 16)
         torch.testing.assert_close(out.tile, torch.full((3,), 0.25))
     finally:
-        scorer_mod._REGISTRY.pop(name, None)
+        scorer_mod.SCORERS.unregister(name)
 
 
 # -- weights -------------------------------------------------------------------------------------

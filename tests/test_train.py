@@ -23,9 +23,9 @@ from wsi_prune.errors import ConfigError, StoreError, TrainingError, WsiPruneErr
 from wsi_prune.io.annotations import Annotation
 from wsi_prune.io.store import open_store
 from wsi_prune.io.tiling import tile_slide
+from wsi_prune.models.checkpoints import load_state_dict
 from wsi_prune.models.mil import build_mil, trained_mil_config
 from wsi_prune.models.scorer import build_scorer, score_tiles, trained_scorer_config
-from wsi_prune.models.weights import load_state_dict
 from wsi_prune.synth import SynthSpec, write_asap_xml, write_slide
 from wsi_prune.train import (
     find_stores,

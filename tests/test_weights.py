@@ -11,19 +11,15 @@ from torch import nn
 
 from wsi_prune._files import file_sha256
 from wsi_prune.errors import CheckpointRefused, ConfigError
-from wsi_prune.models.weights import (
+from wsi_prune.models.checkpoints import load_into, load_state_dict, save_safetensors
+from wsi_prune.models.hub import (
     ModelSource,
     create_from_source,
     hub_architecture,
     hub_offline,
-    load_into,
-    load_state_dict,
-    read_sidecar,
     resolve_model_source,
-    save_safetensors,
-    sidecar_path,
-    write_sidecar,
 )
+from wsi_prune.models.sidecars import read_sidecar, sidecar_path, write_sidecar
 
 
 class _Net(nn.Module):

@@ -54,6 +54,10 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.what} {name!r} (registered: "
                               f"{', '.join(self.names()) or 'none'})") from None
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (tests that register a temporary entry); unknown names are ignored."""
+        self._items.pop(name, None)
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._items)

@@ -36,16 +36,8 @@ from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError, OutputConflict
 from wsi_prune.io import locks
 from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
-from wsi_prune.pipeline import (
-    PREDICTION_COLUMNS,
-    Models,
-    SlideEntry,
-    apply_trained_configs,
-    describe_models,
-    failed_row,
-    load_models,
-    process_slide,
-)
+from wsi_prune.models.factory import Models, apply_trained_configs, build_models, describe_models
+from wsi_prune.pipeline import PREDICTION_COLUMNS, SlideEntry, failed_row, process_slide
 
 _logger = logging.getLogger(__name__)
 
@@ -258,7 +250,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
 
     def get_models() -> Models:
         if "m" not in cache:
-            cache["m"] = load_models(config, device, digests)
+            cache["m"] = build_models(config, device, digests)
         return cache["m"]
 
     def record(entry: SlideEntry, row: dict[str, Any]) -> None:

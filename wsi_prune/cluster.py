@@ -331,7 +331,7 @@ def clear_cache() -> None:
 
 def get_models(config_json: str, device: str = "cpu", run_hash: str | None = None,
                digests: dict[str, str | None] | None = None) -> Any:
-    """The run's models (:class:`wsi_prune.pipeline.Models`), loaded once per process.
+    """The run's models (:class:`wsi_prune.models.factory.Models`), loaded once per process.
 
     Args:
         config_json: the run config as JSON (``json.dumps(config.to_dict())``).
@@ -346,11 +346,11 @@ def get_models(config_json: str, device: str = "cpu", run_hash: str | None = Non
     The cache key is the SHA-256 of ``device``, ``config_json`` and ``run_hash``.
     """
     from wsi_prune.config import RunConfig
-    from wsi_prune.pipeline import load_models
+    from wsi_prune.models.factory import build_models
 
     ident = f"{device}\0{config_json}\0{run_hash or ''}"
     key = "models:" + hashlib.sha256(ident.encode()).hexdigest()
-    return cached(key, lambda: load_models(RunConfig.from_dict(json.loads(config_json)), device,
+    return cached(key, lambda: build_models(RunConfig.from_dict(json.loads(config_json)), device,
                                            digests))
 
 

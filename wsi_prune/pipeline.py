@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ import torch
 import zarr
 
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import ConfigError, UnsupportedSlide, WsiPruneError
+from wsi_prune.errors import UnsupportedSlide, WsiPruneError
 from wsi_prune.io import locks, store
 from wsi_prune.io.slide import Slide
 from wsi_prune.io.tiling import slide_tile_hash, tile_slide
+from wsi_prune.models.factory import Models
 
 _logger = logging.getLogger(__name__)
 
@@ -64,115 +65,6 @@ class SlideEntry:
     label: int | None = None
 
 
-# -- models ----------------------------------------------------------------------------------
-def apply_trained_configs(config: RunConfig) -> RunConfig:
-    """Take the architecture of trained scorer/MIL weights from the JSON that ``train-scorer``
-    and ``train-mil`` write next to them, so a run config only has to name the weights file.
-    Weights without such a JSON are used with the config as it is."""
-    from wsi_prune.models.mil import trained_mil_config
-    from wsi_prune.models.scorer import trained_scorer_config
-    from wsi_prune.models.weights import sidecar_path
-
-    if config.scorer.weights and sidecar_path(config.scorer.weights).is_file():
-        scorer, _ = trained_scorer_config(config.scorer.weights, config.scorer)
-        config = config.replace(scorer=scorer)
-    if config.mil.weights and sidecar_path(config.mil.weights).is_file():
-        mil, _, _ = trained_mil_config(config.mil.weights, config.mil)
-        config = config.replace(mil=mil)
-    return config
-
-
-#: Seed of the random initialisation of models without weight files.
-INIT_SEED = 0
-
-
-def describe_models(config: RunConfig, digests: dict[str, str | None] | None = None
-                    ) -> dict[str, Any]:
-    """Names, weight files and their SHA-256 of the run's three models, without building them
-    (a run whose slides are all skipped describes them in its manifest all the same).
-
-    Args:
-        digests: :meth:`RunConfig.weight_digests`, when already computed.
-    """
-    digests = config.weight_digests() if digests is None else digests
-    paths = config.weight_paths()
-
-    def weights(name: str) -> dict[str, Any]:
-        # "trained": loaded from a file; without one the model is random-init (INIT_SEED)
-        return {"weights": paths[name], "sha256": digests.get(name),
-                "trained": bool(paths[name])}
-
-    return {
-        "scorer": {"model": config.scorer.model, **weights("scorer")},
-        "vit": {"model": config.vit.model, "model_kwargs": config.vit.model_kwargs,
-                **weights("vit"), "pretrained": config.vit.pretrained},
-        "mil": {"model": "gated-abmil", "hidden": config.mil.hidden, **weights("mil")},
-    }
-
-
-@dataclass
-class Models:
-    """The three models of a run, built once per process."""
-
-    scorer: torch.nn.Module
-    vit: torch.nn.Module  # PrunedViT
-    mil: torch.nn.Module
-    grid: tuple[int, int]
-    vit_mean: torch.Tensor
-    vit_std: torch.Tensor
-    describe: dict[str, Any] = field(default_factory=dict)
-    macs: dict[str, Any] = field(default_factory=dict)
-
-
-def load_models(config: RunConfig, device: str = "cpu",
-                digests: dict[str, str | None] | None = None) -> Models:
-    """Build scorer, pruned ViT and MIL head from the config (local weights only unless the
-    config asks for hub weights).
-
-    Args:
-        digests: :meth:`RunConfig.weight_digests`, when already computed (for ``describe``).
-
-    Raises:
-        ConfigError / CheckpointRefused: unknown models, bad or unsafe weight files.
-    """
-    import timm.data
-
-    from wsi_prune.flops import ViTSpec, cnn_macs
-    from wsi_prune.models.mil import build_mil
-    from wsi_prune.models.pruned_vit import PrunedViT, build_vit
-    from wsi_prune.models.scorer import build_scorer
-    from wsi_prune.models.weights import load_into
-
-    # Parts without weight files start from one fixed seed, so every process (Dask workers,
-    # SLURM array tasks, a resumed run) builds the same untrained model and their slides agree.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        vit_model = build_vit(config.vit, load_weights=load_into)
-        scorer = build_scorer(config.scorer, vit_model.patch_embed.grid_size[0])
-        embed_dim = int(vit_model.num_features) * (2 if config.vit.pooling == "cls+mean" else 1)
-        mil = build_mil(config.mil, embed_dim)
-    pruned = PrunedViT(vit_model, config.vit).to(device).eval()
-    gh, gw = vit_model.patch_embed.grid_size
-    if gh != gw:
-        raise ConfigError(f"vit.model has a non-square patch grid {gh}x{gw}")
-    img = vit_model.patch_embed.img_size
-    if tuple(img) != (config.tiling.tile_px, config.tiling.tile_px):
-        raise ConfigError(
-            f"vit.model takes {img[0]}x{img[1]} px images but tiling.tile_px is "
-            f"{config.tiling.tile_px}; set vit.model_kwargs.img_size or tiling.tile_px"
-        )
-    scorer, mil = scorer.to(device), mil.to(device)
-    data_cfg = timm.data.resolve_data_config({}, model=vit_model)
-    mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1)
-
-    cp = config.tiling.coarse_px
-    describe = describe_models(config, digests)
-    macs = {
-        "spec": ViTSpec.from_timm(vit_model),
-        "scorer_per_tile": cnn_macs(scorer, (3, cp, cp)),
-    }
-    return Models(scorer, pruned, mil, (gh, gw), mean, std, describe, macs)
 
 
 # -- stages ------------------------------------------------------------------------------------

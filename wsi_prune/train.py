@@ -40,9 +40,10 @@ from wsi_prune.errors import ConfigError, StoreError, TrainingError
 from wsi_prune.io.annotations import Annotation, read_asap_xml, region_masks
 from wsi_prune.io.labels import parse_label, read_labels
 from wsi_prune.io.store import open_store
+from wsi_prune.models.checkpoints import load_into, save_safetensors
 from wsi_prune.models.mil import MIL_KIND, GatedABMIL
 from wsi_prune.models.scorer import SCORER_KIND, PatchScorer, pool_patch_map
-from wsi_prune.models.weights import load_into, save_safetensors, write_sidecar
+from wsi_prune.models.sidecars import write_sidecar
 
 _logger = logging.getLogger(__name__)
 __all__ = [

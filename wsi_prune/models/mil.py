@@ -5,27 +5,49 @@ variant, as used by CLAM (Lu et al. 2021): each instance (tile embedding) h_k = 
 an attention score a_k = w·(tanh(V h_k) ⊙ sigmoid(U h_k)); the softmax of the scores over the bag
 weighs the instances into one slide embedding, and a linear layer turns it into the slide logit.
 The attention doubles as the tile heatmap.
+
+Slide heads are registered by name (:func:`register_mil`, ``mil.model`` in the config), as
+scorers and selection policies are: a head is ``builder(config, in_dim, n_classes) -> module``
+whose forward takes a bag (K, D) or a padded batch (B, K, D) with a mask and returns a
+:class:`MILOutput`, and which exposes ``in_dim``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from wsi_prune._registry import Registry
 from wsi_prune.config import MILConfig
 from wsi_prune.errors import CheckpointRefused
-from wsi_prune.models.weights import load_into, read_sidecar, warn_untrained_once
+from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.sidecars import read_sidecar, warn_untrained_once
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["GatedABMIL", "MILOutput", "build_mil", "trained_mil_config"]
+__all__ = ["GatedABMIL", "MILOutput", "build_mil", "list_mil_heads", "register_mil",
+           "trained_mil_config"]
 
 #: ``kind`` of the JSON config saved next to trained MIL weights
 MIL_KIND = "wsi-prune-mil"
+
+MILBuilder = Callable[[MILConfig, int, int], nn.Module]
+MIL_HEADS: Registry[MILBuilder] = Registry("MIL head")
+
+
+def register_mil(name: str) -> Callable[[MILBuilder], MILBuilder]:
+    """Register ``builder(config, in_dim, n_classes) -> module`` as slide head ``name``."""
+    return MIL_HEADS.register(name)
+
+
+def list_mil_heads() -> list[str]:
+    """Names of the registered slide heads (values of ``mil.model``)."""
+    return MIL_HEADS.names()
 
 
 @dataclass
@@ -128,12 +150,14 @@ def build_mil(config: MILConfig, in_dim: int, n_classes: int = 1) -> GatedABMIL:
         n_classes: 1 for a binary slide label.
 
     Raises:
+        ConfigError: ``config.model`` is not a registered head.
         CheckpointRefused: the weights file is missing, unsafe, or made for another in_dim or
             hidden size (the message names the file and the mismatched tensors).
     """
+    builder = MIL_HEADS.get(config.model)
     if config.weights:
         _check_sidecar(config, in_dim, n_classes)
-    model = GatedABMIL(in_dim, hidden=config.hidden, dropout=config.dropout, n_classes=n_classes)
+    model = builder(config, in_dim, n_classes)
     if config.weights:
         load_into(model, config.weights)
         _logger.info("MIL head: loaded weights from %s", config.weights)
@@ -163,7 +187,8 @@ def trained_mil_config(weights: str, base: MILConfig | None = None) -> tuple[MIL
         raise CheckpointRefused("no MIL config (.json) next to the weights", weights)
     base = base or MILConfig()
     try:
-        config = dataclasses.replace(base, weights=str(weights), hidden=int(meta["hidden"]))
+        config = dataclasses.replace(base, weights=str(weights), hidden=int(meta["hidden"]),
+                                     model=str(meta.get("model", base.model)))
         return config, int(meta["in_dim"]), int(meta["n_classes"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointRefused(f"MIL config lacks or mistypes {exc}", weights) from exc
@@ -174,11 +199,19 @@ def _check_sidecar(config: MILConfig, in_dim: int, n_classes: int) -> None:
     meta = read_sidecar(config.weights, MIL_KIND)
     if meta is None:
         return
-    wanted = {"in_dim": in_dim, "hidden": config.hidden, "n_classes": n_classes}
-    diff = [f"{k}={meta.get(k)!r} (here: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
+    wanted = {"in_dim": in_dim, "hidden": config.hidden, "n_classes": n_classes,
+              "model": config.model}
+    # sidecars written before heads were registered name no model: they are all gated ABMIL
+    saved = {**meta, "model": meta.get("model", "gated-abmil")}
+    diff = [f"{k}={saved.get(k)!r} (here: {v!r})" for k, v in wanted.items() if saved.get(k) != v]
     if diff:
         raise CheckpointRefused(
             "this MIL head was trained with " + ", ".join(diff)
             + " (in_dim is the ViT embedding width; trained_mil_config reads the rest)",
             config.weights,
         )
+
+
+@register_mil("gated-abmil")
+def _gated_abmil(config: MILConfig, in_dim: int, n_classes: int) -> GatedABMIL:
+    return GatedABMIL(in_dim, hidden=config.hidden, dropout=config.dropout, n_classes=n_classes)

@@ -66,7 +66,8 @@ from torch import nn
 
 from wsi_prune.config import ViTConfig
 from wsi_prune.errors import ConfigError
-from wsi_prune.models.weights import create_architecture, load_into, resolve_model_source
+from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.hub import create_architecture, resolve_model_source
 from wsi_prune.prune import keep_by_attention
 
 _logger = logging.getLogger(__name__)
@@ -150,13 +151,13 @@ def build_vit(
 ) -> VisionTransformer:
     """Create the timm ViT named by ``config`` (no classifier head), in eval mode.
 
-    Where it comes from is decided by :func:`~wsi_prune.models.weights.resolve_model_source`,
+    Where it comes from is decided by :func:`~wsi_prune.models.hub.resolve_model_source`,
     without the network:
 
     * a local ``config.weights`` file always wins, ``pretrained`` or not: the architecture is
       built with ``pretrained=False`` and the file loaded. For an ``hf-hub:`` name the
       architecture comes from the repo's ``config.json`` in the local Hugging Face cache or from
-      :data:`~wsi_prune.models.weights.KNOWN_HUB_MODELS` (UNI), never from the Hub;
+      :data:`~wsi_prune.models.hub.KNOWN_HUB_MODELS` (UNI), never from the Hub;
       ``config.model_kwargs`` override its arguments.
     * without a local file, ``pretrained: true`` downloads through timm (Hub or its cache; only
       the cache when ``HF_HUB_OFFLINE`` is set), and an ``hf-hub:`` name needs it.
@@ -164,7 +165,7 @@ def build_vit(
     Args:
         config: ``model``, ``pretrained``, ``model_kwargs`` and ``weights``.
         load_weights: called as ``load_weights(model, config.weights)`` to load the local file
-            (default :func:`~wsi_prune.models.weights.load_into`, which owns checkpoint safety).
+            (default :func:`~wsi_prune.models.checkpoints.load_into`, which owns checkpoint safety).
 
     Raises:
         ConfigError: unknown model name, not a ``VisionTransformer``, a hub name with a local

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsi_prune._registry import Registry
 from wsi_prune.config import ScorerConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
-from wsi_prune.models.weights import load_into, read_sidecar, warn_untrained_once
+from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.sidecars import read_sidecar, warn_untrained_once
 
 _logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ScorerBuilder = Callable[[ScorerConfig, int], nn.Module]
-_REGISTRY: dict[str, ScorerBuilder] = {}
+SCORERS: Registry[ScorerBuilder] = Registry("scorer")
 
 
 @dataclass
@@ -88,18 +90,12 @@ def register_scorer(name: str) -> Callable[[ScorerBuilder], ScorerBuilder]:
     registered are taken as timm CNN names and built as a :class:`PatchScorer`.
     """
 
-    def deco(builder: ScorerBuilder) -> ScorerBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"scorer {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
-
-    return deco
+    return SCORERS.register(name)
 
 
 def list_scorers() -> list[str]:
     """Names registered with :func:`register_scorer` (any timm CNN name works as well)."""
-    return sorted(_REGISTRY)
+    return SCORERS.names()
 
 
 def pool_patch_map(patch: torch.Tensor, pooling: str, topk: int = 8) -> torch.Tensor:
@@ -260,10 +256,12 @@ def build_scorer(config: ScorerConfig, grid: int) -> nn.Module:
         ConfigError: unknown model or unusable feature levels.
         CheckpointRefused: the weights file is missing, unsafe or does not fit.
     """
-    builder = _REGISTRY.get(config.model)
     if config.weights:
         _check_sidecar(config, grid)
-    model = builder(config, grid) if builder is not None else PatchScorer(config, grid)
+    if config.model in SCORERS:
+        model = SCORERS.get(config.model)(config, grid)
+    else:
+        model = PatchScorer(config, grid)
     if config.weights:
         load_into(model, config.weights)
         _logger.info("scorer %s: loaded weights from %s", config.model, config.weights)

@@ -1,9 +1,7 @@
-"""Safe loading and saving of model weights, and where a model's weights come from.
-
-Only tensors are ever loaded: ``.safetensors`` files through :mod:`safetensors`, and
-``.pth``/``.pt``/``.bin`` pickles through ``torch.load(weights_only=True)``, which refuses any
-pickled Python object (a pickle can run arbitrary code when loaded). Every failure becomes a
-:class:`~wsi_prune.errors.CheckpointRefused` that names the file and the cause.
+"""Where a ViT's weights come from: a local file, timm's or the Hugging Face Hub's pretrained
+weights, and ``hf-hub:`` names resolved to a timm architecture offline (the HF cache's
+``config.json`` or :data:`KNOWN_HUB_MODELS`), so a local copy of a foundation model's weights
+never needs the network. Hub failures become :class:`~wsi_prune.errors.CheckpointRefused`.
 """
 
 from __future__ import annotations
@@ -12,239 +10,20 @@ import contextlib
 import json
 import logging
 import os
-import pickle
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from wsi_prune.errors import CheckpointRefused, ConfigError
+from wsi_prune.models.checkpoints import load_into
 
 _logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ModelSource",
-    "read_sidecar",
-    "sidecar_path",
-    "write_sidecar",
-    "KNOWN_HUB_MODELS",
-    "create_architecture",
-    "create_from_source",
-    "hub_architecture",
-    "hub_offline",
-    "load_into",
-    "load_state_dict",
-    "resolve_model_source",
-    "save_safetensors",
-    "warn_untrained_once",
-]
-
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
-# Keys under which training scripts commonly nest the model's state dict.
-_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
-_MAX_LISTED = 5  # keys shown per category in a mismatch message
 HUB_PREFIX = "hf-hub:"
-
 PathLike = str | os.PathLike[str]
-
-
-def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict of tensors from a weights file, without unpickling objects.
-
-    Args:
-        path: ``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file. Common nestings such as
-            ``{"state_dict": {...}}`` or ``{"model": {...}}`` are unwrapped.
-
-    Returns:
-        Parameter name → CPU tensor.
-
-    Raises:
-        CheckpointRefused: the file is missing, of an unknown format, truncated or corrupt,
-            pickles a Python object, or holds something other than named tensors.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointRefused("weights file not found", path)
-    suffix = Path(path).suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(path, device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointRefused(f"unreadable safetensors file ({exc})", path) from exc
-    elif suffix in _PICKLE_SUFFIXES:
-        obj = _torch_load(path)
-    else:
-        raise CheckpointRefused(
-            f"unsupported weights format {suffix or '(no suffix)'!r}; "
-            "use .safetensors (preferred), .pth, .pt or .bin",
-            path,
-        )
-    return _as_state_dict(obj, path)
-
-
-def _torch_load(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch reports both "this pickle names a Python class" and "these bytes are not a
-        # pickle" as UnpicklingError; only the first is a refusal on safety grounds.
-        # Two wordings: "Unsupported global: GLOBAL mod.Class" for a class not allow-listed,
-        # and "unsupported GLOBAL posix.system whose module posix is blocked" for a callable.
-        match = re.search(r"unsupported\s+global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(exc), re.I)
-        if match:
-            raise CheckpointRefused(
-                f"refused to load: the checkpoint pickles the Python object {match.group(1)}, "
-                "and unpickling objects can run arbitrary code; save only the state dict "
-                "(tensors), preferably as .safetensors",
-                path,
-            ) from exc
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(exc), re.S)
-        cause = detail.group(1).strip() if detail else type(exc).__name__
-        raise CheckpointRefused(f"corrupt or not a torch checkpoint ({cause})", path) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        # A KeyError's message is just the key ("101" for a non-pickle): name the type too.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointRefused(
-            f"corrupt or truncated torch checkpoint ({type(exc).__name__}: {first[:200]})", path
-        ) from exc
-
-
-def _as_state_dict(obj: Any, path: str | None) -> dict[str, torch.Tensor]:
-    # Unwrap {"state_dict": {...}, "epoch": 3, ...}-style checkpoints, possibly nested twice.
-    for _ in range(3):
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None or all(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise CheckpointRefused(
-            f"expected a mapping of parameter names to tensors, found {type(obj).__name__}", path
-        )
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointRefused(
-            f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} are not named tensors "
-            f"(e.g. {', '.join(repr(k) for k in bad[:_MAX_LISTED])})",
-            path,
-        )
-    if not obj:
-        raise CheckpointRefused("the checkpoint holds no tensors", path)
-    return dict(obj)
-
-
-def load_into(
-    model: nn.Module,
-    path_or_state: PathLike | Mapping[str, torch.Tensor],
-    strict: bool = True,
-    prefix_strip: Iterable[str] = ("module.",),
-) -> None:
-    """Load weights into ``model`` in place, refusing any mismatch with a readable message.
-
-    Args:
-        model: the module to fill.
-        path_or_state: a weights file (see :func:`load_state_dict`) or a state dict.
-        strict: refuse missing or unexpected keys (shape mismatches are always refused).
-        prefix_strip: key prefixes removed first (``module.`` from ``DataParallel``).
-
-    Raises:
-        CheckpointRefused: the file cannot be read, or keys/shapes do not match the model; the
-            message lists a few missing and unexpected keys and each shape mismatch as
-            ``name: model (a, b) vs file (c, d)``.
-    """
-    if isinstance(path_or_state, Mapping):
-        path = None
-        state = _as_state_dict(path_or_state, None)
-    else:
-        path = os.fspath(path_or_state)
-        state = load_state_dict(path)
-    prefixes = tuple(prefix_strip)
-    state = {_strip(k, prefixes): v for k, v in state.items()}
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: model {tuple(expected[k].shape)} vs file {tuple(state[k].shape)}"
-        for k in expected
-        if k in state and expected[k].shape != state[k].shape
-    ]
-    problems = []
-    if mismatched:
-        problems.append(_listing("shape mismatch", mismatched))
-    if strict and missing:
-        problems.append(_listing("missing key", missing))
-    if strict and unexpected:
-        problems.append(_listing("unexpected key", unexpected))
-    if problems:
-        raise CheckpointRefused(
-            f"weights do not match {type(model).__name__}: " + "; ".join(problems), path
-        )
-    if missing or unexpected:
-        _logger.warning(
-            "loading %s non-strictly: %d missing, %d unexpected keys",
-            path or "a state dict",
-            len(missing),
-            len(unexpected),
-        )
-    model.load_state_dict(state, strict=strict)
-    _logger.debug("loaded %d tensors into %s from %s", len(state), type(model).__name__, path)
-
-
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
-    for prefix in prefixes:
-        if prefix and key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
-def _listing(what: str, items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return f"{len(items)} {what}{'' if len(items) == 1 else 's'}: {shown}{more}"
-
-
-def save_safetensors(
-    model_or_state: nn.Module | Mapping[str, torch.Tensor],
-    path: PathLike,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write weights as ``.safetensors`` atomically (temporary file, then ``os.replace``).
-
-    Args:
-        model_or_state: a module (its ``state_dict()``) or a state dict of tensors.
-        path: destination; a reader never sees a half-written file.
-        metadata: string → string pairs stored in the file header (config hash, model name).
-    """
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    # safetensors refuses tensors sharing storage (tied weights) and non-contiguous views, so
-    # every tensor gets its own contiguous CPU copy.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    if metadata is not None:
-        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-        if bad:
-            raise ValueError(f"safetensors metadata must map str to str; bad keys: {bad}")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _logger.info("wrote %d tensors to %s", len(tensors), path)
 
 
 @dataclass(frozen=True)
@@ -290,8 +69,12 @@ KNOWN_HUB_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
     ),
 }
+
+
 # pretrained-config fields a hub config.json may set that decide how images are prepared
 _DATA_CFG_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -532,75 +315,3 @@ def create_from_source(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
     if source.weights_path is not None:
         load_into(model, source.weights_path)
     return model
-
-
-_warned_untrained: set[str] = set()
-
-
-def warn_untrained_once(what: str) -> None:
-    """Log, once per process and per ``what``, that a model runs with random weights."""
-    if what not in _warned_untrained:
-        _warned_untrained.add(what)
-        _logger.warning(
-            "%s has no trained weights (random init): its outputs are meaningless until "
-            "trained weights are given",
-            what,
-        )
-
-
-# -- the JSON config saved next to trained weights -------------------------------------------------
-def sidecar_path(weights: PathLike) -> Path:
-    """The JSON config that goes with a weights file: same name, ``.json`` suffix
-    (``scorer.safetensors`` → ``scorer.json``)."""
-    return Path(weights).with_suffix(".json")
-
-
-def write_sidecar(weights: PathLike, config: Mapping[str, Any]) -> Path:
-    """Write the JSON config of a weights file atomically next to it.
-
-    Args:
-        weights: the weights file the config describes.
-        config: JSON-serialisable mapping (architecture, training settings, metrics).
-
-    Returns:
-        The path written (see :func:`sidecar_path`).
-    """
-    path = sidecar_path(weights)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n", "utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_sidecar(weights: PathLike, kind: str | None = None) -> dict[str, Any] | None:
-    """Read the JSON config next to a weights file, if there is one.
-
-    Args:
-        weights: the weights file.
-        kind: when given, the config's ``kind`` must equal it (``wsi-prune-scorer``,
-            ``wsi-prune-mil``), so that a MIL head is never loaded as a scorer.
-
-    Returns:
-        The config, or None when no sidecar file exists.
-
-    Raises:
-        CheckpointRefused: the sidecar is not valid JSON, not an object, or of another kind.
-    """
-    path = sidecar_path(weights)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointRefused(f"unreadable model config ({exc})", path) from exc
-    if not isinstance(data, dict):
-        raise CheckpointRefused("a model config must be a JSON object", path)
-    if kind is not None and data.get("kind") != kind:
-        raise CheckpointRefused(
-            f"model config is of kind {data.get('kind')!r}, expected {kind!r}; "
-            f"{os.fspath(weights)} holds another model's weights", path
-        )
-    return data
