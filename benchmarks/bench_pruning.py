@@ -25,10 +25,11 @@ GMACs to the rows that use its map.
 Each setting is timed ``--reps`` times after one warm-up, interleaved across settings so that
 load from other processes on a shared machine spreads over all of them. Images/s are reported
 for the best repetition (the least disturbed, the usual estimate of what the code can do) and
-the median; speed-ups use the best. GMACs come from :func:`wsi_prune.flops.vit_batch_macs` on
-the token counts the run produced (ToMe: :func:`wsi_prune.flops.tome_schedule`, its matching
-cost left out as in its paper). The cosine similarity of pruned vs dense embeddings is reported
-too, with random weights: it says nothing about a trained model's fidelity.
+the median; speed-ups use the best. GMACs come from
+:func:`wsi_prune.selection.macs.vit_batch_macs` on the token counts the run produced (ToMe:
+:func:`wsi_prune.selection.schedules.tome_schedule`, its matching cost left out as in its
+paper). The cosine similarity of pruned vs dense embeddings is reported too, with random
+weights: it says nothing about a trained model's fidelity.
 
     python benchmarks/bench_pruning.py --batch 32 --reps 3 --threads 2
     python benchmarks/bench_pruning.py --batch 4 --reps 1 --model vit_tiny_patch16_224 \\
@@ -55,13 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_prune.config import ScorerConfig, TilingConfig, TissueConfig, TokenSelectConfig, ViTConfig
-from wsi_prune.flops import ViTSpec, cnn_macs, tome_schedule, vit_batch_macs, vit_macs
 from wsi_prune.io.slide import Slide
 from wsi_prune.io.tiling import make_grid, read_tiles
 from wsi_prune.io.tissue import tissue_mask
 from wsi_prune.models.pruned_vit import PrunedOutput, PrunedViT
 from wsi_prune.models.scorer import build_scorer, score_tiles, to_input
-from wsi_prune.prune import select_patches
+from wsi_prune.selection.macs import ViTSpec, cnn_macs, vit_batch_macs, vit_macs
+from wsi_prune.selection.schedules import tome_schedule
+from wsi_prune.selection.tokens import select_patches
 from wsi_prune.synth import SynthSpec, write_slide
 
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu-1-small-region.svs"

@@ -2,7 +2,7 @@
 
 Published "GFLOPs" are GMACs. Sources: DeiT (Touvron et al. 2021) dense; DynamicViT README
 (T-PAMI version, predictor included); EViT Table (DeiT-S, fused token); ToMe off-the-shelf
-DeiT-S. See the module docstring of ``wsi_prune.flops`` for the convention.
+DeiT-S. See the module docstring of ``wsi_prune.selection.macs`` for the convention.
 """
 
 from __future__ import annotations
@@ -17,19 +17,21 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from wsi_prune.errors import ConfigError
-from wsi_prune.flops import (
+from wsi_prune.selection.macs import (
     PRESETS,
     ViTSpec,
     block_macs,
     cls_attention_macs,
     cnn_macs,
+    patch_embed_macs,
+    vit_macs,
+)
+from wsi_prune.selection.schedules import (
     dense_schedule,
     dynamicvit_predictor_macs,
     dynamicvit_schedule,
     evit_schedule,
-    patch_embed_macs,
     tome_schedule,
-    vit_macs,
 )
 
 REL_TOL = 0.03

@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_prune import prune
 from wsi_prune.config import TileSelectConfig, TokenSelectConfig
 from wsi_prune.errors import ConfigError
-from wsi_prune.prune import (
-    get_policy,
-    keep_by_attention,
-    list_policies,
-    nucleus_count,
-    ratio_count,
-    register_policy,
-    select_patches,
-    select_tiles,
-)
+from wsi_prune.selection.registry import get_policy, list_policies, register_policy
+from wsi_prune.selection.tiles import nucleus_count, select_tiles
+from wsi_prune.selection.tokens import keep_by_attention, ratio_count, select_patches
 
 
 def tiles(scores, **kw) -> np.ndarray:
@@ -281,7 +273,15 @@ def test_keep_by_attention_shape_errors() -> None:
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy of the registry for this test only."""
-    monkeypatch.setattr(prune, "_REGISTRY", {k: dict(v) for k, v in prune._REGISTRY.items()})
+    import copy
+
+    from wsi_prune.selection import registry
+
+    list_policies()  # the built-in policies are registered before the copy
+    monkeypatch.setattr(registry, "_REGISTRIES",
+                        {k: copy.copy(v) for k, v in registry._REGISTRIES.items()})
+    for reg in registry._REGISTRIES.values():
+        reg._items = dict(reg._items)
 
 
 def test_builtin_policies_are_listed() -> None:

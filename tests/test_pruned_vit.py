@@ -20,10 +20,17 @@ from torch import nn
 
 from wsi_prune.config import ViTConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
-from wsi_prune.flops import MacTally, ViTSpec, block_macs, slide_macs, vit_batch_macs, vit_macs
 from wsi_prune.models import pruned_vit
 from wsi_prune.models.checkpoints import load_into, save_safetensors
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
+from wsi_prune.selection.macs import (
+    MacTally,
+    ViTSpec,
+    block_macs,
+    slide_macs,
+    vit_batch_macs,
+    vit_macs,
+)
 
 TOL = 1e-5
 TINY = dict(depth=4, embed_dim=64, num_heads=2, img_size=96)  # 6x6 = 36 patches
@@ -123,7 +130,7 @@ def test_keep_all_equals_stock_model(models: dict[str, nn.Module], name: str) ->
 @torch.no_grad()
 def test_keep_all_token_prior_all_equals_stock(models: dict[str, nn.Module]) -> None:
     from wsi_prune.config import TokenSelectConfig
-    from wsi_prune.prune import select_patches
+    from wsi_prune.selection.tokens import select_patches
 
     model = models["registers"]
     x = images(2)
@@ -227,7 +234,7 @@ def test_pruning_matches_hand_reference(
 def varied_prior(model: nn.Module, n: int, seed: int = 5) -> torch.Tensor:
     """(n, P) keep masks with very different counts per image (nucleus on peaked maps)."""
     from wsi_prune.config import TokenSelectConfig
-    from wsi_prune.prune import select_patches
+    from wsi_prune.selection.tokens import select_patches
 
     g = torch.Generator().manual_seed(seed)
     p = n_patches(model)

@@ -79,7 +79,7 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
         ``tile_score`` (N,), ``patch_importance`` (N, G, G), ``embedding`` (N, C), ``kept`` (N,).
     """
     from wsi_prune.models.scorer import score_tiles
-    from wsi_prune.prune import select_tiles
+    from wsi_prune.selection.tiles import select_tiles
 
     out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
                       config.scorer.threads, progress)
@@ -103,8 +103,8 @@ def embed_kept(
         ``embedding`` (K, D), ``token_importance`` (K, P), ``kept_tokens`` (K, S, P) bool,
         ``macs`` (MACs spent on the K tiles by the ViT).
     """
-    from wsi_prune.flops import vit_batch_macs
-    from wsi_prune.prune import select_patches
+    from wsi_prune.selection.macs import vit_batch_macs
+    from wsi_prune.selection.tokens import select_patches
 
     tcfg = config.tiling
     coords = np.asarray(group["tiles/coords"][:])
@@ -282,7 +282,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     seconds["mil"] = time.perf_counter() - t
 
     spec = models.macs["spec"]
-    from wsi_prune.flops import vit_macs
+    from wsi_prune.selection.macs import vit_macs
 
     dense_per_tile = vit_macs(spec)
     scorer_macs = n * models.macs["scorer_per_tile"]

@@ -14,12 +14,13 @@ import torch
 
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError
-from wsi_prune.flops import ViTSpec, cnn_macs
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.mil import build_mil, trained_mil_config
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.models.scorer import build_scorer, trained_scorer_config
 from wsi_prune.models.sidecars import sidecar_path
+from wsi_prune.selection.macs import ViTSpec, cnn_macs
+from wsi_prune.selection.registry import check_policies
 
 
 def apply_trained_configs(config: RunConfig) -> RunConfig:
@@ -86,8 +87,10 @@ def build_models(config: RunConfig, device: str = "cpu",
         digests: :meth:`RunConfig.weight_digests`, when already computed (for ``describe``).
 
     Raises:
-        ConfigError / CheckpointRefused: unknown models, bad or unsafe weight files.
+        ConfigError / CheckpointRefused: unknown models or selection policies, bad or unsafe
+            weight files.
     """
+    check_policies(config)
     # Parts without weight files start from one fixed seed, so every process (Dask workers,
     # SLURM array tasks, a resumed run) builds the same untrained model and their slides agree.
     with torch.random.fork_rng(devices=[]):

@@ -5,14 +5,16 @@ with CLS/register tokens, each block's norms, attention, LayerScale and MLP, fin
 two things:
 
 * a CNN prior before block 0: only the patch tokens of a ``(B, P)`` keep mask
-  (:func:`wsi_prune.prune.select_patches`) enter the blocks, after the position embeddings were
-  added; prefix tokens (CLS, registers) always do. This replaces timm's ``patch_drop``.
+  (:func:`wsi_prune.selection.tokens.select_patches`) enter the blocks, after the position
+  embeddings were added; prefix tokens (CLS, registers) always do. This replaces timm's
+  ``patch_drop``.
 * pruning inside the network, EViT-style: in each block of ``ViTConfig.prune_blocks`` the
   attention runs on all present tokens, and its CLS row (one q·Kᵀ row per head, from the same
-  q/k, no second projection) ranks the patch tokens; :func:`wsi_prune.prune.keep_by_attention`
-  keeps a nucleus (adaptive count per image) or a fixed ratio, optionally fusing the dropped
-  ones into one attention-weighted token. The block's MLP and every later block then run on the
-  kept tokens only, which is where the time goes.
+  q/k, no second projection) ranks the patch tokens;
+  :func:`wsi_prune.selection.tokens.keep_by_attention` keeps a nucleus (adaptive count per
+  image) or a fixed ratio, optionally fusing the dropped ones into one attention-weighted
+  token. The block's MLP and every later block then run on the kept tokens only, which is where
+  the time goes.
 
 Attention is always ``F.scaled_dot_product_attention``: timm's own ``Attention.forward`` (fused)
 in ordinary blocks; at pruning blocks and at the last block the module's own qkv, q/k norms,
@@ -68,7 +70,7 @@ from wsi_prune.config import ViTConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.hub import create_architecture, resolve_model_source
-from wsi_prune.prune import keep_by_attention
+from wsi_prune.selection.tokens import keep_by_attention
 
 _logger = logging.getLogger(__name__)
 
@@ -99,7 +101,8 @@ class PrunedOutput:
             blocks and the last block); 0 for patches that never entered or without a CLS token.
         tokens_per_image: (B, depth, 2) int64, per image and block the tokens seen by the
             attention (``[..., 0]``) and by the MLP (``[..., 1]``), prefix and fused tokens
-            included, padding excluded: the input of :func:`wsi_prune.flops.vit_batch_macs`.
+            included, padding excluded: the input of
+            :func:`wsi_prune.selection.macs.vit_batch_macs`.
         cls_attn_blocks: blocks where the CLS attention row was computed (sorted).
         grid_size: (rows, cols) of the patch grid, P = rows * cols.
     """
