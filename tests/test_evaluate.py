@@ -24,8 +24,8 @@ from wsi_prune.evaluate import (
     roc_figure,
     slide_metrics,
 )
-from wsi_prune.heatmap import write_candidates
 from wsi_prune.io.annotations import Annotation, evaluation_mask
+from wsi_prune.outputs.candidates import write_candidates
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",

@@ -15,15 +15,10 @@ import zarr
 from wsi_prune.batch import run_batch
 from wsi_prune.config import RunConfig
 from wsi_prune.evaluate import read_candidates
-from wsi_prune.heatmap import (
-    REGION_CLASS,
-    REGION_THRESHOLD,
-    heat_map,
-    patch_heat,
-    rerender,
-    tile_heat,
-    write_candidates,
-)
+from wsi_prune.outputs.candidates import write_candidates
+from wsi_prune.outputs.geojson import REGION_CLASS, REGION_THRESHOLD
+from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat
+from wsi_prune.outputs.writer import rerender
 from wsi_prune.synth import SynthSpec, write_slide
 
 ROOT = Path(__file__).resolve().parents[1]

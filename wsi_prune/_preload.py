@@ -11,4 +11,4 @@ import matplotlib.pyplot  # noqa: E402,F401
 import timm  # noqa: E402,F401
 
 import wsi_prune.batch  # noqa: E402,F401
-import wsi_prune.heatmap  # noqa: E402,F401
+import wsi_prune.outputs.writer  # noqa: E402,F401

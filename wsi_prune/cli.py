@@ -304,7 +304,7 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
     Example:
       wsi-prune heatmap results/tumor_001.zarr
     """
-    from wsi_prune.heatmap import rerender
+    from wsi_prune.outputs.writer import rerender
 
     dest = rerender(store_path, slide_path, mpp)
     click.echo(f"{dest}/heatmap.png")

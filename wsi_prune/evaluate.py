@@ -380,7 +380,8 @@ def _ok_rows(run_dir: Path) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
 def read_candidates(path: str | os.PathLike[str]) -> np.ndarray:
     """``candidates.csv`` as (M, 3) float64 (confidence, X, Y level-0 px).
 
-    Reads the CAMELYON16 format that :func:`wsi_prune.heatmap.write_candidates` writes (no
+    Reads the CAMELYON16 format that
+    :func:`wsi_prune.outputs.candidates.write_candidates` writes (no
     header, ``confidence,X,Y`` lines) and files of older versions that start with a header
     row naming the columns (any order).
     """

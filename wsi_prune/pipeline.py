@@ -8,7 +8,7 @@ Per slide (:func:`process_slide`), each stage a function over the slide's store 
 3. :func:`embed_kept` - full-resolution pixels are read for kept tiles only, the CNN patch map
    picks the tokens that enter the pruned ViT, which prunes further inside;
 4. :func:`slide_head` - gated ABMIL over the kept tiles' embeddings;
-5. :func:`wsi_prune.heatmap.write_outputs` - heatmaps, GeoJSON, candidates.
+5. :func:`wsi_prune.outputs.writer.write_outputs` - heatmaps, GeoJSON, candidates.
 
 A slide's results count as done only when the store's ``run_hash`` attribute equals the run
 hash (the config hash plus the SHA-256 of every weight file, :meth:`RunConfig.run_hash`) and
@@ -227,7 +227,7 @@ def process_slide(
 
 
 def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
-    from wsi_prune.heatmap import write_outputs
+    from wsi_prune.outputs.writer import write_outputs
 
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
@@ -270,7 +270,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     t = time.perf_counter()
     prob, attention = slide_head(models, vit["embedding"])
     store.write_array(group, "mil/attention", attention.astype(np.float32))
-    from wsi_prune.heatmap import patch_heat, tile_heat
+    from wsi_prune.outputs.heat import patch_heat, tile_heat
 
     heat, source = tile_heat(tri["tile_score"], tri["kept"], attention)
     store.write_array(group, "heatmap/tile", heat)
