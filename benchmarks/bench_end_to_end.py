@@ -30,8 +30,8 @@ from pathlib import Path
 
 import psutil
 
-from wsi_prune.batch import run_batch
 from wsi_prune.config import RunConfig
+from wsi_prune.pipeline.batch import run_batch
 
 #: pruned keep settings: name -> config overrides
 SETTINGS = {
@@ -77,7 +77,7 @@ def _num(v: float | None) -> str:
 def stage_table(runs: dict[str, list[dict]]) -> str:
     """Markdown table of seconds per pipeline stage summed over each run's slides, with each
     stage's dense/pruned ratio (the first run is the reference)."""
-    from wsi_prune.pipeline import STAGES
+    from wsi_prune.pipeline.process import STAGES
 
     ref = None
     lines = ["| run | " + " | ".join(STAGES) + " | total |", "|---" * (len(STAGES) + 2) + "|"]

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import psutil
 
-from wsi_prune.batch import run_batch
 from wsi_prune.cluster import SlurmOptions, make_client, submit_slurm
 from wsi_prune.config import RunConfig
+from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -43,7 +43,7 @@ COLUMNS = ["id", "path", "status", "error", "probability", "sec_total"]
 # -- shards --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,k", [(0, 1), (1, 3), (7, 1), (7, 3), (10, 4), (12, 12), (5, 8)])
 def test_shard_entries_cover_every_slide_exactly_once(n: int, k: int) -> None:
-    from wsi_prune.pipeline import SlideEntry
+    from wsi_prune.pipeline.inputs import SlideEntry
 
     entries = [SlideEntry(f"s{j:02d}", Path(f"/x/s{j:02d}.svs")) for j in range(n)]
     shards = [shard_entries(entries, i, k) for i in range(k)]
@@ -297,7 +297,7 @@ def test_local_cluster_two_processes_and_per_worker_cache(caplog) -> None:
         assert len(pids) == 2 and os.getpid() not in pids
         # the heavy imports happened when the workers started, before any task
         preloaded = client.run(lambda: all(m in sys.modules for m in
-                                           ("torch", "timm", "wsi_prune.batch")))
+                                           ("torch", "timm", "wsi_prune.pipeline.batch")))
         assert set(preloaded.values()) == {True}
         limits = {w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
         assert limits == {2 * 10**9}
@@ -460,8 +460,8 @@ def test_run_batch_on_two_workers_with_one_sigkilled_equals_one_process(tmp_path
 
     from distributed import get_task_stream
 
-    from wsi_prune.batch import run_batch
     from wsi_prune.config import RunConfig
+    from wsi_prune.pipeline.batch import run_batch
     from wsi_prune.synth import write_dataset
 
     slides = write_dataset(tmp_path / "slides", n=3, size=2048, seed=5)
@@ -625,7 +625,7 @@ def test_slurm_cluster_runs_dask_tasks_in_slurm_jobs(slurm: str, tmp_path: Path)
     tasks run inside them; closing the cluster leaves no job behind."""
     def where(x: int) -> tuple[int, str | None, bool]:
         # nested, so cloudpickle ships it by value: worker jobs cannot import this test module
-        return x * x, os.environ.get("SLURM_JOB_ID"), "wsi_prune.batch" in sys.modules
+        return x * x, os.environ.get("SLURM_JOB_ID"), "wsi_prune.pipeline.batch" in sys.modules
 
     opts = SlurmOptions(queue=slurm, cores=1, memory="2GB", walltime="00:10:00", max_jobs=2,
                         job_name="wsi-prune-test", log_directory=str(tmp_path))

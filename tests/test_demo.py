@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from wsi_prune.demo import demo_config, model_note, run_demo
+from wsi_prune.pipeline.demo import demo_config, model_note, run_demo
 
 
 def test_run_demo_trains_runs_evaluates_and_says_what_is_trained(tmp_path, capsys):

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_prune.batch import run_batch
 from wsi_prune.config import RunConfig
 from wsi_prune.evaluate import read_candidates
 from wsi_prune.outputs.candidates import write_candidates
 from wsi_prune.outputs.geojson import REGION_CLASS, REGION_THRESHOLD
 from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat
 from wsi_prune.outputs.writer import rerender
+from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.synth import SynthSpec, write_slide
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,12 +20,14 @@ import zarr
 from click.testing import CliRunner
 
 from wsi_prune._ids import safe_id
-from wsi_prune.batch import discover, run_batch
 from wsi_prune.cli import main
 from wsi_prune.config import RunConfig
-from wsi_prune.demo import DEMO_CONFIG, demo_config
 from wsi_prune.errors import EXIT_SOME_FAILED
-from wsi_prune.pipeline import PREDICTION_COLUMNS, SlideEntry, run_complete
+from wsi_prune.pipeline.batch import run_batch
+from wsi_prune.pipeline.demo import DEMO_CONFIG, demo_config
+from wsi_prune.pipeline.inputs import SlideEntry, discover
+from wsi_prune.pipeline.process import run_complete
+from wsi_prune.pipeline.records import PREDICTION_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

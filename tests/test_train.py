@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from wsi_prune._ids import slide_id
-from wsi_prune.batch import run_batch
 from wsi_prune.cli_train import train_mil as train_mil_cmd
 from wsi_prune.cli_train import train_scorer as train_scorer_cmd
 from wsi_prune.config import MILConfig, RunConfig, ScorerConfig
@@ -26,6 +25,7 @@ from wsi_prune.io.tiling import tile_slide
 from wsi_prune.models.checkpoints import load_state_dict
 from wsi_prune.models.mil import build_mil, trained_mil_config
 from wsi_prune.models.scorer import build_scorer, score_tiles, trained_scorer_config
+from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.synth import SynthSpec, write_asap_xml, write_slide
 from wsi_prune.train import (
     find_stores,

@@ -10,5 +10,5 @@ matplotlib.use("Agg")  # workers have no display
 import matplotlib.pyplot  # noqa: E402,F401
 import timm  # noqa: E402,F401
 
-import wsi_prune.batch  # noqa: E402,F401
 import wsi_prune.outputs.writer  # noqa: E402,F401
+import wsi_prune.pipeline.batch  # noqa: E402,F401

@@ -84,7 +84,7 @@ def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) 
     Example:
       wsi-prune info CAMELYON16/tumor_001.tif
     """
-    from wsi_prune.preflight import inspect_slide
+    from wsi_prune.pipeline.preflight import inspect_slide
 
     report = inspect_slide(slide, load_config(config_path), mpp)
     if as_json:
@@ -229,7 +229,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out results/ --shard 0/4
       wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
     """
-    from wsi_prune.batch import run_batch
+    from wsi_prune.pipeline.batch import run_batch
 
     quiet = quiet or ctx.obj.get("quiet", False)
     outp = Path(out)
@@ -265,9 +265,9 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
     Example:
       wsi-prune doctor slides/ --mpp 0.25
     """
-    from wsi_prune.batch import discover
     from wsi_prune.errors import EXIT_SOME_FAILED
-    from wsi_prune.preflight import inspect_slide
+    from wsi_prune.pipeline.inputs import discover
+    from wsi_prune.pipeline.preflight import inspect_slide
 
     cfg = load_config(config_path)
     bad = 0
@@ -333,7 +333,7 @@ def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool
     Example:
       wsi-prune demo --out demo-out
     """
-    from wsi_prune.demo import run_demo
+    from wsi_prune.pipeline.demo import run_demo
 
     _setup_logging(0, quiet, Path(out) / "demo.log")
     rows = run_demo(Path(out), n_train=n_train, n_test=n_test, size=size, real=real,

@@ -2,7 +2,7 @@
 dask-jobqueue ``SLURMCluster``, or SLURM array jobs over shards of the slide list.
 
 Nothing here schedules work itself. :func:`make_client` chooses the Dask cluster; the batch
-driver (:func:`wsi_prune.batch.run_batch`) submits slides to it. For clusters where a
+driver (:func:`wsi_prune.pipeline.batch.run_batch`) submits slides to it. For clusters where a
 long-lived Dask scheduler is unwelcome, :func:`submit_slurm` writes an sbatch **array** (one
 task per shard, each running ``wsi-prune run --shard i/K``) and a merge job that depends on it;
 :func:`merge_outputs` combines the shards' ``predictions.shard-i-of-K.csv`` and manifests.
@@ -362,7 +362,7 @@ def _entry_key(entry: Any) -> str:
 def shard_entries(entries: Sequence[T], i: int, k: int) -> list[T]:
     """The ``i``-th of ``k`` shards (0-based) of a slide list.
 
-    Entries are sorted by id (a :class:`~wsi_prune.pipeline.SlideEntry`'s ``id``, else
+    Entries are sorted by id (a :class:`~wsi_prune.pipeline.inputs.SlideEntry`'s ``id``, else
     ``str(entry)``) and dealt round-robin, so every shard of a list gets the same slides on any
     machine whatever order the inputs were listed in, and sizes differ by at most one.
     """

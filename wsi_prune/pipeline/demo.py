@@ -1,8 +1,9 @@
 """``make demo``: the main job on a built-in default.
 
 Writes a few synthetic CAMELYON-like slides (half with planted tumour regions), adds the real
-Aperio slide from ``../shared/data`` when it is there, and runs :func:`wsi_prune.batch.run_batch`
-with the tiny demo models (the same settings as ``pipelines/demo.yaml``).
+Aperio slide from ``../shared/data`` when it is there, and runs
+:func:`wsi_prune.pipeline.batch.run_batch` with the tiny demo models (the same settings as
+``pipelines/demo.yaml``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "mil": {"hidden": 64},
 }
 
-_REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu-1-small-region.svs"
+_REAL_SLIDE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cmu-1-small-region.svs"
 
 
 def demo_config() -> RunConfig:
@@ -77,8 +78,9 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
     training slides; return ``config`` pointing at the weights. Reuses weights already there."""
     import click
 
-    from wsi_prune.batch import discover, run_batch
     from wsi_prune.io.tiling import tile_slide
+    from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.pipeline.inputs import discover
     from wsi_prune.train import train_mil, train_scorer
 
     weights = out / "weights"
@@ -119,8 +121,8 @@ def run_demo(out: Path, n_train: int = 6, n_test: int = 4, size: int = 4096, rea
     """
     import click
 
-    from wsi_prune.batch import run_batch
     from wsi_prune.evaluate import evaluate_run
+    from wsi_prune.pipeline.batch import run_batch
     from wsi_prune.synth import write_dataset
 
     out = Path(out)

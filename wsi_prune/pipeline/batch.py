@@ -1,151 +1,42 @@
-"""Many slides: inputs, the batch driver, resume, failure isolation, the run lock, and the run
-files (``predictions.csv``, ``manifest.json``).
+"""Many slides: the batch driver, resume, failure isolation and the run lock.
 
-:func:`run_batch` discovers the slides (files, folders, CSV slide lists), holds
+:func:`run_batch` discovers the slides (:mod:`wsi_prune.pipeline.inputs`), holds
 ``OUT/.run.lock`` (:func:`run_lock`) so a second run on the same OUT refuses instead of racing
-it, runs :func:`wsi_prune.pipeline.process_slide` on each (in this process or as Dask tasks),
-records any slide's error as a ``failed`` row and goes on, and rewrites ``predictions.csv``
-after every slide and ``manifest.json`` at the end, both atomically.
+it, runs :func:`wsi_prune.pipeline.process.process_slide` on each (in this process or as Dask
+tasks), records any slide's error as a ``failed`` row and goes on, and rewrites
+``predictions.csv`` after every slide and ``manifest.json`` at the end, both atomically
+(:mod:`wsi_prune.pipeline.records`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as _dt
-import io
 import json
 import logging
 import os
-import platform
 import shutil
 import traceback
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import zarr
 
-from wsi_prune import __version__
-from wsi_prune._files import write_text_atomic
-from wsi_prune._ids import safe_id
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import ConfigError, OutputConflict
+from wsi_prune.errors import OutputConflict
 from wsi_prune.io import locks
-from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 from wsi_prune.models.factory import Models, apply_trained_configs, build_models, describe_models
-from wsi_prune.pipeline import PREDICTION_COLUMNS, SlideEntry, failed_row, process_slide
+from wsi_prune.pipeline.inputs import SlideEntry, discover
+from wsi_prune.pipeline.process import process_slide
+from wsi_prune.pipeline.records import failed_row, write_manifest, write_predictions
 
 _logger = logging.getLogger(__name__)
 
 
 
-# -- inputs ------------------------------------------------------------------------------------
-def discover(
-    inputs: Iterable[str | os.PathLike[str]], mpp: float | None = None
-) -> list[SlideEntry]:
-    """Expand slide files, folders (recursive, by slide extension) and CSV slide lists.
 
-    A CSV list has a ``path`` column (relative paths are relative to the CSV) and optional
-    ``id``, ``mpp`` and ``label`` columns. Ids are made unique with ``-2``, ``-3``...
-
-    Raises:
-        ConfigError: an input that does not exist, or a CSV without a ``path`` column.
-    """
-    raw: list[tuple[Path, str | None, float | None, int | None]] = []
-    exts = tuple(SLIDE_EXTENSIONS) + tuple(IMAGE_EXTENSIONS) if mpp else tuple(SLIDE_EXTENSIONS)
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
-                           and not f.name.startswith("."))
-            raw.extend((f, None, None, None) for f in found)
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            raw.extend(_read_slide_list(p))
-        elif p.exists() or p.suffix:  # a missing file is a failed slide, not a usage error
-            raw.append((p, None, None, None))
-        else:
-            raise ConfigError("input is neither a slide, a folder nor a CSV slide list", p)
-    entries, seen = [], set()
-    for path, given_id, row_mpp, label in raw:
-        base = safe_id(given_id or path.stem)
-        sid, k = base, 2
-        while sid.lower() in seen:
-            sid, k = f"{base}-{k}", k + 1
-        seen.add(sid.lower())
-        entries.append(SlideEntry(sid, path, row_mpp if row_mpp is not None else mpp, label))
-    return entries
-
-
-def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:
-    from wsi_prune.io.labels import parse_label
-
-    rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ConfigError("slide list needs a 'path' column", path)
-        for i, row in enumerate(reader, start=2):
-            p = Path(row["path"])
-            if not p.is_absolute():
-                p = path.parent / p
-            try:
-                row_mpp = float(row["mpp"]) if row.get("mpp") else None
-                label = parse_label(row["label"]) if row.get("label") else None
-            except ValueError as exc:
-                raise ConfigError(f"line {i}: {exc}", path) from exc
-            rows.append((p, row.get("id") or None, row_mpp, label))
-    return rows
-
-
-# -- run files and the batch ---------------------------------------------------------------
-def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``predictions.csv`` atomically (:func:`wsi_prune._files.write_text_atomic`)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=PREDICTION_COLUMNS)
-    w.writeheader()
-    for row in rows:
-        w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
-    write_text_atomic(path, buf.getvalue())
-
-
-def _fmt(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def versions() -> dict[str, str]:
-    """Versions of the package and the libraries that decide its numbers."""
-    import dask
-    import openslide
-    import timm
-
-    out = {"wsi_prune": __version__, "python": platform.python_version(),
-           "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
-           "dask": dask.__version__, "numpy": np.__version__,
-           "openslide_python": openslide.__version__,
-           "openslide": getattr(openslide, "__library_version__", "unknown")}
-    return out
-
-
-def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]],
-                   started: str, models: dict[str, Any] | None, extra: dict | None = None) -> None:
-    """Write ``manifest.json`` atomically: config, hash, versions, models, times, slides."""
-    manifest = {
-        "config": config.to_dict(), "config_hash": config.hash(), "versions": versions(),
-        "models": models, "started": started,
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "slides": {r["id"]: {k: r.get(k) for k in ("status", "error", "path", "probability",
-                                                   "sec_total")} for r in rows},
-        **(extra or {}),
-    }
-    write_text_atomic(path, json.dumps(manifest, indent=2, default=str))
 
 
 def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:

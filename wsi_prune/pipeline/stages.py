@@ -1,0 +1,116 @@
+"""The model stages of one slide, each a function over the slide's store, the config and the
+run's models (:class:`~wsi_prune.models.factory.Models`):
+
+1. :func:`triage` - the CNN scores every coarse tile and every ViT patch inside it, and the tile
+   policy keeps some tiles;
+2. :func:`embed_kept` - full-resolution pixels are read for kept tiles only, the CNN patch map
+   picks the tokens that enter the pruned ViT, which prunes further inside;
+3. :func:`slide_head` - the MIL head over the kept tiles' embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from wsi_prune.config import RunConfig
+from wsi_prune.io.slide import Slide
+from wsi_prune.models.factory import Models
+from wsi_prune.models.scorer import score_tiles
+from wsi_prune.pipeline.inputs import SlideEntry
+from wsi_prune.selection.macs import vit_batch_macs
+from wsi_prune.selection.tiles import select_tiles
+from wsi_prune.selection.tokens import select_patches
+
+Progress = Callable[[int, int], None] | None
+
+
+Progress = Callable[[int, int], None] | None
+
+
+def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progress = None
+           ) -> dict[str, np.ndarray]:
+    """Score every coarse tile and every ViT patch in it; choose the tiles for the ViT.
+
+    Returns:
+        ``tile_score`` (N,), ``patch_importance`` (N, G, G), ``embedding`` (N, C), ``kept`` (N,).
+    """
+
+    out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
+                      config.scorer.threads, progress)
+    patch, tile, emb = out.numpy()
+    kept = select_tiles(tile, config.tile_select, np.asarray(group["tiles/grid"][:]), emb)
+    return {"tile_score": tile, "patch_importance": patch, "embedding": emb, "kept": kept}
+
+
+def embed_kept(
+    entry: SlideEntry, group: zarr.Group, config: RunConfig, models: Models,
+    tile_index: np.ndarray, patch_importance: np.ndarray, device: str = "cpu",
+    progress: Progress = None,
+) -> dict[str, Any]:
+    """Read full-resolution pixels of the kept tiles only and run the pruned ViT on them.
+
+    Args:
+        tile_index: (K,) indices of kept tiles.
+        patch_importance: (N, G, G) CNN patch maps of all tiles.
+
+    Returns:
+        ``embedding`` (K, D), ``token_importance`` (K, P), ``kept_tokens`` (K, S, P) bool,
+        ``macs`` (MACs spent on the K tiles by the ViT).
+    """
+
+    tcfg = config.tiling
+    coords = np.asarray(group["tiles/coords"][:])
+    tile_level0 = float(group.attrs["grid"]["tile_level0"])
+    size0 = int(round(tile_level0))
+    full = group["tiles/full"] if "full" in group["tiles"] else None
+    k = len(tile_index)
+    g = models.grid[0] * models.grid[1]
+    embeddings, importance, kept_tokens = [], [], []
+    macs = 0
+    spec = models.macs["spec"]
+    bs = config.vit.batch_size
+    with Slide(entry.path, entry.mpp) as slide:
+        for start in range(0, k, bs):
+            idx = tile_index[start:start + bs]
+            if full is not None:
+                pix = np.stack([np.asarray(full[int(i)]) for i in idx])
+            else:
+                pix = np.stack([
+                    slide.read(tuple(int(v) for v in coords[i]), (size0, size0), tcfg.mpp,
+                               out_size=(tcfg.tile_px, tcfg.tile_px))
+                    for i in idx
+                ])
+            x = torch.from_numpy(pix).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            x = (x - models.vit_mean) / models.vit_std
+            keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
+                                   grid=models.grid)
+            with torch.inference_mode():
+                res = models.vit(x, keep0)
+            embeddings.append(res.embedding.float().cpu().numpy())
+            importance.append(res.token_importance.float().cpu().numpy())
+            kept_tokens.append(torch.stack([s.cpu() for s in res.kept], 1).numpy())
+            # per image, padding not counted (attention on padded keys is masked work)
+            macs += vit_batch_macs(spec, res.tokens_per_image,
+                                   cls_attn_blocks=res.cls_attn_blocks).vit
+            if progress is not None:
+                progress(min(start + bs, k), k)
+    d = models.mil.in_dim
+    n_stages = 1 + len(config.vit.prune_blocks)
+    return {
+        "embedding": np.concatenate(embeddings) if k else np.zeros((0, d), np.float32),
+        "token_importance": np.concatenate(importance) if k else np.zeros((0, g), np.float32),
+        "kept_tokens": np.concatenate(kept_tokens) if k else np.zeros((0, n_stages, g), bool),
+        "macs": macs,
+    }
+
+
+def slide_head(models: Models, embedding: np.ndarray) -> tuple[float, np.ndarray]:
+    """Slide probability and MIL attention (K,) over the kept tiles' embeddings."""
+    with torch.inference_mode():
+        out = models.mil(torch.from_numpy(np.ascontiguousarray(embedding)).float())
+    return float(out.prob), out.attention.float().cpu().numpy()
