@@ -31,8 +31,9 @@ from pathlib import Path
 
 import psutil
 
-from wsi_prune.cluster import SlurmOptions, make_client, submit_slurm
 from wsi_prune.config import RunConfig
+from wsi_prune.distributed.clients import make_client
+from wsi_prune.distributed.slurm import SlurmOptions, submit_slurm
 from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.synth import write_dataset
 

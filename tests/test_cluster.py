@@ -22,18 +22,11 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from wsi_prune import cluster
 from wsi_prune.cli_cluster import cluster_options, merge, parse_shard, submit
-from wsi_prune.cluster import (
-    ClusterRequest,
-    SlurmOptions,
-    make_client,
-    merge_outputs,
-    merge_script,
-    sbatch_script,
-    shard_entries,
-    shard_paths,
-)
+from wsi_prune.distributed import worker_cache
+from wsi_prune.distributed.clients import ClusterRequest, make_client
+from wsi_prune.distributed.shards import merge_outputs, shard_entries, shard_paths
+from wsi_prune.distributed.slurm import SlurmOptions, merge_script, sbatch_script
 from wsi_prune.errors import ConfigError, OutputConflict, ShardsMissing, WsiPruneError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,11 +280,11 @@ def test_make_client_default_is_one_process_and_bad_combinations() -> None:
 
 
 def _pid_and_cached(i: int) -> tuple[int, int, dict]:
-    return os.getpid(), cluster.cached("pid", os.getpid), cluster.cache_info()
+    return os.getpid(), worker_cache.cached("pid", os.getpid), worker_cache.cache_info()
 
 
 def test_local_cluster_two_processes_and_per_worker_cache(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="wsi_prune.cluster")
+    caplog.set_level(logging.INFO, logger="wsi_prune.distributed.clients")
     with make_client(workers=2, memory_limit="2GB", dashboard_address=":0") as client:
         pids = set(client.run(os.getpid).values())
         assert len(pids) == 2 and os.getpid() not in pids
@@ -302,7 +295,7 @@ def test_local_cluster_two_processes_and_per_worker_cache(caplog) -> None:
         limits = {w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
         assert limits == {2 * 10**9}
         results = client.gather(client.map(_pid_and_cached, range(16), pure=False))
-        infos = client.run(cluster.cache_info)
+        infos = client.run(worker_cache.cache_info)
     assert "LocalCluster: 2 worker processes, dashboard http" in caplog.text
     for pid, cached_pid, _ in results:
         assert cached_pid == pid  # the value built in this very worker process
@@ -335,41 +328,41 @@ def test_existing_scheduler_by_address_and_scheduler_file(tmp_path: Path) -> Non
 
 
 def test_cached_builds_once_and_evicts_least_recent() -> None:
-    cluster.clear_cache()
+    worker_cache.clear_cache()
     calls: list[str] = []
 
     def factory(name: str):
         return lambda: calls.append(name) or {"model": name}
 
-    a = cluster.cached("a", factory("a"))
-    assert cluster.cached("a", factory("a")) is a and calls == ["a"]
-    cluster.cached("b", factory("b"))
-    cluster.cached("a", factory("a"))  # a is now the most recent
-    cluster.cached("c", factory("c"))  # evicts b (CACHE_SIZE = 2)
-    assert cluster.cache_info()["keys"] == ["a", "c"]
-    cluster.cached("b", factory("b"))
+    a = worker_cache.cached("a", factory("a"))
+    assert worker_cache.cached("a", factory("a")) is a and calls == ["a"]
+    worker_cache.cached("b", factory("b"))
+    worker_cache.cached("a", factory("a"))  # a is now the most recent
+    worker_cache.cached("c", factory("c"))  # evicts b (CACHE_SIZE = 2)
+    assert worker_cache.cache_info()["keys"] == ["a", "c"]
+    worker_cache.cached("b", factory("b"))
     assert calls == ["a", "b", "c", "b"]
-    assert cluster.cache_info()["loads"] == 4 and cluster.cache_info()["hits"] == 2
-    cluster.clear_cache()
+    assert worker_cache.cache_info()["loads"] == 4 and worker_cache.cache_info()["hits"] == 2
+    worker_cache.clear_cache()
 
 
 def test_get_models_loads_once_per_process() -> None:
     from wsi_prune.config import RunConfig
 
-    cluster.clear_cache()
+    worker_cache.clear_cache()
     cfg = RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml")
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    m1 = cluster.get_models(cfg_json)
-    m2 = cluster.get_models(cfg_json)
-    assert m1 is m2 and cluster.cache_info()["loads"] == 1
+    m1 = worker_cache.get_models(cfg_json)
+    m2 = worker_cache.get_models(cfg_json)
+    assert m1 is m2 and worker_cache.cache_info()["loads"] == 1
     assert m1.grid == (14, 14)
     other = json.dumps(cfg.replace(mil={"hidden": 32}).to_dict(), sort_keys=True)
-    assert cluster.get_models(other) is not m1
-    assert cluster.cache_info()["loads"] == 2
+    assert worker_cache.get_models(other) is not m1
+    assert worker_cache.cache_info()["loads"] == 2
     # weights retrained at the same path: a new run hash, a fresh load
-    assert cluster.get_models(cfg_json, run_hash="digest-after-retraining") is not m1
-    assert cluster.cache_info()["loads"] == 3
-    cluster.clear_cache()
+    assert worker_cache.get_models(cfg_json, run_hash="digest-after-retraining") is not m1
+    assert worker_cache.cache_info()["loads"] == 3
+    worker_cache.clear_cache()
 
 
 def test_cluster_options_give_request_and_shard() -> None:

@@ -16,8 +16,9 @@ import click
 from wsi_prune import __version__
 from wsi_prune.cli_cluster import cluster_options, merge, submit
 from wsi_prune.cli_common import handle_errors
-from wsi_prune.cluster import ClusterRequest, make_client, shard_suffix
 from wsi_prune.config import RunConfig
+from wsi_prune.distributed.clients import ClusterRequest, make_client
+from wsi_prune.distributed.shards import shard_suffix
 from wsi_prune.errors import WsiPruneError
 
 _logger = logging.getLogger("wsi_prune")

@@ -5,7 +5,7 @@
 - ``submit`` (a group) with ``submit slurm``: an sbatch array over shards of the slide list;
 - ``merge``: combine the shards' predictions and manifests.
 
-Thin on purpose: options are parsed here, the work is in :mod:`wsi_prune.cluster`.
+Thin on purpose: options are parsed here, the work is in :mod:`wsi_prune.distributed.clients`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 import click
 
 from wsi_prune.cli_common import handle_errors
-from wsi_prune.cluster import ClusterRequest, SlurmOptions, merge_outputs, submit_slurm
+from wsi_prune.distributed.clients import ClusterRequest
+from wsi_prune.distributed.shards import merge_outputs
+from wsi_prune.distributed.slurm import SlurmOptions, submit_slurm
 from wsi_prune.errors import ConfigError
 
 _CTX = {"help_option_names": ["-h", "--help"]}
@@ -85,9 +87,10 @@ _CLUSTER_KEYS = ("workers", "scheduler", "cluster", "memory_limit", "queue", "ac
 def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add the scale-out options to a command (``wsi-prune run``).
 
-    The command then receives ``cluster_request`` (a :class:`~wsi_prune.cluster.ClusterRequest`;
-    ``with cluster_request.client() as client:`` gives a ``distributed.Client`` or None) and
-    ``shard`` (``(i, K)`` or None) instead of the separate option values.
+    The command then receives ``cluster_request`` (a
+    :class:`~wsi_prune.distributed.clients.ClusterRequest`; ``with cluster_request.client() as
+    client:`` gives a ``distributed.Client`` or None) and ``shard`` (``(i, K)`` or None) instead of
+    the separate option values.
     """
 
     @functools.wraps(fn)

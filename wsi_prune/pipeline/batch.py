@@ -43,7 +43,7 @@ def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = N
     """``OUT/.run.lock``, or ``OUT/.run.shard-i-of-K.lock`` for a shard: held by the run."""
     if shard is None:
         return Path(out) / ".run.lock"
-    from wsi_prune.cluster import shard_suffix
+    from wsi_prune.distributed.shards import shard_suffix
 
     return Path(out) / f".run{shard_suffix(*shard)}.lock"
 
@@ -124,7 +124,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
     else:
         entries = discover(inputs, mpp)
     if shard is not None:
-        from wsi_prune.cluster import shard_entries, shard_paths
+        from wsi_prune.distributed.shards import shard_entries, shard_paths
 
         entries = shard_entries(entries, *shard)
         pred_path, manifest_path = shard_paths(out, *shard)
@@ -211,9 +211,10 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
                 run_hash: str | None = None, digests: dict[str, str | None] | None = None,
                 ) -> dict[str, Any]:
     """A slide as a Dask task: models load once per worker process and stay there
-    (:func:`wsi_prune.cluster.get_models`); tile blocks are submitted back to the cluster.
-    ``digests``: the weight files' SHA-256, computed once by the batch, never per worker."""
-    from wsi_prune.cluster import get_models
+    (:func:`wsi_prune.distributed.worker_cache.get_models`); tile blocks are submitted back to the
+    cluster. ``digests``: the weight files' SHA-256, computed once by the batch, never per
+    worker."""
+    from wsi_prune.distributed.worker_cache import get_models
 
     config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)
