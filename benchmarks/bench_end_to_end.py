@@ -147,7 +147,8 @@ def main() -> None:
     from wsi_prune.evaluate import compare_runs, evaluate_run
     from wsi_prune.io.tiling import tile_slide
     from wsi_prune.synth import write_dataset
-    from wsi_prune.train import train_mil, train_scorer
+    from wsi_prune.training.mil import train_mil
+    from wsi_prune.training.scorer import train_scorer
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

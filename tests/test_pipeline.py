@@ -443,7 +443,8 @@ def test_trained_weights_resume_identity_and_manifest(three_slides, two_runs, tm
     size the run config does not have) are used by run, described in the manifest with their
     SHA-256 even when every slide is skipped, and retraining at the same path recomputes."""
     from wsi_prune._files import file_sha256
-    from wsi_prune.train import train_mil, train_scorer
+    from wsi_prune.training.mil import train_mil
+    from wsi_prune.training.scorer import train_scorer
 
     reference, _ = two_runs
     stores = sorted(reference.glob("*.zarr"))

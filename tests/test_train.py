@@ -20,6 +20,7 @@ from wsi_prune.cli_train import train_scorer as train_scorer_cmd
 from wsi_prune.config import MILConfig, RunConfig, ScorerConfig
 from wsi_prune.errors import ConfigError, StoreError, TrainingError, WsiPruneError
 from wsi_prune.io.annotations import Annotation
+from wsi_prune.io.labels import parse_label
 from wsi_prune.io.store import open_store
 from wsi_prune.io.tiling import tile_slide
 from wsi_prune.models.checkpoints import load_state_dict
@@ -27,14 +28,9 @@ from wsi_prune.models.mil import build_mil, trained_mil_config
 from wsi_prune.models.scorer import build_scorer, score_tiles, trained_scorer_config
 from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.synth import SynthSpec, write_asap_xml, write_slide
-from wsi_prune.train import (
-    find_stores,
-    load_annotations,
-    parse_label,
-    patch_targets,
-    train_mil,
-    train_scorer,
-)
+from wsi_prune.training.data import find_stores, load_annotations, patch_targets
+from wsi_prune.training.mil import train_mil
+from wsi_prune.training.scorer import train_scorer
 
 D = 16  # embedding width of the synthetic MIL stores
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """``wsi-prune train-scorer`` and ``wsi-prune train-mil``: thin click commands over
-:mod:`wsi_prune.train`. They are standalone :class:`click.Command` objects that ``cli.py``
+:mod:`wsi_prune.training.scorer`. They are standalone :class:`click.Command` objects that ``cli.py``
 registers with ``main.add_command``."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool
     import dataclasses
 
     from wsi_prune.config import RunConfig
-    from wsi_prune.train import train_scorer as run_training
+    from wsi_prune.training.scorer import train_scorer as run_training
 
     if annotations is not None and distill:
         raise click.UsageError("give --annotations or --distill, not both")
@@ -133,7 +133,7 @@ def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, ep
     Example:
       wsi-prune train-mil train-run/ --labels train/labels.csv --out models/mil.safetensors
     """
-    from wsi_prune.train import train_mil as run_training
+    from wsi_prune.training.mil import train_mil as run_training
 
     res = run_training(
         list(stores), labels_csv, out, folds=folds, epochs=epochs, lr=lr, patience=patience,

@@ -81,7 +81,8 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
     from wsi_prune.io.tiling import tile_slide
     from wsi_prune.pipeline.batch import run_batch
     from wsi_prune.pipeline.inputs import discover
-    from wsi_prune.train import train_mil, train_scorer
+    from wsi_prune.training.mil import train_mil
+    from wsi_prune.training.scorer import train_scorer
 
     weights = out / "weights"
     scorer_w, mil_w = weights / "scorer.safetensors", weights / "mil.safetensors"

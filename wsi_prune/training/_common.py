@@ -1,0 +1,61 @@
+"""Pieces both trainers share: seeded, thread-bounded blocks and the safetensors + JSON sidecar
+output that :func:`~wsi_prune.models.scorer.trained_scorer_config` and
+:func:`~wsi_prune.models.mil.trained_mil_config` read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsi_prune import __version__
+from wsi_prune._files import file_sha256
+from wsi_prune.errors import ConfigError
+from wsi_prune.models.checkpoints import save_safetensors
+from wsi_prune.models.sidecars import write_sidecar
+
+_logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+@contextlib.contextmanager
+def seeded(seed: int, threads: int | None) -> Iterator[None]:
+    """Seed a fork of torch's CPU RNG (the caller's stream is left as it was) and set the
+    intra-op thread count for the block; results are reproducible for a seed and thread count."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    prev = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev)
+
+
+def check_out(out_path: PathLike) -> Path:
+    out = Path(out_path)
+    if out.suffix != ".safetensors":
+        raise ConfigError("the output must be a .safetensors file (its .json goes next to it)",
+                          out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_model(model: torch.nn.Module, out_path: Path, meta: dict[str, Any]) -> Path:
+    save_safetensors(model, out_path, metadata={"kind": meta["kind"],
+                                                "wsi_prune_version": __version__})
+    meta = {**meta, "weights": out_path.name, "sha256": file_sha256(out_path),
+            "wsi_prune_version": __version__}
+    path = write_sidecar(out_path, meta)
+    _logger.info("wrote %s and %s", out_path, path)
+    return path

@@ -1,0 +1,325 @@
+"""Training the slide head on ``vit/embedding`` bags with slide labels: k-fold cross-validated
+with early stopping on validation loss, then the final model on every slide for the folds'
+median best epoch count. Deterministic for a seed and thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsi_prune._ids import lookup_slide, slide_id
+from wsi_prune.config import MILConfig
+from wsi_prune.errors import ConfigError, StoreError, TrainingError
+from wsi_prune.io.labels import parse_label, read_labels
+from wsi_prune.io.store import open_store
+from wsi_prune.models.mil import MIL_HEADS, MIL_KIND, GatedABMIL
+from wsi_prune.training._common import PathLike, check_out, save_model, seeded
+from wsi_prune.training.data import find_stores
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MILTrainResult:
+    """What :func:`train_mil` did.
+
+    Attributes:
+        weights / config: files written.
+        fold_auc: validation ROC AUC of each fold at its best epoch (empty with folds=1).
+        fold_loss: best validation loss of each fold.
+        best_epochs: epoch (1-based) of each fold's best validation loss.
+        stopped_epochs: epochs each fold ran before early stopping (or the maximum).
+        oof_auc: ROC AUC of the pooled out-of-fold predictions (NaN with folds=1).
+        final_epochs: epochs of the final model trained on every slide.
+        slides: ids of the slides used, with labels.
+        seconds: wall time.
+        model: the final model (eval mode).
+    """
+
+    weights: Path
+    config: Path
+    fold_auc: list[float]
+    fold_loss: list[float]
+    best_epochs: list[int]
+    stopped_epochs: list[int]
+    oof_auc: float
+    final_epochs: int
+    slides: dict[str, int]
+    seconds: float
+    model: GatedABMIL
+
+    @property
+    def mean_auc(self) -> float:
+        """Mean of :attr:`fold_auc` (NaN without folds)."""
+        return float(np.mean(self.fold_auc)) if self.fold_auc else float("nan")
+
+    def summary(self) -> str:
+        """One line: slides, per-fold validation AUC, mean and out-of-fold AUC, final epochs."""
+        folds = ", ".join(f"{a:.3f}" for a in self.fold_auc) or "none"
+        return (f"{len(self.slides)} slides ({sum(self.slides.values())} positive); val AUC "
+                f"per fold [{folds}], mean {self.mean_auc:.3f}, out-of-fold {self.oof_auc:.3f}; "
+                f"final model {self.final_epochs} epochs")
+
+
+@dataclass(frozen=True)
+class _MILSettings:
+    epochs: int
+    lr: float
+    weight_decay: float
+    patience: int
+    batch_bags: int
+    max_instances: int | None
+
+
+def _mil_data(
+    stores: Sequence[Path], labels: Mapping[str, int]
+) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
+    bags, ys, ids, unlabelled = [], [], [], []
+    for path in stores:
+        sid = slide_id(path)
+        label = lookup_slide(labels, sid)
+        if label is None:
+            unlabelled.append(sid)
+            continue
+        group = open_store(path)
+        if "vit/embedding" not in group:
+            raise StoreError("no vit/embedding: train-mil needs run stores", path)
+        emb = np.asarray(group["vit/embedding"][:], np.float32)
+        if emb.ndim != 2 or not len(emb):
+            _logger.warning("%s: no kept-tile embedding, slide skipped", path)
+            continue
+        if bags and emb.shape[1] != bags[0].shape[1]:
+            raise StoreError(f"embedding width {emb.shape[1]} differs from the other stores' "
+                             f"{bags[0].shape[1]} (another ViT?)", path)
+        bags.append(torch.from_numpy(emb))
+        ys.append(int(label))
+        ids.append(sid)
+    if unlabelled:
+        _logger.warning("%d store(s) without a label skipped: %s", len(unlabelled),
+                        ", ".join(unlabelled[:5]))
+    y = np.asarray(ys, np.int64)
+    if len(set(ys)) < 2:
+        raise ConfigError(f"train-mil needs labelled slides of both classes, got {len(ys)} "
+                          f"slide(s) with labels {sorted(set(ys))}")
+    return bags, y, ids
+
+
+def _parse_labels(labels: Mapping[str, int | str]) -> dict[str, int]:
+    try:
+        return {str(k): parse_label(str(v)) for k, v in labels.items()}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _pad(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Kmax, D) zero-padded batch and its (B, Kmax) bool mask."""
+    k = max(len(b) for b in bags)
+    x = torch.zeros((len(bags), k, bags[0].shape[1]))
+    mask = torch.zeros((len(bags), k), dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, : len(b)] = b
+        mask[i, : len(b)] = True
+    return x, mask
+
+
+def _mil_epoch(model: GatedABMIL, opt: torch.optim.Optimizer, bags: list[torch.Tensor],
+               y: np.ndarray, idx: np.ndarray, s: _MILSettings, rng: np.random.Generator) -> float:
+    model.train()
+    order = rng.permutation(idx)
+    total = 0.0
+    for chunk in np.array_split(order, max(1, math.ceil(len(order) / s.batch_bags))):
+        batch = []
+        for i in chunk:
+            b = bags[i]
+            if s.max_instances is not None and len(b) > s.max_instances:
+                b = b[torch.from_numpy(np.sort(rng.choice(len(b), s.max_instances, False)))]
+            batch.append(b)
+        x, mask = _pad(batch)
+        out = model(x, mask)
+        loss = F.binary_cross_entropy_with_logits(out.logit, torch.from_numpy(y[chunk]).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(chunk)
+    return total / len(order)
+
+
+@torch.no_grad()
+def _mil_predict(model: GatedABMIL, bags: list[torch.Tensor], idx: np.ndarray,
+                 batch_bags: int) -> np.ndarray:
+    """Slide logits (len(idx),) in eval mode, on whole bags."""
+    model.eval()
+    out = [model(*_pad([bags[i] for i in chunk])).logit
+           for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / batch_bags)))]
+    return torch.cat(out).numpy()
+
+
+def _bce(logits: np.ndarray, y: np.ndarray) -> float:
+    return float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits),
+                                                    torch.from_numpy(y).float()))
+
+
+def _fit_fold(
+    in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray, train: np.ndarray,
+    val: np.ndarray, s: _MILSettings, seed: int, bar: tqdm,
+) -> tuple[GatedABMIL, float, int, int, np.ndarray]:
+    """Train with early stopping on validation loss; returns the best model, its loss, its epoch
+    (1-based), the epochs run and the validation logits."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = MIL_HEADS.get(cfg.model)(cfg, in_dim, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    best = (math.inf, 0, None, None)
+    epoch = 0
+    for epoch in range(1, s.epochs + 1):
+        _mil_epoch(model, opt, bags, y, train, s, rng)
+        logits = _mil_predict(model, bags, val, s.batch_bags)
+        loss = _bce(logits, y[val])
+        bar.update(1)
+        if loss < best[0] - 1e-6:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (loss, epoch, state, logits)
+        elif epoch - best[1] >= s.patience:
+            bar.update(s.epochs - epoch)
+            break
+    if best[2] is None:
+        # NaN never compares below inf: no epoch was ever "best", and there is no state to
+        # restore. Keeping the last (diverged) state would save a model that predicts NaN.
+        raise TrainingError(f"validation loss was never finite ({loss} after {epoch} "
+                            f"epoch(s)): non-finite embeddings in a store, or lr {s.lr:g} too "
+                            f"high")
+    model.load_state_dict(best[2])
+    return model.eval(), best[0], best[1], epoch, best[3]
+
+
+def train_mil(
+    stores: Sequence[PathLike],
+    labels_csv: PathLike | Mapping[str, int | str],
+    out_path: PathLike,
+    *,
+    folds: int = 5,
+    epochs: int = 100,
+    lr: float = 2e-4,
+    patience: int = 10,
+    hidden: int = 128,
+    dropout: float = 0.25,
+    weight_decay: float = 1e-4,
+    batch_bags: int = 8,
+    max_instances: int | None = 4096,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> MILTrainResult:
+    """Train the gated-ABMIL slide head on the ``vit/embedding`` bags of run stores.
+
+    With ``folds >= 2``: stratified k-fold cross-validation, each fold trained with early stopping
+    on its validation BCE (best epoch restored), validation ROC AUC per fold and of the pooled
+    out-of-fold predictions; then the final model is trained on every slide for the median best
+    epoch count. With ``folds == 1``: one model on every slide for ``epochs``.
+
+    Args:
+        stores: run stores (``<id>.zarr`` with ``vit/embedding`` (K, D)) or run folders.
+        labels_csv: ``slide,label`` CSV (see :func:`read_labels`) or a mapping id → label.
+            Stores without a label are skipped with a warning.
+        out_path: the ``.safetensors`` file to write; its ``.json`` config goes next to it.
+        folds: k of the cross-validation (each class needs >= k slides), or 1.
+        epochs: maximum epochs per fold; patience: epochs without a better validation loss
+            before stopping.
+        lr / weight_decay: AdamW.
+        hidden / dropout: the head (see :class:`~wsi_prune.models.mil.GatedABMIL`).
+        batch_bags: bags per step (padded, masked).
+        max_instances: training draws at most this many tiles of a bag per step (memory);
+            validation and prediction use whole bags.
+        seed: seeds folds, initialisation, order, dropout and instance draws.
+        threads: torch intra-op threads while training (restored afterwards); None: unchanged.
+            Small heads train fastest on 1 thread, and far faster on a busy machine.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigError: bad arguments, labels or too few slides per class. StoreError: bad store.
+        TrainingError: a fold whose validation loss is never finite.
+    """
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    t0 = time.perf_counter()
+    out_path = check_out(out_path)
+    if folds < 1 or epochs < 1 or patience < 1 or lr <= 0 or batch_bags < 1:
+        raise ConfigError("train-mil needs folds, epochs, patience, batch_bags >= 1 and lr > 0")
+    cfg = MILConfig(hidden=hidden, dropout=dropout)
+    labels = (read_labels(labels_csv) if not isinstance(labels_csv, Mapping)
+              else _parse_labels(labels_csv))
+    bags, y, ids = _mil_data(find_stores(stores), labels)
+    in_dim = int(bags[0].shape[1])
+    s = _MILSettings(epochs, lr, weight_decay, patience, batch_bags, max_instances)
+    counts = np.bincount(y, minlength=2)
+    if folds > 1 and counts.min() < folds:
+        raise ConfigError(f"{folds}-fold cross-validation needs >= {folds} slides per class, "
+                          f"got {counts[0]} negative and {counts[1]} positive")
+    fold_auc, fold_loss, best_epochs, stopped = [], [], [], []
+    oof = np.full(len(y), np.nan)
+    with seeded(seed, threads):
+        bar = tqdm(total=epochs * (folds + (folds == 1)), desc="train-mil", unit="epoch",
+                   disable=not progress)
+        if folds > 1:
+            split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            for f, (tr, va) in enumerate(split.split(np.zeros(len(y)), y)):
+                bar.set_postfix(fold=f + 1)
+                _, loss, ep, ran, logits = _fit_fold(in_dim, cfg, bags, y, tr, va, s,
+                                                     seed * 1000 + f + 1, bar)
+                oof[va] = logits
+                fold_loss.append(loss)
+                best_epochs.append(ep)
+                stopped.append(ran)
+                fold_auc.append(float(roc_auc_score(y[va], logits)))
+                _logger.info("fold %d/%d: val AUC %.3f, val loss %.4f at epoch %d", f + 1,
+                             folds, fold_auc[-1], loss, ep)
+            final_epochs = max(1, int(round(float(np.median(best_epochs)))))
+        else:
+            final_epochs = epochs
+        bar.total = bar.n + final_epochs
+        bar.set_postfix(fold="final")
+        model = _fit_final(in_dim, cfg, bags, y, s, final_epochs, seed, bar)
+        bar.close()
+    oof_auc = float(roc_auc_score(y, oof)) if folds > 1 else float("nan")
+    meta = {
+        "kind": MIL_KIND, "format": 1, "model": cfg.model, "in_dim": in_dim, "hidden": hidden,
+        "n_classes": 1,
+        "dropout": dropout, "threshold": 0.5,
+        "cv": {"folds": folds, "val_auc": fold_auc, "val_loss": fold_loss,
+               "best_epoch": best_epochs, "stopped_epoch": stopped,
+               "mean_val_auc": float(np.mean(fold_auc)) if fold_auc else None,
+               "oof_auc": None if math.isnan(oof_auc) else oof_auc},
+        "training": {"epochs": epochs, "final_epochs": final_epochs, "lr": lr,
+                     "weight_decay": weight_decay, "patience": patience, "seed": seed,
+                     "batch_bags": batch_bags, "max_instances": max_instances,
+                     "n_slides": len(y), "n_positive": int(y.sum()),
+                     "slides": dict(zip(ids, y.tolist(), strict=True))},
+    }
+    config_path = save_model(model, out_path, meta)
+    return MILTrainResult(out_path, config_path, fold_auc, fold_loss, best_epochs, stopped,
+                          oof_auc, final_epochs, dict(zip(ids, y.tolist(), strict=True)),
+                          time.perf_counter() - t0, model)
+
+
+def _fit_final(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,
+               s: _MILSettings, epochs: int, seed: int, bar: tqdm) -> GatedABMIL:
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = MIL_HEADS.get(cfg.model)(cfg, in_dim, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    everything = np.arange(len(y))
+    for _ in range(epochs):
+        _mil_epoch(model, opt, bags, y, everything, s, rng)
+        bar.update(1)
+    return model.eval()
