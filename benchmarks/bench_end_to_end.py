@@ -144,7 +144,8 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
-    from wsi_prune.evaluate import compare_runs, evaluate_run
+    from wsi_prune.evaluation.compare import compare_runs
+    from wsi_prune.evaluation.runs import evaluate_run
     from wsi_prune.io.tiling import tile_slide
     from wsi_prune.synth import write_dataset
     from wsi_prune.training.mil import train_mil

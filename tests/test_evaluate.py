@@ -15,15 +15,11 @@ from click.testing import CliRunner
 from test_annotations import square, write_xml
 
 from wsi_prune.cli_eval import evaluate as evaluate_cmd
-from wsi_prune.evaluate import (
-    EvaluationError,
-    compare_runs,
-    evaluate_run,
-    froc,
-    read_candidates,
-    roc_figure,
-    slide_metrics,
-)
+from wsi_prune.evaluation.compare import compare_runs
+from wsi_prune.evaluation.froc import froc
+from wsi_prune.evaluation.plots import roc_figure
+from wsi_prune.evaluation.runs import EvaluationError, evaluate_run, read_candidates
+from wsi_prune.evaluation.slide_metrics import slide_metrics
 from wsi_prune.io.annotations import Annotation, evaluation_mask
 from wsi_prune.outputs.candidates import write_candidates
 

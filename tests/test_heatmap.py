@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from wsi_prune.config import RunConfig
-from wsi_prune.evaluate import read_candidates
+from wsi_prune.evaluation.runs import read_candidates
 from wsi_prune.outputs.candidates import write_candidates
 from wsi_prune.outputs.geojson import REGION_CLASS, REGION_THRESHOLD
 from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat

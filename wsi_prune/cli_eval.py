@@ -47,7 +47,8 @@ def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Pa
       wsi-prune evaluate --compare out-dense/ out-pruned/ --labels synth/labels.csv \\
           --annotations synth/
     """
-    from wsi_prune.evaluate import compare_runs, evaluate_run
+    from wsi_prune.evaluation.compare import compare_runs
+    from wsi_prune.evaluation.runs import evaluate_run
     from wsi_prune.io.annotations import CAMELYON16_MASK_MPP
 
     if (run_dir is None) == (compare is None):

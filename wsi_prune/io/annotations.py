@@ -243,7 +243,7 @@ def evaluation_mask(annotations: Sequence[Annotation], level0_mpp: float,
     ``margin_um / 2`` to it join it, holes are filled, and 8-connected components are the
     lesions. A lesion is an ITC when the major axis of its component is below
     ``itc_um + margin_um``. The mask covers only the annotations' bounding box plus the margin.
-    See :mod:`wsi_prune.evaluate` for the whole protocol.
+    See :mod:`wsi_prune.evaluation.runs` for the whole protocol.
 
     Args:
         annotations: from :func:`read_asap_xml` (may be empty: no lesions).

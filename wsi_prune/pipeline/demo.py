@@ -122,7 +122,7 @@ def run_demo(out: Path, n_train: int = 6, n_test: int = 4, size: int = 4096, rea
     """
     import click
 
-    from wsi_prune.evaluate import evaluate_run
+    from wsi_prune.evaluation.runs import evaluate_run
     from wsi_prune.pipeline.batch import run_batch
     from wsi_prune.synth import write_dataset
 
