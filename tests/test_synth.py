@@ -22,6 +22,8 @@ from wsi_prune import synth
 from wsi_prune.errors import ConfigError
 from wsi_prune.io.slide import Slide, resolve_mpp
 from wsi_prune.synth import SynthSpec, tissue_truth, tumour_mask, write_dataset, write_slide
+from wsi_prune.synth import layout as layout_mod
+from wsi_prune.synth import render as render_mod
 
 # Non-square and not a multiple of the TIFF tile, so a width/height swap or a lost edge shows.
 _W, _H = 2600, 2050
@@ -185,7 +187,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
 def test_tiles_render_independently() -> None:
     """A tile rendered alone equals the same pixels of a bigger render: the property that lets
     write_slide work tile by tile in bounded memory."""
-    layout = synth._Layout(SynthSpec(width=8192, height=8192, mpp=0.5, seed=1, pen=True))
+    layout = layout_mod._Layout(SynthSpec(width=8192, height=8192, mpp=0.5, seed=1, pen=True))
     isl = layout.islands[0]
     c0, r0 = int(isl.cx - isl.a) // 256 * 256, int(isl.cy) // 256 * 256  # across the outline
     for ds in (1, 4):
@@ -200,9 +202,9 @@ def test_nuclei_same_by_cell_and_by_sample() -> None:
     levels) see exactly the nuclei that dense sampling (cells hashed once) draws there."""
     x = np.arange(2048) * 1.0 + 5000.0  # µm
     y = np.arange(2048) * 1.0 + 7000.0
-    for layer in (synth._STROMA_NUCLEI, synth._TUMOUR_NUCLEI):
-        dense = synth._nuclei(x, y, layer, 1.0, 17)
-        sparse = synth._nuclei(x[::32], y[::32], layer, 1.0, 17)
+    for layer in (render_mod._STROMA_NUCLEI, render_mod._TUMOUR_NUCLEI):
+        dense = render_mod._nuclei(x, y, layer, 1.0, 17)
+        sparse = render_mod._nuclei(x[::32], y[::32], layer, 1.0, 17)
         assert len(x[::32]) ** 2 < (2048 / layer[0]) ** 2  # the by-sample path ran
         np.testing.assert_array_equal(sparse, dense[::32, ::32])
         assert 0.05 < dense.mean() < 0.6  # there are nuclei, and not everywhere
@@ -211,7 +213,7 @@ def test_nuclei_same_by_cell_and_by_sample() -> None:
 def test_blob_cover_agrees_with_per_pixel_alpha() -> None:
     """The whole-tile shortcut (cover) never disagrees with the per-pixel outline."""
     rng = np.random.default_rng(0)
-    layout = synth._Layout(SynthSpec(width=60000, height=60000, mpp=0.5, seed=3))
+    layout = layout_mod._Layout(SynthSpec(width=60000, height=60000, mpp=0.5, seed=3))
     seen = {1: 0, -1: 0, 0: 0}
     for blob in layout.islands + layout.tumours:
         for _ in range(60):
@@ -233,7 +235,7 @@ def test_blob_cover_agrees_with_per_pixel_alpha() -> None:
 
 def _radii_um(spec: SynthSpec) -> list[float]:
     """Radius (geometric mean of the semi-axes) of each planted lesion, µm."""
-    return [np.sqrt(t.a * t.b) * spec.mpp for t in synth._Layout(spec).tumours]
+    return [np.sqrt(t.a * t.b) * spec.mpp for t in layout_mod._Layout(spec).tumours]
 
 
 def test_lesion_sizes_range_from_itc_to_macro() -> None:

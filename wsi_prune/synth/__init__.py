@@ -1,0 +1,28 @@
+"""Synthetic CAMELYON-like pyramidal slides that real OpenSlide reads, for tests and the demo.
+
+The content is a procedural function of level-0 coordinates: a handful of analytic shapes (tissue
+islands, tumour regions inside them, pen strokes, a black slide-edge strip) plus hash-placed
+nuclei and lattice noise. Any tile of any level is therefore rendered on its own, directly at the
+level's resolution, and a slide is written tile by tile: memory does not grow with slide size
+(a 100k x 100k px slide needs the same few tens of MB as a 2k one).
+
+Four flavours are written with tifffile, each pyramid level as its own tiled JPEG page
+(no SubIFDs, ``subfiletype=1`` on reduced levels), which is what OpenSlide's aperio and
+generic-tiff drivers expect:
+
+* ``svs``: Aperio ImageDescription carrying ``MPP`` and ``AppMag`` (vendor ``aperio``).
+* ``svs-nompp``: Aperio ImageDescription with ``AppMag`` but no ``MPP``, like some TCGA files:
+  only the objective power tells the resolution.
+* ``tiff``: generic TIFF with ``ResolutionUnit`` centimeter and X/YResolution in px/cm.
+* ``tiff-nompp``: generic TIFF with no physical resolution (unit NONE), like some TCGA files.
+"""
+
+from wsi_prune.synth.render import render_tile
+from wsi_prune.synth.spec import FLAVOURS, SynthSlide, SynthSpec
+from wsi_prune.synth.truth import border_mask, pen_mask, tissue_truth, tumour_mask, write_asap_xml
+from wsi_prune.synth.writer import write_dataset, write_slide
+
+__all__ = [
+    "FLAVOURS", "SynthSlide", "SynthSpec", "border_mask", "pen_mask", "render_tile",
+    "tissue_truth", "tumour_mask", "write_asap_xml", "write_dataset", "write_slide",
+]
