@@ -22,7 +22,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from wsi_prune.cli_cluster import cluster_options, merge, parse_shard, submit
+from wsi_prune.cli.distributed import cluster_options, merge, parse_shard, submit
 from wsi_prune.distributed import worker_cache
 from wsi_prune.distributed.clients import ClusterRequest, make_client
 from wsi_prune.distributed.shards import merge_outputs, shard_entries, shard_paths

@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 from test_annotations import square, write_xml
 
-from wsi_prune.cli_eval import evaluate as evaluate_cmd
+from wsi_prune.cli.evaluate import evaluate as evaluate_cmd
 from wsi_prune.evaluation.compare import compare_runs
 from wsi_prune.evaluation.froc import froc
 from wsi_prune.evaluation.plots import roc_figure

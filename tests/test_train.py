@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from wsi_prune._ids import slide_id
-from wsi_prune.cli_train import train_mil as train_mil_cmd
-from wsi_prune.cli_train import train_scorer as train_scorer_cmd
+from wsi_prune.cli.train import train_mil as train_mil_cmd
+from wsi_prune.cli.train import train_scorer as train_scorer_cmd
 from wsi_prune.config import MILConfig, RunConfig, ScorerConfig
 from wsi_prune.errors import ConfigError, StoreError, TrainingError, WsiPruneError
 from wsi_prune.io.annotations import Annotation

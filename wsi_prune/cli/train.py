@@ -1,6 +1,6 @@
 """``wsi-prune train-scorer`` and ``wsi-prune train-mil``: thin click commands over
-:mod:`wsi_prune.training.scorer`. They are standalone :class:`click.Command` objects that ``cli.py``
-registers with ``main.add_command``."""
+:mod:`wsi_prune.training`. They are standalone :class:`click.Command` objects that
+:mod:`wsi_prune.cli` registers with ``main.add_command``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import click
 
-from wsi_prune.cli_common import handle_errors
+from wsi_prune.cli.common import handle_errors
 
 __all__ = ["train_mil", "train_scorer"]
 

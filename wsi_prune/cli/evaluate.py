@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from wsi_prune.cli_common import handle_errors
+from wsi_prune.cli.common import handle_errors
 
 _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from wsi_prune.cli_common import handle_errors
+from wsi_prune.cli.common import handle_errors
 from wsi_prune.distributed.clients import ClusterRequest
 from wsi_prune.distributed.shards import merge_outputs
 from wsi_prune.distributed.slurm import SlurmOptions, submit_slurm

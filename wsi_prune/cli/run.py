@@ -1,0 +1,116 @@
+"""The main jobs: ``run`` (slides in, predictions, heatmaps and a run report out) and
+``demo`` (the main job on a built-in default)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from wsi_prune.cli.common import (
+    CONTEXT_SETTINGS,
+    config_options,
+    exit_code,
+    exit_on_sigterm,
+    handle_errors,
+    print_table,
+    setup_logging,
+)
+from wsi_prune.cli.distributed import cluster_options
+from wsi_prune.config import load_config
+from wsi_prune.distributed.clients import ClusterRequest
+from wsi_prune.distributed.shards import shard_suffix
+
+__all__ = ["demo", "run"]
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@config_options
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@cluster_options
+@click.option("--dense", is_flag=True,
+              help="Prune nothing: every tissue tile and token reaches the ViT (the reference "
+                   "for `evaluate --compare`, and what `train-mil` trains on).")
+@click.option("--force", is_flag=True, help="Recompute slides whose outputs are complete.")
+@click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
+        mpp: float | None, device: str, cluster_request: ClusterRequest,
+        shard: tuple[int, int] | None, dense: bool, force: bool, quiet: bool) -> None:
+    """Slides in, predictions, heatmaps and a run report out.
+
+    INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
+    with columns path[,id,mpp,label]. Writes OUT/<id>.zarr, OUT/<id>/heatmap.png, tokens.png,
+    regions.geojson, candidates.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log
+    (with --shard i/K: predictions, manifest and log named .shard-i-of-K).
+
+    A run holds OUT/.run.lock (a shard: OUT/.run.shard-i-of-K.lock) while it runs: a second
+    run on the same OUT stops at once with an error naming the holder's pid (exit code 1). A
+    lock left by a killed run on this host is taken over. SIGTERM (scancel, a SLURM time
+    limit) stops the run like Ctrl-C: locks are released and finished slides are kept; the
+    next run resumes with the unfinished ones.
+
+    Exit codes: 0 all slides ok (or skipped), 3 some slides failed (see predictions.csv),
+    1 the run itself failed (bad config, another run holds OUT), 2 bad usage.
+
+    \b
+    Examples:
+      wsi-prune run slides/ --out results/ --config pipelines/camelyon16.yaml
+      wsi-prune run slides.csv --out results/ --mpp 0.25 --workers 2 --memory-limit 6GB
+      wsi-prune run slides/ --out results/ --scheduler tcp://10.0.0.5:8786
+      wsi-prune run slides/ --out /scratch/res --cluster slurm --queue cpu --max-jobs 8
+      wsi-prune run slides/ --out results/ --shard 0/4
+      wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
+    """
+    from wsi_prune.pipeline.batch import run_batch
+
+    quiet = quiet or ctx.obj.get("quiet", False)
+    outp = Path(out)
+    # a shard logs to its own file: array tasks never write the same path
+    log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
+    setup_logging(0, quiet, outp / log)
+    cfg = load_config(config_path)
+    if dense:
+        cfg = cfg.dense()
+    with exit_on_sigterm(), cluster_request.client() as client:
+        rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
+                         force=force, shard=shard, progress=not quiet)
+    if not quiet:
+        print_table(rows)
+        click.echo(f"outputs: {outp}/  (predictions.csv, manifest.json, <id>/heatmap.png)")
+    sys.exit(exit_code(rows))
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--n-train", type=int, default=6, show_default=True, help="Training slides.")
+@click.option("--n-test", type=int, default=4, show_default=True, help="Test slides.")
+@click.option("--size", type=int, default=4096, show_default=True, help="Synthetic slide side.")
+@click.option("--train/--no-train", default=True, show_default=True,
+              help="Train the scorer and MIL head on the training slides first.")
+@click.option("--real/--no-real", default=True, show_default=True,
+              help="Also run the real slide in ../shared/data when present.")
+@click.option("--quiet", is_flag=True)
+@handle_errors
+def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool,
+         quiet: bool) -> None:
+    """The main job on a built-in default: synthetic CAMELYON-like slides with tumour regions;
+    trains the tiny demo scorer and MIL head on a training set (the ViT stays random-init, and
+    the output says which models are trained), runs the whole pipeline (pipelines/demo.yaml)
+    on a separate test set, evaluates it, and runs the real slide in ../shared/data when
+    present.
+
+    \b
+    Example:
+      wsi-prune demo --out demo-out
+    """
+    from wsi_prune.pipeline.demo import run_demo
+
+    setup_logging(0, quiet, Path(out) / "demo.log")
+    rows = run_demo(Path(out), n_train=n_train, n_test=n_test, size=size, real=real,
+                    quiet=quiet, train=train)
+    print_table(rows)
+    sys.exit(exit_code(rows))

@@ -1,0 +1,147 @@
+"""Commands about slides and their stores, no models: ``info``, ``doctor``, ``tile``,
+``synth`` and ``heatmap`` (re-rendering a store's outputs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from wsi_prune.cli.common import CONTEXT_SETTINGS, config_options, handle_errors
+from wsi_prune.config import load_config
+from wsi_prune.errors import EXIT_SOME_FAILED, WsiPruneError
+
+__all__ = ["doctor", "heatmap", "info", "synth", "tile"]
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("slide", type=click.Path(exists=True, dir_okay=False))
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) -> None:
+    """Metadata, levels, MPP and its source, and the estimated number of tissue tiles.
+
+    \b
+    Example:
+      wsi-prune info CAMELYON16/tumor_001.tif
+    """
+    from wsi_prune.pipeline.preflight import inspect_slide
+
+    report = inspect_slide(slide, load_config(config_path), mpp)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        click.echo(f"{key:>22}: {value}")
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("inputs", nargs=-1, required=True)
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@handle_errors
+def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
+           as_json: bool) -> None:
+    """Preflight a batch without running models: can each slide be opened, its MPP and
+    source, size, estimated tissue tiles and time.
+
+    The time is a rough estimate: the demo config's speed on 2 CPU cores (see
+    wsi_prune/preflight.py for the measurement); real models run several times slower.
+
+    \b
+    Example:
+      wsi-prune doctor slides/ --mpp 0.25
+    """
+    from wsi_prune.pipeline.inputs import discover
+    from wsi_prune.pipeline.preflight import inspect_slide
+
+    cfg = load_config(config_path)
+    bad = 0
+    for entry in discover(inputs, mpp):
+        try:
+            rep = inspect_slide(entry.path, cfg, entry.mpp)
+            rep = {"id": entry.id, "status": "ok", **rep}
+        except WsiPruneError as exc:
+            rep = {"id": entry.id, "path": str(entry.path), "status": "error",
+                   "error": exc.one_line()}
+            bad += 1
+        if as_json:
+            click.echo(json.dumps(rep))
+        elif rep["status"] == "ok":
+            click.echo(f"ok     {entry.id}: {rep['size_px']} px, {rep['mpp']} µm/px "
+                       f"({rep['mpp_source']}), {rep['tissue_tiles']} tissue tiles, "
+                       f"~{rep['estimated_seconds']:.0f} s (rough estimate)")
+        else:
+            click.echo(f"error  {entry.id}: {rep['error']}")
+    sys.exit(EXIT_SOME_FAILED if bad else 0)
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("slide", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@config_options
+@click.option("--workers", type=int, default=0,
+              help="Dask LocalCluster worker processes (0: threads in this process).")
+@click.option("--store-tiles", is_flag=True, help="Also store full-resolution tiles.")
+@click.option("--force", is_flag=True, help="Rebuild even if a complete store exists.")
+@handle_errors
+def tile(slide: str, out: str, config_path: str | None, mpp: float | None, workers: int,
+         store_tiles: bool, force: bool) -> None:
+    """Tissue mask and tile store of one slide (OUT/<name>.zarr), without models.
+
+    \b
+    Example:
+      wsi-prune tile slide.svs --out out/ --workers 2
+    """
+    from wsi_prune.distributed.clients import make_client
+    from wsi_prune.io.tiling import tile_slide
+
+    cfg = load_config(config_path)
+    if store_tiles:
+        cfg = cfg.replace(tiling={"store_tiles": True})
+    dest = Path(out) / f"{Path(slide).stem}.zarr"
+    with make_client(workers=workers or None) as client:
+        res = tile_slide(slide, dest, cfg, mpp=mpp, scheduler=client or "threads", force=force)
+    state = "already complete" if res.skipped else f"{res.seconds:.1f} s"
+    click.echo(f"{dest}: {res.n_tiles} tissue tiles of {res.n_grid} ({state})")
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--n", "n", type=int, default=4, show_default=True, help="Number of slides.")
+@click.option("--size", type=int, default=8192, show_default=True, help="Slide side, px.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def synth(out: str, n: int, size: int, seed: int) -> None:
+    """Write a CAMELYON-like synthetic set: pyramidal slides with and without tumour, and a
+    labels CSV.
+
+    \b
+    Example:
+      wsi-prune synth --n 8 --size 8192 --out synth/
+    """
+    from wsi_prune.synth import write_dataset
+
+    slides = write_dataset(out, n=n, seed=seed, size=size)
+    for s in slides:
+        click.echo(f"{s.path}  label={s.label}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("store_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--slide", "slide_path", default=None, type=click.Path(exists=True),
+              help="The slide file, if it moved since the run.")
+@click.option("--mpp", type=float, default=None, help="MPP override used for the run.")
+@handle_errors
+def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
+    """Re-render heatmap.png, tokens.png, regions.geojson and candidates.csv from a store,
+    without recomputing.
+
+    \b
+    Example:
+      wsi-prune heatmap results/tumor_001.zarr
+    """
+    from wsi_prune.outputs.writer import rerender
+
+    dest = rerender(store_path, slide_path, mpp)
+    click.echo(f"{dest}/heatmap.png")
