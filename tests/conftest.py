@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHARED_SLIDE = SHARED_DATA / "cmu-1-small-region.svs"
+from tests._paths import SHARED_SLIDE
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

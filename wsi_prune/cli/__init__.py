@@ -11,6 +11,7 @@ from wsi_prune import __version__
 from wsi_prune.cli.common import CONTEXT_SETTINGS, setup_logging
 from wsi_prune.cli.distributed import merge, submit
 from wsi_prune.cli.evaluate import evaluate
+from wsi_prune.cli.models import models
 from wsi_prune.cli.run import demo, run
 from wsi_prune.cli.slides import doctor, heatmap, info, synth, tile
 from wsi_prune.cli.train import train_mil, train_scorer
@@ -39,5 +40,5 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 for _cmd in (info, doctor, tile, synth, run, heatmap, demo, evaluate, train_scorer, train_mil,
-             submit, merge):
+             submit, merge, models):
     main.add_command(_cmd)

@@ -22,6 +22,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
+from tests._paths import REPO
 from wsi_prune.cli.distributed import cluster_options, merge, parse_shard, submit
 from wsi_prune.distributed import worker_cache
 from wsi_prune.distributed.clients import ClusterRequest, make_client
@@ -29,7 +30,6 @@ from wsi_prune.distributed.shards import merge_outputs, shard_entries, shard_pat
 from wsi_prune.distributed.slurm import SlurmOptions, merge_script, sbatch_script
 from wsi_prune.errors import ConfigError, OutputConflict, ShardsMissing, WsiPruneError
 
-REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["id", "path", "status", "error", "probability", "sec_total"]
 
 

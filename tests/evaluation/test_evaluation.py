@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from test_annotations import square, write_xml
 
+from tests.io.test_annotations import square, write_xml
 from wsi_prune.cli.evaluate import evaluate as evaluate_cmd
 from wsi_prune.evaluation.compare import compare_runs
 from wsi_prune.evaluation.froc import froc

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from tests._paths import REPO as ROOT
 from wsi_prune.config import RunConfig
 from wsi_prune.evaluation.runs import read_candidates
 from wsi_prune.outputs.candidates import write_candidates
@@ -20,8 +21,6 @@ from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat
 from wsi_prune.outputs.writer import rerender
 from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.synth import SynthSpec, write_slide
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

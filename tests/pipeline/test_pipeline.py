@@ -19,6 +19,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
+from tests._paths import REPO as ROOT
 from wsi_prune._ids import safe_id
 from wsi_prune.cli import main
 from wsi_prune.config import RunConfig
@@ -28,8 +29,6 @@ from wsi_prune.pipeline.demo import DEMO_CONFIG, demo_config
 from wsi_prune.pipeline.inputs import SlideEntry, discover
 from wsi_prune.pipeline.process import run_complete
 from wsi_prune.pipeline.records import PREDICTION_COLUMNS
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def batch(tmp_path_factory, svs_slide, nompp_slide, bad_dir, request):
     """One run over good and bad slides; the real slide joins when present."""
     out = tmp_path_factory.mktemp("run")
     inputs = [svs_slide, nompp_slide, bad_dir / "empty.svs", bad_dir / "notes.svs"]
-    from conftest import SHARED_SLIDE
+    from tests._paths import SHARED_SLIDE
 
     if SHARED_SLIDE.is_file():
         inputs.append(SHARED_SLIDE)
@@ -510,7 +509,7 @@ def _write_blank_tiff(path: Path, size: int = 2048, mpp: float = 0.5) -> Path:
 def test_mixed_folder_through_cli(tmp_path, three_slides, nompp_slide):
     import shutil
 
-    from test_slide import corrupt_tiles
+    from tests.io.test_slide import corrupt_tiles
 
     d = tmp_path / "slides"
     d.mkdir()

@@ -14,6 +14,7 @@ import zarr
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
+from tests._paths import REPO as ROOT
 from wsi_prune._ids import slide_id
 from wsi_prune.cli.train import train_mil as train_mil_cmd
 from wsi_prune.cli.train import train_scorer as train_scorer_cmd
@@ -33,7 +34,6 @@ from wsi_prune.training.mil import train_mil
 from wsi_prune.training.scorer import train_scorer
 
 D = 16  # embedding width of the synthetic MIL stores
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")

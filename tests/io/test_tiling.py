@@ -304,7 +304,7 @@ def _corrupt_page(src: Path, dst: Path, page: int) -> None:
 
 
 def test_corrupt_slide_publishes_nothing(svs_slide: Path, tmp_path: Path) -> None:
-    from test_slide import corrupt_tiles
+    from tests.io.test_slide import corrupt_tiles
 
     # every level broken: the thumbnail read for the tissue mask fails
     bad = tmp_path / "all.svs"
