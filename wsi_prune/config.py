@@ -263,6 +263,9 @@ class MILConfig:
         dropout: dropout after the first layer (used in training only).
         model: registered slide head (``wsi-prune models`` lists them; resolved where the head
             is built, :func:`wsi_prune.models.mil.build_mil`).
+        allow_vit_mismatch: use trained weights whose sidecar says they were trained on another
+            ViT's embeddings (another model, model arguments, pooling or weight file) instead of
+            refusing them. Their probabilities then mean nothing; for experiments only.
     """
 
     hidden: int = 128
@@ -270,6 +273,7 @@ class MILConfig:
     threshold: float = 0.5
     dropout: float = 0.0
     model: str = "gated-abmil"
+    allow_vit_mismatch: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "mil.model must be a registered slide head name")
@@ -336,6 +340,12 @@ class RunConfig:
             out[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
         return dataclasses.replace(self, **out)
 
+    def is_dense(self) -> bool:
+        """Nothing is pruned: every tissue tile and every token reaches the ViT (:meth:`dense`)."""
+        ts = self.tile_select
+        return (ts.policy == "all" and ts.max_tiles is None and ts.redundancy_eps is None
+                and self.token_select.policy == "all" and not self.vit.prune_blocks)
+
     def dense(self) -> RunConfig:
         """The same models with nothing pruned: every tissue tile and every token reaches the
         ViT (the reference a pruned run is compared with, and what MIL heads train on)."""
@@ -394,6 +404,7 @@ class RunConfig:
 #: left out of :meth:`RunConfig.identity`, so older runs keep their hash (and resume).
 ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("mil", "model"),
+    ("mil", "allow_vit_mismatch"),
 )
 
 

@@ -19,7 +19,13 @@ from wsi_prune._ids import slide_id
 from wsi_prune.cli.train import train_mil as train_mil_cmd
 from wsi_prune.cli.train import train_scorer as train_scorer_cmd
 from wsi_prune.config import MILConfig, RunConfig, ScorerConfig
-from wsi_prune.errors import ConfigError, StoreError, TrainingError, WsiPruneError
+from wsi_prune.errors import (
+    CheckpointRefused,
+    ConfigError,
+    StoreError,
+    TrainingError,
+    WsiPruneError,
+)
 from wsi_prune.io.annotations import Annotation
 from wsi_prune.io.labels import parse_label
 from wsi_prune.io.store import open_store
@@ -232,9 +238,6 @@ def test_mil_refuses_bad_inputs(mil_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="both classes"):
         train_mil([run / "slide_00.zarr", run / "slide_02.zarr"], mil_data / "labels.csv", out,
                   folds=1, progress=False)
-    with pytest.raises(ConfigError, match="needs >= 3 slides per class, got 2 negative"):
-        train_mil([run / f"slide_{i:02d}.zarr" for i in range(4)], mil_data / "labels.csv", out,
-                  folds=3, progress=False)
     with pytest.raises(ConfigError, match=r"\.safetensors"):
         train_mil([run], mil_data / "labels.csv", tmp_path / "m.pth", progress=False)
     with pytest.raises(ConfigError, match="maybe"):
@@ -462,3 +465,89 @@ def test_distillation_takes_a_real_dense_run_and_refuses_a_pruned_one(run_stores
     assert not out.exists()
     res = CliRunner().invoke(train_scorer_cmd, [str(pruned), "--distill", "--out", str(out)])
     assert res.exit_code == 1 and "needs a dense run store" in res.output
+
+
+def test_mil_folds_fall_to_what_the_smaller_class_allows(mil_data: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    run = mil_data / "run"
+    with caplog.at_level("WARNING", logger="wsi_prune.training.mil"):
+        res = train_mil([run / f"slide_{i:02d}.zarr" for i in range(4)], mil_data / "labels.csv",
+                        tmp_path / "m.safetensors", folds=5, epochs=2, patience=1, hidden=8,
+                        progress=False)
+    assert len(res.fold_auc) == 2  # 2 slides per class: 2 folds, not an error
+    assert "5-fold cross-validation needs >= 5 slides per class, got 2 negative and 2 positive: " \
+           "using 2 folds" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_prune.training.mil"):
+        res = train_mil([run / f"slide_{i:02d}.zarr" for i in range(3)], mil_data / "labels.csv",
+                        tmp_path / "m1.safetensors", folds=3, epochs=2, hidden=8, progress=False)
+    assert res.fold_auc == [] and "using no validation (1 fold)" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def two_class_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tumour and a normal 2048² slide through run_batch with pipelines/demo.yaml (pruned)
+    and its dense() twin: ``root/{pruned,dense}/``, ``root/labels.csv``."""
+    root = tmp_path_factory.mktemp("regimes")
+    (root / "slides").mkdir()
+    for name, tumour, seed in (("t1", True, 4), ("n1", False, 5)):
+        write_slide(root / "slides" / f"{name}.svs",
+                    SynthSpec(width=2048, height=2048, mpp=0.5, seed=seed, tumour=tumour,
+                              tissue_fraction=0.5))
+    (root / "labels.csv").write_text("slide,label\nt1,Tumor\nn1,Normal\n")
+    cfg = RunConfig.from_yaml(ROOT / "pipelines" / "demo.yaml")
+    for name, c in (("pruned", cfg), ("dense", cfg.dense())):
+        rows = run_batch([root / "slides"], root / name, c, progress=False)
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    return root
+
+
+def test_mil_sidecar_records_the_regime_and_the_vit(two_class_runs: Path, tmp_path: Path) -> None:
+    from wsi_prune.models.binding import check_bindings
+    from wsi_prune.models.factory import build_models
+
+    root = two_class_runs
+    kw = dict(folds=2, epochs=2, hidden=8, progress=False)
+    pruned = train_mil([root / "pruned"], root / "labels.csv", tmp_path / "p.safetensors", **kw)
+    both = train_mil([root / "dense", root / "pruned"], root / "labels.csv",
+                     tmp_path / "b.safetensors", **kw)
+    dense = train_mil([root / "dense"], root / "labels.csv", tmp_path / "d.safetensors", **kw)
+    assert (pruned.regime, both.regime, dense.regime) == ("pruned", "dense+pruned", "dense")
+    meta = json.loads((tmp_path / "b.json").read_text())
+    assert meta["training"]["n_slides"] == 2 and meta["training"]["n_bags"] == 4
+    cfg = RunConfig.from_yaml(ROOT / "pipelines" / "demo.yaml")
+    assert meta["vit"] == {"model": cfg.vit.model, "model_kwargs": cfg.vit.model_kwargs,
+                           "pooling": "model", "sha256": None, "pretrained": False,
+                           "init_seed": 0}
+
+    digests = {"scorer": None, "vit": None, "mil": None}
+    with_head = cfg.replace(mil={"weights": str(tmp_path / "p.safetensors"), "hidden": 8})
+    assert check_bindings(with_head, digests) == []
+    # a head trained on dense bags, fed pruned ones: a warning, not an error
+    dense_head = cfg.replace(mil={"weights": str(tmp_path / "d.safetensors"), "hidden": 8})
+    (warning,) = check_bindings(dense_head, digests)
+    assert "trained on dense bags" in warning and "pruned" in warning
+    assert check_bindings(dense_head.dense(), digests) == []
+    # another ViT of the same width: refused, naming what differs ...
+    other = with_head.replace(vit={"model_kwargs": {**cfg.vit.model_kwargs, "mlp_ratio": 2.0}})
+    with pytest.raises(CheckpointRefused, match="model_kwargs") as err:
+        build_models(other)
+    assert "mil.allow_vit_mismatch" in str(err.value)
+    with pytest.raises(CheckpointRefused, match="sha256 None .this run: 'ab"):
+        check_bindings(with_head, {**digests, "vit": "ab" * 32})
+    # ... unless the user says so
+    models = build_models(other.replace(mil={"allow_vit_mismatch": True}))
+    assert models.mil.in_dim == both.model.in_dim
+
+
+def test_mixing_vits_in_one_training_set_is_refused(two_class_runs: Path, tmp_path: Path) -> None:
+    root = two_class_runs
+    other = tmp_path / "other"
+    shutil.copytree(root / "pruned" / "n1.zarr", other / "n1.zarr")
+    group = zarr.open_group(str(other / "n1.zarr"), mode="r+")
+    cfg = dict(group.attrs["run_config"])
+    cfg["vit"] = {**cfg["vit"], "pooling": "cls+mean"}
+    group.attrs["run_config"] = cfg
+    with pytest.raises(StoreError, match="another ViT"):
+        train_mil([root / "pruned" / "t1.zarr", other / "n1.zarr"], root / "labels.csv",
+                  tmp_path / "m.safetensors", folds=1, epochs=1, progress=False)

@@ -14,6 +14,7 @@ import torch
 
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError
+from wsi_prune.models.binding import INIT_SEED, check_bindings
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.mil import build_mil, trained_mil_config
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
@@ -36,8 +37,6 @@ def apply_trained_configs(config: RunConfig) -> RunConfig:
     return config
 
 
-#: Seed of the random initialisation of models without weight files.
-INIT_SEED = 0
 
 
 def describe_models(config: RunConfig, digests: dict[str, str | None] | None = None
@@ -91,6 +90,7 @@ def build_models(config: RunConfig, device: str = "cpu",
             weight files.
     """
     check_policies(config)
+    check_bindings(config, config.weight_digests() if digests is None else digests)
     # Parts without weight files start from one fixed seed, so every process (Dask workers,
     # SLURM array tasks, a resumed run) builds the same untrained model and their slides agree.
     with torch.random.fork_rng(devices=[]):

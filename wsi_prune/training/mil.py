@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from wsi_prune.config import MILConfig
 from wsi_prune.errors import ConfigError, StoreError, TrainingError
 from wsi_prune.io.labels import parse_label, read_labels
 from wsi_prune.io.store import open_store
+from wsi_prune.models.binding import bag_regime, vit_identity
 from wsi_prune.models.mil import MIL_HEADS, MIL_KIND, GatedABMIL
 from wsi_prune.training._common import PathLike, check_out, save_model, seeded
 from wsi_prune.training.data import find_stores
@@ -57,6 +59,7 @@ class MILTrainResult:
     slides: dict[str, int]
     seconds: float
     model: GatedABMIL
+    regime: str = "unknown"
 
     @property
     def mean_auc(self) -> float:
@@ -81,10 +84,32 @@ class _MILSettings:
     max_instances: int | None
 
 
-def _mil_data(
-    stores: Sequence[Path], labels: Mapping[str, int]
-) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
-    bags, ys, ids, unlabelled = [], [], [], []
+@dataclass
+class _Bags:
+    """Bags of the labelled stores: embeddings, labels, slide ids, and what made them."""
+
+    bags: list[torch.Tensor]
+    y: np.ndarray
+    ids: list[str]
+    regimes: list[str]
+    vit: dict[str, Any] | None
+
+
+def _store_vit(group: Any, path: Path) -> tuple[str, dict[str, Any] | None]:
+    """The bag regime and the ViT identity of a run store (from the attributes ``run`` writes)."""
+    from wsi_prune.config import RunConfig
+
+    cfg_dict = group.attrs.get("run_config")
+    if cfg_dict is None:
+        return "unknown", None
+    cfg = RunConfig.from_dict(cfg_dict)
+    sha = ((group.attrs.get("models") or {}).get("vit") or {}).get("sha256")
+    return bag_regime(cfg), vit_identity(cfg, sha)
+
+
+def _mil_data(stores: Sequence[Path], labels: Mapping[str, int]) -> _Bags:
+    bags, ys, ids, regimes, unlabelled = [], [], [], [], []
+    vit: dict[str, Any] | None = None
     for path in stores:
         sid = slide_id(path)
         label = lookup_slide(labels, sid)
@@ -101,9 +126,16 @@ def _mil_data(
         if bags and emb.shape[1] != bags[0].shape[1]:
             raise StoreError(f"embedding width {emb.shape[1]} differs from the other stores' "
                              f"{bags[0].shape[1]} (another ViT?)", path)
+        regime, ident = _store_vit(group, path)
+        if ident is not None:
+            if vit is not None and ident != vit:
+                raise StoreError("these embeddings come from another ViT than the other stores' "
+                                 f"({ident} vs {vit}): one head learns one embedding space", path)
+            vit = ident
         bags.append(torch.from_numpy(emb))
         ys.append(int(label))
         ids.append(sid)
+        regimes.append(regime)
     if unlabelled:
         _logger.warning("%d store(s) without a label skipped: %s", len(unlabelled),
                         ", ".join(unlabelled[:5]))
@@ -111,7 +143,26 @@ def _mil_data(
     if len(set(ys)) < 2:
         raise ConfigError(f"train-mil needs labelled slides of both classes, got {len(ys)} "
                           f"slide(s) with labels {sorted(set(ys))}")
-    return bags, y, ids
+    return _Bags(bags, y, ids, regimes, vit)
+
+
+def _regime(regimes: Sequence[str]) -> str:
+    """``dense``, ``pruned``, ``dense+pruned`` (both kinds of bag) or ``unknown``."""
+    kinds = sorted(set(regimes) - {"unknown"})
+    return "+".join(kinds) if kinds else "unknown"
+
+
+def _choose_folds(folds: int, y: np.ndarray, groups: np.ndarray) -> int:
+    """The largest k <= ``folds`` that every class allows (each validation fold needs a slide
+    of each class), with a warning when that is fewer than asked; 1 when a class has one
+    slide."""
+    per_class = [len(set(groups[y == c])) for c in (0, 1)]
+    k = min(folds, *per_class)
+    if k < folds:
+        _logger.warning("%d-fold cross-validation needs >= %d slides per class, got %d negative "
+                        "and %d positive: using %s", folds, folds, per_class[0], per_class[1],
+                        f"{k} folds" if k >= 2 else "no validation (1 fold)")
+    return max(k, 1)
 
 
 def _parse_labels(labels: Mapping[str, int | str]) -> dict[str, int]:
@@ -227,12 +278,22 @@ def train_mil(
     out-of-fold predictions; then the final model is trained on every slide for the median best
     epoch count. With ``folds == 1``: one model on every slide for ``epochs``.
 
+    Train as you infer: give the stores of a run made with the production (pruned) config, so
+    the head learns the bags it will see (only the kept, most suspicious tiles); a head trained
+    on dense bags and fed pruned ones shifts its probabilities (issue 11). Stores of a dense and
+    a pruned run of the same slides may be given together (regime ``dense+pruned``): a slide's
+    bags then always fall in the same fold. The sidecar records the regime and the ViT the
+    embeddings came from (:mod:`wsi_prune.models.binding`); ``run`` refuses the head with
+    another ViT and warns when a dense-trained head meets pruned bags.
+
     Args:
-        stores: run stores (``<id>.zarr`` with ``vit/embedding`` (K, D)) or run folders.
+        stores: run stores (``<id>.zarr`` with ``vit/embedding`` (K, D)) or run folders; all
+            made with one ViT (model, arguments, pooling, weights).
         labels_csv: ``slide,label`` CSV (see :func:`read_labels`) or a mapping id → label.
             Stores without a label are skipped with a warning.
         out_path: the ``.safetensors`` file to write; its ``.json`` config goes next to it.
-        folds: k of the cross-validation (each class needs >= k slides), or 1.
+        folds: k of the cross-validation, or 1; lowered (with a warning) to the slide count of
+            the smaller class when that is below k.
         epochs: maximum epochs per fold; patience: epochs without a better validation loss
             before stopping.
         lr / weight_decay: AdamW.
@@ -250,7 +311,7 @@ def train_mil(
         TrainingError: a fold whose validation loss is never finite.
     """
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold
 
     t0 = time.perf_counter()
     out_path = check_out(out_path)
@@ -259,21 +320,21 @@ def train_mil(
     cfg = MILConfig(hidden=hidden, dropout=dropout)
     labels = (read_labels(labels_csv) if not isinstance(labels_csv, Mapping)
               else _parse_labels(labels_csv))
-    bags, y, ids = _mil_data(find_stores(stores), labels)
+    data = _mil_data(find_stores(stores), labels)
+    bags, y, ids = data.bags, data.y, data.ids
+    # the same slide in a dense and a pruned run is two bags of one slide: they share a fold
+    groups = np.asarray([i.casefold() for i in ids])
     in_dim = int(bags[0].shape[1])
     s = _MILSettings(epochs, lr, weight_decay, patience, batch_bags, max_instances)
-    counts = np.bincount(y, minlength=2)
-    if folds > 1 and counts.min() < folds:
-        raise ConfigError(f"{folds}-fold cross-validation needs >= {folds} slides per class, "
-                          f"got {counts[0]} negative and {counts[1]} positive")
+    folds = _choose_folds(folds, y, groups) if folds > 1 else 1
     fold_auc, fold_loss, best_epochs, stopped = [], [], [], []
     oof = np.full(len(y), np.nan)
     with seeded(seed, threads):
         bar = tqdm(total=epochs * (folds + (folds == 1)), desc="train-mil", unit="epoch",
                    disable=not progress)
         if folds > 1:
-            split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-            for f, (tr, va) in enumerate(split.split(np.zeros(len(y)), y)):
+            split = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            for f, (tr, va) in enumerate(split.split(np.zeros(len(y)), y, groups)):
                 bar.set_postfix(fold=f + 1)
                 _, loss, ep, ran, logits = _fit_fold(in_dim, cfg, bags, y, tr, va, s,
                                                      seed * 1000 + f + 1, bar)
@@ -294,7 +355,7 @@ def train_mil(
     oof_auc = float(roc_auc_score(y, oof)) if folds > 1 else float("nan")
     meta = {
         "kind": MIL_KIND, "format": 1, "model": cfg.model, "in_dim": in_dim, "hidden": hidden,
-        "n_classes": 1,
+        "n_classes": 1, "regime": _regime(data.regimes), "vit": data.vit,
         "dropout": dropout, "threshold": 0.5,
         "cv": {"folds": folds, "val_auc": fold_auc, "val_loss": fold_loss,
                "best_epoch": best_epochs, "stopped_epoch": stopped,
@@ -303,13 +364,14 @@ def train_mil(
         "training": {"epochs": epochs, "final_epochs": final_epochs, "lr": lr,
                      "weight_decay": weight_decay, "patience": patience, "seed": seed,
                      "batch_bags": batch_bags, "max_instances": max_instances,
-                     "n_slides": len(y), "n_positive": int(y.sum()),
+                     "n_slides": len(set(groups)), "n_bags": len(y),
+                     "n_positive": int(y.sum()),
                      "slides": dict(zip(ids, y.tolist(), strict=True))},
     }
     config_path = save_model(model, out_path, meta)
     return MILTrainResult(out_path, config_path, fold_auc, fold_loss, best_epochs, stopped,
                           oof_auc, final_epochs, dict(zip(ids, y.tolist(), strict=True)),
-                          time.perf_counter() - t0, model)
+                          time.perf_counter() - t0, model, meta["regime"])
 
 
 def _fit_final(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,
