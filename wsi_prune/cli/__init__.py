@@ -14,7 +14,7 @@ from wsi_prune.cli.evaluate import evaluate
 from wsi_prune.cli.models import models
 from wsi_prune.cli.run import demo, run
 from wsi_prune.cli.slides import doctor, heatmap, info, synth, tile
-from wsi_prune.cli.train import train_mil, train_scorer
+from wsi_prune.cli.train import train_mil, train_scorer, train_vit
 
 __all__ = ["main"]
 
@@ -39,6 +39,6 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-for _cmd in (info, doctor, tile, synth, run, heatmap, demo, evaluate, train_scorer, train_mil,
-             submit, merge, models):
+for _cmd in (info, doctor, tile, synth, run, heatmap, demo, evaluate, train_scorer, train_vit,
+             train_mil, submit, merge, models):
     main.add_command(_cmd)

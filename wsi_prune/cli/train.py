@@ -1,4 +1,4 @@
-"""``wsi-prune train-scorer`` and ``wsi-prune train-mil``: thin click commands over
+"""``wsi-prune train-scorer``, ``train-vit`` and ``train-mil``: thin click commands over
 :mod:`wsi_prune.training`. They are standalone :class:`click.Command` objects that
 :mod:`wsi_prune.cli` registers with ``main.add_command``."""
 
@@ -10,7 +10,7 @@ import click
 
 from wsi_prune.cli.common import handle_errors
 
-__all__ = ["train_mil", "train_scorer"]
+__all__ = ["train_mil", "train_scorer", "train_vit"]
 
 
 def _progress() -> bool:
@@ -148,4 +148,71 @@ def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, ep
         oof = "n/a" if math.isnan(res.oof_auc) else f"{res.oof_auc:.3f}"
         click.echo(f"mean val AUC {res.mean_auc:.3f}, out-of-fold AUC {oof}")
     click.echo(f"final model: {res.final_epochs} epochs on all slides in {res.seconds:.1f} s")
+    click.echo(f"wrote {res.weights} and {res.config}")
+
+
+@click.command("train-vit")
+@_stores
+@click.option("--annotations", required=True, type=click.Path(exists=True),
+              help="Folder of ASAP XML lesion outlines named <slide id>.xml (level-0 px); "
+                   "slides without one are lesion-free.")
+@_out
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Pipeline YAML: its vit section (model, model_kwargs) and tiling "
+                                 "set the architecture and tiles [default: a 6-block ViT-Ti/16, "
+                                 "224 px at 0.5 µm/px].")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--max-tiles-per-store", type=click.IntRange(min=0), default=256,
+              show_default=True, help="Tiles drawn per slide, half with lesion (0: all).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2,
+              show_default=True, help="Share of slides held out for the validation metrics.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many minutes (the last finished epoch is kept).")
+@click.option("--init", "init_weights", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Backbone weights to fine-tune from.")
+@click.option("--attention-loss-weight", type=click.FloatRange(min=0), default=1.0,
+              show_default=True, help="Teach the CLS attention of the pruning blocks and the "
+                                      "last block to look at lesion patches (0: off).")
+@click.option("--no-augment", is_flag=True, help="No rotations, flips or colour jitter.")
+@_seed
+@_threads
+@handle_errors
+def train_vit(stores: tuple[str, ...], annotations: str, out: str, config_path: str | None,
+              epochs: int, lr: float, batch_size: int, max_tiles_per_store: int,
+              val_fraction: float, max_minutes: float | None, init_weights: str | None,
+              attention_loss_weight: float, no_augment: bool, seed: int,
+              threads: int | None) -> None:
+    """Train a small ViT on lesion-labelled full-resolution tiles of slide stores, so that its
+    CLS attention (and attention-based pruning) means something.
+
+    A stand-in for real foundation models that trains on 2 CPU cores (the default 6-block
+    ViT-Ti, about 20 img/s). Reads tiles from the slides the stores name. Writes OUT
+    (.safetensors, the backbone) and OUT's .json (architecture, data, validation tile, patch
+    and attention AUC); `run` loads it as vit.weights and takes the architecture from the json.
+
+    \b
+    Example:
+      wsi-prune train-vit train-tiles/ --annotations lesions/ --out models/vit.safetensors
+    """
+    from wsi_prune.config import load_config
+    from wsi_prune.training.vit import DEFAULT_VIT
+    from wsi_prune.training.vit import train_vit as run_training
+
+    cfg = load_config(config_path) if config_path else None
+    res = run_training(
+        list(stores), annotations, out, config=cfg.vit if cfg else DEFAULT_VIT,
+        tiling=cfg.tiling if cfg else None, epochs=epochs, lr=lr, batch_size=batch_size,
+        max_tiles_per_store=max_tiles_per_store or None, val_fraction=val_fraction,
+        augment=not no_augment, max_minutes=max_minutes, init_weights=init_weights,
+        attention_loss_weight=attention_loss_weight, seed=seed,
+        threads=threads, progress=_progress())
+    click.echo(f"{res.n_train} training tiles ({res.n_positive} lesion), {res.n_val} validation; "
+               f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.0f} s"
+               + (" (time budget reached)" if res.stopped_early else ""))
+    if res.val:
+        click.echo("validation: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res.val.items()
+            if isinstance(v, float) and not k.startswith("n_")))
     click.echo(f"wrote {res.weights} and {res.config}")

@@ -105,6 +105,16 @@ def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[st
             raise CheckpointRefused("this scorer was trained on other coarse tiles: "
                                     + "; ".join(bad) + " (tiling.mpp, tile_px, coarse_factor)",
                                     config.scorer.weights)
+    if config.vit.weights:
+        from wsi_prune.models.pruned_vit import trained_vit_config
+
+        _, meta = trained_vit_config(config.vit)
+        want = {"tile_px": config.tiling.tile_px, "mpp": config.tiling.mpp}
+        bad = [f"{k} {meta[k]!r} (this run: {v!r})" for k, v in want.items()
+               if meta and meta.get(k) is not None and abs(float(meta[k]) - float(v)) > 1e-6]
+        if bad:
+            raise CheckpointRefused("this ViT was trained on other tiles: " + "; ".join(bad)
+                                    + " (tiling.mpp, tiling.tile_px)", config.vit.weights)
     for w in warnings:
         if w not in _warned:
             _warned.add(w)

@@ -17,7 +17,7 @@ from wsi_prune.errors import ConfigError
 from wsi_prune.models.binding import INIT_SEED, check_bindings
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.mil import build_mil, trained_mil_config
-from wsi_prune.models.pruned_vit import PrunedViT, build_vit
+from wsi_prune.models.pruned_vit import PrunedViT, build_vit, trained_vit_config
 from wsi_prune.models.scorer import build_scorer, trained_scorer_config
 from wsi_prune.models.sidecars import sidecar_path
 from wsi_prune.selection.macs import ViTSpec, cnn_macs
@@ -25,9 +25,13 @@ from wsi_prune.selection.registry import check_policies
 
 
 def apply_trained_configs(config: RunConfig) -> RunConfig:
-    """Take the architecture of trained scorer/MIL weights from the JSON that ``train-scorer``
-    and ``train-mil`` write next to them, so a run config only has to name the weights file.
-    Weights without such a JSON are used with the config as it is."""
+    """Take the architecture of trained scorer, ViT and MIL weights from the JSON that
+    ``train-scorer``, ``train-vit`` and ``train-mil`` write next to them, so a run config only
+    has to name the weights file. Weights without such a JSON are used with the config as it
+    is."""
+    if config.vit.weights:
+        vit, _ = trained_vit_config(config.vit)
+        config = config.replace(vit=vit)
     if config.scorer.weights and sidecar_path(config.scorer.weights).is_file():
         scorer, _ = trained_scorer_config(config.scorer.weights, config.scorer)
         config = config.replace(scorer=scorer)

@@ -1,0 +1,131 @@
+"""train-vit: a small ViT trained on lesion-labelled tiles of real synthetic slides, whose CLS
+attention is taught to look at lesion patches, loaded back by run through vit.weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests._paths import REPO
+from wsi_prune.cli.train import train_vit as train_vit_cmd
+from wsi_prune.config import RunConfig, ViTConfig
+from wsi_prune.errors import CheckpointRefused, ConfigError
+from wsi_prune.io.tiling import tile_slide
+from wsi_prune.models.factory import apply_trained_configs, build_models
+from wsi_prune.models.pruned_vit import PrunedViT, build_vit
+from wsi_prune.synth import SynthSpec, write_asap_xml, write_slide
+from wsi_prune.training.vit import _attention_loss, _ClsRows, train_vit
+
+TINY = ViTConfig(model="vit_tiny_patch16_224",
+                 model_kwargs={"depth": 3, "embed_dim": 48, "num_heads": 2}, prune_blocks=(1,))
+
+
+@pytest.fixture(scope="module")
+def lesion_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two 2048² slides with tumour and one without, tiled, with their ASAP XML."""
+    root = tmp_path_factory.mktemp("vit")
+    (root / "slides").mkdir()
+    (root / "xml").mkdir()
+    cfg = RunConfig()
+    for name, seed, tumour in (("a", 11, True), ("b", 12, True), ("c", 13, False)):
+        s = write_slide(root / "slides" / f"{name}.svs",
+                        SynthSpec(width=2048, height=2048, mpp=0.5, seed=seed, tumour=tumour,
+                                  tissue_fraction=0.6))
+        if tumour:
+            write_asap_xml(root / "xml" / f"{name}.xml", s.tumour_polygons)
+        tile_slide(s.path, root / "tiles" / f"{name}.zarr", cfg, scheduler="sync")
+    return root
+
+
+def test_cls_rows_are_the_attention_prunedvit_ranks_tokens_by() -> None:
+    torch.manual_seed(0)
+    vit = build_vit(TINY)
+    rows = _ClsRows(vit, [2])
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        vit.forward_features(x)
+        mine = rows.rows()[2]
+        ref = PrunedViT(vit, ViTConfig(model=TINY.model, model_kwargs=TINY.model_kwargs,
+                                       prune_blocks=()))(x).token_importance
+    rows.close()
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-6)
+    assert not vit.blocks[2].attn.qkv._forward_hooks  # hooks removed
+
+
+def test_attention_loss_rewards_mass_on_lesion_patches() -> None:
+    y = torch.zeros(2, 2, 2)
+    y[0, 0, :] = 1.0  # tile 0: top row lesion; tile 1: no lesion (adds nothing)
+    on = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25] * 4])
+    uniform = torch.full((2, 4), 0.25)
+    assert float(_attention_loss({1: on}, y)) == pytest.approx(0.0, abs=1e-6)
+    assert float(_attention_loss({1: uniform}, y)) == pytest.approx(-np.log(0.5), rel=1e-6)
+    assert float(_attention_loss({1: uniform}, torch.zeros(2, 2, 2))) == 0.0
+
+
+def test_train_vit_then_run_loads_it(lesion_stores: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vit.safetensors"
+    res = train_vit([lesion_stores / "tiles"], lesion_stores / "xml", out, config=TINY,
+                    epochs=2, batch_size=8, max_tiles_per_store=24, val_fraction=0.34, lr=1e-3,
+                    seed=0, threads=1, progress=False)
+    assert res.n_positive > 0 and res.n_train + res.n_val == 72
+    assert all(np.isfinite(res.losses))
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["kind"] == "wsi-prune-vit" and meta["model_kwargs"] == TINY.model_kwargs
+    assert meta["tile_px"] == 224 and meta["mpp"] == 0.5
+    assert meta["training"]["guided_blocks"] == [1, 2]
+    assert set(meta["val"]) >= {"tile_auc", "patch_auc", "attention_auc", "lesion_token_recall"}
+
+    # run names only the weights file: the architecture comes from the sidecar
+    cfg = apply_trained_configs(RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml").replace(
+        vit={"weights": str(out), "prune_blocks": (1,)}))
+    assert cfg.vit.model_kwargs == TINY.model_kwargs
+    models = build_models(cfg)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        want = res.model.forward_head(res.model.forward_features(x), pre_logits=True)
+        dense = dataclasses.replace(cfg.vit, prune_blocks=())
+        got = PrunedViT(models.vit.model, dense)(x).embedding
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # trained on 224 px at 0.5 µm/px: another tiling is refused
+    with pytest.raises(CheckpointRefused, match="trained on other tiles: mpp 0.5"):
+        build_models(cfg.replace(tiling={"mpp": 0.25}))
+
+
+def test_train_vit_is_deterministic_and_refuses_bad_input(lesion_stores: Path,
+                                                           tmp_path: Path) -> None:
+    kw = dict(config=TINY, epochs=1, batch_size=8, max_tiles_per_store=16, val_fraction=0.0,
+              seed=3, threads=1, progress=False)
+    a = train_vit([lesion_stores / "tiles"], lesion_stores / "xml", tmp_path / "a.safetensors",
+                  **kw)
+    b = train_vit([lesion_stores / "tiles"], lesion_stores / "xml", tmp_path / "b.safetensors",
+                  **kw)
+    assert a.losses == b.losses and a.val == {}
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "zzz.xml").write_text("<ASAP_Annotations><Annotations/></ASAP_Annotations>")
+    with pytest.raises(ConfigError, match="none of the 3 stores has an annotation"):
+        train_vit([lesion_stores / "tiles"], empty, tmp_path / "c.safetensors", **kw)
+    with pytest.raises(ConfigError, match="safetensors"):
+        train_vit([lesion_stores / "tiles"], lesion_stores / "xml", tmp_path / "c.pt", **kw)
+
+
+def test_train_vit_command(lesion_stores: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("vit:\n  model: vit_tiny_patch16_224\n  prune_blocks: [1]\n  model_kwargs:\n"
+                   "    depth: 2\n    embed_dim: 32\n    num_heads: 2\n")
+    out = tmp_path / "v.safetensors"
+    res = CliRunner().invoke(train_vit_cmd, [
+        str(lesion_stores / "tiles"), "--annotations", str(lesion_stores / "xml"), "--out",
+        str(out), "--config", str(cfg), "--epochs", "1", "--batch-size", "8",
+        "--max-tiles-per-store", "16", "--threads", "1", "--val-fraction", "0.34"])
+    assert res.exit_code == 0, res.output
+    assert "training tiles" in res.output and "validation: tile_auc" in res.output
+    assert out.is_file() and out.with_suffix(".json").is_file()
