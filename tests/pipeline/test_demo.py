@@ -17,6 +17,10 @@ def test_run_demo_trains_runs_evaluates_and_says_what_is_trained(tmp_path, capsy
     weights = {name: tmp_path / "weights" / f"{name}.safetensors" for name in ("scorer", "mil")}
     assert all(p.is_file() for p in weights.values())
     assert "training the CNN scorer on 6 slides" in printed
+    # train as you infer: the head learned the pruned bags the test run feeds it
+    assert "(pruned bags)" in printed
+    mil_meta = json.loads((tmp_path / "weights" / "mil.json").read_text())
+    assert mil_meta["regime"] == "pruned" and mil_meta["vit"]["model"] == "vit_small_patch16_224"
     # the note names each model and its state; the demo ViT is random-init
     assert f"CNN scorer (mobilenetv3_small_100): trained ({weights['scorer']})" in printed
     assert f"MIL slide head: trained ({weights['mil']})" in printed

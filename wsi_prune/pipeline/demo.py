@@ -8,8 +8,6 @@ Aperio slide from ``../shared/data`` when it is there, and runs
 
 from __future__ import annotations
 
-import collections
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -74,8 +72,10 @@ def model_note(config: RunConfig) -> str:
 
 def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool = False,
                       scorer_epochs: int = 4) -> RunConfig:
-    """Train the scorer (from the lesion XML) and the MIL head (on dense embeddings) on the
-    training slides; return ``config`` pointing at the weights. Reuses weights already there."""
+    """Train the scorer (from the lesion XML), then the MIL head on the bags the pipeline will
+    feed it: a pruned run of the training slides with that scorer (train as you infer; a head
+    trained on dense bags sees only the most suspicious tiles of a pruned bag and calls normal
+    slides tumour). Return ``config`` pointing at the weights. Reuses weights already there."""
     import click
 
     from wsi_prune.io.tiling import tile_slide
@@ -95,19 +95,18 @@ def train_demo_models(out: Path, train_dir: Path, config: RunConfig, quiet: bool
                      progress=not quiet)
     config = config.replace(scorer={"weights": str(scorer_w)})
     if not mil_w.is_file():
-        click.echo("dense run on the training slides, then training the MIL head ...")
-        run_batch(slides, train_run, config.dense(), progress=not quiet)
+        click.echo("pruned run on the training slides (train as you infer), then training the "
+                   "MIL head on its bags ...")
+        run_batch(slides, train_run, config, progress=not quiet)
         # Six slides: 3 folds keep a tumour and a normal slide in every validation split (with
         # 2 folds early stopping saw 3-slide splits and stopped at once, leaving p ~ 0.5 for
-        # every test slide), and lr 1e-3 (not train-mil's 2e-4, tuned for hundreds of
-        # slides) learns in the epochs such a small set allows.
-        with open(train_dir / "labels.csv", newline="") as fh:
-            per_class = collections.Counter(r["label"] for r in csv.DictReader(fh))
-        folds = max(1, min(3, *per_class.values(), 3))  # an empty list: train_mil says so
+        # every test slide; train_mil lowers k when a class has fewer slides), and lr 1e-3
+        # (not train-mil's 2e-4, tuned for hundreds of slides) learns in the epochs such a
+        # small set allows.
         res = train_mil(sorted(train_run.glob("*.zarr")), train_dir / "labels.csv", mil_w,
-                        folds=folds, lr=1e-3, patience=20, hidden=config.mil.hidden,
+                        folds=3, lr=1e-3, patience=20, hidden=config.mil.hidden,
                         progress=not quiet)
-        click.echo(f"MIL cross-validation AUC per fold: {res.fold_auc}")
+        click.echo(f"MIL cross-validation AUC per fold: {res.fold_auc} ({res.regime} bags)")
     return config.replace(mil={"weights": str(mil_w)})
 
 
