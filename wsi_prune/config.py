@@ -154,10 +154,12 @@ class TileSelectConfig:
     """Which tiles reach the ViT.
 
     Attributes:
-        policy: ``nucleus`` (smallest set reaching score mass ``p``), ``topk``, ``threshold``
-            or ``all``.
+        policy: ``nucleus`` (smallest set reaching score mass ``p``), ``topk``, ``fraction``
+            (the top ``fraction`` of the slide's tissue tiles: a budget that scales with the
+            slide), ``threshold`` or ``all``.
         p: nucleus mass in (0, 1].
         k: tiles kept by ``topk``.
+        fraction: share of tissue tiles kept by ``fraction``, in (0, 1].
         threshold: tile score threshold for ``threshold``.
         min_tiles / max_tiles: per-slide budget (max None: no cap).
         redundancy_eps: drop a tile within this cosine distance of a kept 8-neighbour (None: off).
@@ -170,6 +172,7 @@ class TileSelectConfig:
     min_tiles: int = 8
     max_tiles: int | None = 2048
     redundancy_eps: float | None = None
+    fraction: float = 0.1
 
     def __post_init__(self) -> None:
         # the name is resolved where policies are built (wsi_prune.selection), as timm resolves
@@ -180,6 +183,7 @@ class TileSelectConfig:
         _check(self.max_tiles is None or self.max_tiles >= max(1, self.min_tiles),
                "tile_select.max_tiles must be >= min_tiles")
         _check(self.k >= 1, "tile_select.k must be >= 1")
+        _check(0.0 < self.fraction <= 1.0, "tile_select.fraction must be in (0, 1]")
         _check(0.0 <= self.threshold <= 1.0, "tile_select.threshold must be in [0, 1]")
         _check(self.redundancy_eps is None or 0.0 <= self.redundancy_eps <= 2.0,
                "tile_select.redundancy_eps is a cosine distance in [0, 2]")
@@ -405,6 +409,7 @@ class RunConfig:
 ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("mil", "model"),
     ("mil", "allow_vit_mismatch"),
+    ("tile_select", "fraction"),
 )
 
 

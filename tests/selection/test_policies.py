@@ -285,7 +285,7 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_builtin_policies_are_listed() -> None:
-    assert list_policies("tile") == ["all", "nucleus", "threshold", "topk"]
+    assert list_policies("tile") == ["all", "fraction", "nucleus", "threshold", "topk"]
     assert list_policies("token") == ["all", "nucleus", "ratio"]
     assert "tile:topk" in list_policies() and "token:ratio" in list_policies()
 
@@ -315,3 +315,15 @@ def test_registry_errors_are_clear() -> None:
         register_policy("x", kind="slide")
     with pytest.raises(ConfigError, match="policy kind must be one of"):
         list_policies("slide")
+
+
+@pytest.mark.parametrize("n,fraction,want", [(100, 0.05, 5), (101, 0.05, 6), (7, 1.0, 7),
+                                             (10, 0.01, 1), (40, 0.25, 10)])
+def test_fraction_policy_keeps_the_top_share_of_tissue_tiles(n, fraction, want) -> None:
+    scores = np.random.default_rng(n).random(n)
+    cfg = TileSelectConfig(policy="fraction", fraction=fraction, min_tiles=0, max_tiles=None)
+    keep = select_tiles(scores, cfg)
+    assert keep.sum() == want
+    assert scores[keep].min() >= scores[~keep].max() if want < n else keep.all()
+    with pytest.raises(ConfigError, match="fraction"):
+        TileSelectConfig(fraction=0.0)

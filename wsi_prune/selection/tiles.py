@@ -65,6 +65,13 @@ def _tile_topk(scores: np.ndarray, config: TileSelectConfig) -> np.ndarray:
     return keep
 
 
+@register_policy("fraction", kind="tile")
+def _tile_fraction(scores: np.ndarray, config: TileSelectConfig) -> np.ndarray:
+    keep = np.zeros(scores.size, dtype=bool)
+    keep[_rank(scores)[: math.ceil(config.fraction * scores.size - 1e-9)]] = True
+    return keep
+
+
 @register_policy("threshold", kind="tile")
 def _tile_threshold(scores: np.ndarray, config: TileSelectConfig) -> np.ndarray:
     return scores >= config.threshold
