@@ -106,7 +106,7 @@ def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[st
                                     + "; ".join(bad) + " (tiling.mpp, tile_px, coarse_factor)",
                                     config.scorer.weights)
     if config.vit.weights:
-        from wsi_prune.models.pruned_vit import trained_vit_config
+        from wsi_prune.models.sidecars import trained_vit_config
 
         _, meta = trained_vit_config(config.vit)
         want = {"tile_px": config.tiling.tile_px, "mpp": config.tiling.mpp}

@@ -17,9 +17,9 @@ from wsi_prune.errors import ConfigError
 from wsi_prune.models.binding import INIT_SEED, check_bindings
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.mil import build_mil, trained_mil_config
-from wsi_prune.models.pruned_vit import PrunedViT, build_vit, trained_vit_config
+from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.models.scorer import build_scorer, trained_scorer_config
-from wsi_prune.models.sidecars import sidecar_path
+from wsi_prune.models.sidecars import sidecar_path, trained_vit_config
 from wsi_prune.selection.macs import ViTSpec, cnn_macs
 from wsi_prune.selection.registry import check_policies
 

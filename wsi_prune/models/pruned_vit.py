@@ -56,9 +56,7 @@ of the negative codes below.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,9 +73,6 @@ from wsi_prune.models.hub import create_architecture, resolve_model_source
 from wsi_prune.selection.tokens import keep_by_attention
 
 _logger = logging.getLogger(__name__)
-
-#: ``kind`` of the JSON config ``train-vit`` saves next to its weights
-VIT_KIND = "wsi-prune-vit"
 
 #: block classes whose forward is exactly ``x + dp1(ls1(attn(norm1(x))))``,
 #: ``x + dp2(ls2(mlp(norm2(x))))``; ResPostBlock has the same attribute names but norms after,
@@ -194,34 +189,6 @@ def build_vit(
     if source.weights_path is not None:
         (load_weights or load_into)(model, source.weights_path)
     return model.eval()
-
-
-def trained_vit_config(config: ViTConfig) -> tuple[ViTConfig, dict | None]:
-    """The ViT config that ``config.weights`` was trained with, when ``train-vit`` wrote them.
-
-    A ``train-vit`` sidecar (``vit.json`` next to ``vit.safetensors``, kind
-    :data:`VIT_KIND`) names the architecture (``model``, ``model_kwargs``); the run's other
-    ViT settings (pruning, pooling, batch size) stay. Weights without such a sidecar (a
-    foundation model's file) are used with the config as it is.
-
-    Returns:
-        ``(config, sidecar or None)``.
-    """
-    from wsi_prune.models.sidecars import sidecar_path
-
-    path = sidecar_path(config.weights) if config.weights else None
-    if path is None or not path.is_file():
-        return config, None
-    try:
-        meta = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return config, None  # not ours: a foundation model's own JSON, say
-    if not isinstance(meta, dict) or meta.get("kind") != VIT_KIND:
-        return config, None
-    cfg = dataclasses.replace(config, model=str(meta["model"]),
-                              model_kwargs=dict(meta.get("model_kwargs") or {}),
-                              pretrained=False)
-    return cfg, meta
 
 
 def check_supported(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ to name the weights file and a mismatch is refused instead of silently loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from wsi_prune._files import write_text_atomic
+from wsi_prune.config import ViTConfig
 from wsi_prune.errors import CheckpointRefused
 
 _logger = logging.getLogger(__name__)
+
+#: ``kind`` of the JSON config ``train-vit`` saves next to its weights
+VIT_KIND = "wsi-prune-vit"
 
 PathLike = str | os.PathLike[str]
 
@@ -83,3 +88,29 @@ def read_sidecar(weights: PathLike, kind: str | None = None) -> dict[str, Any] |
             f"{os.fspath(weights)} holds another model's weights", path
         )
     return data
+
+
+def trained_vit_config(config: ViTConfig) -> tuple[ViTConfig, dict | None]:
+    """The ViT config that ``config.weights`` was trained with, when ``train-vit`` wrote them.
+
+    A ``train-vit`` sidecar (``vit.json`` next to ``vit.safetensors``, kind
+    :data:`VIT_KIND`) names the architecture (``model``, ``model_kwargs``); the run's other
+    ViT settings (pruning, pooling, batch size) stay. Weights without such a sidecar (a
+    foundation model's file) are used with the config as it is.
+
+    Returns:
+        ``(config, sidecar or None)``.
+    """
+    path = sidecar_path(config.weights) if config.weights else None
+    if path is None or not path.is_file():
+        return config, None
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return config, None  # not ours: a foundation model's own JSON, say
+    if not isinstance(meta, dict) or meta.get("kind") != VIT_KIND:
+        return config, None
+    cfg = dataclasses.replace(config, model=str(meta["model"]),
+                              model_kwargs=dict(meta.get("model_kwargs") or {}),
+                              pretrained=False)
+    return cfg, meta

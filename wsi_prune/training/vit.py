@@ -42,7 +42,8 @@ from wsi_prune.io.slide import Slide
 from wsi_prune.io.store import open_store
 from wsi_prune.io.tiling import read_tiles
 from wsi_prune.models.checkpoints import load_into
-from wsi_prune.models.pruned_vit import VIT_KIND, PrunedViT, build_vit
+from wsi_prune.models.pruned_vit import PrunedViT, build_vit
+from wsi_prune.models.sidecars import VIT_KIND
 from wsi_prune.training._common import PathLike, check_out, save_model, seeded
 from wsi_prune.training.data import Annotations, find_stores, load_annotations, patch_targets
 
