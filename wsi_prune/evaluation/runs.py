@@ -1,6 +1,8 @@
 """Evaluation of a run folder the way CAMELYON16 measured it: ``predictions.csv`` against
-slide labels (:mod:`wsi_prune.evaluation.slide_metrics`) and each slide's ``candidates.csv``
-against ASAP lesion annotations (:mod:`wsi_prune.evaluation.froc`); :func:`evaluate_run` writes
+slide labels (:mod:`wsi_prune.evaluation.slide_metrics`, with calibration from
+:mod:`wsi_prune.evaluation.calibration`, and a worst case in which every labelled slide without
+a result is scored wrong, :func:`worst_case`) and each slide's ``candidates.csv`` against ASAP
+lesion annotations (:mod:`wsi_prune.evaluation.froc`); :func:`evaluate_run` writes
 ``report.md``, ``metrics.json`` and the plots.
 """
 
