@@ -10,10 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 
-from tests.io.test_annotations import square, write_xml
+from tests.evaluation._helpers import (
+    ANNOTATIONS,
+    CANDIDATES,
+    row,
+    write_run,
+)
+from tests.io.test_annotations import square
 from wsi_prune.cli.evaluate import evaluate as evaluate_cmd
 from wsi_prune.evaluation.compare import compare_runs
 from wsi_prune.evaluation.froc import froc
@@ -24,9 +29,6 @@ from wsi_prune.io.annotations import Annotation, evaluation_mask
 from wsi_prune.outputs.candidates import write_candidates
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-COLUMNS = ["id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",
-           "tissue_tiles", "kept_tiles", "token_fraction", "gmacs", "gmacs_dense", "sec_tiling",
-           "sec_triage", "sec_vit", "sec_mil", "sec_outputs", "sec_total"]  # fmt: skip
 
 
 # -- slide level ---------------------------------------------------------------------------------
@@ -75,20 +77,6 @@ def test_single_class_has_no_auc():
 
 # -- FROC ----------------------------------------------------------------------------------------
 
-# Slide "a" at 0.5 µm/px: two lesions, one ITC and an exclusion region; slide "b" is normal.
-L1, L2 = square(2000, 2000, 2000), square(8000, 2000, 800)  # 1000 µm and 400 µm wide
-ITC, EXCL = square(2000, 8000, 200), square(8000, 8000, 1000)  # 100 µm ITC; 500 µm exclusion
-ANNOTATIONS = {"a": [Annotation(L1, "Tumor"), Annotation(L2, "_1"), Annotation(ITC, "_0"),
-                     Annotation(EXCL, "_2")]}  # fmt: skip
-CANDIDATES = {
-    "a": np.array([[0.9, 3000, 3000],  # in L1: true positive
-                   [0.6, 2500, 2500],  # in L1 again: L1 keeps 0.9
-                   [0.3, 8840, 2400],  # 20 µm right of L2: inside the 37.5 µm margin, hit
-                   [0.7, 8920, 2400],  # 60 µm right of L2: false positive
-                   [0.95, 8500, 8500],  # in the exclusion region: ignored
-                   [0.85, 2100, 8100]]),  # on the ITC: ignored
-    "b": np.array([[0.5, 100, 100], [0.2, 5000, 5000]]),  # normal slide: false positives
-}  # fmt: skip
 
 
 def test_froc_hand_computed():
@@ -190,54 +178,6 @@ def test_roc_is_drawn_as_straight_lines_between_the_points():
 
 
 # -- run folders ---------------------------------------------------------------------------------
-
-
-def write_store(path: Path, heat: np.ndarray, source: np.ndarray, coords: np.ndarray) -> None:
-    """A minimal complete slide store with the layout's heatmap and tile arrays."""
-    g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    g.create_array("tiles/coords", data=np.asarray(coords, np.int64))
-    g.create_array("heatmap/tile", data=np.asarray(heat, np.float32))
-    g.create_array("heatmap/source", data=np.asarray(source, np.uint8))
-    g.attrs["complete"] = True
-
-
-def write_run(run: Path, rows: list[dict], candidates: dict[str, np.ndarray] | None = None,
-              stores: dict[str, tuple] | None = None) -> Path:
-    run.mkdir(parents=True, exist_ok=True)
-    with (run / "predictions.csv").open("w", newline="") as fh:
-        wr = csv.DictWriter(fh, COLUMNS)
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({k: r.get(k, "") for k in COLUMNS})
-    for sid, c in (candidates or {}).items():
-        (run / sid).mkdir(exist_ok=True)
-        write_candidates(run / sid / "candidates.csv", c.reshape(-1, 3))
-    for sid, arrays in (stores or {}).items():
-        write_store(run / f"{sid}.zarr", *arrays)
-    return run
-
-
-def row(sid: str, prob: float | None, status: str = "ok", **kw) -> dict:
-    base = {"id": sid, "path": f"/slides/{sid}.svs", "status": status,
-            "probability": "" if prob is None else prob, "label": int((prob or 0) >= 0.5),
-            "mpp": 0.5, "tissue_tiles": 100, "kept_tiles": 10, "token_fraction": 0.05,
-            "gmacs": 10.0, "gmacs_dense": 200.0, "sec_total": 2.0}  # fmt: skip
-    return base | kw
-
-
-@pytest.fixture()
-def dataset(tmp_path: Path) -> dict[str, Path]:
-    """Labels, annotations and a run: slides a (tumour), b, c (normal), d (tumour), e failed."""
-    ann = tmp_path / "annotations"
-    ann.mkdir()
-    write_xml(ann / "a.xml", [("Tumor", L1), ("_1", L2), ("_0", ITC), ("_2", EXCL)])
-    write_xml(ann / "d.xml", [("_0", square(3000, 3000, 1600))])
-    labels = tmp_path / "labels.csv"
-    labels.write_text("slide,label\na,Tumor\nb,Normal\nc,Normal\nd,Tumor\ne,Tumor\n")
-    cands = dict(CANDIDATES, c=np.zeros((0, 3)), d=np.array([[0.4, 3500, 3500]]))
-    run = write_run(tmp_path / "run", [row("a", 0.9), row("b", 0.6), row("c", 0.1),
-                                       row("d", 0.7), row("e", None, "failed")], cands)
-    return {"run": run, "labels": labels, "annotations": ann}
 
 
 def test_evaluate_run_writes_report_metrics_and_plots(dataset, tmp_path):

@@ -30,13 +30,22 @@ _RUN = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Bootstrap resamples for the AUC confidence interval.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="FROC evaluation-mask µm/px [default: 7.776, CAMELYON16 level 5].")
+              help="FROC evaluation-mask µm/px [default: 7.776, CAMELYON16 level 5; physical "
+                   "protocol only].")
+@click.option("--protocol", type=click.Choice(["physical", "official"]), default="physical",
+              show_default=True,
+              help="FROC protocol: physical applies CAMELYON16's 75 µm / 275 µm rules on each "
+                   "slide's own µm/px; official reproduces Evaluation_FROC.py (level 0 taken as "
+                   "0.243 µm/px, mask at level 5) for leaderboard-comparable numbers.")
 @handle_errors
 def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Path | None,
              annotations: Path | None, out: Path | None, threshold: float, n_boot: int,
-             seed: int, mask_mpp: float | None) -> None:
-    """Slide AUC (bootstrap 95 % CI), accuracy, sensitivity and specificity, and the CAMELYON16
-    lesion FROC of a run; or how a pruned run compares with a dense one. Writes report.md,
+             seed: int, mask_mpp: float | None, protocol: str) -> None:
+    """Slide AUC (bootstrap 95 % CI), accuracy, sensitivity, specificity, Brier score and ECE,
+    the same with every labelled slide that failed or is missing from the run scored as the
+    worst case, and the CAMELYON16 lesion FROC of a run; or how a pruned run compares with a
+    dense one (agreement, tile-heat Spearman, ΔAUC with a paired bootstrap CI, ΔFROC, Δ
+    calibration, triage and token recall per lesion size class). Writes report.md,
     metrics.json and ROC/FROC plots.
 
     \b
@@ -53,8 +62,10 @@ def evaluate(run_dir: Path | None, compare: tuple[Path, Path] | None, labels: Pa
 
     if (run_dir is None) == (compare is None):
         raise click.UsageError("give either RUN_DIR or --compare DENSE_RUN PRUNED_RUN")
+    if protocol == "official" and mask_mpp is not None:
+        raise click.UsageError("--mask-mpp: the official protocol fixes the mask at 7.776 µm/px")
     kw = {"threshold": threshold, "n_boot": n_boot, "seed": seed,
-          "mask_mpp": mask_mpp or CAMELYON16_MASK_MPP}  # fmt: skip
+          "mask_mpp": mask_mpp or CAMELYON16_MASK_MPP, "protocol": protocol}  # fmt: skip
     if compare is None and labels is None and annotations is None:
         raise click.UsageError("give --labels and/or --annotations to evaluate a run")
     if compare is None:
@@ -77,20 +88,41 @@ def _echo_run(m: dict) -> None:
     if s:
         ci = s["auc_ci"]
         ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        c = m["calibration"]
         click.echo(f"AUC {_f(s['auc'])}{ci_text}  accuracy {_f(s['accuracy'])}  "
                    f"sensitivity {_f(s['sensitivity'])}  specificity {_f(s['specificity'])}  "
-                   f"({s['n']} slides)")  # fmt: skip
+                   f"Brier {_f(c['brier'])}  ECE {_f(c['ece'])}  ({s['n']} slides)")  # fmt: skip
+        w = m["worst_case"]
+        if w["n_imputed"]:
+            click.echo(f"{len(s['labelled_failed'])} labelled slide(s) failed, "
+                       f"{len(s['labelled_not_in_run'])} missing from the run; worst case "
+                       f"(scored wrong): AUC {_f(w['slide_level']['auc'])}  accuracy "
+                       f"{_f(w['slide_level']['accuracy'])}  ({w['slide_level']['n']} "
+                       "slides)")  # fmt: skip
     f = m["froc"]
     if f:
-        click.echo(f"FROC {_f(f['average'])}  ({f['n_lesions']} lesions, {f['n_slides']} slides)")
+        click.echo(f"FROC {_f(f['average'])}  ({f['n_lesions']} lesions, {f['n_slides']} slides, "
+                   f"{f['protocol']} protocol)")
 
 
 def _echo_compare(m: dict) -> None:
-    p, c = m["probability"], m["cost"]
+    p, c, h = m["probability"], m["cost"], m["heatmap"]
     click.echo(f"{m['n_slides']} slides: max |dp| {_f(p['max_abs_diff'])}, mean |dp| "
                f"{_f(p['mean_abs_diff'])}, label agreement {_f(p['label_agreement'])}")
-    click.echo(f"heatmap Spearman (ViT tiles in both): {_f(m['heatmap']['vit']['mean'])}; "
-               f"GMACs dense/pruned {_f(c['gmacs_ratio'], 2)}")
+    click.echo(f"tile-heat Spearman: all tissue tiles {_f(h['all']['pooled'])} pooled, median "
+               f"{_f(h['all']['median'])}; ViT tiles in both {_f(h['vit']['pooled'])}; dense hot "
+               f"spots kept {_f(m['hot_spots']['recall'])}; GMACs dense/pruned "
+               f"{_f(c['gmacs_ratio'], 2)}")  # fmt: skip
     d = m.get("difference")
     if d:
-        click.echo(f"AUC pruned - dense {_f(d['auc'])}; FROC pruned - dense {_f(d['froc'])}")
+        ci = d["auc_ci"]
+        ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        click.echo(f"pruned - dense: AUC {_f(d['auc'])}{ci_text}, ECE {_f(d['ece'])}, Brier "
+                   f"{_f(d['brier'])}, FROC {_f(d['froc'])}")
+    r = m.get("lesion_recall")
+    if r and r["triage"]:
+        t = r["triage"]
+        click.echo("triage area recall: " + ", ".join(
+            f"{k} {_f(t[k]['area_recall'])} ({t[k]['lesions']})" for k in (*r["size_classes"],
+                                                                            "all"))
+            + f"; token recall in lesions {_f(r['tokens']['all']['recall'])}")

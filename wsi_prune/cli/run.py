@@ -35,12 +35,19 @@ __all__ = ["demo", "run"]
               help="Prune nothing: every tissue tile and token reaches the ViT (the reference "
                    "for `evaluate --compare`, and what `train-mil` trains on).")
 @click.option("--force", is_flag=True, help="Recompute slides whose outputs are complete.")
+@click.option("--audit-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="After the run, run the dense path too on this random fraction of the slides "
+                   "(at least one) into OUT/.audit/dense and write OUT/audit.md and audit.json: "
+                   "how far pruning moved the answers, without labels. [default: off]")
+@click.option("--audit-seed", type=int, default=0, show_default=True,
+              help="Seed of the audit's slide draw.")
 @click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
         mpp: float | None, device: str, cluster_request: ClusterRequest,
-        shard: tuple[int, int] | None, dense: bool, force: bool, quiet: bool) -> None:
+        shard: tuple[int, int] | None, dense: bool, force: bool, audit_fraction: float | None,
+        audit_seed: int, quiet: bool) -> None:
     """Slides in, predictions, heatmaps and a run report out.
 
     INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
@@ -65,6 +72,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out /scratch/res --cluster slurm --queue cpu --max-jobs 8
       wsi-prune run slides/ --out results/ --shard 0/4
       wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
+      wsi-prune run slides/ --out results/ --audit-fraction 0.1    # + OUT/audit.md
     """
     from wsi_prune.pipeline.batch import run_batch
 
@@ -73,15 +81,20 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     # a shard logs to its own file: array tasks never write the same path
     log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
     setup_logging(0, quiet, outp / log)
+    if audit_fraction is not None and (shard or dense):
+        raise click.UsageError("--audit-fraction needs a whole pruned run (no --shard, --dense)")
     cfg = load_config(config_path)
     if dense:
         cfg = cfg.dense()
+    audit = None if audit_fraction is None else (audit_fraction, audit_seed)
     with exit_on_sigterm(), cluster_request.client() as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
-                         force=force, shard=shard, progress=not quiet)
+                         force=force, shard=shard, progress=not quiet, audit=audit)
     if not quiet:
         print_table(rows)
         click.echo(f"outputs: {outp}/  (predictions.csv, manifest.json, <id>/heatmap.png)")
+        if audit is not None and (outp / "audit.md").is_file():
+            click.echo(f"audit: {outp / 'audit.md'}")
     sys.exit(exit_code(rows))
 
 @click.command(context_settings=CONTEXT_SETTINGS)

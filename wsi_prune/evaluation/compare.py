@@ -12,9 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
+from wsi_prune._ids import lookup_slide
 from wsi_prune.errors import EvaluationError, StoreError
+from wsi_prune.evaluation.agreement import (
+    HOT_FRACTION,
+    heatmap_agreement,
+    probability_agreement,
+)
+from wsi_prune.evaluation.lesion_recall import (
+    LESION_MASK_MPP,
+    SIZE_CLASSES,
+    finish,
+    slide_lesion_counts,
+)
 from wsi_prune.evaluation.plots import froc_png, roc_png
 from wsi_prune.evaluation.report import _compare_report, _jsonable, _write
 from wsi_prune.evaluation.runs import (
@@ -26,57 +37,13 @@ from wsi_prune.evaluation.runs import (
     _RunEval,
     run_labels,
 )
-from wsi_prune.evaluation.slide_metrics import _bootstrap_aucs
-from wsi_prune.io.annotations import CAMELYON16_MASK_MPP
-from wsi_prune.io.store import open_store
+from wsi_prune.evaluation.slide_metrics import auc_difference, threshold_at_specificity
+from wsi_prune.io.annotations import CAMELYON16_MASK_MPP, read_asap_xml
 
 _logger = logging.getLogger(__name__)
 
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None  # undefined: scipy would warn and return nan
-    return float(spearmanr(a, b).statistic)
-
-
-def _heat(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tile heat (N,), source (N,), coords key (N,)) of a complete slide store."""
-    g = open_store(path)
-    try:
-        heat = np.asarray(g["heatmap/tile"][:], np.float64)
-        src = np.asarray(g["heatmap/source"][:])
-        xy = np.asarray(g["tiles/coords"][:], np.int64)
-    except KeyError as exc:
-        raise StoreError(f"store lacks {exc}", path) from None
-    return heat, src, (xy[:, 0] << 32) | xy[:, 1]
-
-
-def _heatmap_agreement(dense: Path, pruned: Path, ids: Sequence[str]) -> dict[str, Any]:
-    """Tile-heat Spearman per slide, on tiles both runs scored with the ViT and on all tiles."""
-    per, pooled = {}, {"vit": ([], []), "all": ([], [])}
-    for sid in ids:
-        try:
-            hd, sd, kd = _heat(dense / f"{sid}.zarr")
-            hp, sp, kp = _heat(pruned / f"{sid}.zarr")
-        except StoreError as exc:
-            _logger.warning("%s", exc)
-            per[sid] = {"error": exc.one_line()}
-            continue
-        _, i, j = np.intersect1d(kd, kp, assume_unique=True, return_indices=True)
-        vit = (sd[i] == 1) & (sp[j] == 1)
-        per[sid] = {"tiles": len(i), "tiles_vit_both": int(vit.sum()),
-                    "spearman_vit": _spearman(hd[i][vit], hp[j][vit]),
-                    "spearman_all": _spearman(hd[i], hp[j])}  # fmt: skip
-        for key, sel in (("vit", vit), ("all", slice(None))):
-            pooled[key][0].append(hd[i][sel])
-            pooled[key][1].append(hp[j][sel])
-    out: dict[str, Any] = {"per_slide": per}
-    for key, (a, b) in pooled.items():
-        vals = [v[f"spearman_{key}"] for v in per.values() if v.get(f"spearman_{key}") is not None]
-        out[key] = {"mean": float(np.mean(vals)) if vals else None,
-                    "min": float(np.min(vals)) if vals else None, "slides": len(vals),
-                    "pooled": _spearman(np.concatenate(a), np.concatenate(b)) if a else None}
-    return out
+#: specificity of the dense run at which the sensitivity of both runs is compared
+SPECIFICITY = 0.95
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -87,15 +54,22 @@ def compare_runs(dense_dir: str | os.PathLike[str], pruned_dir: str | os.PathLik
                  out: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None,
                  annotations_dir: str | os.PathLike[str] | None = None, *,
                  threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
-                 mask_mpp: float = CAMELYON16_MASK_MPP) -> dict[str, Any]:
+                 mask_mpp: float = CAMELYON16_MASK_MPP, protocol: str = "physical",
+                 lesion_mask_mpp: float = LESION_MASK_MPP,
+                 hot_fraction: float = HOT_FRACTION) -> dict[str, Any]:
     """How closely a pruned run follows a dense run of the same slides, and at what cost.
 
-    Compares the slides that succeeded in both: slide probabilities (max/mean absolute
-    difference, agreement of the labels at ``threshold``), tile heatmaps (Spearman on tiles
-    matched by level-0 coords, over tiles both runs scored with the ViT, ``source == 1``, and
-    over all tiles), tokens, GMACs and seconds spent, and with labels/annotations the AUC (with
-    a paired bootstrap CI of the difference) and FROC of each. Writes ``report.md``,
-    ``metrics.json`` and plots to ``out``.
+    Compares the slides that succeeded in both (label-free, :mod:`.agreement`): slide
+    probabilities (max/mean absolute difference, agreement of the labels at ``threshold``),
+    tile heat (Spearman over tiles both runs scored with the ViT and over all tissue tiles),
+    the dense run's hot spots kept by the pruned triage, and tokens, GMACs and seconds spent.
+
+    With labels: each run's AUC, calibration (Brier, ECE) and worst-case metrics, and pruned
+    minus dense: ΔAUC with a paired bootstrap 95 % CI (the unpaired one beside it), Δ
+    sensitivity and specificity at the dense run's 95 %-specificity threshold, ΔBrier, ΔECE.
+    With annotations: each run's FROC and ΔFROC, and the pruned run's triage and token recall
+    per lesion size class (:mod:`.lesion_recall`). Writes ``report.md``, ``metrics.json`` and
+    plots to ``out``.
     """
     dense, pruned, out = Path(dense_dir), Path(pruned_dir), Path(out)
     ok_d, _ = _ok_rows(dense)
@@ -103,19 +77,16 @@ def compare_runs(dense_dir: str | os.PathLike[str], pruned_dir: str | os.PathLik
     ids = sorted(set(ok_d) & set(ok_p))
     if not ids:
         raise EvaluationError(f"the runs share no successful slide (dense run: {dense})", pruned)
-    pd_ = np.array([_float(ok_d[i], "probability") for i in ids])
-    pp = np.array([_float(ok_p[i], "probability") for i in ids])
-    diff = np.abs(pd_ - pp)
-    same = (pd_ >= threshold) == (pp >= threshold)
+    prob_d = {i: _float(ok_d[i], "probability") for i in ids}
+    prob_p = {i: _float(ok_p[i], "probability") for i in ids}
     cost = {"dense": _cost({i: ok_d[i] for i in ids}), "pruned": _cost({i: ok_p[i] for i in ids})}
     cd, cp = cost["dense"], cost["pruned"]
+    heat, hot = heatmap_agreement(dense, pruned, ids, hot_fraction)
     metrics: dict[str, Any] = {
         "dense": str(dense), "pruned": str(pruned), "n_slides": len(ids),
         "only_dense": sorted(set(ok_d) - set(ok_p)), "only_pruned": sorted(set(ok_p) - set(ok_d)),
-        "probability": {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                        "label_agreement": float(same.mean()), "threshold": threshold,
-                        "disagreeing": [i for i, s in zip(ids, same, strict=True) if not s]},
-        "heatmap": _heatmap_agreement(dense, pruned, ids),
+        "probability": probability_agreement(prob_d, prob_p, ids, threshold),
+        "heatmap": heat, "hot_spots": hot,
         "cost": cost | {"gmacs_ratio": _ratio(cd["gmacs"], cp["gmacs"]),
                         "token_ratio": _ratio(cd["token_fraction_mean"],
                                               cp["token_fraction_mean"]),
@@ -126,37 +97,111 @@ def compare_runs(dense_dir: str | os.PathLike[str], pruned_dir: str | os.PathLik
     evs = {}
     out.mkdir(parents=True, exist_ok=True)
     if labels is not None or ann is not None:
-        evs = {name: _evaluate(d, labels, ann, set(ids), threshold, n_boot, seed, mask_mpp)
+        evs = {name: _evaluate(d, labels, ann, set(ids), threshold, n_boot, seed, mask_mpp,
+                               protocol)
                for name, d in (("dense", dense), ("pruned", pruned))}  # fmt: skip
-        metrics["evaluation"] = {k: {"slide_level": v.metrics["slide_level"],
-                                     "froc": v.metrics["froc"]} for k, v in evs.items()}
-        metrics["difference"] = _differences(evs, labels, ok_d, ok_p, ids, n_boot, seed)
+        metrics["evaluation"] = {k: {key: v.metrics[key] for key in ("slide_level", "calibration",
+                                                                    "worst_case", "froc")}
+                                 for k, v in evs.items()}  # fmt: skip
+        metrics["difference"] = _differences(evs, labels, prob_d, prob_p, ids, n_boot, seed)
         if labels is not None:
             roc_png(out / "roc.png", {k: v.slide for k, v in evs.items()})
         if ann is not None:
             froc_png(out / "froc.png", {k: v.froc for k, v in evs.items()})
+    if ann is not None:
+        metrics["lesion_recall"] = lesion_recall(pruned, ids, ann, labels, lesion_mask_mpp)
     _write(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
     _write(out / "report.md", _compare_report(metrics, bool(evs) and labels is not None,
                                               bool(evs) and ann is not None))  # fmt: skip
     return metrics
 
 
+def lesion_recall(run_dir: Path, ids: Sequence[str], annotations_dir: Path,
+                  labels: Mapping[str, int] | None, mask_mpp: float = LESION_MASK_MPP
+                  ) -> dict[str, Any]:
+    """Triage and token recall of a run's slides ``ids`` that have an annotation XML, pooled
+    over slides (counts summed, then divided) and per slide.
+
+    Returns:
+        ``triage[class]`` and ``tokens[class]`` (see :func:`.lesion_recall.finish`) for each
+        size class and ``all``, ``slides`` (with an XML and a readable store),
+        ``slides_with_lesions``, ``per_slide[id]`` (the same, or ``error``),
+        ``tumour_slides_without_xml``, ``lesion_mask_mpp``.
+    """
+    xmls = {p.stem: p for p in sorted(annotations_dir.glob("*.xml")) if p.is_file()}
+    known = run_labels(labels, ids) if labels is not None else {}
+    total = None
+    per, missing, n_les = {}, [], 0
+    for sid in ids:
+        xml = lookup_slide(xmls, sid)
+        if xml is None:
+            if known.get(sid) == 1:
+                missing.append(sid)
+            continue
+        try:
+            counts = slide_lesion_counts(run_dir / f"{sid}.zarr", read_asap_xml(xml), mask_mpp)
+        except StoreError as exc:
+            _logger.warning("%s", exc)
+            per[sid] = {"error": exc.one_line()}
+            continue
+        per[sid] = finish(counts)
+        n_les += counts["all"]["lesions"] > 0
+        if total is None:
+            total = counts
+        else:
+            for c, v in counts.items():
+                for k in v:
+                    total[c][k] += v[k]
+    if missing:
+        _logger.warning("%d tumour slides have no annotation XML in %s: left out of the lesion "
+                        "recall", len(missing), annotations_dir)  # fmt: skip
+    res = finish(total) if total is not None else {"triage": None, "tokens": None}
+    return res | {"slides": sum("error" not in v for v in per.values()),
+                  "slides_with_lesions": n_les, "size_classes": list(SIZE_CLASSES),
+                  "per_slide": per, "tumour_slides_without_xml": missing,
+                  "lesion_mask_mpp": mask_mpp}  # fmt: skip
+
+
+def _at_specificity(y: np.ndarray, pd_: np.ndarray, pp: np.ndarray) -> dict[str, Any] | None:
+    """Sensitivity and specificity of both runs at the dense run's 95 %-specificity threshold
+    (the threshold a deployment calibrated on the dense model would use)."""
+    t = threshold_at_specificity(pd_[y == 0], SPECIFICITY)
+    if t is None or not (y == 1).any():
+        return None
+    sens = [float((p[y == 1] >= t).mean()) for p in (pd_, pp)]
+    spec = [float((p[y == 0] < t).mean()) for p in (pd_, pp)]
+    return {"specificity_target": SPECIFICITY, "threshold": t, "n_pos": int((y == 1).sum()),
+            "n_neg": int((y == 0).sum()), "sensitivity_dense": sens[0],
+            "sensitivity_pruned": sens[1], "specificity_dense": spec[0],
+            "specificity_pruned": spec[1], "delta_sensitivity": sens[1] - sens[0],
+            "delta_specificity": spec[1] - spec[0]}  # fmt: skip
+
+
 def _differences(evs: Mapping[str, _RunEval], labels: Mapping[str, int] | None,
-                 ok_d: Mapping, ok_p: Mapping, ids: Sequence[str], n_boot: int, seed: int
-                 ) -> dict[str, Any]:
-    """Pruned minus dense: AUC (paired bootstrap 95 % CI) and FROC."""
+                 prob_d: Mapping[str, float], prob_p: Mapping[str, float], ids: Sequence[str],
+                 n_boot: int, seed: int) -> dict[str, Any]:
+    """Pruned minus dense on the slides ok in both: AUC (paired bootstrap 95 % CI), FROC,
+    sensitivity at the dense run's 95 % specificity, Brier, ECE; and AUC in the worst case."""
     d, p = evs["dense"], evs["pruned"]
-    res: dict[str, Any] = {"auc": None, "auc_ci": None, "froc": None, "sensitivities": None}
-    if d.slide and p.slide and d.slide.auc is not None and p.slide.auc is not None:
-        res["auc"] = p.slide.auc - d.slide.auc
+    res: dict[str, Any] = {"n_slides": None, "auc": None, "auc_ci": None, "auc_ci_unpaired": None,
+                           "n_boot": 0, "brier": None, "ece": None, "at_95_specificity": None,
+                           "auc_worst_case": None, "froc": None,
+                           "sensitivities": None}  # fmt: skip
+    if labels is not None:
         known = run_labels(labels, ids)
         lab = [i for i in ids if i in known]
         y = np.array([known[i] for i in lab])
-        boots = _bootstrap_aucs(y, [np.array([_float(ok[i], "probability") for i in lab])
-                                    for ok in (ok_d, ok_p)], n_boot, seed)  # fmt: skip
-        if len(boots):
-            lo, hi = np.percentile(boots[:, 1] - boots[:, 0], [2.5, 97.5])
-            res["auc_ci"] = (float(lo), float(hi))
+        pd_ = np.array([prob_d[i] for i in lab])
+        pp = np.array([prob_p[i] for i in lab])
+        ad = auc_difference(y, pd_, pp, n_boot, seed)
+        res.update(n_slides=len(lab), auc=ad["delta"], auc_ci=ad["ci"],
+                   auc_ci_unpaired=ad["ci_unpaired"], n_boot=ad["n_boot"],
+                   at_95_specificity=_at_specificity(y, pd_, pp))
+        cal = (d.metrics["calibration"], p.metrics["calibration"])
+        res["brier"] = cal[1]["brier"] - cal[0]["brier"]
+        res["ece"] = cal[1]["ece"] - cal[0]["ece"]
+        wd, wp = (e.metrics["worst_case"]["slide_level"]["auc"] for e in (d, p))
+        res["auc_worst_case"] = wp - wd if wd is not None and wp is not None else None
     if d.froc and p.froc and d.froc.average is not None and p.froc.average is not None:
         res["froc"] = p.froc.average - d.froc.average
         pairs = zip(d.froc.sensitivities, p.froc.sensitivities, strict=True)

@@ -1,6 +1,8 @@
 """Evaluation of a run folder the way CAMELYON16 measured it: ``predictions.csv`` against
-slide labels (:mod:`wsi_prune.evaluation.slide_metrics`) and each slide's ``candidates.csv``
-against ASAP lesion annotations (:mod:`wsi_prune.evaluation.froc`); :func:`evaluate_run` writes
+slide labels (:mod:`wsi_prune.evaluation.slide_metrics`, with calibration from
+:mod:`wsi_prune.evaluation.calibration`, and a worst case in which every labelled slide without
+a result is scored wrong, :func:`worst_case`) and each slide's ``candidates.csv`` against ASAP
+lesion annotations (:mod:`wsi_prune.evaluation.froc`); :func:`evaluate_run` writes
 ``report.md``, ``metrics.json`` and the plots.
 """
 
@@ -20,7 +22,8 @@ import numpy as np
 
 from wsi_prune._ids import lookup_slide
 from wsi_prune.errors import EvaluationError
-from wsi_prune.evaluation.froc import FrocResult, froc
+from wsi_prune.evaluation.calibration import calibration
+from wsi_prune.evaluation.froc import OFFICIAL_LEVEL0_MPP, FrocResult, froc
 from wsi_prune.evaluation.plots import froc_png, roc_png
 from wsi_prune.evaluation.report import _jsonable, _run_report, _write
 from wsi_prune.evaluation.slide_metrics import SlideMetrics, slide_metrics
@@ -31,12 +34,6 @@ from wsi_prune.io.annotations import (
 from wsi_prune.io.labels import read_labels
 
 _logger = logging.getLogger(__name__)
-
-
-
-
-
-
 
 
 def read_predictions(run_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -139,33 +136,67 @@ class _RunEval:
 
 def _evaluate(run_dir: Path, labels: Mapping[str, int] | None, annotations_dir: Path | None,
               only: set[str] | None, threshold: float, n_boot: int, seed: int,
-              mask_mpp: float) -> _RunEval:
-    ok, status = _ok_rows(run_dir)
-    if only is not None:
-        ok = {k: v for k, v in ok.items() if k in only}
+              mask_mpp: float, protocol: str = "physical") -> _RunEval:
+    ok_all, status = _ok_rows(run_dir)
+    ok = ok_all if only is None else {k: v for k, v in ok_all.items() if k in only}
     ev = _RunEval({"run": str(run_dir), "slides": status, "cost": _cost(ok),
-                   "slide_level": None, "froc": None})  # fmt: skip
+                   "slide_level": None, "calibration": None, "worst_case": None,
+                   "froc": None})  # fmt: skip
     lab = None if labels is None else run_labels(labels, ok)
     if labels is not None:
         ids = sorted(lab)
         if not ids:
             raise EvaluationError("no successful slide of the run has a label", run_dir)
-        ev.slide = slide_metrics([_float(ok[i], "probability") for i in ids],
-                                 [lab[i] for i in ids], threshold, n_boot, seed)
-        in_run = {i.casefold() for i in (*ok, *status["not_ok"])}
+        probs, ys = [_float(ok[i], "probability") for i in ids], [lab[i] for i in ids]
+        ev.slide = slide_metrics(probs, ys, threshold, n_boot, seed)
+        in_run = {i.casefold() for i in (*ok_all, *status["not_ok"])}
+        failed = run_labels(labels, status["not_ok"])
         ev.metrics["slide_level"] = ev.slide.summary() | {
             "unlabelled": sorted(set(ok) - set(lab)),
+            "labelled_failed": sorted(failed),
             "labelled_not_in_run": sorted(k for k in labels if k.casefold() not in in_run)}
+        ev.metrics["calibration"] = calibration(probs, ys).summary()
+        ev.metrics["worst_case"] = worst_case(ok_all, labels, threshold, n_boot, seed)
     if annotations_dir is not None:
-        ev.froc, skipped = _run_froc(run_dir, ok, lab, annotations_dir, mask_mpp)
-        ev.metrics["froc"] = ev.froc.summary() | {"tumour_slides_without_xml": skipped,
-                                                  "mask_mpp": mask_mpp}
+        ev.froc, skipped = _run_froc(run_dir, ok, lab, annotations_dir, mask_mpp, protocol)
+        mpps = [m for m in (_float(ok[i], "mpp") for i in ok) if m is not None]
+        off = [m for m in mpps if abs(m / OFFICIAL_LEVEL0_MPP - 1) > 0.05]
+        ev.metrics["froc"] = ev.froc.summary() | {
+            "tumour_slides_without_xml": skipped, "protocol": protocol,
+            "mask_mpp": mask_mpp,
+            # official: slides whose real level 0 is more than 5 % off the assumed 0.243 µm/px
+            "slides_off_official_mpp": len(off) if protocol == "official" else None}
     return ev
 
 
+def worst_case(ok: Mapping[str, Mapping[str, str]], labels: Mapping[str, int], threshold: float,
+               n_boot: int, seed: int) -> dict[str, Any]:
+    """Slide-level metrics over every labelled slide, a labelled slide without a result (failed,
+    or absent from the run, e.g. after ``merge --partial``) scored as the worst case: a
+    tumour slide probability 0, a normal slide 1. A run that drops its hard slides then
+    scores no better than one that gets them wrong.
+
+    Args:
+        ok: rows with a result by slide id (:func:`_ok_rows`).
+        labels: the label file: every slide in it is part of the evaluated set.
+    """
+    probs, ys, imputed = [], [], []
+    for key, y in sorted(labels.items()):
+        row = lookup_slide(ok, key)
+        ys.append(y)
+        if row is None:
+            imputed.append(key)
+            probs.append(float(1 - y))
+        else:
+            probs.append(_float(row, "probability"))
+    m = slide_metrics(probs, ys, threshold, n_boot, seed)
+    return {"n_imputed": len(imputed), "imputed": imputed,
+            "slide_level": m.summary(), "calibration": calibration(probs, ys).summary()}
+
+
 def _run_froc(run_dir: Path, ok: Mapping[str, Mapping[str, str]],
-              labels: Mapping[str, int] | None, annotations_dir: Path, mask_mpp: float
-              ) -> tuple[FrocResult, list[str]]:
+              labels: Mapping[str, int] | None, annotations_dir: Path, mask_mpp: float,
+              protocol: str = "physical") -> tuple[FrocResult, list[str]]:
     cands, anns, mpps, skipped = {}, {}, {}, []
     xmls = {p.stem: p for p in sorted(annotations_dir.glob("*.xml")) if p.is_file()}
     for sid, row in ok.items():
@@ -177,7 +208,7 @@ def _run_froc(run_dir: Path, ok: Mapping[str, Mapping[str, str]],
             skipped.append(sid)
             continue
         mpp = _float(row, "mpp")
-        if anns.get(sid) and mpp is None:
+        if anns.get(sid) and mpp is None and protocol == "physical":
             raise EvaluationError(f"slide {sid} has no mpp in predictions.csv",
                                   run_dir / "predictions.csv")  # fmt: skip
         mpps[sid] = mpp
@@ -188,7 +219,7 @@ def _run_froc(run_dir: Path, ok: Mapping[str, Mapping[str, str]],
     if not cands:
         raise EvaluationError("no slide to compute a FROC on", run_dir)
     mpps = {k: v for k, v in mpps.items() if v is not None}
-    return froc(cands, anns, mpps, mask_mpp=mask_mpp), sorted(skipped)
+    return froc(cands, anns, mpps, mask_mpp=mask_mpp, protocol=protocol), sorted(skipped)
 
 
 def run_labels(labels: Mapping[str, int], ids: Iterable[str]) -> dict[str, int]:
@@ -206,19 +237,23 @@ def _load_labels(labels_csv: str | os.PathLike[str] | None) -> dict[str, int] | 
 def evaluate_run(run_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None,
                  annotations_dir: str | os.PathLike[str] | None = None,
                  out: str | os.PathLike[str] | None = None, *, threshold: float = 0.5,
-                 n_boot: int = 1000, seed: int = 0, mask_mpp: float = CAMELYON16_MASK_MPP
-                 ) -> dict[str, Any]:
+                 n_boot: int = 1000, seed: int = 0, mask_mpp: float = CAMELYON16_MASK_MPP,
+                 protocol: str = "physical") -> dict[str, Any]:
     """Evaluate a run folder; write ``report.md``, ``metrics.json`` and plots to ``out``.
 
     Args:
         run_dir: folder holding ``predictions.csv`` and ``<id>/candidates.csv``.
         labels_csv: slide labels (see :func:`wsi_prune.io.labels.read_labels`): slide-level
-            metrics.
+            metrics and calibration on the slides with a result, and the same metrics with
+            every labelled slide that failed or is absent from the run scored as the worst
+            case (:func:`worst_case`).
         annotations_dir: ``<id>.xml`` ASAP annotations: lesion-level FROC. Slides without an
             XML are normal, unless the labels call them tumour (then they are left out).
         out: output folder (default ``run_dir/evaluation``).
         threshold, n_boot, seed: see :func:`slide_metrics`.
-        mask_mpp: FROC evaluation-mask resolution, µm/px.
+        mask_mpp: FROC evaluation-mask resolution, µm/px (physical protocol only).
+        protocol: FROC protocol, ``physical`` or ``official``
+            (:mod:`wsi_prune.evaluation.froc`).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -227,7 +262,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[
     out = Path(out) if out is not None else run_dir / "evaluation"
     ann = None if annotations_dir is None else Path(annotations_dir)
     ev = _evaluate(run_dir, _load_labels(labels_csv), ann, None, threshold, n_boot, seed,
-                   mask_mpp)  # fmt: skip
+                   mask_mpp, protocol)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     if ev.slide is not None:
         roc_png(out / "roc.png", ev.slide)
@@ -236,8 +271,3 @@ def evaluate_run(run_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[
     _write(out / "metrics.json", json.dumps(_jsonable(ev.metrics), indent=2))
     _write(out / "report.md", _run_report(ev))
     return ev.metrics
-
-
-
-
-

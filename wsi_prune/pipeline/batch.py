@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import OutputConflict
+from wsi_prune.errors import ConfigError, OutputConflict
 from wsi_prune.io import locks
 from wsi_prune.models.factory import Models, apply_trained_configs, build_models, describe_models
 from wsi_prune.pipeline.inputs import SlideEntry, discover
@@ -83,6 +83,7 @@ def run_batch(
     force: bool = False,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
+    audit: tuple[float, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline on every slide; one slide's failure never stops the others.
 
@@ -101,6 +102,10 @@ def run_batch(
         shard: ``(i, k)``: only the i-th of k deterministic shards of the slide list; the
             shard writes its own ``predictions.shard-i-of-k.csv`` and manifest.
         progress: show progress bars (slides, and tile batches per slide).
+        audit: ``(fraction, seed)``: then run the dense path on that seeded random fraction
+            of the slides with a result, into ``OUT/.audit/dense``, and write ``OUT/audit.md``
+            and ``audit.json`` (:mod:`wsi_prune.evaluation.audit`); the run's own outputs and
+            hash are not touched. Not with ``shard``.
 
     Returns:
         The ``predictions.csv`` rows, in slide order.
@@ -109,9 +114,32 @@ def run_batch(
         OutputConflict: another run holds this OUT (or this shard of it).
     """
     out = Path(out)
+    if audit is not None and (shard is not None or not 0 < audit[0] <= 1):
+        raise ConfigError(f"an audit needs the whole run (no shard) and a fraction in (0, 1], "
+                          f"got shard {shard}, fraction {audit[0]}")
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out, shard):
-        return _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
+        rows = _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
+        if audit is not None:
+            _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress)
+        return rows
+
+
+def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress) -> None:
+    """The dense path on a seeded random share of the slides, compared with this run."""
+    from wsi_prune.evaluation.audit import AUDIT_DIR, choose_audit_slides, write_audit
+
+    if config.dense().hash() == config.hash():
+        _logger.warning("the run is dense already: nothing to audit")
+        return
+    done = [r["id"] for r in rows if r["status"] in ("ok", "skipped")]
+    chosen = choose_audit_slides(done, *audit)
+    entries = inputs if inputs and isinstance(inputs[0], SlideEntry) else discover(inputs, mpp)
+    if chosen:
+        _logger.info("audit: dense path on %s -> %s", ", ".join(chosen), out / AUDIT_DIR)
+        run_batch([e for e in entries if e.id in chosen], out / AUDIT_DIR, config.dense(),
+                  mpp=mpp, device=device, client=client, force=force, progress=progress)
+    write_audit(out, chosen, *audit, len(done), config.mil.threshold)
 
 
 def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress):
