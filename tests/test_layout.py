@@ -143,6 +143,17 @@ GOLDEN = {
 }
 
 
+def test_the_fidelity_pipeline_is_the_benchmark_base() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fidelity",
+                                                  REPO / "benchmarks" / "bench_fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert RunConfig.from_yaml(REPO / "pipelines" / "fidelity.yaml") == \
+        RunConfig.from_dict(bench.BASE)
+
+
 def test_config_and_run_hashes_unchanged_by_the_layout() -> None:
     from wsi_prune.io.slide import SlideInfo
     from wsi_prune.io.tiling import tile_store_hash

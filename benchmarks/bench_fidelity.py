@@ -1,0 +1,360 @@
+"""Fidelity benchmark (issue 11): does pruning keep the answer, on data a dense model does not
+ace?
+
+Data: two texture sets (:func:`wsi_prune.synth.write_texture_dataset`: real H&E texture from
+``../shared/data``, CAMELYON16-sized lesions, a subtle tumour class and dense mimics), a
+training set and a test set from different seeds. Models, trained here for every seed: the CNN
+scorer on the training lesions (``train-scorer``), the 6-block ViT-Ti (``train-vit``, a time
+budget), and MIL heads on the bags of the training slides: one on the dense run (the dense
+reference's head, and the "dense-trained" row) and one per budget on the pruned run at that
+budget (train as you infer). On the test set: the dense run (the reference), and per budget
+the pruned run with its own head and with the dense-trained head; each compared with
+:func:`wsi_prune.evaluation.compare.compare_runs` (labels and lesion XML).
+
+Budgets are shares of tissue tokens entering the ViT: the ``fraction`` tile policy keeps the
+top ``budget / token_ratio`` of each slide's tissue tiles by CNN score and the CNN prior keeps
+``token_ratio`` of their patches; the ViT prunes more inside (blocks 2 and 4, ratio 0.7).
+
+Every step is cached in ``--work`` (a file per finished step), so an interrupted benchmark
+resumes. The summary (``summary.json``, ``summary.md``, ``budget.png``) aggregates the seeds:
+mean, and min-max over seeds; ΔAUC also gets each seed's paired bootstrap CI.
+
+    python benchmarks/bench_fidelity.py --work bench-out/fidelity            # the full run
+    python benchmarks/bench_fidelity.py --work /tmp/f --quick                # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_prune.config import RunConfig
+from wsi_prune.evaluation.compare import compare_runs
+from wsi_prune.models.factory import apply_trained_configs
+from wsi_prune.pipeline.batch import run_batch
+from wsi_prune.training.mil import train_mil
+from wsi_prune.training.scorer import train_scorer
+from wsi_prune.training.vit import DEFAULT_VIT, train_vit
+
+REPO = Path(__file__).resolve().parents[1]
+_log = logging.getLogger("bench_fidelity")
+
+#: the pipeline around the trained models (pipelines/fidelity.yaml holds the same)
+BASE = {
+    "tiling": {"mpp": 0.5, "tile_px": 224, "coarse_factor": 4, "tissue_threshold": 0.25},
+    "scorer": {"model": "mobilenetv3_small_100", "feature_levels": [1, 4], "batch_size": 128},
+    "tile_select": {"policy": "fraction", "fraction": 0.1, "min_tiles": 8, "max_tiles": None},
+    "token_select": {"policy": "ratio", "keep_ratio": 0.5},
+    "vit": {"model": DEFAULT_VIT.model, "model_kwargs": dict(DEFAULT_VIT.model_kwargs),
+            "prune_blocks": [2, 4], "prune_policy": "ratio", "keep_ratio": 0.7,
+            "batch_size": 32},
+    "mil": {"hidden": 64},
+}
+
+
+def budget_config(cfg: RunConfig, budget: float, token_ratio: float) -> RunConfig:
+    """``cfg`` keeping ``budget`` of the tissue tokens: the top ``budget / token_ratio`` of the
+    tissue tiles, ``token_ratio`` of their patches."""
+    return cfg.replace(tile_select={"policy": "fraction", "fraction": min(1.0, budget /
+                                                                            token_ratio)},
+                       token_select={"policy": "ratio", "keep_ratio": token_ratio})
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+def _mark(path: Path, payload: Any = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload if payload is not None else {}, indent=1, default=str))
+
+
+def _run(slides: Path, out: Path, cfg: RunConfig) -> list[dict[str, Any]]:
+    """``run_batch`` once (skipped when ``out/.bench-done`` exists); failed slides stop the
+    benchmark, since a comparison over different slide sets would be wrong."""
+    flag = out / ".bench-done"
+    if _done(flag):
+        return json.loads(flag.read_text())
+    t = time.perf_counter()
+    rows = run_batch([slides], out, cfg, progress=False)
+    bad = [r for r in rows if r["status"] == "failed"]
+    if bad:
+        raise SystemExit(f"{out}: {len(bad)} slide(s) failed: {bad[0]['error']}")
+    _log.info("%s: %d slides in %.0f s", out, len(rows), time.perf_counter() - t)
+    _mark(flag, rows)
+    return rows
+
+
+def make_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    from wsi_prune.synth import write_texture_dataset
+
+    sets = {"train": (args.n_train, args.train_seed), "test": (args.n_test, args.test_seed)}
+    dirs = {}
+    for name, (n, seed) in sets.items():
+        d = work / "data" / name
+        if not _done(d / ".bench-done"):
+            t = time.perf_counter()
+            write_texture_dataset(d, n_tumour=n // 2, n_normal=n - n // 2, size=args.size,
+                                  seed=seed, difficulty=args.difficulty, workers=2)
+            _log.info("%s set: %d slides in %.0f s", name, n, time.perf_counter() - t)
+            _mark(d / ".bench-done")
+        dirs[name] = d
+    return dirs["train"], dirs["test"]
+
+
+def train_models(work: Path, train_dir: Path, base: RunConfig, seed: int,
+                 args: argparse.Namespace) -> RunConfig:
+    """Scorer and ViT of one seed; returns ``base`` pointing at them."""
+    sd = work / f"seed{seed}"
+    tiles = work / "train-tiles"
+    if not _done(tiles / ".bench-done"):
+        from wsi_prune.io.tiling import tile_slide
+        from wsi_prune.pipeline.inputs import discover
+
+        for e in discover([train_dir]):
+            tile_slide(e.path, tiles / f"{e.id}.zarr", base)
+        _mark(tiles / ".bench-done")
+    scorer_w, vit_w = sd / "scorer.safetensors", sd / "vit.safetensors"
+    if not scorer_w.is_file():
+        t = time.perf_counter()
+        train_scorer([tiles], train_dir, scorer_w, config=base.scorer, epochs=args.scorer_epochs,
+                     max_tiles_per_store=512, seed=seed, progress=False)
+        _log.info("seed %d: scorer trained in %.0f s", seed, time.perf_counter() - t)
+    if not vit_w.is_file():
+        res = train_vit([tiles], train_dir, vit_w, config=base.vit, tiling=base.tiling,
+                        epochs=args.vit_epochs, max_minutes=args.vit_minutes,
+                        max_tiles_per_store=args.vit_tiles, seed=seed, progress=False)
+        _log.info("seed %d: ViT trained in %.0f s (%d epochs), val %s", seed, res.seconds,
+                  len(res.losses), res.val)
+    return apply_trained_configs(base.replace(scorer={"weights": str(scorer_w)},
+                                              vit={"weights": str(vit_w)}))
+
+
+def train_head(run_dir: Path, labels: Path, out: Path, seed: int) -> Path:
+    if not out.is_file():
+        res = train_mil([run_dir], labels, out, folds=4, lr=1e-3, patience=20, epochs=150,
+                        hidden=64, seed=seed, progress=False)
+        _log.info("%s: MIL %s, fold AUC %s", out.name, res.regime, res.fold_auc)
+    return out
+
+
+def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed: int,
+             args: argparse.Namespace) -> dict[str, Any]:
+    sd = work / f"seed{seed}"
+    cfg = train_models(work, train_dir, base, seed, args)
+    labels_tr, labels_te = train_dir / "labels.csv", test_dir / "labels.csv"
+    _run(train_dir, sd / "train-dense", cfg.dense())
+    head_dense = train_head(sd / "train-dense", labels_tr, sd / "mil-dense.safetensors", seed)
+    dense_test = sd / "test-dense"
+    _run(test_dir, dense_test, cfg.dense().replace(mil={"weights": str(head_dense)}))
+    out: dict[str, Any] = {}
+    for b in args.budgets:
+        tag = f"b{b:g}"
+        cb = budget_config(cfg, b, args.token_ratio)
+        _run(train_dir, sd / f"train-{tag}", cb)
+        head = train_head(sd / f"train-{tag}", labels_tr, sd / f"mil-{tag}.safetensors", seed)
+        for kind, w in (("as-infer", head), ("dense-head", head_dense)):
+            run_dir = sd / f"test-{tag}-{kind}"
+            _run(test_dir, run_dir, cb.replace(mil={"weights": str(w)}))
+            cmp = sd / f"cmp-{tag}-{kind}"
+            if not _done(cmp / "metrics.json"):
+                compare_runs(dense_test, run_dir, cmp, labels_te, test_dir, n_boot=2000,
+                             seed=seed)
+            out[f"{tag}/{kind}"] = json.loads((cmp / "metrics.json").read_text())
+    if seed == args.seeds[0] and args.ablate_levels:
+        out.update(ablate_scorer_levels(work, train_dir, test_dir, cfg, seed, args))
+    return out
+
+
+def ablate_scorer_levels(work: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, seed: int,
+                         args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 11 §6: the same budget with the old 7×7 patch map (feature levels 2, 4, upsampled
+    to 14×14) against the default true 14×14 map (levels 1, 4): triage and token recall inside
+    lesions. The MIL head does not enter recall, so the dense head is reused."""
+    sd = work / f"seed{seed}"
+    levels = [int(v) for v in args.ablate_levels.split(",")]
+    w = sd / f"scorer-levels{''.join(map(str, levels))}.safetensors"
+    scorer_cfg = dataclasses.replace(cfg.scorer, weights=None, feature_levels=tuple(levels))
+    if not w.is_file():
+        train_scorer([work / "train-tiles"], train_dir, w, config=scorer_cfg,
+                     epochs=args.scorer_epochs, max_tiles_per_store=512, seed=seed,
+                     progress=False)
+    b = 0.05 if 0.05 in args.budgets else args.budgets[0]
+    tag = f"b{b:g}"
+    alt = apply_trained_configs(budget_config(cfg, b, args.token_ratio).replace(
+        scorer={"weights": str(w), "feature_levels": tuple(levels)},
+        mil={"weights": str(sd / "mil-dense.safetensors")}))
+    run_dir = sd / f"test-{tag}-levels{''.join(map(str, levels))}"
+    _run(test_dir, run_dir, alt)
+    cmp = sd / f"cmp-{tag}-levels{''.join(map(str, levels))}"
+    if not _done(cmp / "metrics.json"):
+        compare_runs(sd / "test-dense", run_dir, cmp, test_dir / "labels.csv", test_dir,
+                     n_boot=200, seed=seed)
+    return {f"{tag}/levels{''.join(map(str, levels))}":
+            json.loads((cmp / "metrics.json").read_text())}
+
+
+# -- summary -------------------------------------------------------------------------------------
+def _get(m: dict[str, Any], *keys: str) -> float | None:
+    for k in keys:
+        if not isinstance(m, dict) or m.get(k) is None:
+            return None
+        m = m[k]
+    return float(m) if isinstance(m, (int, float)) else None
+
+
+ROWS = {
+    "tokens": ("cost", "pruned", "token_fraction_mean"),
+    "auc_dense": ("evaluation", "dense", "slide_level", "auc"),
+    "auc_pruned": ("evaluation", "pruned", "slide_level", "auc"),
+    "d_auc": ("difference", "auc"),
+    "d_froc": ("difference", "froc"),
+    "d_sens95": ("difference", "at_95_specificity", "delta_sensitivity"),
+    "d_ece": ("difference", "ece"),
+    "d_brier": ("difference", "brier"),
+    "label_agreement": ("probability", "label_agreement"),
+    "triage_macro": ("lesion_recall", "triage", "macro", "area_recall"),
+    "triage_micro": ("lesion_recall", "triage", "micro", "area_recall"),
+    "token_recall": ("lesion_recall", "tokens", "all", "recall"),
+    "spearman_all": ("heatmap", "all", "median"),
+    "speedup": ("cost", "speedup"),
+}
+
+
+def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    keys = sorted({k for m in per_seed.values() for k in m})
+    out: dict[str, Any] = {}
+    for k in keys:
+        row: dict[str, Any] = {}
+        for name, path in ROWS.items():
+            vals = [v for m in per_seed.values() if k in m
+                    if (v := _get(m[k], *path)) is not None]
+            row[name] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)),
+                         "max": float(np.max(vals)), "n": len(vals)} if vals else None
+        row["d_auc_ci"] = [m[k]["difference"].get("auc_ci") for m in per_seed.values()
+                           if k in m and m[k].get("difference")]
+        first = next(m[k] for m in per_seed.values() if k in m)
+        row["counts"] = {"slides": (first.get("difference") or {}).get("n_slides"),
+                         "lesions": {c: (first.get("lesion_recall", {}).get("triage", {})
+                                         .get(c, {}) or {}).get("lesions")
+                                     for c in ("itc", "micro", "macro")}}
+        out[k] = row
+    return out
+
+
+def _cell(s: dict[str, float] | None, digits: int = 3, pct: bool = False) -> str:
+    if not s:
+        return "n/a"
+    f = (lambda v: f"{100 * v:.1f} %") if pct else (lambda v: f"{v:.{digits}f}")
+    return f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]" if s["n"] > 1 else f(s["mean"])
+
+
+def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        f"Seeds {args.seeds}; cells: mean [min, max] over seeds. Budget = tissue tokens "
+        f"entering the ViT (token ratio {args.token_ratio}).", "",
+        "| setting | tokens | AUC dense | AUC pruned | ΔAUC | ΔFROC | Δsens@95 %spec | ΔECE | "
+        "label agreement | triage recall macro / micro area | lesion token recall | heat "
+        "Spearman (all tiles, median) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in summary.items():
+        lines.append(
+            f"| {k} | {_cell(r['tokens'], pct=True)} | {_cell(r['auc_dense'])} | "
+            f"{_cell(r['auc_pruned'])} | {_cell(r['d_auc'])} | {_cell(r['d_froc'])} | "
+            f"{_cell(r['d_sens95'])} | {_cell(r['d_ece'])} | {_cell(r['label_agreement'])} | "
+            f"{_cell(r['triage_macro'])} / {_cell(r['triage_micro'])} | "
+            f"{_cell(r['token_recall'])} | {_cell(r['spearman_all'])} | "
+            f"{_cell(r['speedup'], 1)}× |")
+    lines += ["", "Paired bootstrap 95 % CIs of ΔAUC per seed:"]
+    lines += [f"- {k}: {r['d_auc_ci']}" for k, r in summary.items()]
+    first = next(iter(summary.values()), None)
+    if first:
+        lines += ["", f"Test set: {first['counts']['slides']} slides; lesions by class "
+                      f"{first['counts']['lesions']}."]
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "auc_pruned", "slide AUC"),
+                              (axes[1], "d_froc", "ΔFROC (pruned − dense)")):
+        for kind, style in (("as-infer", "o-"), ("dense-head", "s--")):
+            pts = sorted((r["tokens"]["mean"], r[metric]["mean"]) for k, r in summary.items()
+                         if k.endswith(kind) and r["tokens"] and r[metric])
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style,
+                        label=f"pruned, head {kind}")
+        if metric == "auc_pruned":
+            dense = [r["auc_dense"]["mean"] for r in summary.values() if r["auc_dense"]]
+            if dense:
+                ax.axhline(float(np.mean(dense)), color="k", lw=1, label="dense")
+        ax.set_xlabel("tissue tokens entering the ViT (%)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=REPO / "bench-out" / "fidelity")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.10])
+    ap.add_argument("--token-ratio", type=float, default=0.5)
+    ap.add_argument("--n-train", type=int, default=24)
+    ap.add_argument("--n-test", type=int, default=32)
+    ap.add_argument("--size", type=int, default=12288)
+    ap.add_argument("--difficulty", type=float, default=0.75)
+    ap.add_argument("--train-seed", type=int, default=101)
+    ap.add_argument("--test-seed", type=int, default=202)
+    ap.add_argument("--scorer-epochs", type=int, default=10)
+    ap.add_argument("--vit-epochs", type=int, default=12)
+    ap.add_argument("--vit-minutes", type=float, default=20.0)
+    ap.add_argument("--vit-tiles", type=int, default=256)
+    ap.add_argument("--ablate-levels", default="2,4",
+                    help="scorer feature levels to compare with the default (1,4); '' skips")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 4+4 slides of 4096², one seed, one budget, 1-min ViT")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budgets, args.n_train, args.n_test = [0], [0.1], 4, 4
+        args.size, args.vit_minutes, args.vit_tiles, args.scorer_epochs = 4096, 1.0, 48, 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("wsi_prune").setLevel(logging.WARNING)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train_dir, test_dir = make_data(args.work, args)
+    base = RunConfig.from_dict(BASE)
+    per_seed = {}
+    for seed in args.seeds:
+        per_seed[seed] = one_seed(args.work, train_dir, test_dir, base, seed, args)
+    summary = summarise(per_seed)
+    (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary, args)
+    (args.work / "summary.md").write_text(text + "\n")
+    plot(summary, args.work / "budget.png")
+    print(text)
+    print(f"\n{math.ceil(time.perf_counter() - t0)} s in all (os.cpu_count() = {os.cpu_count()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
