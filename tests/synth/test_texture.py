@@ -129,6 +129,22 @@ def test_difficulty_moves_tumour_towards_normal(texture_set) -> None:
     assert means[0] > means[1], means
 
 
+def test_boxes_render_independently(texture_set) -> None:
+    """A box rendered alone equals the same pixels of a bigger render (across a lesion edge):
+    the property that lets the writer work tile by tile."""
+    _, slides = texture_set
+    s = next(s for s in slides if s.label)
+    lay = TextureLayout(s.spec)
+    les = lay.lesions[0]
+    x0 = int(les.shape.cx - les.shape.extent) - 256  # straddles the lesion outline
+    y0 = int(les.shape.cy) - 256
+    big = render_region(lay, x0, y0, 512, 512).astype(int)
+    for dx, dy in ((0, 0), (256, 0), (0, 256), (256, 256)):
+        part = render_region(lay, x0 + dx, y0 + dy, 256, 256)
+        assert np.abs(big[dy : dy + 256, dx : dx + 256] - part).max() <= 1
+    assert big.std() > 20
+
+
 def _spec_dict(spec: TextureSpec) -> dict:
     return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
 

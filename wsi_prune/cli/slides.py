@@ -124,9 +124,12 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
                    "tissue and its mimics) [default: 0.5].")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="texture only: threads rendering tiles.")
+@click.option("--source", type=click.Path(dir_okay=False), default=None,
+              help="texture only: the real H&E slide to cut texture from [default: "
+                   "../shared/data/cmu-1-small-region.svs next to the repository].")
 @handle_errors
 def synth(out: str, preset: str, n: int, size: int | None, seed: int,
-          difficulty: float | None, workers: int) -> None:
+          difficulty: float | None, workers: int, source: str | None) -> None:
     """Write a CAMELYON-like synthetic set: pyramidal slides with and without tumour, a
     labels CSV and ASAP XML lesion outlines. The texture preset also writes lesions.csv (every
     lesion's diameter, size class and whether the FROC counts it) and dataset.json (counts).
@@ -138,22 +141,22 @@ def synth(out: str, preset: str, n: int, size: int | None, seed: int,
       wsi-prune synth --preset texture --n 32 --seed 2 --difficulty 0.5 --out test/
     """
     if preset == "procedural":
-        if difficulty is not None:
-            raise click.UsageError("--difficulty applies to --preset texture only")
+        if difficulty is not None or source is not None:
+            raise click.UsageError("--difficulty and --source apply to --preset texture only")
         from wsi_prune.synth import write_dataset
 
         slides = write_dataset(out, n=n, seed=seed, size=size or 8192)
         for s in slides:
             click.echo(f"{s.path}  label={s.label}")
         return
-    from wsi_prune.synth import write_texture_dataset
+    from wsi_prune.synth import DEFAULT_SOURCE, write_texture_dataset
 
     if n < 1:
         raise click.UsageError("--n must be >= 1")
     slides = write_texture_dataset(out, n_tumour=(n + 1) // 2, n_normal=n // 2,
                                    size=size or 12288, seed=seed,
                                    difficulty=0.5 if difficulty is None else difficulty,
-                                   workers=workers)  # fmt: skip
+                                   workers=workers, source=source or DEFAULT_SOURCE)  # fmt: skip
     for s in slides:
         kinds = ", ".join(f"{r.kind} {r.diameter_um:.0f} µm" for r in s.lesions)
         click.echo(f"{s.path}  label={s.label}" + (f"  lesions: {kinds}" if kinds else ""))
