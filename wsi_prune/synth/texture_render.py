@@ -1,7 +1,7 @@
 """Rendering a texture slide's level-0 pixels: any box on its own, from the layout and the bank.
 
 Texture is a jittered lattice of bank patches (one per 64 µm node at 0.5 µm/px, each patch
-twice the node spacing) blended in optical density with sharpened cos² windows: each pixel is
+twice the node spacing) blended with sharpened cos² windows of random weight: each pixel is
 mostly one patch, seams are soft, irregular and narrow. Which patch a node takes follows a smooth
 *density field* (dense cellular zones and pale stroma zones several hundred µm across, as a
 lymph node has cortex and medulla), plus the density shift of the lesion or mimic it lies in;
