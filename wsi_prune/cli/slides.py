@@ -108,23 +108,63 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--n", "n", type=int, default=4, show_default=True, help="Number of slides.")
-@click.option("--size", type=int, default=8192, show_default=True, help="Slide side, px.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preset", type=click.Choice(["procedural", "texture"]), default="procedural",
+              show_default=True,
+              help="procedural: drawn shapes and nuclei (fast, easy). texture: real H&E texture "
+                   "from ../shared/data with subtle tumour, CAMELYON16-sized lesions and "
+                   "hard negatives (the benchmark set).")
+@click.option("--n", "n", type=int, default=4, show_default=True,
+              help="Number of slides (texture: half tumour, rounded up).")
+@click.option("--size", type=int, default=None,
+              help="Slide side, px at 0.5 µm/px [default: 8192 procedural, 12288 texture].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Set seed; use different seeds for training and test sets.")
+@click.option("--difficulty", type=click.FloatRange(0.0, 1.0), default=None,
+              help="texture only: 0 (tumour obvious) to 1 (tumour barely differs from normal "
+                   "tissue and its mimics) [default: 0.5].")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="texture only: threads rendering tiles.")
+@click.option("--source", type=click.Path(dir_okay=False), default=None,
+              help="texture only: the real H&E slide to cut texture from [default: "
+                   "../shared/data/cmu-1-small-region.svs next to the repository].")
 @handle_errors
-def synth(out: str, n: int, size: int, seed: int) -> None:
-    """Write a CAMELYON-like synthetic set: pyramidal slides with and without tumour, and a
-    labels CSV.
+def synth(out: str, preset: str, n: int, size: int | None, seed: int,
+          difficulty: float | None, workers: int, source: str | None) -> None:
+    """Write a CAMELYON-like synthetic set: pyramidal slides with and without tumour, a
+    labels CSV and ASAP XML lesion outlines. The texture preset also writes lesions.csv (every
+    lesion's diameter, size class and whether the FROC counts it) and dataset.json (counts).
 
     \b
-    Example:
+    Examples:
       wsi-prune synth --n 8 --size 8192 --out synth/
+      wsi-prune synth --preset texture --n 32 --seed 1 --difficulty 0.5 --out train/
+      wsi-prune synth --preset texture --n 32 --seed 2 --difficulty 0.5 --out test/
     """
-    from wsi_prune.synth import write_dataset
+    if preset == "procedural":
+        if difficulty is not None or source is not None:
+            raise click.UsageError("--difficulty and --source apply to --preset texture only")
+        from wsi_prune.synth import write_dataset
 
-    slides = write_dataset(out, n=n, seed=seed, size=size)
+        slides = write_dataset(out, n=n, seed=seed, size=size or 8192)
+        for s in slides:
+            click.echo(f"{s.path}  label={s.label}")
+        return
+    from wsi_prune.synth import DEFAULT_SOURCE, write_texture_dataset
+
+    if n < 1:
+        raise click.UsageError("--n must be >= 1")
+    slides = write_texture_dataset(out, n_tumour=(n + 1) // 2, n_normal=n // 2,
+                                   size=size or 12288, seed=seed,
+                                   difficulty=0.5 if difficulty is None else difficulty,
+                                   workers=workers, source=source or DEFAULT_SOURCE)  # fmt: skip
     for s in slides:
-        click.echo(f"{s.path}  label={s.label}")
+        kinds = ", ".join(f"{r.kind} {r.diameter_um:.0f} µm" for r in s.lesions)
+        click.echo(f"{s.path}  label={s.label}" + (f"  lesions: {kinds}" if kinds else ""))
+    counts = json.loads((Path(out) / "dataset.json").read_text())["counts"]
+    click.echo(f"{counts['slides']} slides ({counts['tumour_slides']} tumour), "
+               f"{counts['lesions']} lesions: {counts['macro']} macro, {counts['micro']} micro, "
+               f"{counts['ITC']} ITC; {counts['countable']} FROC-countable; "
+               f"{counts['mimics']} mimics")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

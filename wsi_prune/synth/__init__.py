@@ -1,5 +1,12 @@
 """Synthetic CAMELYON-like pyramidal slides that real OpenSlide reads, for tests and the demo.
 
+Two kinds. *Procedural* slides (below; ``spec``, ``layout``, ``render``, ``truth``, ``writer``)
+draw everything from formulas: fast, any size, easy to separate. *Texture* slides
+(``texture``, ``stain``, ``lesions``, ``texture_spec``, ``texture_layout``, ``texture_render``,
+``pyramid``, ``texture_writer``) are made of real H&E texture with a subtle tumour class,
+CAMELYON16-sized lesions and tumour-like mimics: the benchmark set
+(:func:`write_texture_dataset`).
+
 The content is a procedural function of level-0 coordinates: a handful of analytic shapes (tissue
 islands, tumour regions inside them, pen strokes, a black slide-edge strip) plus hash-placed
 nuclei and lattice noise. Any tile of any level is therefore rendered on its own, directly at the
@@ -17,12 +24,29 @@ generic-tiff drivers expect:
 * ``tiff-nompp``: generic TIFF with no physical resolution (unit NONE), like some TCGA files.
 """
 
+from wsi_prune.synth.lesions import Effects, Region, size_class
 from wsi_prune.synth.render import render_tile
 from wsi_prune.synth.spec import FLAVOURS, SynthSlide, SynthSpec
+from wsi_prune.synth.texture import DEFAULT_SOURCE, TextureBank, build_texture_bank
+from wsi_prune.synth.texture_layout import TextureLayout
+from wsi_prune.synth.texture_render import nuclear_darkness, render_region
+from wsi_prune.synth.texture_spec import TextureSlide, TextureSpec
+from wsi_prune.synth.texture_writer import (
+    lesion_rows,
+    plan_texture_dataset,
+    summarise,
+    texture_tumour_mask,
+    write_texture_dataset,
+    write_texture_slide,
+)
 from wsi_prune.synth.truth import border_mask, pen_mask, tissue_truth, tumour_mask, write_asap_xml
 from wsi_prune.synth.writer import write_dataset, write_slide
 
 __all__ = [
-    "FLAVOURS", "SynthSlide", "SynthSpec", "border_mask", "pen_mask", "render_tile",
-    "tissue_truth", "tumour_mask", "write_asap_xml", "write_dataset", "write_slide",
+    "DEFAULT_SOURCE", "FLAVOURS", "Effects", "Region", "SynthSlide", "SynthSpec", "TextureBank",
+    "TextureLayout", "TextureSlide", "TextureSpec", "border_mask", "build_texture_bank",
+    "lesion_rows", "nuclear_darkness", "pen_mask", "plan_texture_dataset", "render_region",
+    "render_tile", "size_class", "summarise", "texture_tumour_mask", "tissue_truth",
+    "tumour_mask", "write_asap_xml", "write_dataset", "write_slide", "write_texture_dataset",
+    "write_texture_slide",
 ]
