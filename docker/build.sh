@@ -107,8 +107,9 @@ HASH=$(inputs_hash "$DOCKERFILE" .dockerignore pyproject.toml README.md wsi_prun
 # (the whole file where python3 cannot read it).
 deps_stage() {
   sed -n '/^ARG BASE=/p; /^FROM .* AS python$/,/^FROM deps AS app$/p' "$DOCKERFILE" | grep -v '^#'
-  python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'])" \
-    2>/dev/null || cat pyproject.toml
+  python3 -c "import tomllib
+print(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'])" 2>/dev/null \
+    || cat pyproject.toml
 }
 DEPS_HASH=$(EXTRA=$(deps_stage) inputs_hash)
 if [[ $mode == hash ]]; then echo "$HASH $DEPS_HASH"; exit 0; fi
