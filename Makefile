@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean image image-gpu image-clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,19 @@ bench: install
 	$(BIN)/python benchmarks/bench_pruning.py --batch 32 --reps 3 --threads 2
 	$(BIN)/python benchmarks/bench_end_to_end.py --out bench-out/e2e
 	$(BIN)/python benchmarks/bench_scale.py --out bench-out/scale --markdown bench-out/scale/table.md
+
+# Container images (podman, else docker), built by docker/build.sh: it skips the build when an
+# image of the same sources exists, and on a machine set up by ../shared/containers/setup.sh (no
+# registry) builds from its local Debian base. Variables: WSI_BASE, TORCH_INDEX_URL, WSI_ENGINE,
+# WSI_IMAGE_NAME (docker/build.sh, docker/README.md). The GPU image is built here, never run.
+image:
+	docker/build.sh cpu
+
+image-gpu:
+	docker/build.sh gpu
+
+image-clean:
+	docker/build.sh --clean
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

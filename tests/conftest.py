@@ -11,15 +11,22 @@ from tests._paths import SHARED_SLIDE
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
+    parser.addoption("--containers", action="store_true", default=False,
+                     help="run the tests marked container (build and run the docker/ images)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    skips = {}
+    if not config.getoption("--runslow"):
+        skips["slow"] = pytest.mark.skip(reason="slow: run with --runslow")
+    if not config.getoption("--containers"):
+        skips["container"] = pytest.mark.skip(
+            reason="container: run with --containers (.ci/run adds it when podman works and "
+                   "the image's deps stage is built: docker/README.md)")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
