@@ -47,10 +47,13 @@ def test_openslide_reads_the_heatmap_tiff(run):
     w, h = g.attrs["slide"]["width"], g.attrs["slide"]["height"]
     mpp = float(g.attrs["mpp"])
     px0 = float(g.attrs["grid"]["tile_level0"]) / 14  # one TIFF px per ViT patch
+    assert px0 == 16
     with openslide.OpenSlide(str(run / "small" / "heatmap.tif")) as osr:
         assert osr.properties[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
-        # same physical extent as the slide, at the heat map's own resolution
-        assert osr.dimensions == (int(np.ceil(w / px0)), int(np.ceil(h / px0)))
+        # same physical extent as the slide, at the heat map's own resolution; ASAP's
+        # overlay scale (integer size ratio) is 16 both ways
+        assert osr.dimensions == (w // 16, h // 16) == (128, 128)
+        assert (w // osr.dimensions[0], h // osr.dimensions[1]) == (16, 16)
         assert float(osr.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(
             mpp * px0, rel=1e-4)
         assert osr.dimensions[0] * mpp * px0 == pytest.approx(w * mpp, abs=mpp * px0)
@@ -97,6 +100,20 @@ def test_heatmap_tiff_pyramid_and_offset_frame(tmp_path):
         # the viewer's (0, 0) is level-0 (1600, 800): map px (50, 100), the tissue's corner
         assert np.asarray(osr.read_region((0, 0), 0, (1, 1)))[0, 0, 3] == 255
         assert np.asarray(osr.read_region((999, 639), 0, (1, 1)))[0, 0, 3] == 0
+
+
+def test_heatmap_tiff_on_a_non_integer_pixel_keeps_asaps_integer_scale(tmp_path):
+    """The real slide's map pixel is 224.45 / 14 = 16.03 level-0 px: the TIFF uses 16, and
+    its size divides the slide's by exactly 16 both ways (ASAP's integer overlay scale)."""
+    px0 = 224.45 / 14
+    heat = np.zeros((int(2967 / px0), int(2220 / px0)), np.float32)
+    heat[100, 60] = 1.0  # level-0 x 962..978, y 1603..1619 (16.03 px per map px)
+    path = write_heatmap_tiff(tmp_path / "r.tif", heat, px0, 0.499, ViewerFrame(0, 0, 2220, 2967))
+    with openslide.OpenSlide(str(path)) as osr:
+        w, h = osr.dimensions
+        assert (2220 // w, 2967 // h) == (16, 16) and (2220 - 16 * w, 2967 - 16 * h) == (12, 7)
+        assert float(osr.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.499 * 16)
+        assert np.asarray(osr.read_region((970 // 16, 1611 // 16), 0, (1, 1)))[0, 0, 0] > 240
 
 
 def test_raw_heat_tiff_holds_the_heat_values(run, tmp_path):

@@ -3,12 +3,15 @@ and ASAP open and that overlays the slide in physical units.
 
 Layout: a generic tiled TIFF as OpenSlide's ``generic-tiff`` driver reads it: 256 px RGBA
 tiles, deflate, level 0 then levels halving in size in the main directory chain (reduced
-images), each with resolution tags in pixels per centimetre. Level 0 is at the heat map's own
-resolution (one pixel per patch-level map pixel, e.g. 16 level-0 px a side for 224 px tiles at
-14x14 patches): it covers the same physical extent as the slide (the viewer frame of
-:mod:`wsi_prune.outputs.frame`) with a fraction of its pixels, so writing it costs little
-next to the pictures. OpenSlide reports its MPP as the slide's µm/px times that factor, so a
-viewer scales it onto the slide.
+images), each with resolution tags in pixels per centimetre. Level 0 is at about the heat
+map's own resolution: one pixel per patch-level map pixel rounded to a whole number ``f`` of
+slide level-0 px (16 for 224 px tiles at 14x14 patches on a 0.5 µm/px slide), and
+``floor(size / f)`` pixels a side. It covers the slide's physical extent (the viewer frame of
+:mod:`wsi_prune.outputs.frame`) to within one of its pixels with a 1/f² share of the slide's
+pixels, so writing it costs little next to the pictures. OpenSlide and QuPath read its MPP
+(the slide's µm/px times f) from the resolution tags; ASAP scales an overlay by the integer
+ratio of the two images' sizes, which the whole ``f`` and the floor make exactly ``f`` in both
+directions.
 
 Pixels: heat in [0, 1] through the ``inferno`` colour map (the colours of ``heatmap.png``),
 alpha 0 where there is no tissue tile. ``raw=True`` also writes ``heatmap_raw.tif``, the heat
@@ -21,7 +24,6 @@ are coloured one at a time as tifffile asks for them, so no full-size RGBA array
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,19 +48,25 @@ def _lut(name: str = COLORMAP) -> np.ndarray:
     return (cmap(np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
 
 
+def tiff_px(heat_px0: float) -> int:
+    """Level-0 px per TIFF pixel: the map's pixel rounded to a whole number (at least 1)."""
+    return max(1, round(heat_px0))
+
+
 def viewer_grid(heat: np.ndarray, heat_px0: float, frame: ViewerFrame) -> np.ndarray:
-    """The heat map resampled (nearest) onto the TIFF's level-0 grid: pixel (r, c) covers
-    viewer-frame level-0 ``[c, c + 1) * heat_px0`` (same for r), i.e. OpenSlide level-0
-    ``frame.x + c * heat_px0``. NaN where the map has no value.
+    """The heat map resampled (nearest) onto the TIFF's level-0 grid: with ``f =
+    tiff_px(heat_px0)``, pixel (r, c) covers viewer-frame level-0 ``[c, c + 1) * f`` (same for
+    r), i.e. OpenSlide level-0 ``frame.x + c * f``. NaN where the map has no value.
 
     Returns:
-        (ceil(frame.height / heat_px0), ceil(frame.width / heat_px0)) float32.
+        (floor(frame.height / f), floor(frame.width / f)) float32 (at least 1 x 1).
     """
-    h = max(1, math.ceil(frame.height / heat_px0 - 1e-9))
-    w = max(1, math.ceil(frame.width / heat_px0 - 1e-9))
+    f = tiff_px(heat_px0)
+    h = max(1, frame.height // f)
+    w = max(1, frame.width // f)
     # map index of each TIFF pixel's centre
-    rows = np.floor((frame.y + (np.arange(h) + 0.5) * heat_px0) / heat_px0).astype(np.int64)
-    cols = np.floor((frame.x + (np.arange(w) + 0.5) * heat_px0) / heat_px0).astype(np.int64)
+    rows = np.floor((frame.y + (np.arange(h) + 0.5) * f) / heat_px0).astype(np.int64)
+    cols = np.floor((frame.x + (np.arange(w) + 0.5) * f) / heat_px0).astype(np.int64)
     out = np.full((h, w), np.nan, np.float32)
     rok = (rows >= 0) & (rows < heat.shape[0])
     cok = (cols >= 0) & (cols < heat.shape[1])
@@ -119,9 +127,10 @@ def write_heatmap_tiff(path: str | os.PathLike[str], heat: np.ndarray, heat_px0:
     level0 = viewer_grid(np.asarray(heat, np.float32), heat_px0, frame)
     levels = _levels(level0, tile)
     lut = _lut()
-    mpp0 = slide_mpp * heat_px0
+    f = tiff_px(heat_px0)
+    mpp0 = slide_mpp * f
     desc = (f"wsi-prune heat map: {COLORMAP} colour map of heat in [0, 1], alpha 0 off "
-            f"tissue; {mpp0:.6g} um/px at level 0 ({heat_px0:.6g} slide level-0 px per px); "
+            f"tissue; {mpp0:.6g} um/px at level 0 ({f} slide level-0 px per px); "
             f"origin at slide level-0 ({frame.x}, {frame.y})")
     files = [(path, "rgba")] + ([(path.with_name(path.stem + "_raw.tif"), "raw")] if raw else [])
     for dest, kind in files:

@@ -84,7 +84,7 @@ def write_leica_scn(path: str | os.PathLike[str], spec: SynthSpec,
         with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
             tif.write(macro, tile=(16, 16), photometric="rgb", compression="jpeg",
                       description=xml, metadata=None, software=False)
-            for i, a in enumerate(levels):
+            for a in levels:
                 ppcm = 1e4 / (spec.mpp * spec.width / a.shape[1])
                 tif.write(a, tile=(spec.tile, spec.tile), photometric="rgb", compression="jpeg",
                           compressionargs={"level": spec.quality}, resolution=(ppcm, ppcm),
