@@ -151,6 +151,7 @@ def test_heat_image_has_ngff_multiscales(run):
         assert trans["translation"] == pytest.approx([mpp * px0 * 2 ** i / 2] * 2)
         assert arr.shape == (int(np.ceil(heat.shape[0] / 2 ** i)),
                              int(np.ceil(heat.shape[1] / 2 ** i)))
+        assert tuple(arr.metadata.dimension_names) == ("y", "x")  # NGFF 0.5 asks for them
     np.testing.assert_array_equal(np.asarray(img["0"][:]), heat)
     # level 1 is the NaN-aware 2x2 mean of level 0
     l1 = np.asarray(img["1"][:])

@@ -268,7 +268,10 @@ def write_multiscale(group: zarr.Group, name: str, image: np.ndarray, mpp_yx: tu
         levels.append(halve_nanmean(levels[-1]))
     for i, level in enumerate(levels):
         f = 2.0 ** i
-        write_array(g, str(i), level)
+        # NGFF 0.5 asks each array to name its dimensions as the axes do
+        arr = g.create_array(str(i), shape=level.shape, chunks=level.shape, dtype=level.dtype,
+                             fill_value=float("nan"), dimension_names=("y", "x"))
+        arr[...] = level
         scale = [mpp_yx[0] * f, mpp_yx[1] * f]
         datasets.append({"path": str(i), "coordinateTransformations": [
             {"type": "scale", "scale": scale},
