@@ -155,17 +155,24 @@ def tiles_geojson(group: zarr.Group, probability: float, frame: ViewerFrame | No
     if "vit" in group and "unreadable" in group["vit"]:
         bad |= set(np.asarray(group["vit/unreadable"][:]).tolist())
     ox, oy = frame.offset if frame is not None else (0, 0)
+    # vectorised rounding, then plain lists: a CAMELYON16 slide has 10 000-50 000 tiles
+    x0 = np.round(coords[:, 0] - ox, 2)
+    y0 = np.round(coords[:, 1] - oy, 2)
+    x1, y1 = np.round(x0 + side, 2), np.round(y0 + side, 2)
+    rows = zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(),
+               np.round(heat, 5).tolist(), np.round(heat * probability, 5).tolist(),
+               np.round(score, 5).tolist(), kept.astype(int).tolist(),
+               np.round(attention, 6).tolist(), strict=True)
+    unreadable = {"name": "Unreadable", "color": [80, 80, 80]}
     features = []
-    for i, (x, y) in enumerate(coords):
-        x0, y0 = round(x - ox, 2), round(y - oy, 2)
-        x1, y1 = round(x0 + side, 2), round(y0 + side, 2)
-        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-        m = {"heat": round(float(heat[i]), 5),
-             "lesion confidence": round(float(heat[i] * probability), 5),
-             "CNN score": round(float(score[i]), 5), "kept": int(kept[i])}
-        if np.isfinite(attention[i]):
-            m["MIL attention"] = round(float(attention[i]), 6)
-        cls = {"name": "Unreadable", "color": [80, 80, 80]} if i in bad else None
-        features.append(_feature({"type": "Polygon", "coordinates": [ring]}, "tile",
-                                 f"tile {i}", cls, m))
+    for i, (a, b, c, d, h, lc, sc, k, att) in enumerate(rows):
+        m = {"heat": h, "lesion confidence": lc, "CNN score": sc, "kept": k}
+        if att == att:  # not NaN: a kept tile
+            m["MIL attention"] = att
+        props: dict[str, Any] = {"objectType": "tile", "name": f"tile {i}"}
+        if i in bad:
+            props["classification"] = dict(unreadable)
+        props["measurements"] = m
+        features.append({"type": "Feature", "properties": props, "geometry": {
+            "type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]}})
     return _collection(features)
