@@ -80,10 +80,17 @@ def test_damaged_tile_is_skipped_and_the_slide_completes(damaged, tmp_path):
     flagged = [i for i, f in enumerate(fc["features"])
                if f["properties"].get("classification", {}).get("name") == "Unreadable"]
     assert flagged == sorted(bad.tolist())
-    assert (out / "damaged" / "heatmap.png").is_file()
+    assert (out / "damaged" / "heatmap.png").is_file() and (out / "froc" / "damaged.csv").is_file()
+    # the same slide when no bad tile is allowed: it fails, and leaves no file in froc/
+    # (Evaluation_FROC.py would score a stale one)
+    (row,) = run_batch([slide], out, _config(max_unreadable_fraction=0.0), force=True,
+                       progress=False)
+    assert row["status"] == "failed"
+    assert "tissue tiles unreadable" in row["error"] and "max_unreadable_fraction" in row["error"]
+    assert not (out / "froc" / "damaged.csv").exists()
 
 
-def test_fail_mode_and_the_share_limit_fail_the_slide(damaged, tmp_path):
+def test_fail_mode_fails_the_slide_at_the_first_bad_tile(damaged, tmp_path):
     slide, _ = damaged
     cfg = _config()
     path = tmp_path / "all.yaml"
@@ -95,8 +102,3 @@ def test_fail_mode_and_the_share_limit_fail_the_slide(damaged, tmp_path):
     row = _rows(tmp_path / "fail" / "predictions.csv")["damaged"]
     assert row["status"] == "failed" and row["error"].startswith(f"corrupt: {slide}: ")
     assert "read failed" in row["error"]
-    # skip, but allow no bad tile at all
-    strict = _config(max_unreadable_fraction=0.0)
-    (row,) = run_batch([slide], tmp_path / "strict", strict, progress=False)
-    assert row["status"] == "failed"
-    assert "tissue tiles unreadable" in row["error"] and "max_unreadable_fraction" in row["error"]

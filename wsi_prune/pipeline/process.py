@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import NoTissue, UnsupportedSlide, WsiPruneError
+from wsi_prune.errors import CorruptSlide, NoTissue, UnsupportedSlide, WsiPruneError
 from wsi_prune.io import locks, store
 from wsi_prune.io.tiling import (
     check_unreadable,
@@ -35,6 +35,7 @@ from wsi_prune.io.tiling import (
     unreadable_records,
 )
 from wsi_prune.models.factory import Models
+from wsi_prune.outputs.candidates import FROC_DIR
 from wsi_prune.outputs.frame import CONVENTION, ViewerFrame
 from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat
 from wsi_prune.outputs.writer import write_outputs
@@ -118,6 +119,8 @@ def process_slide(
 def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
+    # Evaluation_FROC.py scores every file in froc/: a slide that fails now must not leave one
+    (out / FROC_DIR / f"{entry.id}.csv").unlink(missing_ok=True)
     t = time.perf_counter()
 
     def stage_progress(name: str) -> Progress:
@@ -161,6 +164,9 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
                         "%s: %s)", entry.id, len(records), records[0]["level0_xy"],
                         records[0]["error"])
         check_unreadable(n_bad, n, config.tiling, entry.path, records[0]["error"])
+        if not len(tile_index):
+            raise CorruptSlide(f"every kept tile is unreadable at full resolution; first: "
+                               f"{records[0]['error']}", entry.path)
     store.write_array(group, "vit/tile_index", tile_index)
     for name in ("embedding", "token_importance", "kept_tokens"):
         store.write_array(group, f"vit/{name}", vit[name])
