@@ -96,8 +96,8 @@ def slide_tiles(path: Path, n: int, tiling: TilingConfig) -> tuple[np.ndarray, n
         k = min(n, len(grid))
         pick = np.unique(np.linspace(0, len(grid) - 1, k).round().astype(int)) if k else []
         xy = grid.level0_xy[pick]
-        full = read_tiles(slide, xy, grid.tile_level0, tiling.mpp, tiling.tile_px)
-        coarse = read_tiles(slide, xy, grid.tile_level0, tiling.coarse_mpp, tiling.coarse_px)
+        full, _ = read_tiles(slide, xy, grid.tile_level0, tiling.mpp, tiling.tile_px)
+        coarse, _ = read_tiles(slide, xy, grid.tile_level0, tiling.coarse_mpp, tiling.coarse_px)
     return full, coarse
 
 

@@ -74,6 +74,11 @@ class TilingConfig:
         tiles_per_shard: tiles per Zarr shard and per Dask task (tasks write whole shards).
         compressor: ``zstd`` or ``none`` for tile arrays (see docs/benchmarks.md).
         store_tiles: also store full-resolution tiles (large; off by default).
+        on_corrupt_tile: what a tile that fails to decode inside an otherwise readable slide
+            does: ``skip`` (recorded as unreadable in the store and ``predictions.csv``, left
+            out of triage and the ViT; the slide completes) or ``fail`` (the slide fails).
+        max_unreadable_fraction: with ``skip``, a slide whose unreadable tiles are more than
+            this share of its tissue tiles fails all the same (in [0, 1]).
     """
 
     mpp: float = 0.5
@@ -83,9 +88,15 @@ class TilingConfig:
     tiles_per_shard: int = 64
     compressor: str = "zstd"
     store_tiles: bool = False
+    on_corrupt_tile: str = "skip"
+    max_unreadable_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         _check(0.05 <= self.mpp <= 20, f"tiling.mpp={self.mpp} outside 0.05-20 µm/px")
+        _check(self.on_corrupt_tile in ("skip", "fail"),
+               f"tiling.on_corrupt_tile={self.on_corrupt_tile!r} must be skip or fail")
+        _check(0.0 <= self.max_unreadable_fraction <= 1.0,
+               "tiling.max_unreadable_fraction must be in [0, 1]")
         _check(self.tile_px >= 16, "tiling.tile_px must be >= 16")
         _check(self.coarse_factor >= 1, "tiling.coarse_factor must be >= 1")
         _check(self.tile_px % self.coarse_factor == 0, "tile_px must be divisible by coarse_factor")
@@ -410,6 +421,8 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("mil", "model"),
     ("mil", "allow_vit_mismatch"),
     ("tile_select", "fraction"),
+    ("tiling", "on_corrupt_tile"),
+    ("tiling", "max_unreadable_fraction"),
 )
 
 

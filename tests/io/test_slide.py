@@ -53,9 +53,33 @@ def test_objective_power_only_slide(svs_nompp_slide: Path, caplog) -> None:
     (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
     assert rec.levelno == logging.WARNING
     assert str(svs_nompp_slide) in rec.getMessage() and "objective power 20x" in rec.getMessage()
-    # the chain puts objective power before a user override
-    with Slide(svs_nompp_slide, mpp=0.3) as s:
-        assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.5), "objective-power")
+
+
+
+def test_explicit_mpp_wins_over_the_objective_power_estimate(svs_nompp_slide: Path,
+                                                              caplog) -> None:
+    """A GT450 at 40x is 0.263 µm/px, not 10/40: the user's value wins over the estimate,
+    with no warning (the slide states no MPP to disagree with)."""
+    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+        with Slide(svs_nompp_slide, mpp=0.263) as s:
+            assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.263), "user")
+            assert s.info.objective_power == 20  # still reported
+    assert not [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
+
+
+def test_explicit_mpp_wins_over_metadata_and_warns_past_5_percent(svs_slide: Path,
+                                                                  caplog) -> None:
+    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+        with Slide(svs_slide, mpp=0.52) as s:  # 4 % off the slide's 0.5: silent
+            assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.52), "user")
+    assert not [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
+    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+        with Slide(svs_slide, mpp=0.6) as s:  # 20 % off: used, with a warning naming both
+            assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.6), "user")
+            assert s.size_at(0.6) == (4096, 4096)  # the whole geometry follows the value
+    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
+    msg = rec.getMessage()
+    assert str(svs_slide) in msg and "0.6" in msg and "0.5" in msg and "20 %" in msg
 
 
 def test_resolve_mpp_chain_order() -> None:
@@ -71,7 +95,13 @@ def test_resolve_mpp_chain_order() -> None:
     assert resolve_mpp(dpi, "x") == (0.25, 0.25, "objective-power")
     assert resolve_mpp({}, "x", override=0.3) == (0.3, 0.3, "user")
     both = {"openslide.mpp-x": "0.2431", "openslide.mpp-y": "0.2432"}
-    assert resolve_mpp(both, "x", override=0.5) == (0.2431, 0.2432, "openslide")
+    assert resolve_mpp(both, "x") == (0.2431, 0.2432, "openslide")
+    # an explicit value wins over metadata, resolution tags and the objective power
+    assert resolve_mpp(both, "x", override=0.25) == (0.25, 0.25, "user")
+    assert resolve_mpp(tags, "x", override=0.26) == (0.26, 0.26, "user")
+    assert resolve_mpp(dpi, "x", override=0.263) == (0.263, 0.263, "user")
+    with pytest.raises(MissingMPP, match="outside"):
+        resolve_mpp(both, "x", override=50.0)
     with pytest.raises(MissingMPP, match="pass --mpp"):
         resolve_mpp({}, "/data/a.svs")
 
@@ -226,6 +256,39 @@ def corrupt_tiles(src: Path, dst: Path) -> None:
         for off, n in spans:
             fh.seek(off + 2)  # keep the SOI marker, break everything after it
             fh.write(bytes([0xFF, 0xD9]) + b"\x13" * max(0, n - 4))
+
+
+def damage_tile(src: Path, dst: Path, page: int, level0_xy: tuple[float, float]
+                ) -> tuple[int, int, int, int]:
+    """Copy ``src`` and break the one JPEG tile of pyramid ``page`` that holds level-0
+    ``(x, y)``. Returns the level-0 box ``(x0, y0, x1, y1)`` that tile covers."""
+    if not dst.exists():
+        shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        base = tif.pages[0].shape[1]
+        pg = tif.pages[page]
+        ds = base / pg.shape[1]
+        tw, th = pg.tilewidth, pg.tilelength
+        across = -(-pg.shape[1] // tw)
+        col, row = int(level0_xy[0] / ds) // tw, int(level0_xy[1] / ds) // th
+        i = row * across + col
+        off, n = pg.dataoffsets[i], pg.databytecounts[i]
+    with open(dst, "r+b") as fh:
+        fh.seek(off + 2)  # keep the SOI marker, break everything after it
+        fh.write(bytes([0xFF, 0xD9]) + b"\x13" * max(0, n - 4))
+    return (round(col * tw * ds), round(row * th * ds), round((col + 1) * tw * ds),
+            round((row + 1) * th * ds))
+
+
+def test_reopen_reads_on_past_a_damaged_tile(svs_slide: Path, tmp_path: Path) -> None:
+    p = tmp_path / "one.svs"
+    x0, y0, x1, y1 = damage_tile(svs_slide, p, 0, (1100, 1100))
+    with Slide(p) as s, Slide(svs_slide) as good:
+        with pytest.raises(CorruptSlide):
+            s.read((x0, y0), (64, 64), 0.5)
+        s.reopen()  # a fresh handle: the rest of the slide reads as before
+        np.testing.assert_array_equal(s.read((0, 0), (256, 256), 0.5),
+                                      good.read((0, 0), (256, 256), 0.5))
 
 
 def test_corrupt_tile_mid_slide(svs_slide: Path, tmp_path: Path) -> None:

@@ -439,3 +439,72 @@ def test_relative_slide_path_reaches_tasks_absolute(svs_slide: Path, tmp_path: P
     a = store.open_store(out).attrs
     assert os.path.isabs(a["slide"]["path"]) and a["slide"]["path"] == a["slide_file"]["path"]
     assert os.path.samefile(a["slide"]["path"], svs_slide)
+
+
+# -- corrupt tiles inside a readable slide -----------------------------------------------------
+
+
+def test_damaged_coarse_tile_is_recorded_and_skipped(svs_slide: Path, svs_threads: Path,
+                                                     tmp_path: Path, caplog) -> None:
+    """One bad JPEG tile in the level the tissue mask and the coarse tiles come from: the mask
+    is read from the next finer level, the tiles it spoils are recorded (index, level-0
+    position, reason) and left white, every other tile is exactly the clean slide's."""
+    from tests.io.test_slide import damage_tile
+
+    ref = store.open_store(svs_threads)
+    coords = np.asarray(ref["tiles/coords"][:])
+    frac = np.asarray(ref["tiles/tissue_fraction"][:])
+    side = ref.attrs["grid"]["tile_level0"]
+    cx, cy = coords[int(np.argmax(frac))] + side / 2
+    bad = tmp_path / "one.svs"
+    with Slide(svs_slide) as s:
+        page = s.best_level(SMALL_SHARDS.tiling.coarse_mpp)
+        assert page == s.best_level(SMALL_SHARDS.tissue.mask_mpp) == 2  # both read page 2
+    x0, y0, x1, y1 = damage_tile(svs_slide, bad, page, (cx, cy))
+    cfg = SMALL_SHARDS.replace(tiling={"max_unreadable_fraction": 0.5})
+    with caplog.at_level("WARNING"):
+        res = tile_slide(bad, tmp_path / "one.zarr", cfg, scheduler="threads")
+    assert any("thumbnail level damaged" in r.getMessage() for r in caplog.records)
+    g = store.open_store(tmp_path / "one.zarr")
+    assert res.n_tiles == pytest.approx(len(coords), rel=0.03)
+    new_coords = np.asarray(g["tiles/coords"][:])
+    idx = np.asarray(g["tiles/unreadable"][:])
+    records = g["tiles/unreadable"].attrs["records"]
+    assert len(idx) >= 1 and [r["tile"] for r in records] == idx.tolist()
+
+    def overlaps(xy, margin):
+        return (xy[:, 0] < x1 + margin) & (xy[:, 0] + side > x0 - margin) & \
+            (xy[:, 1] < y1 + margin) & (xy[:, 1] + side > y0 - margin)
+
+    hit = set(np.flatnonzero(overlaps(new_coords, -8)).tolist())
+    near = set(np.flatnonzero(overlaps(new_coords, 8)).tolist())
+    assert hit <= set(idx.tolist()) <= near
+    for r in records:
+        assert r["stage"] == "tiling" and r["level0_xy"] == new_coords[r["tile"]].tolist()
+        assert "read failed" in r["error"]
+    coarse = np.asarray(g["tiles/coarse"][:])
+    assert (coarse[idx] == 255).all()
+    # every other tile is the clean slide's, pixel for pixel
+    same = {tuple(c): i for i, c in enumerate(coords)}
+    ok = [i for i in range(len(new_coords)) if i not in set(idx.tolist())
+          and tuple(new_coords[i]) in same]
+    assert len(ok) > 50
+    ref_coarse = np.asarray(ref["tiles/coarse"][:])
+    np.testing.assert_array_equal(coarse[ok], ref_coarse[[same[tuple(new_coords[i])]
+                                                          for i in ok]])
+
+
+def test_too_many_or_fail_mode_fails_the_slide(svs_slide: Path, tmp_path: Path) -> None:
+    from tests.io.test_slide import damage_tile
+
+    bad = tmp_path / "one.svs"
+    damage_tile(svs_slide, bad, 2, (2048, 2048))
+    # the default share (5 %): up to 25 of ~130 tiles touch a 1024 px coarse JPEG tile
+    with pytest.raises(CorruptSlide, match=r"tissue tiles unreadable .* more than "
+                                           r"tiling.max_unreadable_fraction = 5 %") as err:
+        tile_slide(bad, tmp_path / "a.zarr", SMALL_SHARDS)
+    assert str(bad) in str(err.value) and "read failed" in str(err.value)
+    fail = SMALL_SHARDS.replace(tiling={"on_corrupt_tile": "fail"})
+    with pytest.raises(CorruptSlide, match="read failed"):
+        tile_slide(bad, tmp_path / "b.zarr", fail)
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()

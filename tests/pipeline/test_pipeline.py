@@ -431,7 +431,8 @@ def test_resume_after_killed_run(three_slides, two_runs, tmp_path, sig):
         got, want = _outputs(out, e.id), _outputs(reference, e.id)
         assert got.keys() == want.keys()
         for key in want:
-            assert np.array_equal(got[key], want[key]), (e.id, key)
+            nan = np.asarray(got[key]).dtype.kind == "f"  # the heat image is NaN off tissue
+            assert np.array_equal(got[key], want[key], equal_nan=nan), (e.id, key)
         assert run_complete(out, e, cfg)
     assert not (out / ".run.lock").exists()
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or p.suffix == ".lock"]

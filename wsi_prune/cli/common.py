@@ -35,26 +35,67 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     return wrapper
 
+
 def setup_logging(verbose: int, quiet: bool, logfile: Path | None = None) -> None:
+    """Handlers of the ``wsi_prune`` logger: stderr at WARNING (``quiet``), INFO (default,
+    ``-v``) or DEBUG (``-vv``); ``logfile`` gets INFO and up, or DEBUG with ``-vv``, whatever
+    the console shows."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    file_level = min(level, logging.INFO)
     root = logging.getLogger("wsi_prune")
-    root.setLevel(min(level, logging.INFO) if logfile else level)
+    root.setLevel(file_level if logfile else level)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for old in root.handlers:
+        if isinstance(old, logging.FileHandler):
+            old.close()
     root.handlers[:] = [handler]
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(logfile, encoding="utf-8")
-        fh.setLevel(logging.INFO)
+        fh.setLevel(file_level)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
+
+
+def command_logging(ctx: click.Context, quiet: bool, logfile: Path | None) -> bool:
+    """Logging of a command that writes a log file (``run``, ``demo``): the group's ``-v``
+    and ``-q`` still apply (the command's own ``--quiet`` adds to ``-q``). Returns whether
+    the command is quiet."""
+    obj = ctx.find_root().obj or {}
+    quiet = quiet or bool(obj.get("quiet", False))
+    setup_logging(int(obj.get("verbose", 0)), quiet, logfile)
+    return quiet
+
+
+class DeviceType(click.ParamType):
+    """A torch device name: :data:`wsi_prune._devices.DEVICE_FORMS` (spelling only; whether
+    the device exists is checked when the run starts)."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> str:
+        from wsi_prune._devices import parse_device
+
+        try:
+            return parse_device(value)
+        except WsiPruneError as exc:
+            self.fail(exc.reason, param, ctx)
+
+
+DEVICE = DeviceType()
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--config and --mpp, shared by every command that reads slides."""
     fn = click.option("--mpp", type=float, default=None,
-                      help="µm/px for slides whose metadata has none (and for plain images).")(fn)
+                      help="Level-0 µm/px of the slides. Wins over the slide's metadata and "
+                           "over the objective-power estimate (source 'user'; a warning when "
+                           "it differs from the metadata by more than 5 %). Needed for slides "
+                           "without metadata MPP and for plain images. A slide list's mpp "
+                           "column wins over it.")(fn)
     fn = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                       default=None, help="Pipeline YAML (see pipelines/).")(fn)
     return fn

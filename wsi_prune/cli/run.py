@@ -10,12 +10,13 @@ import click
 
 from wsi_prune.cli.common import (
     CONTEXT_SETTINGS,
+    DEVICE,
+    command_logging,
     config_options,
     exit_code,
     exit_on_sigterm,
     handle_errors,
     print_table,
-    setup_logging,
 )
 from wsi_prune.cli.distributed import cluster_options
 from wsi_prune.config import load_config
@@ -29,7 +30,13 @@ __all__ = ["demo", "run"]
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="Where the models run: cpu, cuda, cuda:N (the N-th GPU) or mps.")
+@click.option("--on-corrupt-tile", type=click.Choice(["skip", "fail"]), default=None,
+              help="A tile that fails to decode inside a readable slide: skip it (recorded "
+                   "as unreadable in the store and predictions.csv; the slide still fails "
+                   "when more than tiling.max_unreadable_fraction of its tiles are bad) or "
+                   "fail the slide. Default: the config's tiling.on_corrupt_tile (skip).")
 @cluster_options
 @click.option("--dense", is_flag=True,
               help="Prune nothing: every tissue tile and token reaches the ViT (the reference "
@@ -45,14 +52,15 @@ __all__ = ["demo", "run"]
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
-        mpp: float | None, device: str, cluster_request: ClusterRequest,
-        shard: tuple[int, int] | None, dense: bool, force: bool, audit_fraction: float | None,
-        audit_seed: int, quiet: bool) -> None:
+        mpp: float | None, device: str, on_corrupt_tile: str | None,
+        cluster_request: ClusterRequest, shard: tuple[int, int] | None, dense: bool,
+        force: bool, audit_fraction: float | None, audit_seed: int, quiet: bool) -> None:
     """Slides in, predictions, heatmaps and a run report out.
 
     INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
-    with columns path[,id,mpp,label]. Writes OUT/<id>.zarr, OUT/<id>/heatmap.png, tokens.png,
-    regions.geojson, candidates.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log
+    with columns path[,id,mpp,label]. Writes OUT/<id>.zarr, OUT/<id>/ (heatmap.png,
+    tokens.png, heatmap.tif, regions.geojson, tiles.geojson, tissue.geojson, candidates.csv,
+    top_tiles/), OUT/froc/<id>.csv, OUT/predictions.csv, OUT/manifest.json and OUT/run.log
     (with --shard i/K: predictions, manifest and log named .shard-i-of-K).
 
     A run holds OUT/.run.lock (a shard: OUT/.run.shard-i-of-K.lock) while it runs: a second
@@ -73,19 +81,21 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out results/ --shard 0/4
       wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
       wsi-prune run slides/ --out results/ --audit-fraction 0.1    # + OUT/audit.md
+      wsi-prune -vv run slides/ --out results/ --device cuda:1 --on-corrupt-tile fail
     """
     from wsi_prune.pipeline.batch import run_batch
 
-    quiet = quiet or ctx.obj.get("quiet", False)
     outp = Path(out)
     # a shard logs to its own file: array tasks never write the same path
     log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
-    setup_logging(0, quiet, outp / log)
+    quiet = command_logging(ctx, quiet, outp / log)
     if audit_fraction is not None and (shard or dense):
         raise click.UsageError("--audit-fraction needs a whole pruned run (no --shard, --dense)")
     cfg = load_config(config_path)
     if dense:
         cfg = cfg.dense()
+    if on_corrupt_tile is not None:
+        cfg = cfg.replace(tiling={"on_corrupt_tile": on_corrupt_tile})
     audit = None if audit_fraction is None else (audit_fraction, audit_seed)
     with exit_on_sigterm(), cluster_request.client() as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
@@ -107,9 +117,10 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
 @click.option("--real/--no-real", default=True, show_default=True,
               help="Also run the real slide in ../shared/data when present.")
 @click.option("--quiet", is_flag=True)
+@click.pass_context
 @handle_errors
-def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool,
-         quiet: bool) -> None:
+def demo(ctx: click.Context, out: str, n_train: int, n_test: int, size: int, train: bool,
+         real: bool, quiet: bool) -> None:
     """The main job on a built-in default: synthetic CAMELYON-like slides with tumour regions;
     trains the tiny demo scorer and MIL head on a training set (the ViT stays random-init, and
     the output says which models are trained), runs the whole pipeline (pipelines/demo.yaml)
@@ -122,7 +133,7 @@ def demo(out: str, n_train: int, n_test: int, size: int, train: bool, real: bool
     """
     from wsi_prune.pipeline.demo import run_demo
 
-    setup_logging(0, quiet, Path(out) / "demo.log")
+    quiet = command_logging(ctx, quiet, Path(out) / "demo.log")
     rows = run_demo(Path(out), n_train=n_train, n_test=n_test, size=size, real=real,
                     quiet=quiet, train=train)
     print_table(rows)

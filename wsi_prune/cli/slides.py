@@ -38,27 +38,47 @@ def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) 
         click.echo(f"{key:>22}: {value}")
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @config_options
+@click.option("--env", "env", is_flag=True,
+              help="Check the machine: OpenSlide and libvips versions, torch with CUDA/MPS, "
+                   "free disk in --out, Hugging Face cache and offline mode, writable temp.")
+@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="With --env: the output folder whose free disk to check.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @handle_errors
-def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None,
-           as_json: bool) -> None:
+def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None, env: bool,
+           out: str, as_json: bool) -> None:
     """Preflight a batch without running models: can each slide be opened, its MPP and
-    source, size, estimated tissue tiles and time.
+    source, size, estimated tissue tiles and time; with --env, the machine too.
 
     The time is a rough estimate: the demo config's speed on 2 CPU cores (see
     wsi_prune/preflight.py for the measurement); real models run several times slower.
+    Exit code 3 when a slide cannot be used or --env finds a problem.
 
     \b
-    Example:
+    Examples:
       wsi-prune doctor slides/ --mpp 0.25
+      wsi-prune doctor --env --out /scratch/results
     """
     from wsi_prune.pipeline.inputs import discover
-    from wsi_prune.pipeline.preflight import inspect_slide
+    from wsi_prune.pipeline.preflight import environment_report, inspect_slide
 
-    cfg = load_config(config_path)
+    if not inputs and not env:
+        raise click.UsageError("give slides to check, or --env")
     bad = 0
+    if env:
+        rep = environment_report(out)
+        bad += len(rep["problems"])
+        if as_json:
+            click.echo(json.dumps({"env": rep}))
+        else:
+            for key, value in rep.items():
+                if key != "problems":
+                    click.echo(f"{key:>18}: {value}")
+            for p in rep["problems"]:
+                click.echo(f"problem: {p}")
+    cfg = load_config(config_path)
     for entry in discover(inputs, mpp):
         try:
             rep = inspect_slide(entry.path, cfg, entry.mpp)
@@ -172,10 +192,13 @@ def synth(out: str, preset: str, n: int, size: int | None, seed: int,
 @click.option("--slide", "slide_path", default=None, type=click.Path(exists=True),
               help="The slide file, if it moved since the run.")
 @click.option("--mpp", type=float, default=None, help="MPP override used for the run.")
+@click.option("--raw", is_flag=True,
+              help="Also write heatmap_raw.tif: the heat as one float32 channel.")
 @handle_errors
-def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
-    """Re-render heatmap.png, tokens.png, regions.geojson and candidates.csv from a store,
-    without recomputing.
+def heatmap(store_path: str, slide_path: str | None, mpp: float | None, raw: bool) -> None:
+    """Re-render the slide's outputs from its store without recomputing: heatmap.png,
+    tokens.png, heatmap.tif, regions.geojson, tiles.geojson, tissue.geojson, candidates.csv,
+    top_tiles/ and OUT/froc/<id>.csv.
 
     \b
     Example:
@@ -183,5 +206,5 @@ def heatmap(store_path: str, slide_path: str | None, mpp: float | None) -> None:
     """
     from wsi_prune.outputs.writer import rerender
 
-    dest = rerender(store_path, slide_path, mpp)
+    dest = rerender(store_path, slide_path, mpp, raw_heat=raw)
     click.echo(f"{dest}/heatmap.png")

@@ -67,7 +67,7 @@ def get_models(config_json: str, device: str = "cpu", run_hash: str | None = Non
 
     Args:
         config_json: the run config as JSON (``json.dumps(config.to_dict())``).
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         run_hash: :meth:`~wsi_prune.config.RunConfig.run_hash` (config plus weight-file
             digests), so that weights retrained at the same path are loaded afresh by a
             long-lived worker; None: the config alone identifies the models.

@@ -8,13 +8,22 @@ or :class:`~wsi_prune.errors.MissingMPP`, naming the file.
 
 MPP resolution chain (first hit wins, the source is recorded in every output):
 
-1. ``openslide.mpp-x/y`` (vendor metadata) → source ``"openslide"``
-2. TIFF resolution tags when the unit is cm or inch and the value is plausible for microscopy
+1. the user's value (``--mpp`` or a slide-list CSV ``mpp`` column) → ``"user"``, with a warning
+   when it differs from the metadata MPP (links 2-3) by more than
+   :data:`MPP_DISAGREEMENT` (5 %). An explicit value wins over any estimate: the objective
+   power's 10 / power is only nominal (a GT450 at 40x is 0.263 µm/px, a Hamamatsu ~0.227, not
+   0.25), and a user who passes a value has usually measured it;
+2. ``openslide.mpp-x/y`` (vendor metadata) → source ``"openslide"``
+3. TIFF resolution tags when the unit is cm or inch and the value is plausible for microscopy
    (0.05-20 µm/px) → ``"tiff-resolution"``
-3. objective power (40x ≈ 0.25, 20x ≈ 0.5 µm/px, i.e. 10 / power), with a warning →
+4. objective power (40x ≈ 0.25, 20x ≈ 0.5 µm/px, i.e. 10 / power), with a warning →
    ``"objective-power"``
-4. the user's override (``--mpp`` or a slide-list CSV column) → ``"user"``
 5. otherwise :class:`~wsi_prune.errors.MissingMPP` telling the user to pass ``--mpp``.
+
+Bounds: MIRAX and Leica SCN slides (and others where OpenSlide sets ``openslide.bounds-*``)
+hold their tissue in a box inside a larger, empty level-0 plane. Everything here and in the
+store stays in OpenSlide's level-0 px; :attr:`SlideInfo.bounds` records the box, and the
+outputs written for viewers shift by it (:mod:`wsi_prune.outputs.frame`).
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ _logger = logging.getLogger(__name__)
 
 #: plausible microscopy resolutions, µm/px
 MPP_RANGE = (0.05, 20.0)
+#: relative difference between a user's MPP and the metadata's above which we warn
+MPP_DISAGREEMENT = 0.05
 #: file endings searched for in folders (OpenSlide's formats plus plain images)
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -68,6 +79,8 @@ class SlideInfo:
         mpp_x / mpp_y: level-0 resolution, µm/px.
         mpp_source: where the MPP came from (see the module docstring).
         objective_power: nominal objective magnification, or None.
+        bounds: (x, y, width, height) level-0 px of the non-empty region when OpenSlide
+            reports one (``openslide.bounds-*``: MIRAX, Leica SCN...), else None.
     """
 
     path: str
@@ -81,6 +94,7 @@ class SlideInfo:
     mpp_y: float
     mpp_source: str
     objective_power: float | None
+    bounds: tuple[int, int, int, int] | None = None
 
     @property
     def mpp(self) -> float:
@@ -95,6 +109,7 @@ class SlideInfo:
         d = asdict(self)
         d["level_dimensions"] = [list(x) for x in self.level_dimensions]
         d["level_downsamples"] = list(self.level_downsamples)
+        d["bounds"] = list(self.bounds) if self.bounds is not None else None
         d["mpp"] = self.mpp
         return d
 
@@ -110,22 +125,8 @@ def _float(props: Any, key: str) -> float | None:
         return None
 
 
-def resolve_mpp(
-    props: Any, path: str, override: float | None = None
-) -> tuple[float, float, str]:
-    """Apply the MPP chain to a slide's properties.
-
-    Args:
-        props: OpenSlide properties mapping (or any mapping with the same keys).
-        path: the slide, for messages.
-        override: user-given µm/px, used when the slide's metadata has none.
-
-    Returns:
-        ``(mpp_x, mpp_y, source)`` in µm/px.
-
-    Raises:
-        MissingMPP: nothing in the chain gave a plausible value.
-    """
+def _metadata_mpp(props: Any) -> tuple[float, float, str] | None:
+    """The MPP the slide's own metadata states (links 2 and 3 of the chain), or None."""
     mx = _float(props, openslide.PROPERTY_NAME_MPP_X)
     my = _float(props, openslide.PROPERTY_NAME_MPP_Y)
     if _plausible(mx):
@@ -140,24 +141,68 @@ def resolve_mpp(
             ty = per_um / ry if ry and ry > 0 else tx
             if _plausible(tx) and _plausible(ty):
                 return tx, ty, "tiff-resolution"
+    return None
 
-    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    if power and power > 0 and _plausible(10.0 / power):
-        _logger.warning(
-            "%s: no MPP in the metadata; estimating %.3f µm/px from objective power %gx",
-            path, 10.0 / power, power,
-        )
-        return 10.0 / power, 10.0 / power, "objective-power"
 
+def resolve_mpp(
+    props: Any, path: str, override: float | None = None
+) -> tuple[float, float, str]:
+    """Apply the MPP chain to a slide's properties.
+
+    Args:
+        props: OpenSlide properties mapping (or any mapping with the same keys).
+        path: the slide, for messages.
+        override: the user's µm/px (``--mpp`` or a slide list's ``mpp`` column). It wins over
+            the metadata and over the objective-power estimate; a warning names both values
+            when it differs from the metadata MPP by more than :data:`MPP_DISAGREEMENT`.
+
+    Returns:
+        ``(mpp_x, mpp_y, source)`` in µm/px.
+
+    Raises:
+        MissingMPP: nothing in the chain gave a plausible value, or ``override`` is not
+            plausible (outside :data:`MPP_RANGE`).
+    """
+    meta = _metadata_mpp(props)
     if override is not None:
         if not _plausible(override):
             lo, hi = MPP_RANGE
             raise MissingMPP(f"--mpp {override} is outside {lo}-{hi} µm/px", path)
+        if meta is not None:
+            stated = (meta[0] + meta[1]) / 2.0
+            rel = abs(float(override) - stated) / stated
+            if rel > MPP_DISAGREEMENT:
+                _logger.warning(
+                    "%s: the given MPP %.4g µm/px (--mpp or the slide list) differs from the "
+                    "slide's metadata %.4g µm/px (%s) by %.0f %%; using the given value",
+                    path, float(override), stated, meta[2], 100 * rel,
+                )
         return float(override), float(override), "user"
+    if meta is not None:
+        return meta
+
+    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if power and power > 0 and _plausible(10.0 / power):
+        _logger.warning(
+            "%s: no MPP in the metadata; estimating %.3f µm/px from objective power %gx "
+            "(nominal: scanners differ by up to 10 %%; pass --mpp to set it)",
+            path, 10.0 / power, power,
+        )
+        return 10.0 / power, 10.0 / power, "objective-power"
     raise MissingMPP(
         "no resolution in the slide's metadata (no openslide.mpp-x, TIFF resolution or "
         "objective power); pass --mpp (µm/px) or an mpp column in the slide list", path
     )
+
+
+def _bounds(props: Any) -> tuple[int, int, int, int] | None:
+    """OpenSlide's ``openslide.bounds-x/y/width/height`` (level-0 px), when all are given."""
+    keys = (openslide.PROPERTY_NAME_BOUNDS_X, openslide.PROPERTY_NAME_BOUNDS_Y,
+            openslide.PROPERTY_NAME_BOUNDS_WIDTH, openslide.PROPERTY_NAME_BOUNDS_HEIGHT)
+    vals = [_float(props, k) for k in keys]
+    if any(v is None for v in vals):
+        return None
+    return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
 class Slide:
@@ -166,8 +211,8 @@ class Slide:
 
     Args:
         path: slide file.
-        mpp: user override in µm/px, used only when the metadata has no resolution (and to
-            open plain images, which never carry one).
+        mpp: the user's µm/px; wins over the metadata (see :func:`resolve_mpp`), and is needed
+            to open plain images, which never carry one.
     """
 
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
@@ -210,6 +255,7 @@ class Slide:
             mpp_y=my,
             mpp_source=source,
             objective_power=_float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+            bounds=_bounds(props),
         )
 
     def _open_image(self, mpp: float | None) -> None:
@@ -307,13 +353,37 @@ class Slide:
             x, y = int(level0_xy[0]), int(level0_xy[1])
             region = _crop_padded(self._image, x, y, w0, h0)
             return _resize(region, out_size)
-        level = self.best_level(mpp)
+        return self._read_level(level0_xy, (w0, h0), self.best_level(mpp), out_size)
+
+    def _read_level(self, xy: tuple[int, int], size0: tuple[int, int], level: int,
+                    out_size: tuple[int, int]) -> np.ndarray:
         ds = self.info.level_downsamples[level]
-        wl, hl = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+        wl, hl = max(1, math.ceil(size0[0] / ds)), max(1, math.ceil(size0[1] / ds))
         if wl * hl > _MAX_READ_PX * _MAX_READ_PX:
-            return self._read_blocks(level0_xy, (w0, h0), level, out_size)
-        region = self._read_region(level0_xy, level, (wl, hl))
+            return self._read_blocks(xy, size0, level, out_size)
+        region = self._read_region(xy, level, (wl, hl))
         return _resize(region, out_size)
+
+    def reopen(self) -> None:
+        """Replace the OpenSlide handle with a fresh one and forget an earlier read failure.
+
+        After a tile fails to decode, OpenSlide answers every later call on that handle with
+        the same error; reading on past a damaged tile (``--on-corrupt-tile skip``) needs a
+        new handle. Plain images have no handle to replace.
+        """
+        if self._osr is None:
+            self._broken = None
+            return
+        with self._lock:
+            self._osr.close()
+            try:
+                self._osr = openslide.OpenSlide(str(self.path))
+            except openslide.OpenSlideError as exc:
+                self._osr = None
+                self._broken = str(exc)
+                raise CorruptSlide(f"cannot reopen after a read failure: {exc}",
+                                   str(self.path)) from exc
+            self._broken = None
 
     def _read_region(self, xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         assert self._osr is not None
@@ -352,10 +422,32 @@ class Slide:
                 out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
         return out
 
-    def read_thumbnail(self, mpp: float) -> np.ndarray:
+    def read_thumbnail(self, mpp: float, finer_on_error: bool = False) -> np.ndarray:
         """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks from the
-        smallest adequate level (never a full level at once)."""
-        return self.read((0, 0), self.dimensions, mpp, out_size=self.size_at(mpp))
+        smallest adequate level (never a full level at once).
+
+        Args:
+            finer_on_error: when a tile of that level fails to decode, read the thumbnail from
+                the next finer level instead (each level is a separate encoding of the slide,
+                so one damaged tile rarely spoils them all); the slide fails only when every
+                level does. Slower (a finer level is more to decode), and only on damage.
+        """
+        out_size = self.size_at(mpp)
+        try:
+            return self.read((0, 0), self.dimensions, mpp, out_size=out_size)
+        except CorruptSlide as exc:
+            if not finer_on_error or self._osr is None:
+                raise
+            error = exc
+        for level in range(self.best_level(mpp) - 1, -1, -1):
+            _logger.warning("%s: thumbnail level damaged (%s); reading level %d instead",
+                            self.path, error.reason, level)
+            self.reopen()
+            try:
+                return self._read_level((0, 0), self.dimensions, level, out_size)
+            except CorruptSlide as exc:
+                error = exc
+        raise error
 
 
 def _is_tiff(path: Path) -> bool:

@@ -12,8 +12,12 @@ Layout of ``<id>.zarr`` (N tissue tiles, G×G ViT patch grid)::
     tiles/grid            (N, 2) int64           (row, col) in the tile grid
     tiles/tissue_fraction (N,) float32
     mask/tissue           (H, W) bool            tissue mask at attrs["mpp"] µm/px
+    tiles/unreadable      (U,) int64             tiles that failed to decode (attrs: records
+                                                 with level-0 (x, y) and reason)
 
-Later stages add their own groups (``scores/``, ``selection/``, ``vit/``, ``mil/``...).
+Later stages add their own groups (``triage/``, ``vit/``, ``mil/``, ``heatmap/``...).
+``heatmap/image`` is an OME-NGFF 0.5 multiscale image (:func:`write_multiscale`: arrays ``0``,
+``1``... halving in size, µm scale, level-0 px translation), which napari-ome-zarr opens.
 
 A store is built under a hidden temporary name beside its final path and renamed when complete:
 a store at the final path with ``complete: true`` is whole, and an interrupted run leaves only
@@ -231,3 +235,65 @@ def is_complete(path: str | os.PathLike[str], tile_hash: str | None = None) -> b
         return False
     same = tile_hash is None or attrs.get("tile_hash") == tile_hash
     return bool(attrs.get("complete")) and same
+
+
+#: OME-NGFF version of :func:`write_multiscale` (0.5: the first on Zarr v3)
+NGFF_VERSION = "0.5"
+
+
+def write_multiscale(group: zarr.Group, name: str, image: np.ndarray, mpp_yx: tuple[float, float],
+                     origin_um: tuple[float, float] = (0.0, 0.0), min_px: int = 32,
+                     **attrs: Any) -> zarr.Group:
+    """Write a 2-D image as an OME-NGFF multiscale group that napari-ome-zarr opens.
+
+    Arrays ``0``, ``1``... halve the image each level (2x2 mean, NaN-aware) until its longer
+    side is below ``min_px``; each carries a ``scale`` (µm/px) and a ``translation`` (µm,
+    the centre of its first pixel, as NGFF places a pixel) so the levels overlay the slide in
+    physical units.
+
+    Args:
+        group: the store (or a group in it).
+        name: the multiscale group's path, replaced if present.
+        image: (H, W) float map at ``mpp_yx``.
+        mpp_yx: (y, x) µm per pixel of ``image``.
+        origin_um: (y, x) µm of the image's top-left corner on the slide.
+        min_px: stop halving below this side.
+        **attrs: extra attributes of the group (units of the values, source).
+    """
+    if name in group:
+        del group[name]
+    g = group.create_group(name)
+    levels, datasets = [np.asarray(image, np.float32)], []
+    while max(levels[-1].shape) >= 2 * min_px:
+        levels.append(halve_nanmean(levels[-1]))
+    for i, level in enumerate(levels):
+        f = 2.0 ** i
+        # NGFF 0.5 asks each array to name its dimensions as the axes do
+        arr = g.create_array(str(i), shape=level.shape, chunks=level.shape, dtype=level.dtype,
+                             fill_value=float("nan"), dimension_names=("y", "x"))
+        arr[...] = level
+        scale = [mpp_yx[0] * f, mpp_yx[1] * f]
+        datasets.append({"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": scale},
+            {"type": "translation",
+             "translation": [origin_um[0] + scale[0] / 2, origin_um[1] + scale[1] / 2]}]})
+    g.attrs.update({"ome": {"version": NGFF_VERSION, "multiscales": [{
+        "name": name,
+        "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": datasets,
+        "type": "mean",
+    }]}, **attrs})
+    return g
+
+
+def halve_nanmean(a: np.ndarray) -> np.ndarray:
+    """(H, W) -> (ceil(H/2), ceil(W/2)) float32: 2x2 mean ignoring NaN (a block all NaN stays
+    NaN); odd edges padded with NaN."""
+    h, w = a.shape
+    p = np.pad(a, ((0, h % 2), (0, w % 2)), constant_values=np.nan)
+    blocks = p.reshape(p.shape[0] // 2, 2, p.shape[1] // 2, 2)
+    n = np.isfinite(blocks).sum(axis=(1, 3))
+    total = np.nansum(blocks, axis=(1, 3))
+    return np.divide(total, n, out=np.full(total.shape, np.nan, np.float32),
+                     where=n > 0).astype(np.float32)

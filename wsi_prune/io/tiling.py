@@ -32,7 +32,7 @@ from dask.callbacks import Callback
 
 from wsi_prune import __version__
 from wsi_prune.config import RunConfig, TilingConfig
-from wsi_prune.errors import StoreError
+from wsi_prune.errors import CorruptSlide, StoreError
 from wsi_prune.io import locks, store
 from wsi_prune.io.slide import Slide, SlideInfo
 from wsi_prune.io.tissue import tile_fractions, tissue_mask
@@ -95,8 +95,9 @@ def make_grid(
 
 
 def read_tiles(
-    slide: Slide, level0_xy: np.ndarray, tile_level0: float, mpp: float, tile_px: int
-) -> np.ndarray:
+    slide: Slide, level0_xy: np.ndarray, tile_level0: float, mpp: float, tile_px: int,
+    skip_corrupt: bool = False,
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Read square tiles at a physical resolution.
 
     Args:
@@ -105,31 +106,76 @@ def read_tiles(
         tile_level0: tile side, level-0 px.
         mpp: output resolution, µm/px.
         tile_px: output side, px.
+        skip_corrupt: a tile that fails to decode becomes white (background) and is reported
+            instead of raising; the slide handle is reopened to read on.
 
     Returns:
-        (n, tile_px, tile_px, 3) uint8.
+        ``(tiles, failures)``: (n, tile_px, tile_px, 3) uint8, and (index in ``level0_xy``,
+        reason) of each tile that failed (empty unless ``skip_corrupt``).
+
+    Raises:
+        CorruptSlide: a tile failed to decode and ``skip_corrupt`` is False.
     """
     side = max(1, round(tile_level0))
     out = np.empty((len(level0_xy), tile_px, tile_px, 3), np.uint8)
+    failures: list[tuple[int, str]] = []
     for i, (x, y) in enumerate(np.asarray(level0_xy)):
-        out[i] = slide.read((int(x), int(y)), (side, side), mpp, out_size=(tile_px, tile_px))
-    return out
+        try:
+            out[i] = slide.read((int(x), int(y)), (side, side), mpp,
+                                out_size=(tile_px, tile_px))
+        except CorruptSlide as exc:
+            if not skip_corrupt:
+                raise
+            out[i] = 255
+            failures.append((i, exc.reason))
+            slide.reopen()
+    return out, failures
+
+
+def unreadable_records(failures: list[tuple[int, str]], level0_xy: np.ndarray, stage: str
+                       ) -> list[dict[str, Any]]:
+    """JSON records of unreadable tiles for the store: tile index, level-0 (x, y), the stage
+    that found it and OpenSlide's reason."""
+    return [{"tile": int(i), "level0_xy": [int(v) for v in level0_xy[i]], "stage": stage,
+             "error": msg} for i, msg in failures]
+
+
+def check_unreadable(n_bad: int, n_tiles: int, config: TilingConfig, path: str | os.PathLike,
+                     first: str | None) -> None:
+    """Fail a slide whose unreadable tiles exceed ``config.max_unreadable_fraction`` of its
+    tissue tiles.
+
+    Raises:
+        CorruptSlide: too many unreadable tiles; names the counts, the limit and the first
+            tile's reason.
+    """
+    if n_bad and n_bad > config.max_unreadable_fraction * max(n_tiles, 1):
+        raise CorruptSlide(
+            f"{n_bad} of {n_tiles} tissue tiles unreadable ({100 * n_bad / max(n_tiles, 1):.1f} "
+            f"%, more than tiling.max_unreadable_fraction = "
+            f"{100 * config.max_unreadable_fraction:g} %); first: {first}", path)
 
 
 def _write_block(
     slide_path: str, mpp_override: float | None, store_path: str, start: int,
     level0_xy: np.ndarray, tile_level0: float, config: TilingConfig,
-) -> int:
-    """Dask task: read one shard's worth of tiles and write them. Returns the tile count."""
+) -> tuple[int, list[tuple[int, str]]]:
+    """Dask task: read one shard's worth of tiles and write them. Returns the tile count and
+    the (tile index, reason) of tiles that failed to decode (``on_corrupt_tile: skip``)."""
     n = len(level0_xy)
+    skip = config.on_corrupt_tile == "skip"
     group = zarr.open_group(store_path, mode="r+", zarr_format=3)
     with Slide(slide_path, mpp_override) as slide:
-        coarse = read_tiles(slide, level0_xy, tile_level0, config.coarse_mpp, config.coarse_px)
+        coarse, bad = read_tiles(slide, level0_xy, tile_level0, config.coarse_mpp,
+                                 config.coarse_px, skip)
         group["tiles/coarse"][start:start + n] = coarse
         if config.store_tiles:
-            full = read_tiles(slide, level0_xy, tile_level0, config.mpp, config.tile_px)
+            full, bad_full = read_tiles(slide, level0_xy, tile_level0, config.mpp,
+                                        config.tile_px, skip)
             group["tiles/full"][start:start + n] = full
-    return n
+            seen = {i for i, _ in bad}
+            bad += [(i, msg) for i, msg in bad_full if i not in seen]
+    return n, sorted((start + i, msg) for i, msg in bad)
 
 
 def slide_tile_hash(slide_path: str | os.PathLike[str], config: RunConfig,
@@ -260,7 +306,8 @@ def _build(
     tcfg = config.tiling
     slide_path = Path(slide.path)
     info = slide.info
-    thumb = slide.read_thumbnail(config.tissue.mask_mpp)
+    thumb = slide.read_thumbnail(config.tissue.mask_mpp,
+                                 finer_on_error=tcfg.on_corrupt_tile == "skip")
     # the thumbnail's real scale (rounded size) is what the mask is measured in
     mask_mpp = info.width * info.mpp / thumb.shape[1]
     tm = tissue_mask(thumb, mask_mpp, config.tissue)
@@ -282,7 +329,14 @@ def _build(
     store.write_array(group, "tiles/tissue_fraction", grid.tissue_fraction)
     store.write_array(group, "mask/tissue", tm.mask, mpp=mask_mpp, fraction=tm.fraction)
 
-    _run_blocks(str(slide_path), mpp, str(tmp), grid, tcfg, scheduler, progress)
+    bad = _run_blocks(str(slide_path), mpp, str(tmp), grid, tcfg, scheduler, progress)
+    records = unreadable_records(bad, grid.level0_xy, "tiling")
+    store.write_array(group, "tiles/unreadable", np.array([r["tile"] for r in records], np.int64),
+                      records=records)
+    if records:
+        _logger.warning("%s: %d of %d tiles unreadable (first at level-0 %s: %s)", slide_path,
+                        len(records), n, records[0]["level0_xy"], records[0]["error"])
+    check_unreadable(len(records), n, tcfg, slide_path, records[0]["error"] if records else None)
 
     for name in ("tiles/coarse", "tiles/full") if tcfg.store_tiles else ("tiles/coarse",):
         lost = store.missing_chunks(group[name])
@@ -313,10 +367,11 @@ def _build(
 def _run_blocks(
     slide_path: str, mpp: float | None, tmp: str, grid: TileGrid, tcfg: TilingConfig,
     scheduler: Any, progress: Progress | None,
-) -> None:
+) -> list[tuple[int, str]]:
+    """Run the block tasks; return (tile index, reason) of every tile that failed to decode."""
     n, step = len(grid), tcfg.tiles_per_shard
     if n == 0:
-        return
+        return []
     tasks, sizes = [], {}
     for start in range(0, n, step):
         xy = grid.level0_xy[start:start + step]
@@ -329,8 +384,7 @@ def _run_blocks(
         tasks.append(task)
         sizes[task.key] = len(xy)
     if hasattr(scheduler, "compute") and hasattr(scheduler, "gather"):  # distributed.Client
-        _run_distributed(scheduler, tasks, n, progress)
-        return
+        return _run_distributed(scheduler, tasks, n, progress)
     if scheduler == "dask-worker":
         # Inside a task on a distributed worker (a slide of a batch): the blocks become tasks
         # on the same cluster, and this task leaves its worker thread while it waits, so the
@@ -338,8 +392,7 @@ def _run_blocks(
         from distributed import worker_client
 
         with worker_client() as client:
-            _run_distributed(client, tasks, n, progress)
-        return
+            return _run_distributed(client, tasks, n, progress)
     with contextlib.ExitStack() as stack:
         kwargs: dict[str, Any] = {}
         if scheduler == "threads":
@@ -351,7 +404,8 @@ def _run_blocks(
             kwargs["pool"] = pool
         if progress:
             stack.enter_context(_TaskProgress(sizes, n, progress))
-        dask.compute(*tasks, scheduler=scheduler, **kwargs)
+        results = dask.compute(*tasks, scheduler=scheduler, **kwargs)
+    return sorted(f for _, bad in results for f in bad)
 
 
 def _n_threads() -> int:
@@ -361,14 +415,17 @@ def _n_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _run_distributed(client: Any, tasks: list, n: int, progress: Progress | None) -> None:
+def _run_distributed(client: Any, tasks: list, n: int, progress: Progress | None
+                     ) -> list[tuple[int, str]]:
     from distributed import as_completed
 
     futures = client.compute(tasks)
-    done = 0
+    done, failures = 0, []
     try:
         for fut in as_completed(futures):
-            done += fut.result()
+            count, bad = fut.result()
+            done += count
+            failures.extend(bad)
             if progress:
                 progress(done, n)
     except BaseException:
@@ -378,3 +435,4 @@ def _run_distributed(client: Any, tasks: list, n: int, progress: Progress | None
         # (store.remove_stale_tmp), never a store that looks complete.
         client.cancel(futures)
         raise
+    return sorted(failures)

@@ -12,6 +12,7 @@ from typing import Any
 import timm.data
 import torch
 
+from wsi_prune._devices import check_device
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.models.binding import INIT_SEED, check_bindings
@@ -87,12 +88,14 @@ def build_models(config: RunConfig, device: str = "cpu",
     config asks for hub weights).
 
     Args:
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         digests: :meth:`RunConfig.weight_digests`, when already computed (for ``describe``).
 
     Raises:
         ConfigError / CheckpointRefused: unknown models or selection policies, bad or unsafe
-            weight files.
+            weight files, a device that is misspelt or not here.
     """
+    device = check_device(device)
     check_policies(config)
     check_bindings(config, config.weight_digests() if digests is None else digests)
     # Parts without weight files start from one fixed seed, so every process (Dask workers,

@@ -1,5 +1,9 @@
 """CAMELYON16 lesion candidates: one ``confidence,X,Y`` per kept tile, at its hottest patch,
-in the header-less integer format CAMELYON16's ``Evaluation_FROC.py`` reads.
+in the header-less integer format CAMELYON16's ``Evaluation_FROC.py`` reads; in
+``OUT/<id>/candidates.csv`` and, for the challenge script, in ``OUT/froc/<id>.csv``.
+
+Coordinates are OpenSlide level-0 px (no viewer offset, :mod:`wsi_prune.outputs.frame`): the
+script reads its masks through OpenSlide, and ASAP lesion XML is in that frame too.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+
+from wsi_prune._files import write_text_atomic
+
+#: folder of OUT holding one ``<id>.csv`` per slide, as ``Evaluation_FROC.py`` reads them
+FROC_DIR = "froc"
 
 
 def candidates(group: zarr.Group, probability: float) -> list[tuple[float, int, int]]:
@@ -47,7 +56,22 @@ def write_candidates(path: str | os.PathLike[str],
     ``confidence,X,Y`` line each, X and Y integer level-0 px (the script calls ``int()`` on
     them, which refuses ``12.0``)."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        for conf, x, y in rows:
-            fh.write(f"{float(conf):.6f},{int(round(float(x)))},{int(round(float(y)))}\n")
+    path.write_text(format_candidates(rows), encoding="utf-8", newline="")
     return path
+
+
+def format_candidates(rows: Iterable[tuple[float, float, float]]) -> str:
+    """The text of a candidates file (see :func:`write_candidates`)."""
+    return "".join(f"{float(c):.6f},{int(round(float(x)))},{int(round(float(y)))}\n"
+                   for c, x, y in rows)
+
+
+def write_froc_export(out: str | os.PathLike[str], slide_id: str,
+                      rows: Iterable[tuple[float, float, float]]) -> Path:
+    """Write ``OUT/froc/<slide_id>.csv``: the folder ``Evaluation_FROC.py`` takes as its
+    result folder (it lists the ``.csv`` files there and takes each name, less ``.csv``, as
+    the slide: ``<name>_Mask.tif`` in its mask folder, and a tumour slide only when the name
+    starts with ``Tumor``), written atomically."""
+    folder = Path(out) / FROC_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(folder / f"{slide_id}.csv", format_candidates(rows))

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from wsi_prune._devices import check_device
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError, OutputConflict
 from wsi_prune.io import locks
@@ -33,10 +34,6 @@ from wsi_prune.pipeline.process import process_slide
 from wsi_prune.pipeline.records import failed_row, write_manifest, write_predictions
 
 _logger = logging.getLogger(__name__)
-
-
-
-
 
 
 def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
@@ -95,7 +92,7 @@ def run_batch(
         out: output folder (created).
         config: the run config.
         mpp: MPP override for slides without metadata, µm/px.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (:mod:`wsi_prune._devices`).
         client: a ``distributed.Client``: slides become tasks on its workers (models load
             once per worker); None: this process.
         force: recompute slides whose outputs are complete.
@@ -112,7 +109,9 @@ def run_batch(
 
     Raises:
         OutputConflict: another run holds this OUT (or this shard of it).
+        ConfigError: ``device`` is misspelt or not present on this machine.
     """
+    device = check_device(device)  # a missing GPU stops the run here, not slide by slide
     out = Path(out)
     if audit is not None and (shard is not None or not 0 < audit[0] <= 1):
         raise ConfigError(f"an audit needs the whole run (no shard) and a fraction in (0, 1], "

@@ -1,9 +1,14 @@
-"""Preflight: what a slide is and how much work it will be, without running any model."""
+"""Preflight: what a slide is and how much work it will be, without running any model
+(:func:`inspect_slide`), and what the machine offers a batch (:func:`environment_report`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from wsi_prune.config import RunConfig
@@ -60,3 +65,87 @@ def inspect_slide(
         "estimated_seconds": round(SECONDS_PER_SLIDE + len(grid) * SECONDS_PER_TISSUE_TILE, 1),
         "estimate_note": ESTIMATE_NOTE,
     }
+
+
+#: free space in OUT below which ``doctor --env`` reports a problem, bytes
+MIN_FREE_BYTES = 10 * 2**30
+
+
+def environment_report(out: str | os.PathLike[str] = ".") -> dict[str, Any]:
+    """What a user checks before a long batch: OpenSlide and libvips versions, torch and its
+    accelerators, free disk in ``out``, the Hugging Face cache and offline mode, a writable
+    temporary folder.
+
+    Returns:
+        A flat JSON-serialisable dict; ``problems`` lists what would stop or slow a batch
+        (empty when all is well).
+    """
+    import openslide
+    import torch
+
+    problems: list[str] = []
+    rep: dict[str, Any] = {
+        "openslide": getattr(openslide, "__library_version__", "unknown"),
+        "openslide_python": openslide.__version__,
+        "libvips": _libvips_version(),
+        "torch": torch.__version__,
+        "torch_cuda_build": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [f"cuda:{i} {torch.cuda.get_device_name(i)}"
+                         for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "mps_available": bool(getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()),
+    }
+    target = Path(out)
+    probe = target if target.exists() else next(
+        (p for p in target.absolute().parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    rep.update(out=str(target), out_free_gb=round(free / 2**30, 2))
+    if free < MIN_FREE_BYTES:
+        problems.append(f"only {free / 2**30:.1f} GB free in {probe} (a store is ~10-50 MB per "
+                        f"slide, pictures a few MB)")
+    hf = _hf_cache()
+    rep.update(hf_cache=hf["cache"], hf_offline=hf["offline"])
+    tmp = tempfile.gettempdir()
+    rep["temp_dir"] = tmp
+    try:
+        with tempfile.NamedTemporaryFile(dir=tmp, prefix="wsi-prune-doctor-") as fh:
+            fh.write(b"x")
+        rep["temp_writable"] = True
+    except OSError as exc:
+        rep["temp_writable"] = False
+        problems.append(f"temporary folder {tmp} is not writable ({exc.strerror}); set TMPDIR")
+    rep["problems"] = problems
+    return rep
+
+
+def _libvips_version() -> str | None:
+    """libvips' version through pyvips or the ``vips`` command, None when neither is here
+    (wsi-prune does not need it; tools around it, e.g. TRIDENT's or QuPath's converters,
+    may)."""
+    try:
+        import pyvips
+
+        return ".".join(str(pyvips.version(i)) for i in range(3))
+    except Exception:  # noqa: BLE001 - absent, or present without its library
+        pass
+    exe = shutil.which("vips")
+    if exe:
+        try:
+            res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+            return res.stdout.strip().removeprefix("vips-") or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return None
+
+
+def _hf_cache() -> dict[str, Any]:
+    """Hugging Face hub cache folder and offline mode, read at call time (huggingface_hub
+    reads its variables once, at import)."""
+    from wsi_prune.models.hub import hub_offline
+
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+    return {"cache": cache, "offline": hub_offline()}

@@ -26,11 +26,18 @@ import numpy as np
 import zarr
 
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import NoTissue, UnsupportedSlide, WsiPruneError
+from wsi_prune.errors import CorruptSlide, NoTissue, UnsupportedSlide, WsiPruneError
 from wsi_prune.io import locks, store
-from wsi_prune.io.tiling import slide_tile_hash, tile_slide
+from wsi_prune.io.tiling import (
+    check_unreadable,
+    slide_tile_hash,
+    tile_slide,
+    unreadable_records,
+)
 from wsi_prune.models.factory import Models
-from wsi_prune.outputs.heat import patch_heat, tile_heat
+from wsi_prune.outputs.candidates import FROC_DIR
+from wsi_prune.outputs.frame import CONVENTION, ViewerFrame
+from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat
 from wsi_prune.outputs.writer import write_outputs
 from wsi_prune.pipeline.inputs import SlideEntry
 from wsi_prune.pipeline.stages import Progress, embed_kept, slide_head, triage
@@ -39,10 +46,6 @@ from wsi_prune.selection.macs import vit_macs
 _logger = logging.getLogger(__name__)
 
 STAGES = ("tiling", "triage", "vit", "mil", "outputs")
-
-
-
-
 
 
 def run_complete(out: Path, entry: SlideEntry, config: RunConfig,
@@ -76,6 +79,8 @@ def _row_from_result(entry: SlideEntry, status: str, result: dict[str, Any],
         "probability": result["probability"], "label": result["label"],
         "mpp": attrs.get("mpp"), "mpp_source": attrs.get("mpp_source"),
         "tissue_tiles": result["tissue_tiles"], "kept_tiles": result["kept_tiles"],
+        "unreadable_tiles": result.get("unreadable_tiles", 0),
+        "viewer_offset": ViewerFrame.of(attrs["slide"]).offset if "slide" in attrs else None,
         "token_fraction": result["token_fraction"], "gmacs": result["gmacs"],
         "gmacs_dense": result["gmacs_dense"],
     }
@@ -114,6 +119,8 @@ def process_slide(
 def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
+    # Evaluation_FROC.py scores every file in froc/: a slide that fails now must not leave one
+    (out / FROC_DIR / f"{entry.id}.csv").unlink(missing_ok=True)
     t = time.perf_counter()
 
     def stage_progress(name: str) -> Progress:
@@ -140,9 +147,26 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     seconds["triage"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tile_index = np.flatnonzero(tri["kept"]).astype(np.int64)
-    vit = embed_kept(entry, group, config, models, tile_index, tri["patch_importance"], device,
-                     stage_progress("vit"))
+    vit = embed_kept(entry, group, config, models, np.flatnonzero(tri["kept"]).astype(np.int64),
+                     tri["patch_importance"], device, stage_progress("vit"))
+    # tiles whose full-resolution read failed (on_corrupt_tile: skip) never reached the ViT
+    tile_index = vit["tile_index"]
+    coords = np.asarray(group["tiles/coords"][:])
+    records = unreadable_records(vit["unreadable"], coords, "vit")
+    store.write_array(group, "vit/unreadable", np.array([r["tile"] for r in records], np.int64),
+                      records=records)
+    n_bad = int(group["tiles/unreadable"].shape[0]) if "unreadable" in group["tiles"] else 0
+    n_bad += len(records)
+    if records:
+        tri["kept"][[r["tile"] for r in records]] = False
+        store.write_array(group, "triage/kept", tri["kept"])
+        _logger.warning("%s: %d kept tiles unreadable at full resolution (first at level-0 "
+                        "%s: %s)", entry.id, len(records), records[0]["level0_xy"],
+                        records[0]["error"])
+        check_unreadable(n_bad, n, config.tiling, entry.path, records[0]["error"])
+        if not len(tile_index):
+            raise CorruptSlide(f"every kept tile is unreadable at full resolution; first: "
+                               f"{records[0]['error']}", entry.path)
     store.write_array(group, "vit/tile_index", tile_index)
     for name in ("embedding", "token_importance", "kept_tokens"):
         store.write_array(group, f"vit/{name}", vit[name])
@@ -158,6 +182,12 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     store.write_array(group, "heatmap/patch", patch_heat(
         vit["token_importance"], vit["kept_tokens"][:, 0],
         tri["patch_importance"][tile_index], heat[tile_index]))
+    # the slide-wide map as an OME-NGFF multiscale image (napari-ome-zarr), in µm
+    hmap, hpx0 = heat_map(group)
+    mpp = float(group.attrs["mpp"])
+    store.write_multiscale(group, "heatmap/image", hmap, (mpp * hpx0, mpp * hpx0),
+                           units="heat in [0, 1], NaN off tissue",
+                           px_level0=hpx0)
     seconds["mil"] = time.perf_counter() - t
 
     spec = models.macs["spec"]
@@ -167,7 +197,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     label = int(prob >= config.mil.threshold)
     result = {
         "probability": prob, "label": label, "tissue_tiles": n,
-        "kept_tiles": int(len(tile_index)),
+        "kept_tiles": int(len(tile_index)), "unreadable_tiles": n_bad,
         # tokens that entered the ViT (stage 0, after the CNN prior) over all tissue tokens
         "token_fraction": float(vit["kept_tokens"][:, 0].sum()) / (n * p),
         "gmacs": (vit["macs"] + scorer_macs) / 1e9,
@@ -181,7 +211,9 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     # last: the marker that makes these outputs complete
     group.attrs.update({"result": result, "run_hash": run_hash,
-                        "run_config": config.to_dict(), "models": models.describe})
+                        "run_config": config.to_dict(), "models": models.describe,
+                        "viewer_frame": {**ViewerFrame.of(group.attrs["slide"]).to_dict(),
+                                         "convention": CONVENTION}})
     _logger.info("%s: p=%.3f, %d/%d tiles kept, %.1f%% tokens", entry.id, prob,
                  result["kept_tiles"], n, 100 * result["token_fraction"])
     return _row_from_result(entry, "ok", result, dict(group.attrs))

@@ -18,11 +18,12 @@ from wsi_prune import __version__
 from wsi_prune._files import write_text_atomic
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import WsiPruneError
+from wsi_prune.outputs.frame import CONVENTION
 from wsi_prune.pipeline.inputs import SlideEntry
 
 PREDICTION_COLUMNS = (
     "id", "path", "status", "error", "probability", "label", "mpp", "mpp_source",
-    "tissue_tiles", "kept_tiles", "token_fraction", "gmacs", "gmacs_dense",
+    "tissue_tiles", "kept_tiles", "unreadable_tiles", "token_fraction", "gmacs", "gmacs_dense",
     "sec_tiling", "sec_triage", "sec_vit", "sec_mil", "sec_outputs", "sec_total",
 )
 
@@ -81,7 +82,9 @@ def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]]
         "models": models, "started": started,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "slides": {r["id"]: {k: r.get(k) for k in ("status", "error", "path", "probability",
-                                                   "sec_total")} for r in rows},
+                                                   "sec_total", "viewer_offset")}
+                   for r in rows},
+        "coordinates": CONVENTION,
         **(extra or {}),
     }
     write_text_atomic(path, json.dumps(manifest, indent=2, default=str))

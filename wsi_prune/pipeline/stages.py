@@ -19,6 +19,7 @@ import zarr
 
 from wsi_prune.config import RunConfig
 from wsi_prune.io.slide import Slide
+from wsi_prune.io.tiling import read_tiles
 from wsi_prune.models.factory import Models
 from wsi_prune.models.scorer import score_tiles
 from wsi_prune.pipeline.inputs import SlideEntry
@@ -29,12 +30,12 @@ from wsi_prune.selection.tokens import select_patches
 Progress = Callable[[int, int], None] | None
 
 
-Progress = Callable[[int, int], None] | None
-
-
 def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progress = None
            ) -> dict[str, np.ndarray]:
     """Score every coarse tile and every ViT patch in it; choose the tiles for the ViT.
+
+    Tiles the tiling stage could not read (``tiles/unreadable``: white stand-ins) score 0
+    and are never kept.
 
     Returns:
         ``tile_score`` (N,), ``patch_importance`` (N, G, G), ``embedding`` (N, C), ``kept`` (N,).
@@ -43,7 +44,12 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
     out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
                       config.scorer.threads, progress)
     patch, tile, emb = out.numpy()
+    bad = np.asarray(group["tiles/unreadable"][:]) if "unreadable" in group["tiles"] else []
+    if len(bad):
+        tile[bad], patch[bad] = 0.0, 0.0
     kept = select_tiles(tile, config.tile_select, np.asarray(group["tiles/grid"][:]), emb)
+    if len(bad):
+        kept[bad] = False
     return {"tile_score": tile, "patch_importance": patch, "embedding": emb, "kept": kept}
 
 
@@ -58,19 +64,24 @@ def embed_kept(
         tile_index: (K,) indices of kept tiles.
         patch_importance: (N, G, G) CNN patch maps of all tiles.
 
+    A kept tile whose full-resolution read fails to decode is, with ``tiling.on_corrupt_tile:
+    skip``, left out (K counts only the tiles read) and reported in ``unreadable``; with
+    ``fail`` the error propagates.
+
     Returns:
-        ``embedding`` (K, D), ``token_importance`` (K, P), ``kept_tokens`` (K, S, P) bool,
-        ``macs`` (MACs spent on the K tiles by the ViT).
+        ``tile_index`` (K,) the tiles embedded, ``embedding`` (K, D), ``token_importance``
+        (K, P), ``kept_tokens`` (K, S, P) bool, ``macs`` (MACs spent on the K tiles by the
+        ViT), ``unreadable`` [(tile index, reason)].
     """
 
     tcfg = config.tiling
     coords = np.asarray(group["tiles/coords"][:])
     tile_level0 = float(group.attrs["grid"]["tile_level0"])
-    size0 = int(round(tile_level0))
     full = group["tiles/full"] if "full" in group["tiles"] else None
     k = len(tile_index)
     g = models.grid[0] * models.grid[1]
-    embeddings, importance, kept_tokens = [], [], []
+    embeddings, importance, kept_tokens, done = [], [], [], []
+    unreadable: list[tuple[int, str]] = []
     macs = 0
     spec = models.macs["spec"]
     bs = config.vit.batch_size
@@ -80,11 +91,16 @@ def embed_kept(
             if full is not None:
                 pix = np.stack([np.asarray(full[int(i)]) for i in idx])
             else:
-                pix = np.stack([
-                    slide.read(tuple(int(v) for v in coords[i]), (size0, size0), tcfg.mpp,
-                               out_size=(tcfg.tile_px, tcfg.tile_px))
-                    for i in idx
-                ])
+                tiles, bad = read_tiles(slide, coords[idx], tile_level0, tcfg.mpp, tcfg.tile_px,
+                                        skip_corrupt=tcfg.on_corrupt_tile == "skip")
+                if bad:
+                    unreadable += [(int(idx[j]), msg) for j, msg in bad]
+                    good = np.setdiff1d(np.arange(len(idx)), [j for j, _ in bad])
+                    idx, tiles = idx[good], tiles[good]
+                    if not len(idx):
+                        continue
+                pix = tiles
+            done.append(idx)
             x = torch.from_numpy(pix).to(device).permute(0, 3, 1, 2).float().div_(255.0)
             x = (x - models.vit_mean) / models.vit_std
             keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
@@ -101,11 +117,14 @@ def embed_kept(
                 progress(min(start + bs, k), k)
     d = models.mil.in_dim
     n_stages = 1 + len(config.vit.prune_blocks)
+    k = sum(len(i) for i in done)
     return {
+        "tile_index": np.concatenate(done).astype(np.int64) if k else np.zeros(0, np.int64),
         "embedding": np.concatenate(embeddings) if k else np.zeros((0, d), np.float32),
         "token_importance": np.concatenate(importance) if k else np.zeros((0, g), np.float32),
         "kept_tokens": np.concatenate(kept_tokens) if k else np.zeros((0, n_stages, g), bool),
         "macs": macs,
+        "unreadable": unreadable,
     }
 
 
