@@ -9,11 +9,13 @@ the slide-level mask stage on large synthetic slides.
    images: pixel IoU of tissue (over tissue and background pixels; ink and ignored pixels left
    out), false tissue (share of background pixels more than 20 µm from tissue called tissue)
    and ink excluded (share of ink pixels not called tissue, over glass and over tissue).
-2. **Memory** (``--memory-sizes``): for each side (level-0 px at 0.5 µm/px) a pyramidal TIFF
-   whose level 0 and 1 repeat one stored white JPEG tile (fast to write) and whose 8 µm/px level
-   holds copies of the real slide; a fresh process runs the mask stage (thumbnail, mask, tile
-   grid) and reports its peak RSS above what it held before, for the baseline stage and for
-   this tree's.
+2. **Tile counts**: tissue tiles of the default tiling on the real slide and on a synthetic
+   slide with pen strokes and a black border, baseline against this tree.
+3. **Memory** (``--memory-sizes``): for each side (level-0 px at 0.5 µm/px) a pyramidal TIFF
+   whose level 0 and 1 repeat one stored JPEG tile of glass (fast to write) and whose 8 µm/px
+   level holds copies of the real slide; a fresh process runs the mask stage (thumbnail, mask,
+   tile grid) and reports its peak RSS above what it held before, for the baseline stage and
+   for this tree's (``_tissue_memory.py``).
 
     python benchmarks/bench_tissue.py --out bench-out/tissue
     python benchmarks/bench_tissue.py --out bench-out/tissue --skip memory --overlays
@@ -202,7 +204,6 @@ def report(results: dict, timing: dict, names: list[str], counts: dict[str, int]
         print(f"| (all) | ms per image | {ms} |")
 
 
-# -- memory -------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-out/tissue", help="folder for slides and pictures")
@@ -214,7 +215,7 @@ def main() -> None:
     ap.add_argument("--overlays", action="store_true",
                     help="write the ground-truth overlay and contact sheets of the images")
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[50000, 100000])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "memory"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "counts", "memory"])
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -238,10 +239,13 @@ def main() -> None:
         report(results, timing, names, counts)
         (out / "accuracy.json").write_text(json.dumps(
             {" / ".join(k): v for k, v in results.items()}, indent=1))
-    if "memory" not in args.skip:
+    if "counts" not in args.skip or "memory" not in args.skip:
         import _tissue_memory as M
 
-        M.run(args.memory_sizes, out, args.real, args.baseline, __file__)
+        if "counts" not in args.skip:
+            M.counts(args.real, out, baseline_module(args.baseline))
+        if "memory" not in args.skip:
+            M.run(args.memory_sizes, out, args.real, args.baseline, os.path.abspath(__file__))
     print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
 
 

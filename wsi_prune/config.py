@@ -55,7 +55,7 @@ class TissueConfig:
     saturation_min: int = 15
     reject_pen: bool = True
     ink_min_um2: float = 2_000.0
-    max_mask_mpx: float = 16.0
+    max_mask_mpx: float = 24.0
 
     def __post_init__(self) -> None:
         _check(0.5 <= self.mask_mpp <= 64, f"tissue.mask_mpp={self.mask_mpp} outside 0.5-64 µm/px")

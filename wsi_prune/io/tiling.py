@@ -6,7 +6,8 @@ of each tile array. Tasks never share a shard, because concurrent partial writes
 lose data in Zarr v3 today (zarr-python #3682, dask #12583).
 
 Memory is bounded by one block of tiles per worker thread plus the low-resolution tissue mask
-(a 100k px slide at 8 µm/px is a ~6k px mask), never by slide size.
+(at most ``TissueConfig.max_mask_mpx``, coarser than 8 µm/px on slides larger than that), never
+by slide size.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from wsi_prune.config import RunConfig, TilingConfig
 from wsi_prune.errors import StoreError
 from wsi_prune.io import locks, store
 from wsi_prune.io.slide import Slide, SlideInfo
-from wsi_prune.io.tissue import tile_fractions, tissue_mask
+from wsi_prune.io.tissue import slide_tissue_mask, tile_fractions
 
 _logger = logging.getLogger(__name__)
 
@@ -260,13 +261,9 @@ def _build(
     tcfg = config.tiling
     slide_path = Path(slide.path)
     info = slide.info
-    thumb = slide.read_thumbnail(config.tissue.mask_mpp)
-    # the thumbnail's real scale (rounded size) is what the mask is measured in
-    mask_mpp = info.width * info.mpp / thumb.shape[1]
-    tm = tissue_mask(thumb, mask_mpp, config.tissue)
-    # (H, W, 3) uint8 at mask_mpp, 117 MB for 50 x 50 mm of glass at 8 µm/px: not needed
-    # while the blocks run
-    del thumb
+    # thumbnail read, masked and released inside; bounded by TissueConfig.max_mask_mpx
+    tm = slide_tissue_mask(slide, config.tissue)
+    mask_mpp = tm.mpp
     grid = make_grid(info, tm.mask, mask_mpp, tcfg)
     n = len(grid)
 

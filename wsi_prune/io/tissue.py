@@ -60,8 +60,10 @@ _MAX_DISK_ELEMENTS = 50
 _EDGE_REGION_SHARE = 0.01
 # Levels by which green may exceed red or blue on a pale stained pixel (noise, JPEG chroma).
 _HUE_SLACK = 4
-# Rows per strip of the per-pixel stage: 512 rows of a 6000 px wide thumbnail keep the float32
-# temporaries of the texture measure near 12 MB each.
+# Pixels per strip of the per-pixel stage (plus its halo): the stage's float32 temporaries,
+# about 60 bytes per pixel, stay near 30 MB whatever the image.
+_STRIP_PX = 1 << 19
+# Rows per strip when computing the saturation histogram (bincount copies to 8-byte ints).
 _STRIP_ROWS = 512
 # Glass: bright and grey. A pixel is a glass candidate when its darkest channel is at least
 # _GLASS_MIN_V (dim scanners put glass near 205) and its chroma at most _GLASS_MAX_CHROMA
@@ -125,32 +127,40 @@ def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig
 
     glass = glass_colour(rgb, transparent)
     f = _features(rgb, mpp, glass, config)
+    return _mask_from_features(f, transparent, mpp, glass, config)
+
+
+def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float,
+                        glass: np.ndarray | None, config: TissueConfig) -> TissueMask:
+    """Steps 3-7 of the recipe, on the per-pixel planes (consumed: ``f`` is emptied)."""
     # Near-black is never tissue on a bright-field slide: scanner borders, slide edges, black
     # marker. Even dense hematoxylin keeps one channel above ~60.
-    hard_out = f.dark
+    dark = f.get(_DARK)
+    hard_out = dark.copy()
     if transparent is not None:
         hard_out |= transparent
     px2 = mpp * mpp
     if config.reject_pen:
-        inked = ink.ink_regions(f.colour, f.smooth, f.stained, f.floor, f.deep, f.dark, mpp,
-                                config.ink_min_um2 / px2)
+        bits = {"colour": _COLOUR, "smooth": _SMOOTH, "stained": _STAINED, "floor": _FLOOR,
+                "deep": _DEEP, "dark": _DARK}
+        inked = ink.ink_regions(lambda name: f.get(bits[name]), mpp, config.ink_min_um2 / px2)
         # A stroke's last few px are never smooth nor dark-floored (the windows straddle its
         # edge): grow ink over the non-glass pixels within half a texture window of it. Not
         # from near-black pixels: a scanner border's edge is sharp.
         grow = ink.texture_window(mpp) // 2
         if grow >= 1 and inked.any():
-            inked |= ndi.binary_dilation(inked & ~f.dark, disk(grow)) & ~f.background
+            inked |= ndi.binary_dilation(inked & ~dark, disk(grow)) & ~f.get(_BACKGROUND)
         hard_out |= inked
         del inked
-    del f.colour, f.smooth, f.stained, f.floor, f.deep
+    del dark
 
     # Otsu sees glass too (it is the low mode that makes the histogram bimodal) but not the
     # black/pen pixels, whose saturation would drag the threshold anywhere.
     sat_min = _saturation_threshold(f.sat, ~hard_out, config.saturation_min)
     fg = f.sat >= sat_min
-    fg &= ~f.background
+    fg &= ~f.get(_BACKGROUND)
     fg &= ~hard_out
-    del f
+    f.sat = f.flags = None  # the planes are done with: free them before the region labels
 
     radius_px = config.closing_um / mpp
     if radius_px >= 1.0:
@@ -166,7 +176,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig
     fraction = float(np.count_nonzero(fg)) / fg.size
     _logger.debug(
         "tissue mask %dx%d px at %.3g µm/px: glass %s, saturation >= %d, fraction %.3f",
-        w, h, mpp, None if glass is None else np.round(glass).tolist(), sat_min, fraction,
+        fg.shape[1], fg.shape[0], mpp, None if glass is None else np.round(glass).tolist(),
+        sat_min, fraction,
     )
     return TissueMask(fg, float(mpp), fraction,
                       None if glass is None else tuple(float(v) for v in glass))
@@ -177,9 +188,12 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig()) -> Ti
 
     The thumbnail is read at ``config.mask_mpp``, or coarser when that would exceed
     ``config.max_mask_mpx`` megapixels: the mask stage holds about 10 bytes per thumbnail pixel
-    at its peak (the RGB thumbnail, six planes of per-pixel features, then int32 region
-    labels), so the cap bounds its memory whatever the slide's size (16 Mpx: under 200 MB).
-    At 8 µm/px the default cap is reached only by scans over about 32 x 32 mm.
+    at its peak (the RGB thumbnail and two planes of per-pixel features, then a few bool
+    planes and int32 region labels; the thumbnail is released after the per-pixel stage), so
+    the cap bounds its memory whatever the slide's size (16 Mpx measured at 252 MB above the
+    process's start, thumbnail read included; docs/benchmarks.md). At 8 µm/px the default
+    cap (24 Mpx) is reached only by scans over about 39 x 39 mm: the largest CAMELYON16 slides
+    (24 x 54 mm, 20 Mpx) stay at 8 µm/px.
 
     Args:
         slide: an open slide.
@@ -192,7 +206,10 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig()) -> Ti
     thumb = slide.read_thumbnail(mpp)
     # the thumbnail's real scale (rounded size) is what the mask is measured in
     real_mpp = slide.info.width * slide.mpp / thumb.shape[1]
-    return tissue_mask(thumb, real_mpp, config)
+    glass = glass_colour(thumb)
+    f = _features(thumb, real_mpp, glass, config)
+    del thumb  # 3 bytes per pixel, not needed past the per-pixel stage
+    return _mask_from_features(f, None, real_mpp, glass, config)
 
 
 def mask_mpp_for(width: int, height: int, level0_mpp: float, config: TissueConfig) -> float:
@@ -333,18 +350,30 @@ def _max_min_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return cmax, cmin, sat
 
 
+# Bits of _Features.flags.
+_BACKGROUND, _DARK, _COLOUR, _SMOOTH, _STAINED, _FLOOR, _DEEP = (1 << i for i in range(7))
+
+
 @dataclass
 class _Features:
-    """Per-pixel planes of the white-balanced image, each (H, W)."""
+    """Per-pixel planes of the white-balanced image: saturation, and seven yes/no tests packed
+    as bits of one byte (a bool plane each would cost 7 bytes per pixel).
 
-    sat: np.ndarray  # uint8 HSV saturation 0-255
-    background: np.ndarray  # bool glass (near-white) or a colour H&E never has
-    dark: np.ndarray  # bool near-black: borders, black marker
-    colour: np.ndarray  # bool ink by colour
-    smooth: np.ndarray  # bool smooth ink-like stain
-    stained: np.ndarray  # bool ink-like stain
-    floor: np.ndarray  # bool dark neighbourhood floor of an ink-like colour
-    deep: np.ndarray  # bool ink-like stain as dark as that floor
+    Attributes:
+        sat: (H, W) uint8 HSV saturation 0-255.
+        flags: (H, W) uint8 bits: ``_BACKGROUND`` glass (near-white) or a colour H&E never
+            has; ``_DARK`` near-black (borders, black marker); ``_COLOUR`` an ink colour;
+            ``_SMOOTH``, ``_STAINED``, ``_FLOOR``, ``_DEEP`` see
+            :func:`wsi_prune.io.ink.ink_candidates`.
+    """
+
+    sat: np.ndarray | None
+    flags: np.ndarray | None
+
+    def get(self, bit: int) -> np.ndarray:
+        """(H, W) bool plane of one bit."""
+        assert self.flags is not None
+        return (self.flags & bit) != 0
 
 
 def _features(rgb: np.ndarray, mpp: float, glass: np.ndarray | None,
@@ -356,36 +385,37 @@ def _features(rgb: np.ndarray, mpp: float, glass: np.ndarray | None,
     grey, the glass the thresholds were set on (left as it is when no glass is in view).
     """
     h, w = rgb.shape[:2]
-    planes = _Features(np.empty((h, w), np.uint8), *(np.empty((h, w), bool) for _ in range(7)))
+    out = _Features(np.empty((h, w), np.uint8), np.empty((h, w), np.uint8))
     # white balance as a lookup table per channel: no float copy of the image
     gain = np.ones(3) if glass is None else ink.GLASS_LEVEL / np.maximum(glass, 1.0)
     luts = [np.clip(np.round(np.arange(256) * g), 0, 255).astype(np.uint8) for g in gain]
     halo = ink.halo(mpp)
-    for y0 in range(0, h, _STRIP_ROWS):
-        y1 = min(h, y0 + _STRIP_ROWS)
+    rows = max(16, _STRIP_PX // max(w, 1))
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
         a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
         part = rgb[a0:a1]
         bal = np.stack([luts[c][part[..., c]] for c in range(3)], axis=-1)
-        cmax, cmin, sat = _max_min_saturation(bal)
         inner = np.s_[y0 - a0:y1 - a0]
-        planes.sat[y0:y1] = sat[inner]
+        b = bal[inner]
+        cmax, cmin, sat = _max_min_saturation(b)
+        out.sat[y0:y1] = sat
         # Glass is bright and grey in every channel; requiring *all* channels bright
         # (min > t) keeps pale eosin, whose green channel is low even when red and blue are
-        # near white.
-        # H&E absorbs green most (both stains do), so green is about the lowest channel of
-        # any stained pixel; brown dust and bluish lint break the rule. The slack grows with
-        # chroma (noise and JPEG chroma error do), from _HUE_SLACK on pale pixels.
-        b = bal[inner]
-        slack = _HUE_SLACK + (cmax[inner] - cmin[inner]) // 8
-        green_lowest = b[..., 1] <= np.minimum(b[..., 0], b[..., 2]) + slack
-        planes.background[y0:y1] = (cmin[inner] > config.white_threshold) | ~green_lowest
-        planes.dark[y0:y1] = cmax[inner] < config.black_threshold
-        planes.colour[y0:y1] = ink.ink_colour(bal[inner], cmax[inner], sat[inner],
-                                              black=False)
-        for name, plane in zip(("smooth", "stained", "floor", "deep"),
-                               ink.ink_candidates(bal, mpp), strict=True):
-            getattr(planes, name)[y0:y1] = plane[inner]
-    return planes
+        # near white. H&E absorbs green most (both stains do), so green is about the lowest
+        # channel of any stained pixel; brown dust and bluish lint break the rule. The slack
+        # grows with chroma (noise and JPEG chroma error do), from _HUE_SLACK on pale pixels.
+        slack = _HUE_SLACK + (cmax - cmin) // 8
+        green_lowest = b[..., 1] <= np.minimum(b[..., 0], b[..., 2]).astype(np.int16) + slack
+        flags = np.where((cmin > config.white_threshold) | ~green_lowest, _BACKGROUND, 0)
+        flags = flags.astype(np.uint8)
+        flags[cmax < config.black_threshold] |= _DARK
+        flags[ink.ink_colour(b, cmax, sat, black=False)] |= _COLOUR
+        for bit, plane in zip((_SMOOTH, _STAINED, _FLOOR, _DEEP),
+                              ink.ink_candidates(bal, mpp), strict=True):
+            flags[plane[inner]] |= bit
+        out.flags[y0:y1] = flags
+    return out
 
 
 def _saturation_threshold(sat: np.ndarray, valid: np.ndarray, floor: int) -> int:
@@ -457,7 +487,7 @@ def _remove_small_objects(mask: np.ndarray, min_px: float) -> np.ndarray:
     if min_px <= 1 or not mask.any():
         return mask
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = ink.label_sizes(labels, n)
     keep = sizes >= min_px
     edge = _border_labels(labels)
     keep[edge] |= sizes[edge] >= min(min_px, _EDGE_REGION_SHARE * mask.size)
@@ -474,7 +504,7 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     if max_px <= 1 or mask.all() or not mask.any():
         return mask
     labels, n = ndi.label(~mask)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = ink.label_sizes(labels, n)
     fill = sizes < max_px
     fill[_border_labels(labels)] = False
     fill[0] = False
