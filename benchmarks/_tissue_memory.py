@@ -192,8 +192,9 @@ def counts(real: str, work: Path, baseline) -> None:
     if not synth.exists():
         write_slide(synth, spec)
     print("\n## Tissue tiles (224 px at 0.5 µm/px, tissue fraction >= 0.25)\n")
-    print("| slide | grid tiles | tissue tiles before | after | drawn truth |")
-    print("|---|---:|---:|---:|---:|")
+    print("| slide | grid tiles | tissue tiles before | after | kept by only one | drawn truth | "
+          "after vs truth: missed / extra |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, path in (("real cmu-1-small-region", real), ("synthetic 8192², pen + border",
                                                             str(synth))):
         with Slide(path) as s:
@@ -203,10 +204,13 @@ def counts(real: str, work: Path, baseline) -> None:
                             cfg.tiling)
             tm = slide_tissue_mask(s, cfg.tissue)
             new = make_grid(s.info, tm.mask, tm.mpp, cfg.tiling)
-            truth = "–"
+            a, b = set(map(tuple, old.grid_rc)), set(map(tuple, new.grid_rc))
+            truth = vs = "–"
             if path == str(synth):
                 t = tissue_truth(spec, 4.0)  # 28 x 28 px per tile
                 n = old.n_rows, old.n_cols
                 frac = t[:n[0] * 28, :n[1] * 28].reshape(n[0], 28, n[1], 28).mean(axis=(1, 3))
-                truth = str(int((frac >= cfg.tiling.tissue_threshold).sum()))
-        print(f"| {name} | {old.n_rows * old.n_cols} | {len(old)} | {len(new)} | {truth} |")
+                true = set(zip(*np.nonzero(frac >= cfg.tiling.tissue_threshold), strict=True))
+                truth, vs = str(len(true)), f"{len(true - b)} / {len(b - true)}"
+        print(f"| {name} | {old.n_rows * old.n_cols} | {len(old)} | {len(new)} | {len(a ^ b)} | "
+              f"{truth} | {vs} |")

@@ -204,6 +204,32 @@ def report(results: dict, timing: dict, names: list[str], counts: dict[str, int]
         print(f"| (all) | ms per image | {ms} |")
 
 
+def summary(results: dict, names: list[str]) -> None:
+    """Condensed tables (the ones in docs/benchmarks.md): one metric per row, before and after
+    at each scale; then the peers."""
+    scales = list(dict.fromkeys(k[0] for k in results))
+    rows = []
+    for cat in C.CATEGORIES:
+        r0 = results[(scales[0], cat, names[0])]
+        if r0["tissue_px"] and cat not in ("empty glass", "glass + debris"):
+            rows.append((cat, "tissue IoU", "iou", _iou))
+        if cat in ("empty glass", "glass + debris", "glass + fragment", "scanner border"):
+            rows.append((cat, "false tissue %", "false_tissue", _pct))
+        if cat.startswith("ink"):
+            rows.append((cat, "ink excluded %, on glass", "ink_excluded_glass", _pct))
+            rows.append((cat, "ink excluded %, on tissue", "ink_excluded_tissue", _pct))
+    for group, cols in (("before → after", names[:2]), ("peers", names[2:])):
+        if not cols:
+            continue
+        print(f"\n### Summary, {group}: " + ", ".join(cols) + "\n")
+        print("| category | metric | " + " | ".join(s.split(" µm")[0] + " µm/px" for s in scales)
+              + " |")
+        print("|---|---|" + "---:|" * len(scales))
+        for cat, label, key, fmt in rows:
+            cells = [" / ".join(fmt(results[(sc, cat, m)][key]) for m in cols) for sc in scales]
+            print(f"| {cat} | {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-out/tissue", help="folder for slides and pictures")
@@ -216,8 +242,15 @@ def main() -> None:
                     help="write the ground-truth overlay and contact sheets of the images")
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[50000, 100000])
     ap.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "counts", "memory"])
+    ap.add_argument("--summary-from", metavar="JSON",
+                    help="print the summary tables of an earlier run's accuracy.json and stop")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.summary_from:
+        raw = json.loads(Path(args.summary_from).read_text())
+        results = {tuple(k.split(" / ")): v for k, v in raw.items()}
+        summary(results, list(dict.fromkeys(k[2] for k in results)))
+        return
     if args.child:
         import _tissue_memory as M
 
@@ -237,6 +270,7 @@ def main() -> None:
         results, timing, names = accuracy(args.real, counts, args.seed, args.baseline,
                                           out if args.overlays else None)
         report(results, timing, names, counts)
+        summary(results, names)
         (out / "accuracy.json").write_text(json.dumps(
             {" / ".join(k): v for k, v in results.items()}, indent=1))
     if "counts" not in args.skip or "memory" not in args.skip:

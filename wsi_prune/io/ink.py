@@ -74,7 +74,7 @@ def ink_colour(rgb: np.ndarray, cmax: np.ndarray, sat: np.ndarray,
         rgb: (H, W, 3) uint8 white-balanced RGB.
         cmax: (H, W) uint8 max over channels.
         sat: (H, W) uint8 HSV saturation 0-255.
-        black: include dark grey. :func:`ink_candidates` tests it separately, since a dark
+        black: include dark grey. :func:`ink_candidates` returns it separately, since a dark
             nucleus in a dim scan can be as grey: only a large region of it is ink.
 
     Returns:
@@ -149,17 +149,21 @@ def halo(mpp: float) -> int:
     return max(texture_window(mpp), floor_window(mpp)) // 2
 
 
-def ink_candidates(rgb: np.ndarray, mpp: float
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ink_candidates(rgb: np.ndarray, mpp: float, min_saturation: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel ink evidence beyond colour: smooth stain and a dark neighbourhood floor.
 
     Args:
         rgb: (H, W, 3) uint8 white-balanced RGB; callers pass a strip with :func:`halo` extra
             rows on each side, since the windows reach that far.
         mpp: µm/px.
+        min_saturation: HSV saturation (0-255) a *smooth* or *black* pixel needs: one below
+            the tissue's saturation floor cannot be tissue anyway, and a neutral grey scanner
+            border or slide bevel (smooth, dark grey) must not seed an ink region that eats the
+            tissue beside it.
 
     Returns:
-        ``(smooth, stained, floor, deep)``, each (H, W) bool:
+        ``(smooth, stained, floor, deep, black)``, each (H, W) bool:
 
         - *smooth*: an ink-like pixel of optical density >= :data:`INK_MIN_OD` whose
           optical-density spread is below :data:`SMOOTH_TEXTURE`: ink over glass, or ink
@@ -171,7 +175,8 @@ def ink_candidates(rgb: np.ndarray, mpp: float
           density to every pixel, so even the palest one in the window stays dark;
         - *deep*: an ink-like pixel that on its own reaches :func:`floor_threshold`.
 
-        Dark grey pixels (black marker's colour) count as *floor* and *deep* too.
+        - *black*: dark grey, black marker's colour (a large region of it is ink; a dark
+          nucleus in a dim scan can be as grey).
     """
     od_r, od_g, od_b = optical_density(rgb)
     od = od_r + od_g + od_b
@@ -179,16 +184,21 @@ def ink_candidates(rgb: np.ndarray, mpp: float
     stained = (od >= _FRINGE_MIN_OD) & inky
     threshold = floor_threshold(mpp)
     deep = (od >= threshold) & inky
+    cmax = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    cmin = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    # saturation >= min_saturation, in integers
+    coloured = (cmax - cmin).astype(np.int32) * 255 >= min_saturation * np.maximum(cmax, 1)
     if mpp <= SMOOTH_MAX_MPP:
         smooth = (od >= INK_MIN_OD) & inky & (texture(od, texture_window(mpp)) < SMOOTH_TEXTURE)
+        smooth &= coloured
     else:
         smooth = np.zeros(od.shape, bool)
     del od, inky
     w = floor_window(mpp)
     fr, fg, fb = (ndi.minimum_filter(c, w, mode="nearest") for c in (od_r, od_g, od_b))
     floor = (fr + fg + fb >= threshold) & _inky(fr, fg, fb)
-    black = _black(rgb, np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]))
-    return smooth, stained, floor | black, deep | black
+    black = _black(rgb, cmax) & coloured
+    return smooth, stained, floor, deep, black
 
 
 def _inky(od_r: np.ndarray, od_g: np.ndarray, od_b: np.ndarray) -> np.ndarray:
@@ -205,7 +215,8 @@ def ink_regions(plane: Callable[[str], np.ndarray], mpp: float, min_px: float) -
     Args:
         plane: gives an (H, W) bool plane by name, when it is needed (so that no more than
             three are alive at once on a large thumbnail): ``"colour"`` (:func:`ink_colour`),
-            ``"smooth"``, ``"stained"``, ``"floor"``, ``"deep"`` (:func:`ink_candidates`) and
+            ``"smooth"``, ``"stained"``, ``"floor"``, ``"deep"``, ``"black"``
+            (:func:`ink_candidates`) and
             ``"dark"``, near-black pixels (excluded anyway), which seed no region, so that a
             scanner border does not grow into the tissue beside it.
         mpp: µm/px.
@@ -217,9 +228,12 @@ def ink_regions(plane: Callable[[str], np.ndarray], mpp: float, min_px: float) -
         (H, W) bool.
     """
     ink = _strokes(plane("colour"))
-    # a smooth region grows by a whole texture window: its own half-window margin, plus the
-    # fringe of an out-of-focus stroke
-    for cores_name, over_name, reach in (("smooth", "stained", texture_window(mpp)),
+    # A smooth region grows by a whole texture window: its own half-window margin, plus the
+    # fringe of an out-of-focus stroke. Dark grey (black marker's colour) is a per-pixel test:
+    # it grows by half a window, like the colour strokes. The floor grows by half its window,
+    # which makes an opening of it.
+    tw = texture_window(mpp)
+    for cores_name, over_name, reach in (("smooth", "stained", tw), ("black", "stained", tw // 2),
                                          ("floor", "deep", floor_window(mpp) // 2)):
         cores = plane(cores_name)
         if not cores.any():

@@ -75,6 +75,7 @@ _GLASS_MIN_SHARE = 0.01
 # ... and the brighter half of them agree within this many levels (interquartile range of the
 # channel sum): real glass is flat (scanner noise, JPEG), pale tissue is not.
 _GLASS_MAX_IQR = 12
+_CLIPPED = 254
 # Sampled pixels for the glass estimate: a strided subset, enough for a stable median.
 _GLASS_SAMPLES = 1 << 20
 
@@ -142,7 +143,7 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
     px2 = mpp * mpp
     if config.reject_pen:
         bits = {"colour": _COLOUR, "smooth": _SMOOTH, "stained": _STAINED, "floor": _FLOOR,
-                "deep": _DEEP, "dark": _DARK}
+                "deep": _DEEP, "black": _BLACK, "dark": _DARK}
         inked = ink.ink_regions(lambda name: f.get(bits[name]), mpp, config.ink_min_um2 / px2)
         # A stroke's last few px are never smooth nor dark-floored (the windows straddle its
         # edge): grow ink over the non-glass pixels within half a texture window of it. Not
@@ -239,8 +240,9 @@ def glass_colour(rgb: np.ndarray, transparent: np.ndarray | None = None) -> np.n
         sample = sample[~transparent[::step, ::step].ravel()]
     if len(sample) == 0:
         return None
-    cmin = sample.min(1)
-    grey = (cmin >= _GLASS_MIN_V) & (sample.max(1) - cmin <= _GLASS_MAX_CHROMA)
+    cmin, cmax = sample.min(1), sample.max(1)
+    # clipped pixels (JPEG overshoot at edges, a saturated sensor) say nothing of the glass
+    grey = (cmin >= _GLASS_MIN_V) & (cmax - cmin <= _GLASS_MAX_CHROMA) & (cmax < _CLIPPED)
     if np.count_nonzero(grey) < max(16, _GLASS_MIN_SHARE * len(sample)):
         return None
     cand = sample[grey].astype(np.int32)
@@ -351,19 +353,19 @@ def _max_min_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 # Bits of _Features.flags.
-_BACKGROUND, _DARK, _COLOUR, _SMOOTH, _STAINED, _FLOOR, _DEEP = (1 << i for i in range(7))
+_BACKGROUND, _DARK, _COLOUR, _SMOOTH, _STAINED, _FLOOR, _DEEP, _BLACK = (1 << i for i in range(8))
 
 
 @dataclass
 class _Features:
-    """Per-pixel planes of the white-balanced image: saturation, and seven yes/no tests packed
-    as bits of one byte (a bool plane each would cost 7 bytes per pixel).
+    """Per-pixel planes of the white-balanced image: saturation, and eight yes/no tests packed
+    as bits of one byte (a bool plane each would cost 8 bytes per pixel).
 
     Attributes:
         sat: (H, W) uint8 HSV saturation 0-255.
         flags: (H, W) uint8 bits: ``_BACKGROUND`` glass (near-white) or a colour H&E never
             has; ``_DARK`` near-black (borders, black marker); ``_COLOUR`` an ink colour;
-            ``_SMOOTH``, ``_STAINED``, ``_FLOOR``, ``_DEEP`` see
+            ``_SMOOTH``, ``_STAINED``, ``_FLOOR``, ``_DEEP``, ``_BLACK`` see
             :func:`wsi_prune.io.ink.ink_candidates`.
     """
 
@@ -411,8 +413,9 @@ def _features(rgb: np.ndarray, mpp: float, glass: np.ndarray | None,
         flags = flags.astype(np.uint8)
         flags[cmax < config.black_threshold] |= _DARK
         flags[ink.ink_colour(b, cmax, sat, black=False)] |= _COLOUR
-        for bit, plane in zip((_SMOOTH, _STAINED, _FLOOR, _DEEP),
-                              ink.ink_candidates(bal, mpp), strict=True):
+        for bit, plane in zip((_SMOOTH, _STAINED, _FLOOR, _DEEP, _BLACK),
+                              ink.ink_candidates(bal, mpp, config.saturation_min),
+                              strict=True):
             flags[plane[inner]] |= bit
         out.flags[y0:y1] = flags
     return out
