@@ -38,8 +38,12 @@ class TissueConfig:
         closing_um: radius of the morphological closing, µm.
         white_threshold: pixels whose min(R,G,B) is above this are background (0-255).
         black_threshold: pixels whose max(R,G,B) is below this are slide-edge/marker black.
-        saturation_min: lower bound on HSV saturation (0-255) applied after Otsu.
-        reject_pen: reject blue/green/red/black pen ink.
+        saturation_min: lower bound on HSV saturation (0-255) applied after Otsu, measured
+            on the image white-balanced to its glass.
+        reject_pen: reject marker ink (by colour, and smooth stain of any colour).
+        ink_min_um2: smallest smooth stained region taken for ink, µm² (a nucleus is ~50).
+        max_mask_mpx: largest slide thumbnail masked, megapixels; bigger slides are masked
+            coarser than ``mask_mpp`` (bounds the mask stage's memory).
     """
 
     mask_mpp: float = 8.0
@@ -50,6 +54,8 @@ class TissueConfig:
     black_threshold: int = 50
     saturation_min: int = 15
     reject_pen: bool = True
+    ink_min_um2: float = 2_000.0
+    max_mask_mpx: float = 24.0
 
     def __post_init__(self) -> None:
         _check(0.5 <= self.mask_mpp <= 64, f"tissue.mask_mpp={self.mask_mpp} outside 0.5-64 µm/px")
@@ -60,6 +66,8 @@ class TissueConfig:
                "tissue.black_threshold must be below tissue.white_threshold")
         _check(0 <= self.saturation_min <= 255, "tissue.saturation_min must be 0-255")
         _check(self.closing_um >= 0, "tissue.closing_um must be >= 0")
+        _check(self.ink_min_um2 >= 0, "tissue.ink_min_um2 must be >= 0")
+        _check(self.max_mask_mpx >= 0.01, "tissue.max_mask_mpx must be >= 0.01")
 
 
 @dataclass(frozen=True)
@@ -423,6 +431,8 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("tile_select", "fraction"),
     ("tiling", "on_corrupt_tile"),
     ("tiling", "max_unreadable_fraction"),
+    ("tissue", "ink_min_um2"),
+    ("tissue", "max_mask_mpx"),
 )
 
 

@@ -510,12 +510,14 @@ def _to_rgb(rgba: np.ndarray) -> np.ndarray:
         return np.repeat(rgba[..., None], 3, axis=2)
     if rgba.shape[2] == 3:
         return np.ascontiguousarray(rgba)
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.float32) / 255.0
-    return np.clip(rgb * a + 255.0 * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    part = rgba[..., 3] < 255
+    if part.any():
+        # blend only the pixels that need it: float temporaries over a whole 4096² block
+        # (the edge of a slide read for its thumbnail) cost ~0.5 GB
+        a = rgba[..., 3][part].astype(np.float32)[:, None] / 255.0
+        rgb[part] = np.clip(rgb[part] * a + 255.0 * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+    return rgb
 
 
 def _resize(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:

@@ -6,7 +6,8 @@ of each tile array. Tasks never share a shard, because concurrent partial writes
 lose data in Zarr v3 today (zarr-python #3682, dask #12583).
 
 Memory is bounded by one block of tiles per worker thread plus the low-resolution tissue mask
-(a 100k px slide at 8 µm/px is a ~6k px mask), never by slide size.
+(at most ``TissueConfig.max_mask_mpx``, coarser than 8 µm/px on slides larger than that), never
+by slide size.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from wsi_prune.config import RunConfig, TilingConfig
 from wsi_prune.errors import CorruptSlide, StoreError
 from wsi_prune.io import locks, store
 from wsi_prune.io.slide import Slide, SlideInfo
-from wsi_prune.io.tissue import tile_fractions, tissue_mask
+from wsi_prune.io.tissue import MASK_VERSION, slide_tissue_mask, tile_fractions
 
 _logger = logging.getLogger(__name__)
 
@@ -195,11 +196,14 @@ def tile_store_hash(config: RunConfig, info: SlideInfo, slide_stat: os.stat_resu
 
     It covers what decides the tiles: the tissue and tiling config sections, the resolved MPP
     and its source (a re-run with another ``--mpp`` on a slide without metadata changes every
-    tile's footprint), and the slide file's size and mtime (a replaced slide). Model sections
-    are left out, so changing only them reuses the store.
+    tile's footprint), the slide file's size and mtime (a replaced slide), and the version of
+    the tissue-mask algorithm (:data:`~wsi_prune.io.tissue.MASK_VERSION`: stores masked by an
+    older algorithm are rebuilt). Model sections are left out, so changing only them reuses
+    the store.
     """
     ident = {
         "sections": config.section_hash("tissue", "tiling"),
+        "mask_version": MASK_VERSION,
         "mpp_x": info.mpp_x, "mpp_y": info.mpp_y, "mpp_source": info.mpp_source,
         "slide_bytes": slide_stat.st_size, "slide_mtime_ns": slide_stat.st_mtime_ns,
     }
@@ -306,14 +310,9 @@ def _build(
     tcfg = config.tiling
     slide_path = Path(slide.path)
     info = slide.info
-    thumb = slide.read_thumbnail(config.tissue.mask_mpp,
-                                 finer_on_error=tcfg.on_corrupt_tile == "skip")
-    # the thumbnail's real scale (rounded size) is what the mask is measured in
-    mask_mpp = info.width * info.mpp / thumb.shape[1]
-    tm = tissue_mask(thumb, mask_mpp, config.tissue)
-    # (H, W, 3) uint8 at mask_mpp, 117 MB for 50 x 50 mm of glass at 8 µm/px: not needed
-    # while the blocks run
-    del thumb
+    # thumbnail read, masked and released inside; bounded by TissueConfig.max_mask_mpx
+    tm = slide_tissue_mask(slide, config.tissue, finer_on_error=tcfg.on_corrupt_tile == "skip")
+    mask_mpp = tm.mpp
     grid = make_grid(info, tm.mask, mask_mpp, tcfg)
     n = len(grid)
 

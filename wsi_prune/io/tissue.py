@@ -1,20 +1,36 @@
 """Tissue, background and pen-ink masks of H&E images, in physical units.
 
 One function, :func:`tissue_mask`, serves two scales: slide thumbnails (about 8-16 µm/px, a few
-thousand px a side) and single tiles (e.g. 56 px at 2 µm/px). Every size in
-:class:`~wsi_prune.config.TissueConfig` is in µm or µm² and is converted to px with the image's
-``mpp``, so the same config means the same physical thing at both scales.
+thousand px a side) and single tiles (e.g. 224 px at 0.5 µm/px or 56 px at 2 µm/px). Every size
+in :class:`~wsi_prune.config.TissueConfig` is in µm or µm² and is converted to px with the
+image's ``mpp``, so the same config means the same physical thing at both scales.
+:func:`slide_tissue_mask` reads a slide's thumbnail and masks it, coarser than ``mask_mpp`` for
+slides too large to mask in bounded memory.
 
 The recipe, step by step (each step says why in the code):
 
-1. near-white (glass) and near-black (slide-edge borders, black marker) pixels are background;
-2. pen ink (blue, green, red, black marker) is rejected by colour rules (:func:`pen_mask`);
-3. tissue is saturated: HSV saturation above an Otsu threshold, never below a fixed floor, with
-   Otsu trusted only when the image really holds both glass and stain;
-4. a morphological closing bridges gaps between nuclei and stroma fibres;
-5. specks smaller than ``min_region_um2`` are dropped and holes smaller than ``min_hole_um2``
-   filled;
-6. pen and black pixels are removed again, since steps 4-5 may have painted over them.
+1. the glass colour is measured (:func:`glass_colour`) and the image white-balanced so that
+   glass is a neutral 240 (what the thresholds were set on): a dim or tinted scan then looks
+   like any other, and every threshold below is relative to glass;
+2. near-white (glass) and near-black (slide-edge borders, black marker) pixels are background,
+   and so are colours H&E never produces: both stains absorb green most, so a pixel whose
+   green is clearly above its red or blue (brown dust, bluish lint) is not tissue;
+3. marker ink is rejected by colour, by smoothness and by a dark neighbourhood floor
+   (:mod:`wsi_prune.io.ink`);
+4. tissue is saturated: HSV saturation above an Otsu threshold, never below a fixed floor, with
+   Otsu trusted only when the image really holds both glass and stain. The floor is measured
+   from the glass, so it holds on a tile with no glass at all (a tile of faint tissue, or of
+   glass alone);
+5. a morphological closing bridges gaps between nuclei and stroma fibres;
+6. specks smaller than ``min_region_um2`` are dropped (a region cut by the image edge from 1 %
+   of the image up is kept, as it may continue outside) and holes smaller than
+   ``min_hole_um2`` filled;
+7. ink and black pixels are removed again, since steps 5-6 may have painted over them.
+
+Steps 1-3 run in strips of rows and keep two bytes per pixel of the whole image (saturation
+and eight yes/no tests packed as bits) plus one strip of temporaries, whatever the image size.
+Measured on ``benchmarks/bench_tissue.py`` (docs/benchmarks.md): ink over glass >= 98 %
+excluded at 0.5-8 µm/px for five marker colours, glass <= 0.1 % false tissue.
 
 :func:`tile_fractions` then reads the tissue fraction of any set of level-0 tiles off the mask
 with a summed-area table.
@@ -23,7 +39,9 @@ with a summed-area table.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -31,23 +49,45 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
 from wsi_prune.config import TissueConfig
+from wsi_prune.io import ink
+
+if TYPE_CHECKING:
+    from wsi_prune.io.slide import Slide
 
 _logger = logging.getLogger(__name__)
 
-# Pen-ink colour rules, on 0-255 RGB and 0-255 HSV saturation. H&E absorbs green strongly
-# (both haematoxylin and eosin do), so its pixels are purple (R, B > G) or pink (R > B > G):
-# the rules below look for what H&E never produces.
-_BLUE_MIN_MARGIN = 45  # B - max(R, G) of blue ink; hematoxylin-dense pixels reach ~40
-_BLUE_MAX_RED_OVER_GREEN = 10  # blue/cyan ink has R <= G; hematoxylin purple has R > G
-_GREEN_MIN_MARGIN = 12  # G - max(R, B) of green ink; H&E has G lowest, margin < 0
-_PEN_MIN_SATURATION = 64  # ink is saturated; light-grey noise around glass is not
-_RED_MIN_R = 120  # red marker is bright red ...
-_RED_MAX_GB_OVER_R = 0.3  # ... with little green and blue; eosin keeps B > 0.5 R
-_BLACK_INK_MAX_V = 110  # black marker: dark ...
-_BLACK_INK_MAX_CHROMA = 30  # ... and grey; dense hematoxylin is as dark but coloured
+#: Version of the mask algorithm, part of a tile store's identity: a new version rebuilds
+#: stores masked by an older one (1: Otsu on saturation; 2: glass white balance, H&E hue gate,
+#: ink by smoothness and dark floor, bounded slide-level stage).
+MASK_VERSION = 2
+
 # Closing with a disk of more elements than this switches from binary morphology (cost grows
 # with the disk area) to Euclidean distance transforms (cost independent of the radius).
 _MAX_DISK_ELEMENTS = 50
+# Smallest region touching the image edge kept as tissue, as a share of the image (see
+# _remove_small_objects).
+_EDGE_REGION_SHARE = 0.01
+# Levels by which green may exceed red or blue on a pale stained pixel (noise, JPEG chroma).
+_HUE_SLACK = 4
+# Pixels per strip of the per-pixel stage (plus its halo): the stage's float32 temporaries,
+# about 60 bytes per pixel, stay near 30 MB whatever the image.
+_STRIP_PX = 1 << 19
+# Rows per strip when computing the saturation histogram (bincount copies to 8-byte ints).
+_STRIP_ROWS = 512
+# Glass: bright and grey. A pixel is a glass candidate when its darkest channel is at least
+# _GLASS_MIN_V (dim scanners put glass near 205) and its chroma at most _GLASS_MAX_CHROMA
+# (tinted glass reaches ~12; pale stroma keeps 20 or more).
+_GLASS_MIN_V = 170
+_GLASS_MAX_CHROMA = 18
+# The candidates are trusted as glass when they are at least this share of the image ...
+_GLASS_MIN_SHARE = 0.01
+# ... and the brighter half of them agree within this many levels (interquartile range of the
+# channel sum): real glass is flat (scanner noise, JPEG), pale tissue is not.
+_GLASS_MAX_IQR = 12
+_CLIPPED = 254
+# Sampled pixels for the glass estimate: a strided subset, enough for a stable median.
+_GLASS_SAMPLES = 1 << 20
+
 
 
 @dataclass(frozen=True)
@@ -58,11 +98,13 @@ class TissueMask:
         mask: (H, W) bool, True = tissue.
         mpp: resolution of the mask, µm/px.
         fraction: tissue fraction of the whole image, 0-1.
+        glass: (3,) RGB colour taken as glass, or None when the image showed none.
     """
 
     mask: np.ndarray
     mpp: float
     fraction: float
+    glass: tuple[float, float, float] | None = None
 
     @property
     def tissue_um2(self) -> float:
@@ -81,7 +123,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig
         config: thresholds; its sizes are in µm and µm² and converted to px with ``mpp``.
 
     Returns:
-        The mask at ``mpp`` with its tissue fraction.
+        The mask at ``mpp`` with its tissue fraction and the glass colour it measured.
 
     Raises:
         ValueError: ``rgb`` is not an (H, W, 3|4) uint8 array or ``mpp`` is not positive.
@@ -93,29 +135,48 @@ def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig
     if h == 0 or w == 0:
         return TissueMask(np.zeros((h, w), bool), float(mpp), 0.0)
 
-    cmax, cmin, sat = _max_min_saturation(rgb)
-    # Glass is bright and grey in every channel; requiring *all* channels bright (min > t) keeps
-    # pale eosin, whose green channel is low even when red and blue are near white.
-    background = cmin > config.white_threshold
+    glass = glass_colour(rgb, transparent)
+    f = _features(rgb, mpp, glass, config)
+    return _mask_from_features(f, transparent, mpp, glass, config)
+
+
+def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float,
+                        glass: np.ndarray | None, config: TissueConfig) -> TissueMask:
+    """Steps 3-7 of the recipe, on the per-pixel planes (consumed: ``f`` is emptied)."""
     # Near-black is never tissue on a bright-field slide: scanner borders, slide edges, black
     # marker. Even dense hematoxylin keeps one channel above ~60.
-    hard_out = cmax < config.black_threshold
+    dark = f.get(_DARK)
+    hard_out = dark.copy()
     if transparent is not None:
         hard_out |= transparent
+    px2 = mpp * mpp
     if config.reject_pen:
-        hard_out |= _strokes(_pen(rgb, cmax, sat))
+        bits = {"colour": _COLOUR, "smooth": _SMOOTH, "stained": _STAINED, "floor": _FLOOR,
+                "deep": _DEEP, "black": _BLACK, "dark": _DARK}
+        inked = ink.ink_regions(lambda name: f.get(bits[name]), mpp, config.ink_min_um2 / px2)
+        # A stroke's last few px are never smooth nor dark-floored (the windows straddle its
+        # edge): grow ink over the non-glass pixels within half a texture window of it. Not
+        # from near-black pixels: a scanner border's edge is sharp.
+        grow = ink.texture_window(mpp) // 2
+        if grow >= 1 and inked.any():
+            inked |= ndi.binary_dilation(inked & ~dark, disk(grow)) & ~f.get(_BACKGROUND)
+        hard_out |= inked
+        del inked
+    del dark
 
     # Otsu sees glass too (it is the low mode that makes the histogram bimodal) but not the
     # black/pen pixels, whose saturation would drag the threshold anywhere.
-    sat_min = _saturation_threshold(sat, ~hard_out, config.saturation_min)
-    fg = (sat >= sat_min) & ~background & ~hard_out
+    sat_min = _saturation_threshold(f.sat, ~hard_out, config.saturation_min)
+    fg = f.sat >= sat_min
+    fg &= ~f.get(_BACKGROUND)
+    fg &= ~hard_out
+    f.sat = f.flags = None  # the planes are done with: free them before the region labels
 
     radius_px = config.closing_um / mpp
     if radius_px >= 1.0:
         # Nuclei, stroma fibres and small lumens leave a speckled mask at thumbnail scale;
         # closing joins them into the tissue region they belong to.
         fg = _closing(fg, int(round(radius_px)))
-    px2 = mpp * mpp
     fg = _remove_small_objects(fg, config.min_region_um2 / px2)
     fg = _fill_small_holes(fg, config.min_hole_um2 / px2)
     # Closing and hole filling may have grown tissue over thin pen strokes or into the black
@@ -124,18 +185,94 @@ def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig
 
     fraction = float(np.count_nonzero(fg)) / fg.size
     _logger.debug(
-        "tissue mask %dx%d px at %.3g µm/px: saturation >= %d, fraction %.3f",
-        w, h, mpp, sat_min, fraction,
+        "tissue mask %dx%d px at %.3g µm/px: glass %s, saturation >= %d, fraction %.3f",
+        fg.shape[1], fg.shape[0], mpp, None if glass is None else np.round(glass).tolist(),
+        sat_min, fraction,
     )
-    return TissueMask(fg, float(mpp), fraction)
+    return TissueMask(fg, float(mpp), fraction,
+                      None if glass is None else tuple(float(v) for v in glass))
+
+
+def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
+                      finer_on_error: bool = False) -> TissueMask:
+    """The tissue mask of a whole slide, from its thumbnail.
+
+    The thumbnail is read at ``config.mask_mpp``, or coarser when that would exceed
+    ``config.max_mask_mpx`` megapixels: the mask stage holds about 10 bytes per thumbnail pixel
+    at its peak (the RGB thumbnail and two planes of per-pixel features, then a few bool
+    planes and int32 region labels; the thumbnail is released after the per-pixel stage), so
+    the cap bounds its memory whatever the slide's size (16 Mpx measured at 252 MB above the
+    process's start, thumbnail read included; docs/benchmarks.md). At 8 µm/px the default
+    cap (24 Mpx) is reached only by scans over about 39 x 39 mm: the largest CAMELYON16 slides
+    (24 x 54 mm, 20 Mpx) stay at 8 µm/px.
+
+    Args:
+        slide: an open slide.
+        finer_on_error: a damaged tile of the thumbnail's level is read from a finer level
+            instead (``tiling.on_corrupt_tile: skip``).
+        config: the tissue section.
+
+    Returns:
+        The mask at the thumbnail's real scale (the rounded width sets it).
+    """
+    mpp = mask_mpp_for(slide.info.width, slide.info.height, slide.mpp, config)
+    thumb = slide.read_thumbnail(mpp, finer_on_error=finer_on_error)
+    # the thumbnail's real scale (rounded size) is what the mask is measured in
+    real_mpp = slide.info.width * slide.mpp / thumb.shape[1]
+    glass = glass_colour(thumb)
+    f = _features(thumb, real_mpp, glass, config)
+    del thumb  # 3 bytes per pixel, not needed past the per-pixel stage
+    return _mask_from_features(f, None, real_mpp, glass, config)
+
+
+def mask_mpp_for(width: int, height: int, level0_mpp: float, config: TissueConfig) -> float:
+    """Resolution to mask a ``width`` x ``height`` px slide at, µm/px: ``config.mask_mpp``, or
+    coarser so that the thumbnail holds at most ``config.max_mask_mpx`` megapixels."""
+    area_um2 = width * height * level0_mpp * level0_mpp
+    return max(config.mask_mpp, math.sqrt(area_um2 / (config.max_mask_mpx * 1e6)))
+
+
+def glass_colour(rgb: np.ndarray, transparent: np.ndarray | None = None) -> np.ndarray | None:
+    """The colour of the slide's glass in ``rgb``, or None when it shows none.
+
+    Glass is the bright, grey, flat part of a bright-field image: the median colour of the
+    brighter half of the grey candidates, trusted when they cover at least 1 % of the image and
+    agree closely (a tile of pale tissue has grey pixels too, but never a flat mode of them).
+
+    Args:
+        rgb: (H, W, 3) uint8.
+        transparent: (H, W) bool pixels to leave out, or None.
+
+    Returns:
+        (3,) float64 RGB, or None.
+    """
+    step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / _GLASS_SAMPLES)))
+    sample = rgb[::step, ::step].reshape(-1, 3)
+    if transparent is not None:
+        sample = sample[~transparent[::step, ::step].ravel()]
+    if len(sample) == 0:
+        return None
+    cmin, cmax = sample.min(1), sample.max(1)
+    # clipped pixels (JPEG overshoot at edges, a saturated sensor) say nothing of the glass
+    grey = (cmin >= _GLASS_MIN_V) & (cmax - cmin <= _GLASS_MAX_CHROMA) & (cmax < _CLIPPED)
+    if np.count_nonzero(grey) < max(16, _GLASS_MIN_SHARE * len(sample)):
+        return None
+    cand = sample[grey].astype(np.int32)
+    bright = cand.sum(1)
+    top = cand[bright >= np.median(bright)]
+    q1, q3 = np.percentile(top.sum(1), [25, 75])
+    if q3 - q1 > _GLASS_MAX_IQR:
+        return None
+    return np.median(top, axis=0).astype(np.float64)
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels covered by marker ink: blue, green, red and black.
+    """Pixels whose colour is marker ink: blue, green, red and black.
 
     Red marker looks much like eosin and red blood cells, so only highly saturated pure red with
     little blue is called ink; black marker must be dark *and* grey, since dense hematoxylin is
-    dark too but saturated.
+    dark too but saturated. Colour only: :func:`tissue_mask` also rejects smooth ink of H&E
+    colours (purple marker), see :mod:`wsi_prune.io.ink`.
 
     Args:
         rgb: (H, W, 3) uint8 RGB image (RGBA accepted, alpha ignored).
@@ -145,7 +282,7 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """
     rgb, _ = _split_rgb(rgb)
     cmax, _, sat = _max_min_saturation(rgb)
-    return _pen(rgb, cmax, sat)
+    return ink.ink_colour(rgb, cmax, sat)
 
 
 def tile_fractions(
@@ -227,37 +364,73 @@ def _max_min_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return cmax, cmin, sat
 
 
-def _pen(rgb: np.ndarray, cmax: np.ndarray, sat: np.ndarray) -> np.ndarray:
-    r = rgb[..., 0].astype(np.int16)
-    g = rgb[..., 1].astype(np.int16)
-    b = rgb[..., 2].astype(np.int16)
-    saturated = sat >= _PEN_MIN_SATURATION
-    blue = (b - np.maximum(r, g) >= _BLUE_MIN_MARGIN) & (r - g <= _BLUE_MAX_RED_OVER_GREEN)
-    green = g - np.maximum(r, b) >= _GREEN_MIN_MARGIN
-    red = (
-        (r >= _RED_MIN_R)
-        & (g <= _RED_MAX_GB_OVER_R * r)
-        & (b <= _RED_MAX_GB_OVER_R * r)
-    )
-    # Grey means little chroma; on dark pixels HSV saturation is dominated by sensor noise
-    # (a 16-level spread at V=50 is saturation 80), so the test is on max - min instead.
-    chroma = cmax.astype(np.int16) - np.minimum(np.minimum(r, g), b)
-    black = (cmax <= _BLACK_INK_MAX_V) & (chroma <= _BLACK_INK_MAX_CHROMA)
-    return ((blue | green | red) & saturated) | black
+# Bits of _Features.flags.
+_BACKGROUND, _DARK, _COLOUR, _SMOOTH, _STAINED, _FLOOR, _DEEP, _BLACK = (1 << i for i in range(8))
 
 
-def _strokes(pen: np.ndarray) -> np.ndarray:
-    """Keep ink pixels that belong to a stroke at least 3 px wide.
+@dataclass
+class _Features:
+    """Per-pixel planes of the white-balanced image: saturation, and eight yes/no tests packed
+    as bits of one byte (a bool plane each would cost 8 bytes per pixel).
 
-    A dark-blue nucleus pixel with sensor noise can pass the colour rules on its own; a marker
-    stroke is tens of µm wide at any scale we mask at. A 3x3 opening (edge pixels count as
-    ink for the erosion, so strokes leaving the image survive) drops the isolated ones.
+    Attributes:
+        sat: (H, W) uint8 HSV saturation 0-255.
+        flags: (H, W) uint8 bits: ``_BACKGROUND`` glass (near-white) or a colour H&E never
+            has; ``_DARK`` near-black (borders, black marker); ``_COLOUR`` an ink colour;
+            ``_SMOOTH``, ``_STAINED``, ``_FLOOR``, ``_DEEP``, ``_BLACK`` see
+            :func:`wsi_prune.io.ink.ink_candidates`.
     """
-    if not pen.any():
-        return pen
-    square = np.ones((3, 3), bool)
-    core = ndi.binary_erosion(pen, square, border_value=1)
-    return ndi.binary_dilation(core, square) & pen
+
+    sat: np.ndarray | None
+    flags: np.ndarray | None
+
+    def get(self, bit: int) -> np.ndarray:
+        """(H, W) bool plane of one bit."""
+        assert self.flags is not None
+        return (self.flags & bit) != 0
+
+
+def _features(rgb: np.ndarray, mpp: float, glass: np.ndarray | None,
+              config: TissueConfig) -> _Features:
+    """The per-pixel stage, strip by strip (with a halo of rows for the windows of
+    :func:`wsi_prune.io.ink.ink_candidates`).
+
+    The image is white-balanced so that its glass becomes :data:`~wsi_prune.io.ink.GLASS_LEVEL`
+    grey, the glass the thresholds were set on (left as it is when no glass is in view).
+    """
+    h, w = rgb.shape[:2]
+    out = _Features(np.empty((h, w), np.uint8), np.empty((h, w), np.uint8))
+    # white balance as a lookup table per channel: no float copy of the image
+    gain = np.ones(3) if glass is None else ink.GLASS_LEVEL / np.maximum(glass, 1.0)
+    luts = [np.clip(np.round(np.arange(256) * g), 0, 255).astype(np.uint8) for g in gain]
+    halo = ink.halo(mpp)
+    rows = max(16, _STRIP_PX // max(w, 1))
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
+        part = rgb[a0:a1]
+        bal = np.stack([luts[c][part[..., c]] for c in range(3)], axis=-1)
+        inner = np.s_[y0 - a0:y1 - a0]
+        b = bal[inner]
+        cmax, cmin, sat = _max_min_saturation(b)
+        out.sat[y0:y1] = sat
+        # Glass is bright and grey in every channel; requiring *all* channels bright
+        # (min > t) keeps pale eosin, whose green channel is low even when red and blue are
+        # near white. H&E absorbs green most (both stains do), so green is about the lowest
+        # channel of any stained pixel; brown dust and bluish lint break the rule. The slack
+        # grows with chroma (noise and JPEG chroma error do), from _HUE_SLACK on pale pixels.
+        slack = _HUE_SLACK + (cmax - cmin) // 8
+        green_lowest = b[..., 1] <= np.minimum(b[..., 0], b[..., 2]).astype(np.int16) + slack
+        flags = np.where((cmin > config.white_threshold) | ~green_lowest, _BACKGROUND, 0)
+        flags = flags.astype(np.uint8)
+        flags[cmax < config.black_threshold] |= _DARK
+        flags[ink.ink_colour(b, cmax, sat, black=False)] |= _COLOUR
+        for bit, plane in zip((_SMOOTH, _STAINED, _FLOOR, _DEEP, _BLACK),
+                              ink.ink_candidates(bal, mpp, config.saturation_min),
+                              strict=True):
+            flags[plane[inner]] |= bit
+        out.flags[y0:y1] = flags
+    return out
 
 
 def _saturation_threshold(sat: np.ndarray, valid: np.ndarray, floor: int) -> int:
@@ -268,7 +441,10 @@ def _saturation_threshold(sat: np.ndarray, valid: np.ndarray, floor: int) -> int
     stroma). So Otsu is trusted only when its low class looks like glass (mean below the floor)
     and its high class is clearly more saturated; otherwise the fixed floor alone decides.
     """
-    hist = np.bincount(sat[valid], minlength=256).astype(np.float64)
+    hist = np.zeros(256, np.float64)
+    for y0 in range(0, sat.shape[0], _STRIP_ROWS):  # bincount casts to intp: 8 B per pixel
+        rows = np.s_[y0:y0 + _STRIP_ROWS]
+        hist += np.bincount(sat[rows][valid[rows]], minlength=256)
     if np.count_nonzero(hist) < 2:
         return floor
     levels = np.arange(256, dtype=np.float64)
@@ -316,18 +492,20 @@ def _border_labels(labels: np.ndarray) -> np.ndarray:
 def _remove_small_objects(mask: np.ndarray, min_px: float) -> np.ndarray:
     """Drop 8-connected regions of fewer than ``min_px`` px.
 
-    A region touching the image edge is kept whatever its visible size: it may continue past
-    the edge (a tile, a cropped scan), so its true area is unknown. Without this a single
-    112 µm tile could never hold a region of the default 20 000 µm².
-    (skimage's remove_small_objects has no such rule, and its size argument changed meaning
-    between releases.)
+    A region touching the image edge may continue past it (a tile, a cropped scan), so its true
+    area is unknown: it is kept from 1 % of the image up (:data:`_EDGE_REGION_SHARE`), even
+    below ``min_px``. Without this a single 112 µm tile could never hold a region of the
+    default 20 000 µm²; with no floor at all, a dust speck or lint fibre cut by the tile's edge
+    would count as tissue. (skimage's remove_small_objects has no such rule, and its size
+    argument changed meaning between releases.)
     """
     if min_px <= 1 or not mask.any():
         return mask
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = ink.label_sizes(labels, n)
     keep = sizes >= min_px
-    keep[_border_labels(labels)] = True
+    edge = _border_labels(labels)
+    keep[edge] |= sizes[edge] >= min(min_px, _EDGE_REGION_SHARE * mask.size)
     keep[0] = False
     return keep[labels]
 
@@ -341,7 +519,7 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     if max_px <= 1 or mask.all() or not mask.any():
         return mask
     labels, n = ndi.label(~mask)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = ink.label_sizes(labels, n)
     fill = sizes < max_px
     fill[_border_labels(labels)] = False
     fill[0] = False

@@ -14,7 +14,7 @@ from typing import Any
 from wsi_prune.config import RunConfig
 from wsi_prune.io.slide import Slide
 from wsi_prune.io.tiling import make_grid
-from wsi_prune.io.tissue import tissue_mask
+from wsi_prune.io.tissue import slide_tissue_mask
 
 # A rough time estimate, not a benchmark. Measured 2026-12-01 with run_batch (force=True,
 # models already built) and pipelines/demo.yaml on the 2-core shared development machine, on
@@ -42,10 +42,9 @@ def inspect_slide(
     t0 = time.perf_counter()
     with Slide(path, mpp) as slide:
         info = slide.info
-        thumb = slide.read_thumbnail(config.tissue.mask_mpp)
-    mask_mpp = info.width * info.mpp / thumb.shape[1]
-    tm = tissue_mask(thumb, mask_mpp, config.tissue)
-    grid = make_grid(info, tm.mask, mask_mpp, config.tiling)
+        # the mask tiling makes (capped for huge slides), so the estimate counts its tiles
+        tm = slide_tissue_mask(slide, config.tissue)
+    grid = make_grid(info, tm.mask, tm.mpp, config.tiling)
     return {
         "path": info.path,
         "reader": info.reader,

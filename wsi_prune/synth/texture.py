@@ -24,8 +24,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsi_prune.errors import ConfigError, SlideError
+from wsi_prune.io.ink import _strokes
 from wsi_prune.io.slide import Slide
-from wsi_prune.io.tissue import _strokes, pen_mask, tissue_mask
+from wsi_prune.io.tissue import pen_mask, tissue_mask
 from wsi_prune.synth.stain import rgb_to_conc
 
 _logger = logging.getLogger(__name__)
