@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean image image-gpu image-clean
+.PHONY: install demo test lint bench bench-fidelity clean image image-gpu image-clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: install
 	$(BIN)/python benchmarks/bench_pruning.py --batch 32 --reps 3 --threads 2
 	$(BIN)/python benchmarks/bench_end_to_end.py --out bench-out/e2e
 	$(BIN)/python benchmarks/bench_scale.py --out bench-out/scale --markdown bench-out/scale/table.md
+	$(BIN)/python benchmarks/bench_tissue.py --out bench-out/tissue
+	$(BIN)/python benchmarks/bench_outputs.py
+
+# The fidelity benchmark (issue 11): trains scorer, ViT and MIL heads for 3 seeds on real-texture
+# slides and compares dense and pruned runs at 2/5/10 % of tissue tokens. Hours on 2 cores;
+# resumable (every step is cached in bench-out/fidelity).
+bench-fidelity: install
+	$(BIN)/python benchmarks/bench_fidelity.py --work bench-out/fidelity
 
 # Container images (podman, else docker), built by docker/build.sh: it skips the build when an
 # image of the same sources exists, and on a machine set up by ../shared/containers/setup.sh (no
