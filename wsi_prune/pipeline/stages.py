@@ -41,7 +41,7 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
     """
 
     out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
-                      config.scorer.threads, progress)
+                      config.scorer.threads, progress, precision=config.scorer.precision)
     patch, tile, emb = out.numpy()
     kept = select_tiles(tile, config.tile_select, np.asarray(group["tiles/grid"][:]), emb)
     return {"tile_score": tile, "patch_importance": patch, "embedding": emb, "kept": kept}
@@ -85,8 +85,7 @@ def embed_kept(
                                out_size=(tcfg.tile_px, tcfg.tile_px))
                     for i in idx
                 ])
-            x = torch.from_numpy(pix).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            x = (x - models.vit_mean) / models.vit_std
+            x = models.vit_input(pix)  # pinned host->device copy on CUDA
             keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
                                    grid=models.grid)
             with torch.inference_mode():
@@ -112,5 +111,6 @@ def embed_kept(
 def slide_head(models: Models, embedding: np.ndarray) -> tuple[float, np.ndarray]:
     """Slide probability and MIL attention (K,) over the kept tiles' embeddings."""
     with torch.inference_mode():
-        out = models.mil(torch.from_numpy(np.ascontiguousarray(embedding)).float())
+        out = models.mil(torch.from_numpy(np.ascontiguousarray(embedding)).float()
+                         .to(models.device))
     return float(out.prob), out.attention.float().cpu().numpy()
