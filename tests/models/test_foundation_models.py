@@ -204,17 +204,26 @@ VIRCHOW2_JSON = {
 
 
 def test_cached_config_json_is_completed_by_the_table(tmp_path, offline: list) -> None:
+    """Virchow2's real config.json in the cache lacks the MLP classes: with a local file, and
+    with pretrained: true answered from the cache, the table supplies them (as the card's
+    code does), so the weights fit."""
+    small = shrink("vit_huge_patch14_224", {**VIRCHOW2_JSON["model_args"], "mlp_layer":
+                                            "swiglu_packed", "act_layer": "silu"})
+    path = tmp_path / "v2.safetensors"
+    ref = tiny_weights(path, "vit_huge_patch14_224", {**VIRCHOW2_JSON["model_args"], **small,
+                                                      "mlp_layer": "swiglu_packed",
+                                                      "act_layer": "silu"})
     _cache_repo(tmp_path / "hf-cache", "paige-ai/Virchow2",
-                {"config.json": json.dumps(VIRCHOW2_JSON)})
+                {"config.json": json.dumps(VIRCHOW2_JSON), "model.safetensors": path.read_bytes()})
     arch, args, pcfg = hub_architecture("hf-hub:paige-ai/Virchow2")
     assert arch == "vit_huge_patch14_224" and args["reg_tokens"] == 4
     assert (args["mlp_layer"], args["act_layer"]) == ("swiglu_packed", "silu")  # from the table
-    path = tmp_path / "v2.safetensors"
-    small = shrink(arch, args)
-    ref = tiny_weights(path, arch, {**args, **small})
-    model = build_vit(ViTConfig(model="hf-hub:paige-ai/Virchow2", weights=str(path),
-                                model_kwargs=small, pooling="cls+mean"))
-    assert same_state(model, ref) and offline == []
+    for cfg in (ViTConfig(model="hf-hub:paige-ai/Virchow2", weights=str(path),
+                          model_kwargs=small, pooling="cls+mean"),
+                ViTConfig(model="hf-hub:paige-ai/Virchow2", pretrained=True,
+                          model_kwargs=small, pooling="cls+mean")):
+        assert same_state(build_vit(cfg), ref), cfg
+    assert offline == []
 
 
 # ------------------------------------------------------------------ mismatches

@@ -355,13 +355,9 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
             source.architecture, pretrained=False, pretrained_cfg_overlay=overlay or None,
             **kwargs,
         )
-    known = known_model(source.name)
-    if known is not None:
-        # what the card passes in code (MLP classes) and its normalisation, which the hub's
-        # config.json may lack; the json's own model_args still apply underneath
-        timm_kwargs = {**known.model_args, **timm_kwargs}
-        overlay = {**known.pretrained_cfg, **overlay}
-    timm_kwargs = resolve_timm_kwargs(timm_kwargs)
+    extra_args, extra_cfg = _card_extras(source.name)
+    timm_kwargs = resolve_timm_kwargs({**extra_args, **timm_kwargs})
+    overlay = {**extra_cfg, **overlay}
     needs_hub = source.pretrained or source.is_hub
     offline = needs_hub and hub_offline()
     if offline and not source.is_hub and not timm.models.get_pretrained_cfg_value(
@@ -390,6 +386,25 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
         if not needs_hub:
             raise
         raise _hub_refusal(source.name, exc) from exc
+
+
+def _card_extras(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For a known hub model built by timm from the Hub (``pretrained`` without a local file):
+    the table's arguments and normalisation that its ``config.json`` does not give (the MLP
+    classes Virchow's card passes in code). The json wins where it has a value, as in
+    :func:`hub_architecture`; without a cached json (a download), the whole entry applies."""
+    known = known_model(name)
+    if known is None:
+        return {}, {}
+    repo, revision = _split_hub_name(name)
+    path = _cached_hub_file(repo, "config.json", revision)
+    if path is None:
+        return dict(known.model_args), dict(known.pretrained_cfg)
+    arch, args, pcfg = _read_hub_config(path)
+    if arch != known.architecture:
+        return {}, {}
+    return ({k: v for k, v in known.model_args.items() if k not in args},
+            {k: v for k, v in known.pretrained_cfg.items() if k not in pcfg})
 
 
 _SIZE_MISMATCH = re.compile(
