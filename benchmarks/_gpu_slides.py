@@ -33,7 +33,7 @@ import numpy as np
 
 from wsi_prune.config import TilingConfig, TissueConfig
 from wsi_prune.io.slide import Slide, SlideInfo
-from wsi_prune.io.tiling import TileGrid, make_grid, read_tiles
+from wsi_prune.io.tiling import TileGrid, make_grid
 from wsi_prune.io.tissue import tissue_mask
 from wsi_prune.synth import SynthSpec, tissue_truth, write_slide
 
@@ -169,10 +169,15 @@ def svs_tiles(spec: SynthSpec, work: Path, threads: int) -> SlideTiles:
         grid = make_grid(info, tissue_mask(thumb, mask_mpp, tissue).mask, mask_mpp, TILING)
     chunks = [grid.level0_xy[s:s + 64] for s in range(0, len(grid), 64)]
 
+    side = max(1, round(grid.tile_level0))
+
     def read(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # what the tiling stage reads, tile by tile: the same level-0 box at both resolutions
         with Slide(path) as s:  # one handle per thread: OpenSlide handles are not shared
-            return (read_tiles(s, xy, grid.tile_level0, TILING.mpp, TILING.tile_px),
-                    read_tiles(s, xy, grid.tile_level0, TILING.coarse_mpp, TILING.coarse_px))
+            return tuple(np.stack([s.read((int(x), int(y)), (side, side), mpp, out_size=(px, px))
+                                   for x, y in xy])
+                         for mpp, px in ((TILING.mpp, TILING.tile_px),
+                                         (TILING.coarse_mpp, TILING.coarse_px)))
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         parts = list(pool.map(read, chunks))
