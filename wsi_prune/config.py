@@ -21,6 +21,9 @@ import yaml
 from wsi_prune._files import file_sha256
 from wsi_prune.errors import ConfigError
 
+#: autocast precisions of the ViT and the scorer (``fp32``: no autocast)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -142,6 +145,9 @@ class ScorerConfig:
         feature_levels: one or two increasing timm ``out_indices`` fused by the head; the last
             one also gives the tile embedding.
         head_channels: width of the head's 1x1 convs.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast of the scorer's forward
+            (:data:`PRECISIONS`). Tile selection reads its scores, so a reduced precision can
+            move a tile across a selection boundary; on CPU ``fp16`` runs in fp32.
     """
 
     model: str = "mobilenetv3_small_100"
@@ -152,9 +158,12 @@ class ScorerConfig:
     threads: int | None = None
     feature_levels: tuple[int, ...] = (2, 4)
     head_channels: int = 64
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check(self.pooling in ("max", "mean", "topk"), "scorer.pooling must be max|mean|topk")
+        _check(self.precision in PRECISIONS,
+               f"scorer.precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.topk >= 1 and self.batch_size >= 1, "scorer.topk and batch_size must be >= 1")
         _check(self.threads is None or self.threads >= 1, "scorer.threads must be >= 1 or None")
         try:
@@ -235,10 +244,23 @@ class ViTConfig:
     """The pruned ViT.
 
     Attributes:
-        model: timm ViT name, or ``hf-hub:org/name`` (needs network and access).
+        model: timm ViT name, or ``hf-hub:org/name``: with a local ``weights`` file a known
+            foundation model (:data:`wsi_prune.models.hub.KNOWN_HUB_MODELS`: UNI, UNI2-h,
+            Virchow, Virchow2, H-optimus-0/1, Prov-GigaPath) or one in the Hugging Face cache
+            builds offline; without one it needs network and access.
         weights: local safetensors/.pth file, or None.
         pretrained: ask timm for pretrained weights (network) when no local file is given.
-        model_kwargs: extra ``timm.create_model`` overrides (e.g. tiny test configs).
+        model_kwargs: extra ``timm.create_model`` overrides (tiny test configs, a foundation
+            model's arguments). Classes YAML cannot hold are named by strings resolved where
+            the model is built (:mod:`wsi_prune.models.timm_args`): ``mlp_layer: swiglu_packed``
+            (``mlp``, ``swiglu``), ``act_layer: silu`` (``gelu``, ``gelu_tanh``,
+            ``quick_gelu``, ``relu``).
+        mean / std: per-channel normalisation of the ViT's input (RGB in [0, 1]), e.g.
+            H-optimus' ``[0.707223, 0.578729, 0.703617]`` / ``[0.211883, 0.230117, 0.177517]``;
+            None: the model's own (timm's pretrained config, or the known model's).
+        precision: ``fp32`` (default), ``bf16`` or ``fp16`` autocast of the ViT's forward.
+            On CPU ``bf16`` is honoured and ``fp16`` runs in fp32 (CPU half matmuls are slow
+            and partly unsupported).
         prune_blocks: block indices where tokens are pruned by CLS attention.
         prune_policy: ``nucleus`` (adaptive, attention mass ``prune_p``) or ``ratio``.
         prune_p: nucleus mass at each pruning block.
@@ -262,9 +284,25 @@ class ViTConfig:
     prune_min_tokens: int = 1
     pooling: str = "model"
     batch_size: int = 32
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check(self.prune_policy in ("nucleus", "ratio"), "vit.prune_policy must be nucleus|ratio")
+        _check(self.precision in PRECISIONS,
+               f"vit.precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                vals = tuple(float(v) for v in value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"vit.{name} must be 3 numbers (R, G, B): {exc}") from exc
+            _check(len(vals) == 3, f"vit.{name} must be 3 numbers (R, G, B), got {len(vals)}")
+            _check(name == "mean" or min(vals) > 0, "vit.std must be > 0")
+            object.__setattr__(self, name, vals)
         _check(0.0 < self.keep_ratio <= 1.0 and 0.0 < self.prune_p <= 1.0, "vit keep in (0, 1]")
         object.__setattr__(self, "prune_blocks", tuple(int(b) for b in self.prune_blocks))
         _check(all(b >= 0 for b in self.prune_blocks), "vit.prune_blocks must be >= 0")
@@ -433,6 +471,10 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("tiling", "max_unreadable_fraction"),
     ("tissue", "ink_min_um2"),
     ("tissue", "max_mask_mpx"),
+    ("scorer", "precision"),
+    ("vit", "mean"),
+    ("vit", "std"),
+    ("vit", "precision"),
 )
 
 

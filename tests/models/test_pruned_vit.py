@@ -54,6 +54,20 @@ CONFIGS = {
 }
 KEEP_ALL = ViTConfig(prune_blocks=(), pooling="model")
 
+# Foundation-model families: the timm architecture and arguments each model card uses, taken
+# from the known-models table (so with its config strings, e.g. mlp_layer: swiglu_packed,
+# act_layer: silu), shrunk to 3 blocks. Patch size, registers, no_embed_class, LayerScale,
+# SwiGLU, dynamic_img_size and global_pool stay those of the real model.
+FAMILIES = {
+    "uni": ("hf-hub:MahmoodLab/UNI", dict(depth=3, embed_dim=32, num_heads=2, img_size=64)),
+    "uni2_h": ("hf-hub:MahmoodLab/UNI2-h", dict(depth=3, embed_dim=48, num_heads=2, img_size=56)),
+    "virchow2": ("hf-hub:paige-ai/Virchow2", dict(depth=3, embed_dim=32, num_heads=2, img_size=56)),
+    "h_optimus_0": ("hf-hub:bioptimus/H-optimus-0",
+                    dict(depth=3, embed_dim=48, num_heads=2, img_size=56)),
+    "gigapath": ("hf_hub:prov-gigapath/prov-gigapath",
+                 dict(depth=3, embed_dim=48, num_heads=2, img_size=64)),
+}
+
 
 def tiny(**kw) -> nn.Module:
     torch.manual_seed(0)
@@ -102,6 +116,35 @@ def reg_model(models: dict[str, nn.Module]) -> nn.Module:
     return models["foundation"]
 
 
+def family(name: str) -> tuple[nn.Module, str]:
+    """A tiny perturbed model of a foundation family, built through build_vit from the
+    known-models entry (config strings resolved there), and the pooling its card uses."""
+    from wsi_prune.models.hub import hub_architecture, known_model
+
+    hub, shrink = FAMILIES[name]
+    arch, args, pcfg = hub_architecture(hub)
+    torch.manual_seed(0)
+    model = build_vit(ViTConfig(model=arch, model_kwargs={**args, **shrink}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model, known_model(hub).pooling
+
+
+@pytest.fixture(scope="module")
+def families() -> dict[str, tuple[nn.Module, str]]:
+    return {name: family(name) for name in FAMILIES}
+
+
+def card_embedding(model: nn.Module, x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """What the model card computes: timm's forward, or for Virchow (global_pool "") the CLS
+    token concatenated with the mean of the patch tokens, registers excluded."""
+    if pooling == "cls+mean":
+        tokens = model(x)
+        return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], -1)
+    return stock(model, x)
+
+
 # ---------------------------------------------------------------- exactness with keep-all
 
 
@@ -125,6 +168,65 @@ def test_keep_all_equals_stock_model(models: dict[str, nn.Module], name: str) ->
             assert out.embedding.shape == ref.shape
             assert (out.embedding - ref).abs().max() < TOL, (name, cfg, batching)
             assert all(bool(k.all()) for k in out.kept)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@torch.no_grad()
+def test_keep_all_equals_the_model_card_per_family(families, name: str) -> None:
+    """UNI, UNI2-h, Virchow2, H-optimus, Prov-GigaPath shapes: PrunedViT keeping everything
+    gives the card's embedding, on the plain path and on the CLS-row (pruning-block) path."""
+    model, pooling = families[name]
+    x = images(3, size_of(model))
+    ref = card_embedding(model, x, pooling)
+    for cfg in (ViTConfig(prune_blocks=(), pooling=pooling),
+                ViTConfig(prune_blocks=(0, 2), keep_ratio=1.0, pooling=pooling)):
+        for batching in ("pad", "bucket"):
+            out = PrunedViT(model, cfg, batching=batching)(x)
+            assert out.embedding.shape == ref.shape
+            assert (out.embedding - ref).abs().max() < TOL, (name, cfg, batching)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@torch.no_grad()
+def test_pruning_per_family_keeps_registers_and_counts_macs(families, name: str) -> None:
+    """Pruning inside each family: prefix tokens (CLS + registers) are never pruned, and
+    vit_batch_macs of the token counts equals the matmuls that really ran (gated MLPs: 3
+    matmuls of the gated width; registers counted as tokens)."""
+    model, pooling = families[name]
+    spec = ViTSpec.from_timm(model)
+    npre = int(model.num_prefix_tokens)
+    assert spec.num_prefix_tokens == npre
+    assert spec.swiglu == (name != "uni")
+    cfg = ViTConfig(prune_blocks=(1,), keep_ratio=0.5, pooling=pooling)
+    linear = 0
+
+    def hook(mod: nn.Module, inp, out: torch.Tensor) -> None:
+        nonlocal linear
+        if isinstance(mod, nn.Linear):
+            linear += out.numel() * mod.in_features
+        else:  # patch-embedding conv
+            k = mod.kernel_size
+            linear += out.numel() * mod.in_channels * k[0] * k[1]
+
+    handles = [mod.register_forward_hook(hook) for mod in model.modules()
+               if isinstance(mod, nn.Linear | nn.Conv2d)]
+    try:
+        out = PrunedViT(model, cfg, batching="bucket")(images(4, size_of(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    t = out.tokens_per_image
+    p = n_patches(model)
+    kept = int(math.ceil(0.5 * p))
+    # block 1's attention sees everything, its MLP and block 2 the prefix plus the kept half
+    assert t[:, 1].tolist() == [[npre + p, npre + kept]] * 4
+    assert t[:, 2, 0].tolist() == [npre + kept] * 4
+    assert out.embedding.shape[1] == model.num_features * (2 if pooling == "cls+mean" else 1)
+    attn_core = sum(block_macs(spec, a, m).attn_scores + block_macs(spec, a, m).attn_v
+                    for a, m in t.reshape(-1, 2).tolist())
+    rows = spec.num_heads * spec.head_dim * int(t[:, list(out.cls_attn_blocks), 0].sum())
+    assert vit_batch_macs(spec, t, cls_attn_blocks=out.cls_attn_blocks).vit == \
+        linear + attn_core + rows
 
 
 @torch.no_grad()
@@ -491,29 +593,6 @@ def test_build_vit(tmp_path) -> None:
 
 
 # ------------------------------------------- where the weights come from, with the Hub off
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch) -> list:
-    """HF_HUB_OFFLINE=1 set after huggingface_hub was imported (the hard case: it reads the
-    variable once, at import), an empty Hugging Face cache, and every socket refused. Returns
-    the list of attempted connections, which must stay empty."""
-    import socket
-
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    attempts: list = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
 
 
 UNI_TINY = dict(depth=2, embed_dim=32, num_heads=2, img_size=32)

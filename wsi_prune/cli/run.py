@@ -97,7 +97,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     if on_corrupt_tile is not None:
         cfg = cfg.replace(tiling={"on_corrupt_tile": on_corrupt_tile})
     audit = None if audit_fraction is None else (audit_fraction, audit_seed)
-    with exit_on_sigterm(), cluster_request.client() as client:
+    with exit_on_sigterm(), cluster_request.client(device=device) as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
                          force=force, shard=shard, progress=not quiet, audit=audit)
     if not quiet:

@@ -14,11 +14,12 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_prune.distributed.gpus import visible_gpus, worker_envs
 from wsi_prune.distributed.slurm import SlurmOptions
 from wsi_prune.errors import ConfigError, WsiPruneError
 
@@ -50,9 +51,15 @@ class ClusterRequest:
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     interface: str | None = None
 
-    def client(self, dashboard_address: str = ":8787") -> contextlib.AbstractContextManager:
+    def client(self, dashboard_address: str = ":8787", device: str = "cpu"
+               ) -> contextlib.AbstractContextManager:
+        """:func:`make_client` for this request; ``device`` plain ``cuda`` pins LocalCluster
+        workers to this node's GPUs, one each (:mod:`wsi_prune.distributed.gpus`)."""
+        gpus = None
+        if not self.scheduler and (self.cluster == "local" or self.workers):
+            gpus = visible_gpus(device) or None
         return make_client(self.workers, self.scheduler, self.cluster, self.memory_limit,
-                           self.slurm, self.interface, dashboard_address)
+                           self.slurm, self.interface, dashboard_address, gpus=gpus)
 
 
 #: Module every worker we start imports first (:mod:`wsi_prune.distributed.preload`).
@@ -70,6 +77,7 @@ def make_client(
     slurm: SlurmOptions | None = None,
     interface: str | None = None,
     dashboard_address: str = ":8787",
+    gpus: Sequence[str] | None = None,
 ) -> Iterator[Any]:
     """A ``distributed.Client`` for the requested cluster, closed (with the cluster) on exit.
 
@@ -77,7 +85,10 @@ def make_client(
     - ``cluster="slurm"``: a dask-jobqueue ``SLURMCluster`` scaled adaptively between 0 and
       ``slurm.max_jobs`` single-process worker jobs;
     - ``cluster="local"`` or ``workers`` >= 1: a ``LocalCluster`` of ``workers`` processes
-      with one thread each (default: one per CPU core) and ``memory_limit`` each;
+      with one thread each (default: one per CPU core, or one per GPU with ``gpus``) and
+      ``memory_limit`` each; with ``gpus`` (``CUDA_VISIBLE_DEVICES`` entries, from
+      :func:`~wsi_prune.distributed.gpus.visible_gpus`) worker ``i`` sees only GPU
+      ``gpus[i % len(gpus)]``;
     - otherwise: yields None, meaning "stay in this process".
 
     The dashboard address is logged (INFO) whenever a cluster is started here.
@@ -104,10 +115,10 @@ def make_client(
         with _slurm_cluster(slurm or SlurmOptions(), interface, dashboard_address) as client:
             yield client
     elif cluster == "local" or workers:
-        n = workers or os.cpu_count() or 1
+        n = workers or (len(gpus) if gpus else os.cpu_count() or 1)
         if memory_limit not in (None, 0, "0"):
             _check_worker_memory(memory_limit, "--memory-limit", n)
-        with _local_cluster(n, memory_limit, interface, dashboard_address) as client:
+        with _local_cluster(n, memory_limit, interface, dashboard_address, gpus) as client:
             yield client
     else:
         yield None
@@ -164,17 +175,29 @@ def _connect(scheduler: str) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def _local_cluster(n: int, memory_limit: str | int | None, interface: str | None,
-                   dashboard_address: str) -> Iterator[Any]:
+                   dashboard_address: str, gpus: Sequence[str] | None = None) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     # Processes, not threads: OpenSlide decoding and torch each want their own core and the
     # GIL would serialise the Python parts of a slide.
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+    with LocalCluster(n_workers=0 if gpus else n, threads_per_worker=1, processes=True,
                       memory_limit=memory_limit if memory_limit is not None else "auto",
                       interface=interface, dashboard_address=dashboard_address,
                       preload=[PRELOAD]) as lc:
+        if gpus:
+            # LocalCluster gives every worker one environment; GPU pinning needs one each,
+            # set before the worker process starts (CUDA reads it once, at initialisation).
+            for i, env in enumerate(worker_envs(gpus, n)):
+                spec = dict(lc.new_spec)
+                options = dict(spec["options"])
+                options["env"] = {**(options.get("env") or {}), **env}
+                lc.worker_spec[i] = {**spec, "options": options}
+            lc.scale(n)
         with Client(lc) as client:
-            _logger.info("Dask LocalCluster: %d worker processes, dashboard %s", n,
+            if gpus:
+                client.wait_for_workers(n)
+            _logger.info("Dask LocalCluster: %d worker processes%s, dashboard %s", n,
+                         f" on GPUs {', '.join(gpus)} (one each, round-robin)" if gpus else "",
                          client.dashboard_link)
             yield client
 

@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from wsi_prune.errors import CheckpointRefused
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["load_into", "load_state_dict", "save_safetensors"]
+__all__ = ["load_into", "load_state_dict", "mismatch_reason", "save_safetensors"]
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 # Keys under which training scripts commonly nest the model's state dict.
@@ -122,11 +122,18 @@ def _as_state_dict(obj: Any, path: str | None) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+#: ``hint(missing, unexpected, mismatched)`` -> a sentence on the likely cause, or None;
+#: the three lists hold key names (model keys the file lacks, file keys the model lacks, keys
+#: whose shapes differ)
+MismatchHint = Callable[[list[str], list[str], list[str]], str | None]
+
+
 def load_into(
     model: nn.Module,
     path_or_state: PathLike | Mapping[str, torch.Tensor],
     strict: bool = True,
     prefix_strip: Iterable[str] = ("module.",),
+    hint: MismatchHint | None = None,
 ) -> None:
     """Load weights into ``model`` in place, refusing any mismatch with a readable message.
 
@@ -135,6 +142,8 @@ def load_into(
         path_or_state: a weights file (see :func:`load_state_dict`) or a state dict.
         strict: refuse missing or unexpected keys (shape mismatches are always refused).
         prefix_strip: key prefixes removed first (``module.`` from ``DataParallel``).
+        hint: adds the likely cause of a mismatch to the message (e.g.
+            :func:`wsi_prune.models.hub.vit_mismatch_hint`: which ``model_kwargs`` differ).
 
     Raises:
         CheckpointRefused: the file cannot be read, or keys/shapes do not match the model; the
@@ -153,22 +162,12 @@ def load_into(
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: model {tuple(expected[k].shape)} vs file {tuple(state[k].shape)}"
-        for k in expected
-        if k in state and expected[k].shape != state[k].shape
-    ]
-    problems = []
-    if mismatched:
-        problems.append(_listing("shape mismatch", mismatched))
-    if strict and missing:
-        problems.append(_listing("missing key", missing))
-    if strict and unexpected:
-        problems.append(_listing("unexpected key", unexpected))
-    if problems:
-        raise CheckpointRefused(
-            f"weights do not match {type(model).__name__}: " + "; ".join(problems), path
-        )
+    shapes = {k: (tuple(expected[k].shape), tuple(state[k].shape))
+              for k in expected if k in state and expected[k].shape != state[k].shape}
+    reason = mismatch_reason(type(model).__name__, missing if strict else [],
+                             unexpected if strict else [], shapes, hint)
+    if reason:
+        raise CheckpointRefused(reason, path)
     if missing or unexpected:
         _logger.warning(
             "loading %s non-strictly: %d missing, %d unexpected keys",
@@ -178,6 +177,40 @@ def load_into(
         )
     model.load_state_dict(state, strict=strict)
     _logger.debug("loaded %d tensors into %s from %s", len(state), type(model).__name__, path)
+
+
+def mismatch_reason(
+    model_name: str,
+    missing: list[str],
+    unexpected: list[str],
+    shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    hint: MismatchHint | None = None,
+) -> str | None:
+    """The one-line reason of a state-dict mismatch, or None when there is none.
+
+    Args:
+        model_name: the model's class name, for the message.
+        missing: model keys the weights lack; unexpected: weight keys the model lacks.
+        shapes: key -> (model shape, file shape) where they differ.
+        hint: see :func:`load_into`.
+
+    Returns:
+        ``weights do not match NAME: 2 shape mismatches: k: model (a, b) vs file (c, d), ...;
+        1 missing key: ...; 1 unexpected key: ...`` (a few keys each) and the hint.
+    """
+    problems = []
+    if shapes:
+        problems.append(_listing("shape mismatch", [f"{k}: model {m} vs file {f}"
+                                                    for k, (m, f) in shapes.items()]))
+    if missing:
+        problems.append(_listing("missing key", list(missing)))
+    if unexpected:
+        problems.append(_listing("unexpected key", list(unexpected)))
+    if not problems:
+        return None
+    reason = f"weights do not match {model_name}: " + "; ".join(problems)
+    extra = hint(list(missing), list(unexpected), list(shapes)) if hint is not None else None
+    return f"{reason}. {extra}" if extra else reason
 
 
 def _strip(key: str, prefixes: tuple[str, ...]) -> str:
@@ -190,7 +223,8 @@ def _strip(key: str, prefixes: tuple[str, ...]) -> str:
 def _listing(what: str, items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return f"{len(items)} {what}{'' if len(items) == 1 else 's'}: {shown}{more}"
+    plural = "es" if what.endswith(("ch", "sh", "s", "x")) else "s"
+    return f"{len(items)} {what}{'' if len(items) == 1 else plural}: {shown}{more}"
 
 
 def save_safetensors(

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import timm.data
 import torch
 
 from wsi_prune._devices import check_device
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError
+from wsi_prune.models.accel import to_device
 from wsi_prune.models.binding import INIT_SEED, check_bindings
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.mil import build_mil, trained_mil_config
@@ -70,7 +72,7 @@ def describe_models(config: RunConfig, digests: dict[str, str | None] | None = N
 
 @dataclass
 class Models:
-    """The three models of a run, built once per process."""
+    """The three models of a run, built once per process, on ``device``."""
 
     scorer: torch.nn.Module
     vit: torch.nn.Module  # PrunedViT
@@ -80,15 +82,30 @@ class Models:
     vit_std: torch.Tensor
     describe: dict[str, Any] = field(default_factory=dict)
     macs: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def vit_input(self, tiles: np.ndarray) -> torch.Tensor:
+        """ViT input from RGB tiles: uint8 to the device (pinned on CUDA), then float,
+        scaled to [0, 1] and normalised there.
+
+        Args:
+            tiles: (B, H, W, 3) uint8.
+
+        Returns:
+            (B, 3, H, W) float32 on :attr:`device`.
+        """
+        x = to_device(tiles, self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.vit_mean) / self.vit_std
 
 
 def build_models(config: RunConfig, device: str = "cpu",
                  digests: dict[str, str | None] | None = None) -> Models:
     """Build scorer, pruned ViT and MIL head from the config (local weights only unless the
-    config asks for hub weights).
+    config asks for hub weights), on ``device``.
 
     Args:
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; weights are built and loaded on the
+            CPU (the same random init everywhere), then moved.
         digests: :meth:`RunConfig.weight_digests`, when already computed (for ``describe``).
 
     Raises:
@@ -127,4 +144,4 @@ def build_models(config: RunConfig, device: str = "cpu",
         "spec": ViTSpec.from_timm(vit_model),
         "scorer_per_tile": cnn_macs(scorer, (3, cp, cp)),
     }
-    return Models(scorer, pruned, mil, (gh, gw), mean, std, describe, macs)
+    return Models(scorer, pruned, mil, (gh, gw), mean, std, describe, macs, str(device))

@@ -10,19 +10,23 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from wsi_prune.errors import CheckpointRefused, ConfigError
-from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.checkpoints import load_into, mismatch_reason
+from wsi_prune.models.timm_args import resolve_timm_kwargs
 
 _logger = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
+#: timm also accepts ``hf_hub:`` (Prov-GigaPath's card spells it so); it is read as ``hf-hub:``
+_HUB_ALIASES = ("hf_hub:",)
 PathLike = str | os.PathLike[str]
 
 
@@ -55,18 +59,93 @@ class ModelSource:
         return self.name.startswith(HUB_PREFIX)
 
 
+class KnownModel(NamedTuple):
+    """A hub model whose architecture is known offline (an entry of :data:`KNOWN_HUB_MODELS`).
+
+    Attributes:
+        architecture: the timm architecture its ``config.json`` names.
+        model_args: ``timm.create_model`` arguments, as its model card passes them; classes
+            by name (:mod:`wsi_prune.models.timm_args`), so the entry is also a valid
+            ``vit.model_kwargs``.
+        pretrained_cfg: normalisation (``mean``/``std`` of RGB in [0, 1]).
+        pooling: the ``vit.pooling`` its card's embedding uses (``cls+mean``: Virchow).
+        repo: the repo id as the Hub spells it.
+    """
+
+    architecture: str
+    model_args: dict[str, Any]
+    pretrained_cfg: dict[str, Any]
+    pooling: str = "model"
+    repo: str = ""
+
+
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+# H-optimus-0 and -1 normalise with their own training-set statistics (model card).
+_BIOPTIMUS = {"mean": (0.707223, 0.578729, 0.703617), "std": (0.211883, 0.230117, 0.177517)}
+# The DINOv2-style ViT-g/ViT-H cards: SwiGLU with one packed fc1 (D -> 2H), SiLU, LayerScale.
+_SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu", "init_values": 1e-5}
+_H_OPTIMUS = KnownModel(
+    "vit_giant_patch14_reg4_dinov2",
+    # the architecture's defaults already give SwiGLU, SiLU, 4 registers, no_embed_class
+    {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "num_classes": 0,
+     "global_pool": "token"},
+    _BIOPTIMUS,
+)
+
 #: Hub models whose timm architecture is known here, so that a local copy of their weights
 #: builds with no network: for an ``hf-hub:`` name timm fetches the repo's ``config.json`` even
-#: with ``pretrained=False``. Keys are lower-case repo ids; values ``(architecture, model args,
-#: pretrained-config overlay)`` as on the model card. UNI's card passes ``init_values`` and
-#: ``dynamic_img_size`` explicitly, and its ImageNet normalisation differs from the 0.5/0.5 of
-#: timm's default ``vit_large_patch16_224`` weights. Adding a model is one entry.
-KNOWN_HUB_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "mahmoodlab/uni": (
+#: with ``pretrained=False``. Keys are lower-case repo ids; values as on each model card (its
+#: ``timm.create_model`` call plus the ``config.json`` it points at). A cached ``config.json``
+#: wins over an entry; the entry fills what the json lacks (Virchow's json names no MLP class:
+#: its card passes ``mlp_layer``/``act_layer`` in code). Adding a model is one entry.
+#:
+#: * UNI: ViT-L/16, LayerScale, CLS token; ImageNet normalisation, not the 0.5/0.5 of timm's
+#:   default ``vit_large_patch16_224`` weights.
+#: * UNI2-h: ViT-H/14 built on ``vit_giant_patch14_224`` (1536 wide, 24 blocks, 24 heads),
+#:   SwiGLU packed (fc1 1536 -> 8192), SiLU, 8 registers, no_embed_class; CLS token.
+#: * Virchow / Virchow2: ViT-H/14 (1280 wide, 32 blocks), SwiGLU packed (mlp_ratio 5.3375),
+#:   SiLU, ``global_pool=""``; Virchow2 has 4 registers. Their embedding is the CLS token
+#:   concatenated with the mean of the patch tokens, registers excluded (``vit.pooling:
+#:   cls+mean``, 2560 wide).
+#: * H-optimus-0 / H-optimus-1: ViT-g/14 (1536 wide, 40 blocks), SwiGLU, 4 registers,
+#:   no_embed_class; Bioptimus' own normalisation.
+#: * Prov-GigaPath's tile encoder: ViT-g built on ``vit_giant_patch14_dinov2`` but with
+#:   **16 px patches** (its config.json sets ``patch_size: 16``: 14x14 patches at 224 px),
+#:   SwiGLU packed (mlp_ratio 5.33334), no registers; CLS token.
+KNOWN_HUB_MODELS: dict[str, KnownModel] = {
+    "mahmoodlab/uni": KnownModel(
         "vit_large_patch16_224",
         {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
          "dynamic_img_size": True},
-        {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+        _IMAGENET, repo="MahmoodLab/UNI",
+    ),
+    "mahmoodlab/uni2-h": KnownModel(
+        "vit_giant_patch14_224",
+        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "embed_dim": 1536,
+         "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True, "reg_tokens": 8,
+         "dynamic_img_size": True, **_SWIGLU},
+        _IMAGENET, repo="MahmoodLab/UNI2-h",
+    ),
+    "paige-ai/virchow": KnownModel(
+        "vit_huge_patch14_224",
+        {"img_size": 224, "num_classes": 0, "mlp_ratio": 5.3375, "global_pool": "",
+         "dynamic_img_size": True, **_SWIGLU},
+        _IMAGENET, pooling="cls+mean", repo="paige-ai/Virchow",
+    ),
+    "paige-ai/virchow2": KnownModel(
+        "vit_huge_patch14_224",
+        {"img_size": 224, "num_classes": 0, "reg_tokens": 4, "mlp_ratio": 5.3375,
+         "global_pool": "", "dynamic_img_size": True, **_SWIGLU},
+        _IMAGENET, pooling="cls+mean", repo="paige-ai/Virchow2",
+    ),
+    "bioptimus/h-optimus-0": _H_OPTIMUS._replace(repo="bioptimus/H-optimus-0"),
+    "bioptimus/h-optimus-1": _H_OPTIMUS._replace(repo="bioptimus/H-optimus-1"),
+    "prov-gigapath/prov-gigapath": KnownModel(
+        "vit_giant_patch14_dinov2",
+        {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+         "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0,
+         "mlp_layer": "swiglu_packed", "act_layer": "silu"},
+        _IMAGENET, repo="prov-gigapath/prov-gigapath",
     ),
 }
 
@@ -92,9 +171,25 @@ def hub_offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
+def canonical_hub_name(name: str) -> str:
+    """``name`` with timm's ``hf_hub:`` spelling read as ``hf-hub:``; other names unchanged."""
+    for alias in _HUB_ALIASES:
+        if name.startswith(alias):
+            return HUB_PREFIX + name[len(alias):]
+    return name
+
+
 def _split_hub_name(name: str) -> tuple[str, str | None]:
-    repo, _, revision = name[len(HUB_PREFIX):].partition("@")
+    repo, _, revision = canonical_hub_name(name)[len(HUB_PREFIX):].partition("@")
     return repo, revision or None
+
+
+def known_model(name: str) -> KnownModel | None:
+    """The :data:`KNOWN_HUB_MODELS` entry of an ``hf-hub:org/name[@revision]`` name, or None."""
+    name = canonical_hub_name(name)
+    if not name.startswith(HUB_PREFIX):
+        return None
+    return KNOWN_HUB_MODELS.get(_split_hub_name(name)[0].lower())
 
 
 def _cached_hub_file(repo: str, filename: str, revision: str | None) -> str | None:
@@ -147,12 +242,13 @@ def hub_architecture(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     path = _cached_hub_file(repo, "config.json", revision)
     if path is not None:
         arch, args, pcfg = _read_hub_config(path)
-        if known is not None:
-            args, pcfg = {**known[1], **args}, {**known[2], **pcfg}
+        if known is not None and known.architecture == arch:
+            # the json wins; the entry adds what only the card's code passes (MLP classes)
+            args, pcfg = {**known.model_args, **args}, {**known.pretrained_cfg, **pcfg}
         _logger.debug("%s: architecture %s from the cached %s", name, arch, path)
         return arch, args, pcfg
     if known is not None:
-        return known[0], dict(known[1]), dict(known[2])
+        return known.architecture, dict(known.model_args), dict(known.pretrained_cfg)
     raise ConfigError(
         f"{name} with a local weights file: its architecture must be known without the Hub, "
         f"but {repo}'s config.json is not in the Hugging Face cache and wsi-prune does not "
@@ -184,6 +280,7 @@ def resolve_model_source(name: str, weights: PathLike | None, pretrained: bool) 
         ConfigError: ``name`` is not a timm model, or a hub name with a local file whose
             architecture is unknown offline.
     """
+    name = canonical_hub_name(name)
     is_hub = name.startswith(HUB_PREFIX)
     if weights is not None:
         weights = os.fspath(weights)
@@ -251,13 +348,16 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
 
     overlay = {**source.pretrained_cfg, **(timm_kwargs.pop("pretrained_cfg_overlay", None) or {})}
     if source.architecture is not None:
-        kwargs = {**source.model_args, **timm_kwargs}
+        kwargs = resolve_timm_kwargs({**source.model_args, **timm_kwargs})
         if not timm.is_model(source.architecture):
             raise ConfigError(f"{source.name}: unknown timm architecture {source.architecture!r}")
         return timm.create_model(
             source.architecture, pretrained=False, pretrained_cfg_overlay=overlay or None,
             **kwargs,
         )
+    extra_args, extra_cfg = _card_extras(source.name)
+    timm_kwargs = resolve_timm_kwargs({**extra_args, **timm_kwargs})
+    overlay = {**extra_cfg, **overlay}
     needs_hub = source.pretrained or source.is_hub
     offline = needs_hub and hub_offline()
     if offline and not source.is_hub and not timm.models.get_pretrained_cfg_value(
@@ -275,6 +375,10 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ConfigError(f"{source.name}: {exc}") from exc
+        mismatch = _state_dict_mismatch(source.name, exc)
+        if mismatch is not None:
+            # the weights arrived (cache or download) but do not fit: not a Hub problem
+            raise mismatch from exc
         if not needs_hub:
             raise
         raise _hub_refusal(source.name, exc) from exc
@@ -282,6 +386,89 @@ def create_architecture(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
         if not needs_hub:
             raise
         raise _hub_refusal(source.name, exc) from exc
+
+
+def _card_extras(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For a known hub model built by timm from the Hub (``pretrained`` without a local file):
+    the table's arguments and normalisation that its ``config.json`` does not give (the MLP
+    classes Virchow's card passes in code). The json wins where it has a value, as in
+    :func:`hub_architecture`; without a cached json (a download), the whole entry applies."""
+    known = known_model(name)
+    if known is None:
+        return {}, {}
+    repo, revision = _split_hub_name(name)
+    path = _cached_hub_file(repo, "config.json", revision)
+    if path is None:
+        return dict(known.model_args), dict(known.pretrained_cfg)
+    arch, args, pcfg = _read_hub_config(path)
+    if arch != known.architecture:
+        return {}, {}
+    return ({k: v for k, v in known.model_args.items() if k not in args},
+            {k: v for k, v in known.pretrained_cfg.items() if k not in pcfg})
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+    r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+_KEY_LIST = r'{} key\(s\) in state_dict: ((?:"[^"]+"(?:, )?)+)'
+
+
+def _state_dict_mismatch(name: str, exc: BaseException) -> CheckpointRefused | None:
+    """torch's ``Error(s) in loading state_dict`` (raised inside timm's pretrained loading)
+    as the same mismatch message a local file gets, or None for any other error."""
+    text = str(exc)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+
+    def keys(kind: str) -> list[str]:
+        found = re.search(_KEY_LIST.format(kind), text)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    def shape(dims: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in dims.split(",") if d.strip())
+
+    shapes = {k: (shape(model), shape(file)) for k, file, model in _SIZE_MISMATCH.findall(text)}
+    reason = mismatch_reason("the architecture", keys("Missing"), keys("Unexpected"), shapes,
+                             vit_mismatch_hint)
+    return CheckpointRefused(f"{name}: pretrained {reason or text.splitlines()[0]}")
+
+
+def vit_mismatch_hint(missing: list[str], unexpected: list[str], shapes: list[str]) -> str | None:
+    """The ``model_kwargs`` a ViT checkpoint most likely needs, from the keys that differ
+    (a hint for :func:`~wsi_prune.models.checkpoints.load_into`), or None.
+
+    Args:
+        missing: model keys the file lacks; unexpected: file keys the model lacks; shapes: keys
+            whose shapes differ.
+    """
+    def has(keys: list[str], part: str) -> bool:
+        return any(part in k for k in keys)
+
+    hints = []
+    if has(unexpected, ".ls1.gamma"):
+        hints.append("the file has LayerScale (ls1.gamma): set init_values (1e-5 on the "
+                     "UNI and DINOv2-style cards)")
+    elif has(missing, ".ls1.gamma"):
+        hints.append("the model has LayerScale the file lacks: drop init_values")
+    if "reg_token" in unexpected:
+        hints.append("the file has register tokens (reg_token): set reg_tokens")
+    elif "reg_token" in missing:
+        hints.append("the model has register tokens the file lacks: drop reg_tokens")
+    if has(unexpected, ".mlp.fc1_g") or has(missing, ".mlp.fc1_g"):
+        hints.append("the MLP layouts differ: fc1_g/fc1_x is mlp_layer: swiglu, one fc1 is "
+                     "mlp or swiglu_packed")
+    elif has(shapes, ".mlp.fc"):
+        hints.append("the MLP widths differ: a SwiGLU checkpoint (fc1 twice fc2's input) needs "
+                     "mlp_layer: swiglu_packed, act_layer: silu and its card's mlp_ratio")
+    if "patch_embed.proj.weight" in shapes:
+        hints.append("patch_embed differs: check patch_size (Prov-GigaPath: 16) and embed_dim")
+    if "pos_embed" in shapes:
+        hints.append("pos_embed differs: check img_size, patch_size, and no_embed_class with "
+                     "reg_tokens")
+    if not hints:
+        return None
+    return ("Likely model_kwargs to fix: " + "; ".join(hints)
+            + " (the known models' arguments: wsi_prune.models.hub.KNOWN_HUB_MODELS)")
 
 
 @contextlib.contextmanager
@@ -313,5 +500,5 @@ def create_from_source(source: ModelSource, **timm_kwargs: Any) -> nn.Module:
     """
     model = create_architecture(source, **timm_kwargs)
     if source.weights_path is not None:
-        load_into(model, source.weights_path)
+        load_into(model, source.weights_path, hint=vit_mismatch_hint)
     return model

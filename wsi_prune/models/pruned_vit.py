@@ -68,8 +68,9 @@ from torch import nn
 
 from wsi_prune.config import ViTConfig
 from wsi_prune.errors import ConfigError
+from wsi_prune.models.accel import autocast
 from wsi_prune.models.checkpoints import load_into
-from wsi_prune.models.hub import create_architecture, resolve_model_source
+from wsi_prune.models.hub import create_architecture, resolve_model_source, vit_mismatch_hint
 from wsi_prune.selection.tokens import keep_by_attention
 
 _logger = logging.getLogger(__name__)
@@ -160,26 +161,34 @@ def build_vit(
     * a local ``config.weights`` file always wins, ``pretrained`` or not: the architecture is
       built with ``pretrained=False`` and the file loaded. For an ``hf-hub:`` name the
       architecture comes from the repo's ``config.json`` in the local Hugging Face cache or from
-      :data:`~wsi_prune.models.hub.KNOWN_HUB_MODELS` (UNI), never from the Hub;
-      ``config.model_kwargs`` override its arguments.
+      :data:`~wsi_prune.models.hub.KNOWN_HUB_MODELS`, never from the Hub;
+      ``config.model_kwargs`` override its arguments (:mod:`~wsi_prune.models.timm_args`).
     * without a local file, ``pretrained: true`` downloads through timm (Hub or its cache; only
       the cache when ``HF_HUB_OFFLINE`` is set), and an ``hf-hub:`` name needs it.
 
+    ``config.mean`` / ``config.std``, when set, replace the model's normalisation.
+
     Args:
-        config: ``model``, ``pretrained``, ``model_kwargs`` and ``weights``.
+        config: ``model``, ``pretrained``, ``model_kwargs``, ``weights``, ``mean``, ``std``.
         load_weights: called as ``load_weights(model, config.weights)`` to load the local file
-            (default :func:`~wsi_prune.models.checkpoints.load_into`, which owns checkpoint safety).
+            (default :func:`~wsi_prune.models.checkpoints.load_into`, which owns checkpoint
+            safety, with :func:`~wsi_prune.models.hub.vit_mismatch_hint`).
 
     Raises:
         ConfigError: unknown model name, not a ``VisionTransformer``, a hub name with a local
             file whose architecture is unknown offline.
-        CheckpointRefused: the weights file is missing or does not fit; the Hub is needed but
-            switched off, unreachable or refusing access (the message names the model and says
-            to pass a local safetensors file); a hub name without ``pretrained`` or a file.
+        CheckpointRefused: the weights file is missing or does not fit (expected vs found
+            shapes, a few keys, the likely ``model_kwargs``); the Hub is needed but switched
+            off, unreachable or refusing access (the message names the model and says to pass
+            a local safetensors file); a hub name without ``pretrained`` or a file.
     """
+    kwargs = {**config.model_kwargs, "num_classes": 0}
+    norm = {k: v for k, v in (("mean", config.mean), ("std", config.std)) if v is not None}
+    if norm:
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **norm}
     try:
         source = resolve_model_source(config.model, config.weights, config.pretrained)
-        model = create_architecture(source, **{**config.model_kwargs, "num_classes": 0})
+        model = create_architecture(source, **kwargs)
     except ConfigError as exc:
         raise ConfigError(f"vit.model: {exc.reason}", exc.path) from exc
     if not isinstance(model, VisionTransformer):
@@ -187,16 +196,21 @@ def build_vit(
             f"vit.model {config.model!r} is a {type(model).__name__}, not a timm VisionTransformer"
         )
     if source.weights_path is not None:
-        (load_weights or load_into)(model, source.weights_path)
+        if load_weights is None:
+            load_into(model, source.weights_path, hint=vit_mismatch_hint)
+        else:
+            load_weights(model, source.weights_path)
     return model.eval()
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, pooling: str = "model") -> None:
     """Raise :class:`ConfigError` unless :class:`PrunedViT` reproduces ``model`` exactly.
 
     Supported: a timm ``VisionTransformer`` whose blocks are exactly ``Block`` with exactly
     ``Attention`` (pre-norm, attention then MLP; LayerScale, q/k norm, SwiGLU, registers fine),
-    pooled by ``token``, ``avg``, ``max`` or ``avgmax``.
+    pooled by ``token``, ``avg``, ``max`` or ``avgmax``; with ``pooling="cls+mean"`` (the
+    wrapper pools itself, as Virchow's card does) also ``global_pool=""``, which in timm
+    returns every token rather than an embedding.
     """
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"PrunedViT wraps a timm VisionTransformer, got {type(model).__name__}")
@@ -214,7 +228,12 @@ def check_supported(model: nn.Module) -> None:
             )
     if getattr(model, "attn_pool", None) is not None or model.global_pool == "map":
         raise ConfigError("PrunedViT: attention-pool ('map') heads are not supported")
-    if model.global_pool not in SUPPORTED_POOLING:
+    if model.global_pool == "" and pooling != "cls+mean":
+        raise ConfigError(
+            "PrunedViT: global_pool='' gives every token, not an embedding; set vit.pooling: "
+            "cls+mean (CLS concatenated with the mean of the patch tokens, as Virchow's card)"
+        )
+    if model.global_pool not in SUPPORTED_POOLING + ("",):
         raise ConfigError(
             f"PrunedViT: global_pool={model.global_pool!r} is not supported "
             f"({', '.join(SUPPORTED_POOLING)})"
@@ -239,7 +258,7 @@ class PrunedViT(nn.Module):
 
     def __init__(self, model: VisionTransformer, config: ViTConfig, batching: str = "pad") -> None:
         super().__init__()
-        check_supported(model)
+        check_supported(model, config.pooling)
         if batching not in BATCHING:
             raise ConfigError(f"PrunedViT batching must be one of {BATCHING}, got {batching!r}")
         self.model = model
@@ -272,7 +291,8 @@ class PrunedViT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, patch_keep: torch.Tensor | None = None) -> PrunedOutput:
-        """Embed a batch of tiles.
+        """Embed a batch of tiles, under ``config.precision`` autocast
+        (:func:`~wsi_prune.models.accel.autocast`; fp32: none).
 
         Args:
             images: (B, 3, H, W) float, normalised as the model expects.
@@ -280,11 +300,17 @@ class PrunedViT(nn.Module):
                 Each row must keep at least one patch.
 
         Returns:
-            :class:`PrunedOutput`.
+            :class:`PrunedOutput`; its embedding is float32 whatever the precision.
 
         Raises:
             ValueError: ``patch_keep`` of the wrong shape or keeping no patch of some image.
         """
+        with autocast(images.device, self.config.precision):
+            out = self._forward(images, patch_keep)
+        out.embedding = out.embedding.float()
+        return out
+
+    def _forward(self, images: torch.Tensor, patch_keep: torch.Tensor | None) -> PrunedOutput:
         m = self.model
         x = m.patch_embed(images)
         x = m._pos_embed(x)  # adds CLS/register tokens and handles no_embed_class
@@ -537,10 +563,12 @@ def _sdpa_attention(
     q, k = attn.q_norm(q), attn.k_norm(k)
     row = None
     if cls_row:
-        s = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        row = s.softmax(-1).mean(1)[:, 0]
+        # fp32 under autocast too: the row ranks tokens, and bf16 would tie close scores
+        with torch.autocast(x.device.type, enabled=False):
+            s = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * attn.scale  # (B,H,1,T)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            row = s.softmax(-1).mean(1)[:, 0]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     out = attn.norm(out.transpose(1, 2).reshape(b, n, h * hd))
     if g is not None:

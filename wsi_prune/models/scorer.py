@@ -26,6 +26,7 @@ from torch import nn
 from wsi_prune._registry import Registry
 from wsi_prune.config import ScorerConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
+from wsi_prune.models.accel import autocast, to_device
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.sidecars import read_sidecar, warn_untrained_once
 
@@ -327,6 +328,7 @@ def score_tiles(
     batch_size: int,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
 ) -> ScorerOutput:
     """Score every tile of an (N, h, w, 3) uint8 array, streaming it in batches.
 
@@ -337,6 +339,8 @@ def score_tiles(
         batch_size: tiles per forward pass.
         threads: torch intra-op threads for this call (restored afterwards); None: unchanged.
         progress: called as ``progress(n_done, n_total)`` after each batch.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast of the forward
+            (:func:`wsi_prune.models.accel.autocast`; ``scorer.precision``).
 
     Returns:
         :class:`ScorerOutput` for all N tiles, CPU float32: patch (N, G, G), tile (N,),
@@ -364,10 +368,12 @@ def score_tiles(
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                batch = np.ascontiguousarray(np.asarray(tiles[start:stop]))
-                # uint8 travels to the device (4× less than float) and is normalised there.
-                x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2)
-                out = scorer(x)
+                batch = np.asarray(tiles[start:stop])
+                # uint8 travels to the device (4× less than float, pinned on CUDA) and is
+                # normalised there.
+                x = to_device(batch, device).permute(0, 3, 1, 2)
+                with autocast(device, precision):
+                    out = scorer(x)
                 patch[start:stop] = out.patch.float().cpu()
                 tile[start:stop] = out.tile.float().cpu()
                 embedding[start:stop] = out.embedding.float().cpu()

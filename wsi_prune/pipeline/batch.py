@@ -241,8 +241,10 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
     (:func:`wsi_prune.distributed.worker_cache.get_models`); tile blocks are submitted back to the
     cluster. ``digests``: the weight files' SHA-256, computed once by the batch, never per
     worker."""
+    from wsi_prune.distributed.gpus import worker_device
     from wsi_prune.distributed.worker_cache import get_models
 
+    device = worker_device(device)  # "cuda" in a GPU-pinned worker: its own GPU, cuda:0
     config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)
     try:

@@ -42,7 +42,7 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
     """
 
     out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
-                      config.scorer.threads, progress)
+                      config.scorer.threads, progress, precision=config.scorer.precision)
     patch, tile, emb = out.numpy()
     bad = np.asarray(group["tiles/unreadable"][:]) if "unreadable" in group["tiles"] else []
     if len(bad):
@@ -101,8 +101,7 @@ def embed_kept(
                         continue
                 pix = tiles
             done.append(idx)
-            x = torch.from_numpy(pix).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            x = (x - models.vit_mean) / models.vit_std
+            x = models.vit_input(pix)  # pinned host->device copy on CUDA
             keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
                                    grid=models.grid)
             with torch.inference_mode():
@@ -131,5 +130,6 @@ def embed_kept(
 def slide_head(models: Models, embedding: np.ndarray) -> tuple[float, np.ndarray]:
     """Slide probability and MIL attention (K,) over the kept tiles' embeddings."""
     with torch.inference_mode():
-        out = models.mil(torch.from_numpy(np.ascontiguousarray(embedding)).float())
+        out = models.mil(torch.from_numpy(np.ascontiguousarray(embedding)).float()
+                         .to(models.device))
     return float(out.prob), out.attention.float().cpu().numpy()
