@@ -116,7 +116,7 @@ def _tiles_of(path: Path, polygons: Mapping[str, list], grid: int, cap: int | No
     idx = np.sort(np.concatenate([pos, neg]).astype(np.int64))
     info = group.attrs["slide"]
     with Slide(info["path"], float(group.attrs["mpp"])) as slide:
-        pix = read_tiles(slide, coords[idx], tl0, tiling.mpp, tiling.tile_px)
+        pix, _ = read_tiles(slide, coords[idx], tl0, tiling.mpp, tiling.tile_px)
     return pix, targets[idx].astype(np.float32)
 
 
