@@ -54,8 +54,13 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     limit) stops the run like Ctrl-C: locks are released and finished slides are kept; the
     next run resumes with the unfinished ones.
 
+    Before the first slide it checks what does not depend on a slide: OUT is writable, the
+    models build with their weights files, OUT's device has room for the first slide. Any of
+    these stops the run with one message (exit code 1) instead of failing every slide.
+
     Exit codes: 0 all slides ok (or skipped), 3 some slides failed (see predictions.csv),
-    1 the run itself failed (bad config, another run holds OUT), 2 bad usage.
+    1 the run itself failed (bad config or weights, OUT read-only or full, another run holds
+    OUT), 2 bad usage.
 
     \b
     Examples:
@@ -67,9 +72,11 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune run slides/ --out dense/ --config pipelines/camelyon16.yaml --dense
     """
     from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.pipeline.checks import check_out
 
     quiet = quiet or ctx.obj.get("quiet", False)
-    outp = Path(out)
+    # before the log file is opened in it: a read-only OUT is one line, not a traceback
+    outp = check_out(out)
     # a shard logs to its own file: array tasks never write the same path
     log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
     setup_logging(0, quiet, outp / log)

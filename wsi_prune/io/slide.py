@@ -19,6 +19,7 @@ MPP resolution chain (first hit wins, the source is recorded in every output):
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -178,7 +179,7 @@ class Slide:
         self._image: np.ndarray | None = None
         spath = str(self.path)
         if not self.path.exists():
-            raise UnsupportedSlide("no such file", spath)
+            raise UnsupportedSlide(missing_reason(self.path), spath)
         if self.path.is_dir():
             raise UnsupportedSlide("is a directory, not a slide file", spath)
         if self.path.stat().st_size == 0:
@@ -356,6 +357,20 @@ class Slide:
         """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks from the
         smallest adequate level (never a full level at once)."""
         return self.read((0, 0), self.dimensions, mpp, out_size=self.size_at(mpp))
+
+
+def missing_reason(path: str | os.PathLike[str]) -> str:
+    """Why a path that does not exist does not: a plain missing file, a broken symlink, or a
+    symlink loop (``os.path.exists`` says False for all three)."""
+    p = Path(path)
+    if not p.is_symlink():
+        return "no such file"
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself)"
+    return f"broken symlink (to {os.readlink(p)}, which does not exist)"
 
 
 def _is_tiff(path: Path) -> bool:

@@ -28,15 +28,18 @@ from wsi_prune.config import RunConfig
 from wsi_prune.errors import OutputConflict
 from wsi_prune.io import locks
 from wsi_prune.models.factory import Models, apply_trained_configs, build_models, describe_models
+from wsi_prune.pipeline.checks import (
+    check_free_space,
+    check_models,
+    check_out,
+    disk_full,
+    disk_full_error,
+)
 from wsi_prune.pipeline.inputs import SlideEntry, discover
-from wsi_prune.pipeline.process import process_slide
+from wsi_prune.pipeline.process import process_slide, run_complete
 from wsi_prune.pipeline.records import failed_row, write_manifest, write_predictions
 
 _logger = logging.getLogger(__name__)
-
-
-
-
 
 
 def run_lock_path(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
@@ -87,7 +90,11 @@ def run_batch(
     """Run the pipeline on every slide; one slide's failure never stops the others.
 
     The run holds ``OUT/.run.lock`` (a shard: ``OUT/.run.shard-i-of-K.lock``) throughout, so
-    a second run on the same OUT refuses at once instead of racing this one.
+    a second run on the same OUT refuses at once instead of racing this one. Before the first
+    slide it checks what does not depend on a slide (:mod:`wsi_prune.pipeline.checks`): OUT
+    is writable, the models build with their weights (in this process; with a ``client``
+    they are built once here on the CPU to check them, then dropped), and OUT's device has
+    room for the first slide to compute.
 
     Args:
         inputs: slide files, folders, CSV slide lists, or ready :class:`SlideEntry` objects.
@@ -107,9 +114,12 @@ def run_batch(
 
     Raises:
         OutputConflict: another run holds this OUT (or this shard of it).
+        OutputNotWritable: OUT cannot be created or written.
+        ConfigError / CheckpointRefused: a model, policy or weights file of the config is
+            unusable (found before the first slide).
+        DiskFull: OUT's device has no room for the first slide, or for ``predictions.csv``.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(out)
     with run_lock(out, shard):
         return _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
 
@@ -138,6 +148,14 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
 
     rows: dict[str, dict[str, Any]] = {}
     cache: dict[str, Models] = {}
+    # Before the first slide: what every slide would fail on alike stops the run here.
+    todo = [e for e in entries if force or not run_complete(out, e, config, run_hash)]
+    if todo:
+        models = check_models(config, device if client is None else "cpu", digests)
+        if client is None:
+            cache["m"] = models
+        del models  # with Dask, workers build their own
+        check_free_space(out, config, todo)
 
     def get_models() -> Models:
         if "m" not in cache:
@@ -147,7 +165,14 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
     def record(entry: SlideEntry, row: dict[str, Any]) -> None:
         rows[entry.id] = row
         ordered = [rows[e.id] for e in entries if e.id in rows]
-        write_predictions(pred_path, ordered)
+        try:
+            write_predictions(pred_path, ordered)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            # the previous table stays whole (atomic write); the final write tries again
+            _logger.error("%s: cannot update %s: no space left on the device", entry.id,
+                          pred_path.name)
 
     bar = tqdm(total=len(entries), desc="slides", unit="slide", disable=not progress)
     if client is None:
@@ -200,10 +225,16 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
             bar.update(1)
     bar.close()
     ordered = [rows[e.id] for e in entries]
-    write_predictions(pred_path, ordered)
-    write_manifest(manifest_path, config, ordered, started, describe_models(config, digests),
-                   {"run_hash": run_hash, "shard": list(shard) if shard else None,
-                    "out": str(out)})
+    try:
+        write_predictions(pred_path, ordered)
+        write_manifest(manifest_path, config, ordered, started, describe_models(config, digests),
+                       {"run_hash": run_hash, "shard": list(shard) if shard else None,
+                        "out": str(out)})
+    except OSError as exc:
+        if disk_full(exc):
+            raise disk_full_error(out, exc, f"writing {pred_path.name} and "
+                                            f"{manifest_path.name}") from exc
+        raise
     return ordered
 
 
