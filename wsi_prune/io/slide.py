@@ -185,6 +185,11 @@ class Slide:
             raise UnsupportedSlide("is a directory, not a slide file", spath)
         if self.path.stat().st_size == 0:
             raise UnsupportedSlide("empty file (0 bytes)", spath)
+        try:  # OpenSlide would say "unsupported format" for a file it may not read
+            with open(self.path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise UnsupportedSlide(f"cannot read the file ({exc.strerror})", spath) from exc
         try:
             self._osr = openslide.OpenSlide(spath)
         except openslide.OpenSlideUnsupportedFormatError as exc:

@@ -58,6 +58,8 @@ def run_complete(out: Path, entry: SlideEntry, config: RunConfig,
     Args:
         run_hash: :meth:`RunConfig.run_hash`, when already computed.
     """
+    if not (out / f"{entry.id}.zarr" / "zarr.json").is_file():
+        return False  # the common case of a new slide, without asking zarr
     try:
         group = zarr.open_group(str(out / f"{entry.id}.zarr"), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
