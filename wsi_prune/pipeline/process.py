@@ -32,6 +32,7 @@ from wsi_prune.errors import (
     NoTissue,
     OutputConflict,
     SlideChanged,
+    SlideError,
     UnsupportedSlide,
     WsiPruneError,
 )
@@ -117,12 +118,25 @@ def process_slide(
         if not force:
             _check_owner(store_path, entry)
         store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
+        # Each stage reads the slide file again (tiling, full-resolution tiles, the
+        # thumbnail): a file replaced midway would mix two slides in one result, so it is
+        # checked between them, and a read that fails on a changed file says so.
+        started = _file_state(entry.path)
         try:
             return _process_locked(entry, out, config, models, device, force, scheduler,
-                                   progress, run_hash)
+                                   progress, run_hash, started)
         except OSError as exc:
             if disk_full(exc):
                 raise disk_full_error(out, exc, f"writing the outputs of {entry.id}") from exc
+            raise
+        except SlideError as exc:
+            if isinstance(exc, SlideChanged):
+                raise
+            try:
+                _check_unchanged(entry, started, "the run")
+            except SlideChanged as changed:
+                raise SlideChanged(f"{changed.reason} (a read failed meanwhile: "
+                                   f"{exc.reason})", entry.path) from exc
             raise
 
 
@@ -174,12 +188,10 @@ def _check_unchanged(entry: SlideEntry, before: tuple[int, int, int], stage: str
                            "to process the new file", entry.path)
 
 
-def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
+def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash,
+                    started):
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
-    # Each stage reads the slide file again (tiling, full-resolution tiles, the thumbnail): a
-    # file replaced midway would mix two slides in one result, so it is checked between them.
-    started = _file_state(entry.path)
     t = time.perf_counter()
 
     def stage_progress(name: str) -> Progress:
