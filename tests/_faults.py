@@ -28,6 +28,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,15 +74,30 @@ class EpisodeResult:
         return not self.problems and self.final_rc == 0
 
 
+class Run(subprocess.Popen):
+    """A ``wsi-prune run`` whose stdout and stderr go to temporary files: a pipe that nobody
+    reads while waiting fills up (one warning per failed slide) and blocks the run."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self._files = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+        super().__init__(args, stdout=self._files[0], stderr=self._files[1], text=True,
+                         start_new_session=True, env=env)
+
+    def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        texts = []
+        for f in self._files:
+            f.seek(0)
+            texts.append(f.read())
+        return texts[0], texts[1]
+
+
 def start_run(inputs: list[str | Path], out: Path, *extra: str,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+              env: dict[str, str] | None = None) -> Run:
     """``wsi-prune run`` in its own session (so its process group, Dask workers included, can
     be killed at once)."""
-    return subprocess.Popen(
-        [str(CLI), "run", *map(str, inputs), "--out", str(out), "--config", DEMO_YAML,
-         "--quiet", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, **(env or {})})
+    return Run([str(CLI), "run", *map(str, inputs), "--out", str(out), "--config", DEMO_YAML,
+                "--quiet", *extra], env={**os.environ, **(env or {})})
 
 
 def kill_group(proc: subprocess.Popen) -> None:
