@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_pruning.py --batch 32 --reps 3 --threads 2
 	$(BIN)/python benchmarks/bench_end_to_end.py --out bench-out/e2e
 	$(BIN)/python benchmarks/bench_scale.py --out bench-out/scale --markdown bench-out/scale/table.md
+	$(BIN)/python benchmarks/bench_faults.py all --points 24 --n 200 --out bench-out/faults
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -50,8 +50,11 @@ class KillPoint:
     at_s: float = 0.0
 
     def __str__(self) -> str:
-        return f"time {self.at_s:.1f}s" if self.stage == "time" else \
-            f"{self.stage} of slide {self.slide}"
+        if self.stage == "time":
+            return f"time {self.at_s:.1f}s"
+        if self.stage == "worker":
+            return "a Dask worker"
+        return f"{self.stage} of slide {self.slide}"
 
 
 @dataclass
@@ -247,6 +250,7 @@ def run_episode(slides: Path, out: Path, ref: Path, ids: list[str], points: list
     equal a one-process run's bit for bit only at the same thread count."""
     res = EpisodeResult()
     frozen: dict[str, tuple[int, int]] = {}  # complete slides and their file times
+    inputs_before = _listing(slides)
     for point in points:
         done = complete_ids(out) if out.exists() else set()
         frozen |= stamps(out, done - frozen.keys())
@@ -308,9 +312,15 @@ def run_episode(slides: Path, out: Path, ref: Path, ids: list[str], points: list
     res.problems += [p for p in (f"{sid}: status {r['status']}" for sid, r in table.items()
                                  if r["status"] not in ("ok", "skipped"))]
     res.problems += differences(out, ref, ids)
+    if _listing(slides) != inputs_before:
+        res.problems.append("the input folder changed: something was written outside OUT")
     if leftovers(out):
         res.problems.append(f"left in OUT: {leftovers(out)}")
     return res
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 def _invariants(out: Path, frozen: dict[str, tuple[int, int]], when: str) -> list[str]:
