@@ -51,9 +51,9 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     A run holds OUT/.run.lock (a shard: OUT/.run.shard-i-of-K.lock) while it runs: a second
     run on the same OUT stops at once with an error naming the holder's pid (exit code 1). A
     lock left by a killed run is taken over: at once on this host, after its 120 s lease (no
-    heartbeat) when its holder ran on another host sharing the filesystem. SIGTERM (scancel, a SLURM time
-    limit) stops the run like Ctrl-C: locks are released and finished slides are kept; the
-    next run resumes with the unfinished ones.
+    heartbeat) when its holder ran on another host sharing the filesystem. SIGTERM (scancel,
+    a SLURM time limit) stops the run like Ctrl-C: locks are released and finished slides are
+    kept; the next run resumes with the unfinished ones.
 
     Before the first slide it checks what does not depend on a slide: OUT is writable, the
     models build with their weights files, OUT's device has room for the first slide. Any of

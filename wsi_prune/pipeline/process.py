@@ -114,30 +114,36 @@ def process_slide(
         return _row_from_result(entry, "skipped", group.attrs["result"], dict(group.attrs))
     if not entry.path.exists():
         raise UnsupportedSlide(missing_reason(entry.path), entry.path)
-    with locks.locked(out / entry.id):
-        if not force:
-            _check_owner(store_path, entry)
-        store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
-        # Each stage reads the slide file again (tiling, full-resolution tiles, the
-        # thumbnail): a file replaced midway would mix two slides in one result, so it is
-        # checked between them, and a read that fails on a changed file says so.
-        started = _file_state(entry.path)
+    try:
+        with locks.locked(out / entry.id):
+            if not force:
+                _check_owner(store_path, entry)
+            store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
+            return _process_checked(entry, out, config, models, device, force, scheduler,
+                                    progress, run_hash)
+    except OSError as exc:  # the lock file too: on a full disk it is the first write
+        if disk_full(exc):
+            raise disk_full_error(out, exc, f"writing the outputs of {entry.id}") from exc
+        raise
+
+
+def _process_checked(entry, out, config, models, device, force, scheduler, progress, run_hash):
+    # Each stage reads the slide file again (tiling, full-resolution tiles, the thumbnail): a
+    # file replaced midway would mix two slides in one result, so it is checked between
+    # them, and a read that fails on a changed file says so.
+    started = _file_state(entry.path)
+    try:
+        return _process_locked(entry, out, config, models, device, force, scheduler,
+                               progress, run_hash, started)
+    except SlideError as exc:
+        if isinstance(exc, SlideChanged):
+            raise
         try:
-            return _process_locked(entry, out, config, models, device, force, scheduler,
-                                   progress, run_hash, started)
-        except OSError as exc:
-            if disk_full(exc):
-                raise disk_full_error(out, exc, f"writing the outputs of {entry.id}") from exc
-            raise
-        except SlideError as exc:
-            if isinstance(exc, SlideChanged):
-                raise
-            try:
-                _check_unchanged(entry, started, "the run")
-            except SlideChanged as changed:
-                raise SlideChanged(f"{changed.reason} (a read failed meanwhile: "
-                                   f"{exc.reason})", entry.path) from exc
-            raise
+            _check_unchanged(entry, started, "the run")
+        except SlideChanged as changed:
+            raise SlideChanged(f"{changed.reason} (a read failed meanwhile: {exc.reason})",
+                               entry.path) from exc
+        raise
 
 
 def _check_owner(store_path: Path, entry: SlideEntry) -> None:
