@@ -324,6 +324,7 @@ def test_slide_replaced_while_a_run_goes(four, reference, tmp_path):
     proc.communicate()
     rows = {r["id"]: r for r in read_csv(out / "predictions.csv")}
     row = rows[ids[2]]
+    print(f"slide 2 after its file was replaced: {row['status']} {row['error']}")
     assert rc in (0, EXIT_SOME_FAILED)
     if row["status"] == "failed":
         assert row["error"].startswith("slide-changed: "), row["error"]
