@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_scale.py --out bench-out/scale --markdown bench-out/scale/table.md
 	$(BIN)/python benchmarks/bench_tissue.py --out bench-out/tissue
 	$(BIN)/python benchmarks/bench_outputs.py --out bench-out/outputs
+	$(BIN)/python benchmarks/bench_faults.py all --points 24 --n 200 --out bench-out/faults
 
 # The fidelity benchmark (issue 11): trains scorer, ViT and MIL heads for 3 seeds on real-texture
 # slides and compares dense and pruned runs at 2/5/10 % of tissue tokens. Hours on 2 cores;

@@ -291,7 +291,10 @@ def test_build_hash_follows_what_goes_into_the_image(tmp_path: Path) -> None:
 def test_make_image_targets_call_the_build_script(target: str, flavour: str) -> None:
     if shutil.which("make") is None:
         pytest.skip("no make")
-    proc = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
+    # under `make test` MAKELEVEL/MAKEFLAGS are set and a nested make prints "Entering directory"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO,
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["docker/build.sh", flavour]
 

@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 _ERRORS = ("WsiPruneError", "ConfigError", "SlideError", "UnsupportedSlide", "CorruptSlide",
            "MissingMPP", "NoTissue", "CheckpointRefused", "OutputConflict", "StoreError",
-           "AnnotationError", "EvaluationError", "ShardsMissing", "TrainingError")
+           "AnnotationError", "EvaluationError", "ShardsMissing", "TrainingError", "DiskFull",
+           "OutputNotWritable", "SlideChanged")
 #: public name -> the module that defines it
 _API: dict[str, str] = {
     "RunConfig": "wsi_prune.config",
@@ -42,8 +43,9 @@ _API: dict[str, str] = {
 
 __all__ = [
     "__version__", "AnnotationError", "CheckpointRefused", "ConfigError", "CorruptSlide",
-    "EvaluationError", "MissingMPP", "NoTissue", "OutputConflict", "RunConfig", "ShardsMissing",
-    "Slide", "SlideEntry", "SlideError", "StoreError", "TrainingError", "UnsupportedSlide",
+    "DiskFull", "EvaluationError", "MissingMPP", "NoTissue", "OutputConflict",
+    "OutputNotWritable", "RunConfig", "ShardsMissing", "Slide", "SlideChanged", "SlideEntry",
+    "SlideError", "StoreError", "TrainingError", "UnsupportedSlide",
     "WsiPruneError", "build_models", "compare_runs", "discover", "evaluate_run", "load_config",
     "open_slide", "process_slide", "run_batch", "tile_slide",
 ]
@@ -69,11 +71,14 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
         CheckpointRefused,
         ConfigError,
         CorruptSlide,
+        DiskFull,
         EvaluationError,
         MissingMPP,
         NoTissue,
         OutputConflict,
+        OutputNotWritable,
         ShardsMissing,
+        SlideChanged,
         SlideError,
         StoreError,
         TrainingError,

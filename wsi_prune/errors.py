@@ -67,6 +67,12 @@ class NoTissue(SlideError):
     kind = "no-tissue"
 
 
+class SlideChanged(SlideError):
+    """The slide file was replaced or modified while it was being processed."""
+
+    kind = "slide-changed"
+
+
 class CheckpointRefused(WsiPruneError):
     """A weights file is missing, unsafe to load, or does not match the model."""
 
@@ -77,6 +83,18 @@ class OutputConflict(WsiPruneError):
     """An output location is taken (another run holds its lock, or it is not ours)."""
 
     kind = "output-conflict"
+
+
+class OutputNotWritable(WsiPruneError):
+    """The output folder cannot be created or written (read-only, permissions)."""
+
+    kind = "output"
+
+
+class DiskFull(WsiPruneError):
+    """The device of the output folder is full (ENOSPC) or over quota (EDQUOT)."""
+
+    kind = "disk-full"
 
 
 class StoreError(WsiPruneError):

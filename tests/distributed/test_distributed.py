@@ -597,6 +597,8 @@ def test_sbatch_array_of_wsi_prune_run_then_merge_job(slurm: str, tmp_path: Path
     for p in out.iterdir():
         if p.is_file() and p.name not in once:
             assert re.search(r"\.shard-[0-2]-of-3\.", p.name), f"every shard writes {p.name}"
+        elif p.name == "froc":  # CAMELYON16 export: one file per slide, each by its shard
+            assert sorted(f.name for f in p.iterdir()) == [f"{s}.csv" for s in expected]
         elif p.is_dir():
             assert p.name == "logs" or p.name.removesuffix(".zarr") in expected, p.name
     rows = _read_csv(out / "predictions.csv")

@@ -146,7 +146,8 @@ def test_lock_excludes_a_live_holder(tmp_path: Path) -> None:
     lock = Path(f"{path}.lock")
     with locks.locked(path) as held:
         assert held == lock
-        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+        holder = json.loads(lock.read_text())
+        assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
         with pytest.raises(OutputConflict, match="delete") as err:
             with locks.locked(path):
                 pass

@@ -217,7 +217,7 @@ def test_real_slide_end_to_end(batch, real_slide):
 def test_safe_ids_and_csv_list(tmp_path, svs_slide):
     assert safe_id("../../etc/passwd") == "etc_passwd"
     assert safe_id("..") == "slide"
-    assert safe_id("tumor 001 (ä).svs") == "tumor_001_.svs"
+    assert safe_id("tumor 001 (ä).svs") == "tumor_001_ä_.svs"
     lst = tmp_path / "slides.csv"
     lst.write_text(f"path,id,mpp,label\n{svs_slide},../evil,0.5,Tumor\n{svs_slide},../evil,,\n")
     entries = discover([lst])
@@ -351,11 +351,24 @@ def three_slides(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_runs(three_slides, tmp_path_factory):
-    """Two ``wsi-prune run`` processes started together on one OUT. One takes OUT/.run.lock
-    and runs undisturbed (the reference of the resume tests); the other must refuse."""
+    """Two ``wsi-prune run`` processes on one OUT. The first takes OUT/.run.lock and runs
+    undisturbed (the reference of the resume tests); the second must refuse. The first is
+    held still (SIGSTOP) from the moment its lock exists until the second has answered, so
+    the second always meets a live holder, however slowly either starts."""
     out = tmp_path_factory.mktemp("two")
-    procs = [_run_cli(three_slides, out) for _ in range(2)]
-    results = [(p.pid, p.wait(timeout=300), *p.communicate()) for p in procs]
+    first = _run_cli(three_slides, out)
+    lock = out / ".run.lock"
+    deadline = time.monotonic() + 240
+    while not lock.is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.is_file(), first.communicate()
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _run_cli(three_slides, out)
+        second_result = (second.pid, second.wait(timeout=300), *second.communicate())
+    finally:
+        first.send_signal(signal.SIGCONT)
+    results = [(first.pid, first.wait(timeout=300), *first.communicate()), second_result]
     return out, results
 
 

@@ -65,12 +65,18 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
 
     A run holds OUT/.run.lock (a shard: OUT/.run.shard-i-of-K.lock) while it runs: a second
     run on the same OUT stops at once with an error naming the holder's pid (exit code 1). A
-    lock left by a killed run on this host is taken over. SIGTERM (scancel, a SLURM time
-    limit) stops the run like Ctrl-C: locks are released and finished slides are kept; the
-    next run resumes with the unfinished ones.
+    lock left by a killed run is taken over: at once on this host, after its 120 s lease (no
+    heartbeat) when its holder ran on another host sharing the filesystem. SIGTERM (scancel,
+    a SLURM time limit) stops the run like Ctrl-C: locks are released and finished slides are
+    kept; the next run resumes with the unfinished ones.
+
+    Before the first slide it checks what does not depend on a slide: OUT is writable, the
+    models build with their weights files, OUT's device has room for the first slide. Any of
+    these stops the run with one message (exit code 1) instead of failing every slide.
 
     Exit codes: 0 all slides ok (or skipped), 3 some slides failed (see predictions.csv),
-    1 the run itself failed (bad config, another run holds OUT), 2 bad usage.
+    1 the run itself failed (bad config or weights, OUT read-only or full, another run holds
+    OUT), 2 bad usage.
 
     \b
     Examples:
@@ -84,8 +90,10 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
       wsi-prune -vv run slides/ --out results/ --device cuda:1 --on-corrupt-tile fail
     """
     from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.pipeline.checks import check_out
 
-    outp = Path(out)
+    # before the log file is opened in it: a read-only OUT is one line, not a traceback
+    outp = check_out(out)
     # a shard logs to its own file: array tasks never write the same path
     log = f"run{shard_suffix(*shard)}.log" if shard else "run.log"
     quiet = command_logging(ctx, quiet, outp / log)

@@ -1,24 +1,59 @@
 """Exclusive locks on output paths: one slide's outputs, or a whole run's OUT.
 
-A lock is a file ``<path>.lock`` holding ``{"pid", "host"}`` of its holder. A lock left by a
-dead process on this host is taken over; a live holder makes :func:`locked` raise
-:class:`~wsi_prune.errors.OutputConflict`, so two runs never write the same outputs.
+A lock is a file ``<path>.lock`` holding the JSON ``{"pid", "host", "token", "lease_s",
+"since", "pid_start"}`` of its holder. Three rules make it safe with several processes, on one
+host or on several hosts sharing a filesystem (a SLURM cluster's scratch):
+
+- **Published whole.** The holder writes its JSON to a temporary file beside the lock and
+  hard-links it to the lock's name (``os.link`` fails when the name exists), so no reader ever
+  sees a lock file that is empty or half-written. (Before, the file was created with
+  ``O_EXCL`` and written afterwards; a second run reading in between reported "pid None on
+  None".) On a filesystem without hard links it falls back to ``O_EXCL``, and an empty or
+  unreadable lock younger than :data:`EMPTY_LOCK_S` counts as held.
+- **A lease.** While held, a heartbeat thread (one per process) touches the lock's mtime every
+  ``heartbeat_s`` seconds (default ``lease_s / 4``). A holder on this host is taken over as
+  soon as its process is gone (checked by pid and the process's start time, so a reused pid is
+  not mistaken for it). A holder on another host cannot be checked from here: it is taken over
+  once its lock has not been touched for its ``lease_s`` (default :data:`LEASE_S`), i.e. its
+  process or its node died. Hosts' clocks are compared through the file's mtime, so the lease
+  must exceed their clock skew by a margin; 120 s does for NTP-synchronised nodes.
+- **Race-free take-over.** A stale lock is renamed to a unique name, and the renamed file is
+  checked to be the one judged stale (its token); if another process replaced it in between,
+  it is put back. Two processes taking over one stale lock at once never both hold it.
+
+A live holder makes :func:`locked` raise :class:`~wsi_prune.errors.OutputConflict`, so two
+runs never write the same outputs. A holder whose lease was taken over anyway (its node was
+cut off for longer than the lease) learns it from :func:`verify`, which the pipeline calls
+before it publishes anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from wsi_prune.errors import OutputConflict
 
 _logger = logging.getLogger(__name__)
+
+#: Seconds without a heartbeat after which a lock held from another host is taken over.
+LEASE_S = 120.0
+#: An unreadable or empty lock file older than this (seconds) is a dead maker's leftover; only
+#: the ``O_EXCL`` fallback (no hard links) can leave one.
+EMPTY_LOCK_S = 10.0
+# errnos of os.link on a filesystem that has no hard links (some FUSE, SMB and object mounts)
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK,
+             errno.ENOSYS}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -31,8 +66,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-#: An unreadable or empty lock file older than this (seconds) is a dead maker's leftover.
-_EMPTY_LOCK_S = 10.0
+def _pid_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after its last ")"
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process named by a lock of this host still runs (and is the same one: a
+    pid reused by another process has another start time)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not _pid_alive(pid):
+        return False
+    started = holder.get("pid_start")
+    if isinstance(started, int):
+        now = _pid_start(pid)
+        if now is not None and now != started:
+            return False
+    return True
 
 
 def _age_s(path: Path) -> float:
@@ -42,48 +100,201 @@ def _age_s(path: Path) -> float:
         return 0.0
 
 
-@contextlib.contextmanager
-def locked(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold ``<path>.lock`` (created exclusively) for the duration of a block.
+def _read(lock: Path) -> dict[str, Any] | None:
+    """The holder a lock file names; ``{}`` when unreadable, None when there is no file."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
-    A lock left by a dead process on this host is taken over; a live holder raises
-    :class:`OutputConflict` (its ``holder`` attribute: the lock's ``{"pid", "host"}``), so two
-    runs on one output never write the same slide.
-    """
-    lock = Path(f"{path}.lock")
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+
+def _stale_reason(lock: Path, holder: dict[str, Any], host: str) -> str | None:
+    """Why the lock ``holder`` read from ``lock`` may be taken over, or None if it is held."""
+    if not holder:
+        age = _age_s(lock)
+        if age > EMPTY_LOCK_S:
+            # created but never written: its maker (the O_EXCL fallback) died in between
+            return f"an empty or unreadable lock file {age:.0f} s old"
+        return None
+    if holder.get("host") == host:
+        if not _holder_alive(holder):
+            return f"a lock left by dead process {holder.get('pid')}"
+        return None
+    lease = holder.get("lease_s")
+    lease = float(lease) if isinstance(lease, (int, float)) and lease > 0 else LEASE_S
+    age = _age_s(lock)
+    if age > lease:
+        return (f"a lock of {holder.get('host')} (pid {holder.get('pid')}) whose lease ran out "
+                f"{age - lease:.0f} s ago (no heartbeat for {age:.0f} s > {lease:g} s)")
+    return None
+
+
+def _publish(lock: Path, me: dict[str, Any]) -> bool:
+    """Create ``lock`` holding ``me``, whole. Returns False when the lock exists."""
+    tmp = lock.with_name(f".{lock.name}.{me['token']}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        try:
+            os.link(tmp, lock)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+        # no hard links here: exclusive create, then write (readers see it empty meanwhile)
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if not holder and _age_s(lock) > _EMPTY_LOCK_S:
-                # created but never written: its maker died between the two (SIGTERM can
-                # now land anywhere); a live maker writes it within microseconds
-                _logger.warning("%s: taking over an empty lock file", lock)
-                lock.unlink(missing_ok=True)
-                continue
-            same_host = holder.get("host") == me["host"]
-            if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                dead = holder["pid"]
-                _logger.warning("%s: taking over a lock left by dead process %s", lock, dead)
-                lock.unlink(missing_ok=True)
-                continue
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _take_over(lock: Path, stale: dict[str, Any]) -> None:
+    """Remove ``lock`` if it still is the ``stale`` one we judged, never a newer holder's."""
+    aside = lock.with_name(f".{lock.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # someone else removed it first
+    if _read(aside) == stale:
+        aside.unlink(missing_ok=True)
+        return
+    # A newer holder's lock was renamed (it replaced the stale one after we read it): put it
+    # back. os.link fails only if yet another process created a lock in the meantime, which
+    # then holds it; the renamed holder learns of its loss from verify().
+    with contextlib.suppress(OSError):
+        os.link(aside, lock)
+    aside.unlink(missing_ok=True)
+
+
+class _Heartbeats:
+    """One daemon thread per process touching the mtime of every lock this process holds,
+    each every its own period (a thread per lock would cost a thread start and join per
+    slide; a batch of 2 000 unreadable files takes 4 000 locks)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Path, tuple[str, float, float]] = {}  # lock -> (token, period, next)
+        self._thread: threading.Thread | None = None
+
+    def add(self, lock: Path, token: str, period_s: float) -> None:
+        with self._cond:
+            self._due[lock] = (token, period_s, time.monotonic() + period_s)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="wsi-prune lock heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lock: Path) -> None:
+        with self._cond:
+            self._due.pop(lock, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [(lock, token) for lock, (token, _, at) in self._due.items() if at <= now]
+                for lock, _ in due:
+                    token, period, _ = self._due[lock]
+                    self._due[lock] = (token, period, now + period)
+                wake = min((at for _, _, at in self._due.values()), default=now + 60.0)
+            for lock, token in due:
+                self._beat(lock, token)
+            with self._cond:
+                self._cond.wait(max(0.0, wake - time.monotonic()))
+
+    def _beat(self, lock: Path, token: str) -> None:
+        try:
+            os.utime(lock)
+        except OSError:
+            pass  # gone: verify() says so where it matters
+        if (_read(lock) or {}).get("token") != token:
+            _logger.error("%s: this process no longer holds the lock (taken over after its "
+                          "lease ran out?)", lock)
+            self.remove(lock)
+
+
+_heartbeats = _Heartbeats()
+_held: dict[str, str] = {}  # lock path -> our token, for verify()
+_held_lock = threading.Lock()
+
+
+def verify(path: str | os.PathLike[str]) -> None:
+    """Check that this process still holds the lock of ``path`` (taken with :func:`locked`).
+
+    Raises:
+        OutputConflict: the lock file is gone or names another holder (a process on another
+            host took it over after this one's heartbeat stopped for longer than the lease).
+    """
+    lock = Path(f"{path}.lock")
+    with _held_lock:
+        token = _held.get(str(lock))
+    holder = _read(lock) or {}
+    if token is None or holder.get("token") != token:
+        raise OutputConflict(
+            f"this run lost its lock (now held by pid {holder.get('pid')} on "
+            f"{holder.get('host')}); nothing was published", path)
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str], lease_s: float = LEASE_S,
+           heartbeat_s: float | None = None) -> Iterator[Path]:
+    """Hold ``<path>.lock`` for the duration of a block.
+
+    Args:
+        path: what the lock protects; the lock file is ``<path>.lock``.
+        lease_s: seconds without a heartbeat after which another host may take the lock over.
+        heartbeat_s: seconds between heartbeats; default ``lease_s / 4``.
+
+    Yields:
+        The lock file.
+
+    Raises:
+        OutputConflict: a live holder has it (``holder`` attribute: its JSON), so two runs on
+            one output never write the same slide.
+    """
+    lock = Path(f"{path}.lock")
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "token": uuid.uuid4().hex,
+          "lease_s": float(lease_s), "since": round(time.time(), 3),
+          "pid_start": _pid_start(os.getpid())}
+    for _ in range(64):
+        if _publish(lock, me):
+            break
+        holder = _read(lock)
+        if holder is None:
+            continue  # released between our attempt and the read: try again
+        reason = _stale_reason(lock, holder, host)
+        if reason is None:
             err = OutputConflict(
                 f"locked by another run (pid {holder.get('pid')} on {holder.get('host')}); "
-                f"if no run is active, delete {lock}", path,
-            )
+                f"if no run is active, delete {lock}", path)
             err.holder = holder  # type: ignore[attr-defined]
             raise err from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        break
-    else:  # pragma: no cover - two take-overs in a row mean someone else races us
-        raise OutputConflict("could not take the lock", path)
+        _logger.warning("%s: taking over %s", lock, reason)
+        _take_over(lock, holder)
+    else:  # pragma: no cover - 64 lost races in a row: others keep taking it
+        raise OutputConflict("could not take the lock: other processes keep taking it", path)
+    with _held_lock:
+        _held[str(lock)] = me["token"]
+    _heartbeats.add(lock, me["token"], heartbeat_s if heartbeat_s else lease_s / 4)
     try:
         yield lock
     finally:
-        lock.unlink(missing_ok=True)
+        _heartbeats.remove(lock)
+        with _held_lock:
+            _held.pop(str(lock), None)
+        # only our own lock is removed: after a take-over the file is another holder's
+        if (_read(lock) or {}).get("token") == me["token"]:
+            lock.unlink(missing_ok=True)

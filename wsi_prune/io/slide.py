@@ -28,6 +28,7 @@ outputs written for viewers shift by it (:mod:`wsi_prune.outputs.frame`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ import tifffile
 from PIL import Image
 
 from wsi_prune.errors import CorruptSlide, MissingMPP, UnsupportedSlide
+from wsi_prune.io.plain_image import PlainImage
 
 _logger = logging.getLogger(__name__)
 
@@ -220,14 +222,19 @@ class Slide:
         self._lock = threading.Lock()
         self._broken: str | None = None
         self._osr: openslide.OpenSlide | None = None
-        self._image: np.ndarray | None = None
+        self._plain: PlainImage | None = None
         spath = str(self.path)
         if not self.path.exists():
-            raise UnsupportedSlide("no such file", spath)
+            raise UnsupportedSlide(missing_reason(self.path), spath)
         if self.path.is_dir():
             raise UnsupportedSlide("is a directory, not a slide file", spath)
         if self.path.stat().st_size == 0:
             raise UnsupportedSlide("empty file (0 bytes)", spath)
+        try:  # OpenSlide would say "unsupported format" for a file it may not read
+            with open(self.path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise UnsupportedSlide(f"cannot read the file ({exc.strerror})", spath) from exc
         try:
             self._osr = openslide.OpenSlide(spath)
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -269,13 +276,8 @@ class Slide:
             )
         if not _plausible(mpp):
             raise MissingMPP(f"--mpp {mpp} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px", spath)
-        try:
-            with Image.open(spath) as im:
-                im.load()
-                self._image = _to_rgb(np.asarray(im.convert("RGBA")))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise UnsupportedSlide(f"cannot read as an image: {exc}", spath) from exc
-        h, w = self._image.shape[:2]
+        self._plain = PlainImage(self.path)
+        w, h = self._plain.width, self._plain.height
         self.info = SlideInfo(
             path=spath, reader="image", vendor="image", width=w, height=h,
             level_dimensions=((w, h),), level_downsamples=(1.0,), mpp_x=float(mpp),
@@ -287,7 +289,9 @@ class Slide:
         if self._osr is not None:
             self._osr.close()
             self._osr = None
-        self._image = None
+        if self._plain is not None:
+            self._plain.close()
+            self._plain = None
 
     def __enter__(self) -> Slide:
         return self
@@ -349,10 +353,6 @@ class Slide:
         if out_size is None:
             f = self.mpp / mpp
             out_size = (max(1, round(w0 * f)), max(1, round(h0 * f)))
-        if self._image is not None:
-            x, y = int(level0_xy[0]), int(level0_xy[1])
-            region = _crop_padded(self._image, x, y, w0, h0)
-            return _resize(region, out_size)
         return self._read_level(level0_xy, (w0, h0), self.best_level(mpp), out_size)
 
     def _read_level(self, xy: tuple[int, int], size0: tuple[int, int], level: int,
@@ -386,6 +386,8 @@ class Slide:
             self._broken = None
 
     def _read_region(self, xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if self._plain is not None:  # one level: level px are level-0 px
+            return self._plain.read(int(xy[0]), int(xy[1]), int(size[0]), int(size[1]))
         assert self._osr is not None
         try:
             with self._lock:
@@ -407,13 +409,19 @@ class Slide:
         out_w, out_h = out_size
         sx, sy = size0[0] / out_w, size0[1] / out_h  # level-0 px per output px
         ds = self.info.level_downsamples[level]
-        level_per_out = max(sx, sy) / ds
-        # one px short of the limit: the rounded level-0 edges add up to one level px
-        step = max(1, int((_MAX_READ_PX - 1) / max(level_per_out, 1.0)))
+        if self._plain is not None:
+            # bands across the whole width: an image stored in strips then decodes each strip
+            # about once, where square blocks would decode a full-width strip per block
+            step_x = out_w
+            step_y = max(1, int(_MAX_READ_PX**2 / (max(size0[0] / ds, 1.0) * max(sy / ds, 1.0))))
+        else:
+            level_per_out = max(sx, sy) / ds
+            # one px short of the limit: the rounded level-0 edges add up to one level px
+            step_x = step_y = max(1, int((_MAX_READ_PX - 1) / max(level_per_out, 1.0)))
         out = np.empty((out_h, out_w, 3), np.uint8)
-        for oy in range(0, out_h, step):
-            for ox in range(0, out_w, step):
-                bw, bh = min(step, out_w - ox), min(step, out_h - oy)
+        for oy in range(0, out_h, step_y):
+            for ox in range(0, out_w, step_x):
+                bw, bh = min(step_x, out_w - ox), min(step_y, out_h - oy)
                 # rounded level-0 edges shared by neighbouring blocks: no gap, no overlap
                 x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
                 x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
@@ -448,6 +456,20 @@ class Slide:
             except CorruptSlide as exc:
                 error = exc
         raise error
+
+
+def missing_reason(path: str | os.PathLike[str]) -> str:
+    """Why a path that does not exist does not: a plain missing file, a broken symlink, or a
+    symlink loop (``os.path.exists`` says False for all three)."""
+    p = Path(path)
+    if not p.is_symlink():
+        return "no such file"
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself)"
+    return f"broken symlink (to {os.readlink(p)}, which does not exist)"
 
 
 def _is_tiff(path: Path) -> bool:
@@ -527,15 +549,6 @@ def _resize(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     shrink = out_size[0] < img.shape[1]
     resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(img).resize(tuple(out_size), resample))
-
-
-def _crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
-    out = np.full((h, w, 3), 255, np.uint8)
-    H, W = img.shape[:2]
-    xs, ys, xe, ye = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    if xe > xs and ye > ys:
-        out[ys - y:ye - y, xs - x:xe - x] = img[ys:ye, xs:xe]
-    return out
 
 
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:

@@ -33,7 +33,7 @@ from dask.callbacks import Callback
 
 from wsi_prune import __version__
 from wsi_prune.config import RunConfig, TilingConfig
-from wsi_prune.errors import CorruptSlide, StoreError
+from wsi_prune.errors import CorruptSlide, SlideChanged, StoreError
 from wsi_prune.io import locks, store
 from wsi_prune.io.slide import Slide, SlideInfo
 from wsi_prune.io.tissue import MASK_VERSION, slide_tissue_mask, tile_fractions
@@ -293,6 +293,13 @@ def tile_slide(
         try:
             info, n_grid, n = _build(slide, tmp, config, mpp, scheduler, progress, tile_hash,
                                      slide_stat)
+            now = slide_path.stat()
+            if (now.st_ino, now.st_size, now.st_mtime_ns) != (
+                    slide_stat.st_ino, slide_stat.st_size, slide_stat.st_mtime_ns):
+                raise SlideChanged("slide file was replaced or modified while its tiles were "
+                                   "read; the tile store was not published: run again",
+                                   slide_path)
+            locks.verify(store_path)
             store.publish(tmp, store_path)
         except BaseException:
             # a failed or interrupted build must never look complete

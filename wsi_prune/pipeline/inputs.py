@@ -1,20 +1,28 @@
 """A batch's inputs: slide files, folders (searched recursively by slide extension) and CSV
-slide lists, expanded into :class:`SlideEntry` objects with unique, filesystem-safe ids.
+slide lists, expanded into :class:`SlideEntry` objects with unique, filesystem-safe ids
+(:func:`wsi_prune._ids.safe_id` and the collision rule of :func:`wsi_prune._ids.unique_ids`).
+
+Folders are searched through symlinked sub-folders too (slide archives are often linked in),
+each real folder once, so a symlink loop ends the search of that branch with a warning. A
+symlink with a slide's extension that leads nowhere (broken, or a loop) is kept as a slide:
+it fails with its own reason instead of vanishing from the results.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_prune._ids import safe_id
+from wsi_prune._ids import safe_id, unique_ids
 from wsi_prune.errors import ConfigError
 from wsi_prune.io.labels import parse_label
 from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
+_logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SlideEntry:
@@ -39,7 +47,9 @@ def discover(
     """Expand slide files, folders (recursive, by slide extension) and CSV slide lists.
 
     A CSV list has a ``path`` column (relative paths are relative to the CSV) and optional
-    ``id``, ``mpp`` and ``label`` columns. Ids are made unique with ``-2``, ``-3``...
+    ``id``, ``mpp`` and ``label`` columns. Ids follow :func:`wsi_prune._ids.unique_ids`: a
+    slide's file name (or the id given in a list), made filesystem-safe; slides sharing one
+    (case-insensitively) get their nearest distinguishing folder names, then ``-2``, ``-3``.
 
     Raises:
         ConfigError: an input that does not exist, or a CSV without a ``path`` column.
@@ -49,24 +59,48 @@ def discover(
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
-                           and not f.name.startswith("."))
-            raw.extend((f, None, None, None) for f in found)
+            raw.extend((f, None, None, None) for f in _walk(p, exts))
         elif p.suffix.lower() == ".csv" and p.is_file():
             raw.extend(_read_slide_list(p))
-        elif p.exists() or p.suffix:  # a missing file is a failed slide, not a usage error
+        elif p.exists() or p.is_symlink() or p.suffix:
+            # a missing file is a failed slide, not a usage error
             raw.append((p, None, None, None))
         else:
             raise ConfigError("input is neither a slide, a folder nor a CSV slide list", p)
-    entries, seen = [], set()
-    for path, given_id, row_mpp, label in raw:
-        base = safe_id(given_id or path.stem)
-        sid, k = base, 2
-        while sid.lower() in seen:
-            sid, k = f"{base}-{k}", k + 1
-        seen.add(sid.lower())
-        entries.append(SlideEntry(sid, path, row_mpp if row_mpp is not None else mpp, label))
-    return entries
+    ids = unique_ids([safe_id(given or path.stem) for path, given, _, _ in raw],
+                     [path for path, *_ in raw], [given is None for _, given, _, _ in raw])
+    return [SlideEntry(sid, path, row_mpp if row_mpp is not None else mpp, label)
+            for sid, (path, _, row_mpp, label) in zip(ids, raw, strict=True)]
+
+
+def _walk(root: Path, exts: tuple[str, ...]) -> list[Path]:
+    """Slide files under ``root`` (sorted; hidden files and folders skipped), following
+    symlinked folders but entering each real folder once."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
+                                                onerror=lambda e: _logger.warning(
+                                                    "cannot list %s: %s", e.filename, e.strerror)):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            _logger.warning("%s: already searched through another path (a symlinked folder or a "
+                            "symlink loop); not entered again", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            f = Path(dirpath) / name
+            if name.startswith(".") or f.suffix.lower() not in exts:
+                continue
+            # a file, or a symlink that leads nowhere: the latter fails with its own reason
+            if f.is_file() or f.is_symlink():
+                found.append(f)
+    return sorted(found)
 
 
 def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:

@@ -16,7 +16,9 @@ lock live in :mod:`wsi_prune.pipeline.batch`.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +28,17 @@ import numpy as np
 import zarr
 
 from wsi_prune.config import RunConfig
-from wsi_prune.errors import CorruptSlide, NoTissue, UnsupportedSlide, WsiPruneError
+from wsi_prune.errors import (
+    CorruptSlide,
+    NoTissue,
+    OutputConflict,
+    SlideChanged,
+    SlideError,
+    UnsupportedSlide,
+    WsiPruneError,
+)
 from wsi_prune.io import locks, store
+from wsi_prune.io.slide import missing_reason
 from wsi_prune.io.tiling import (
     check_unreadable,
     slide_tile_hash,
@@ -39,6 +50,7 @@ from wsi_prune.outputs.candidates import FROC_DIR
 from wsi_prune.outputs.frame import CONVENTION, ViewerFrame
 from wsi_prune.outputs.heat import heat_map, patch_heat, tile_heat
 from wsi_prune.outputs.writer import write_outputs
+from wsi_prune.pipeline.checks import disk_full, disk_full_error
 from wsi_prune.pipeline.inputs import SlideEntry
 from wsi_prune.pipeline.stages import Progress, embed_kept, slide_head, triage
 from wsi_prune.selection.macs import vit_macs
@@ -55,6 +67,8 @@ def run_complete(out: Path, entry: SlideEntry, config: RunConfig,
     Args:
         run_hash: :meth:`RunConfig.run_hash`, when already computed.
     """
+    if not (out / f"{entry.id}.zarr" / "zarr.json").is_file():
+        return False  # the common case of a new slide, without asking zarr
     try:
         group = zarr.open_group(str(out / f"{entry.id}.zarr"), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
@@ -109,14 +123,89 @@ def process_slide(
         _logger.info("%s: outputs complete for this config, skipping", entry.id)
         return _row_from_result(entry, "skipped", group.attrs["result"], dict(group.attrs))
     if not entry.path.exists():
-        raise UnsupportedSlide("no such file", entry.path)
-    with locks.locked(out / entry.id):
-        store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
-        return _process_locked(entry, out, config, models, device, force, scheduler, progress,
-                               run_hash)
+        raise UnsupportedSlide(missing_reason(entry.path), entry.path)
+    try:
+        with locks.locked(out / entry.id):
+            if not force:
+                _check_owner(store_path, entry)
+            store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
+            return _process_checked(entry, out, config, models, device, force, scheduler,
+                                    progress, run_hash)
+    except OSError as exc:  # the lock file too: on a full disk it is the first write
+        if disk_full(exc):
+            raise disk_full_error(out, exc, f"writing the outputs of {entry.id}") from exc
+        raise
 
 
-def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash):
+def _process_checked(entry, out, config, models, device, force, scheduler, progress, run_hash):
+    # Each stage reads the slide file again (tiling, full-resolution tiles, the thumbnail): a
+    # file replaced midway would mix two slides in one result, so it is checked between
+    # them, and a read that fails on a changed file says so.
+    started = _file_state(entry.path)
+    try:
+        return _process_locked(entry, out, config, models, device, force, scheduler,
+                               progress, run_hash, started)
+    except SlideError as exc:
+        if isinstance(exc, SlideChanged):
+            raise
+        try:
+            _check_unchanged(entry, started, "the run")
+        except SlideChanged as changed:
+            raise SlideChanged(f"{changed.reason} (a read failed meanwhile: {exc.reason})",
+                               entry.path) from exc
+        raise
+
+
+def _check_owner(store_path: Path, entry: SlideEntry) -> None:
+    """Refuse to reuse ``OUT/<id>.zarr`` that an earlier run built from another slide.
+
+    Ids are unique within a run, but two runs on one OUT may give one id to two slides (a run
+    on ``sub1/a.svs``, then one on ``sub2/a.svs``). A store built from the same path, or from a
+    file of the same name and size (the slide moved or copied), is this slide's.
+
+    Raises:
+        OutputConflict: the store records another slide file.
+    """
+    try:
+        attrs = json.loads((store_path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return
+    rec = attrs.get("slide_file") or {}
+    if not rec.get("path"):
+        return
+    was, now = Path(rec["path"]), Path(os.path.abspath(entry.path))
+    try:
+        size = now.stat().st_size
+    except OSError:
+        return
+    if was == now or (was.name == now.name and rec.get("size_bytes") == size):
+        return
+    raise OutputConflict(
+        f"holds the outputs of another slide ({was}), not of {now}; use another --out, give "
+        "this slide another id in a slide list (path,id), or --force to replace them",
+        store_path)
+
+
+def _file_state(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_unchanged(entry: SlideEntry, before: tuple[int, int, int], stage: str) -> None:
+    """Raise :class:`SlideChanged` if the slide file is not the one the slide started with."""
+    try:
+        now = _file_state(entry.path)
+    except OSError as exc:
+        raise SlideChanged(f"slide file vanished during {stage} ({exc.strerror}); run again",
+                           entry.path) from exc
+    if now != before:
+        raise SlideChanged(f"slide file was replaced or modified during {stage} (inode, size "
+                           "or mtime changed); its outputs were not marked complete: run again "
+                           "to process the new file", entry.path)
+
+
+def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash,
+                    started):
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
     # Evaluation_FROC.py scores every file in froc/: a slide that fails now must not leave one
@@ -147,6 +236,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     seconds["triage"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    _check_unchanged(entry, started, "tiling and triage")
     vit = embed_kept(entry, group, config, models, np.flatnonzero(tri["kept"]).astype(np.int64),
                      tri["patch_importance"], device, stage_progress("vit"))
     # tiles whose full-resolution read failed (on_corrupt_tile: skip) never reached the ViT
@@ -205,10 +295,14 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
         "seconds": seconds,
     }
     t = time.perf_counter()
+    _check_unchanged(entry, started, "the ViT stage")
+    locks.verify(out / entry.id)
     write_outputs(group, out / entry.id, entry.id, prob, config, slide_path=entry.path,
                   mpp=entry.mpp)
     seconds["outputs"] = time.perf_counter() - t
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    _check_unchanged(entry, started, "the pictures")
+    locks.verify(out / entry.id)
     # last: the marker that makes these outputs complete
     group.attrs.update({"result": result, "run_hash": run_hash,
                         "run_config": config.to_dict(), "models": models.describe,

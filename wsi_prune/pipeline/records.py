@@ -41,12 +41,21 @@ def failed_row(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
 
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``predictions.csv`` atomically (:func:`wsi_prune._files.write_text_atomic`)."""
+    write_text_atomic(path, csv_header() + "".join(csv_line(r) for r in rows))
+
+
+def csv_header() -> str:
+    """The header line of ``predictions.csv``."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=PREDICTION_COLUMNS)
-    w.writeheader()
-    for row in rows:
-        w.writerow({c: _fmt(row.get(c)) for c in PREDICTION_COLUMNS})
-    write_text_atomic(path, buf.getvalue())
+    csv.writer(buf).writerow(PREDICTION_COLUMNS)
+    return buf.getvalue()
+
+
+def csv_line(row: dict[str, Any]) -> str:
+    """One row of ``predictions.csv`` as a CSV line (a batch formats each row once)."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow([_fmt(row.get(c)) for c in PREDICTION_COLUMNS])
+    return buf.getvalue()
 
 
 def _fmt(v: Any) -> Any:

@@ -1,0 +1,101 @@
+"""Slide discovery on awkward folders (symlink loops, broken links, symlinked sub-folders)
+and slide ids end to end: slides that share a name never overwrite each other's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import zarr
+
+from wsi_prune.pipeline.batch import run_batch
+from wsi_prune.pipeline.demo import demo_config
+from wsi_prune.pipeline.inputs import discover
+
+
+def test_symlink_loops_broken_links_and_linked_folders(tmp_path: Path, caplog) -> None:
+    d = tmp_path / "in"
+    (d / "sub" / "deeper").mkdir(parents=True)
+    (d / "sub" / "a.svs").write_bytes(b"x")
+    (d / "sub" / "deeper" / "b.svs").write_bytes(b"x")
+    (d / ".hidden").mkdir()
+    (d / ".hidden" / "h.svs").write_bytes(b"x")
+    (d / "sub" / "deeper" / "up").symlink_to("../..")  # a loop back to the top
+    (d / "self").symlink_to("self")  # a link to itself
+    (d / "loop.svs").symlink_to("loop.svs")  # a "slide" that is a link to itself
+    (d / "gone.svs").symlink_to("nowhere.svs")
+    outside = tmp_path / "archive"
+    outside.mkdir()
+    (outside / "c.svs").write_bytes(b"x")
+    (d / "linked").symlink_to(outside)  # a linked slide folder is searched
+    entries = discover([d])
+    assert [e.path.relative_to(d).as_posix() for e in entries] == [
+        "gone.svs", "linked/c.svs", "loop.svs", "sub/a.svs", "sub/deeper/b.svs"]
+    assert "already searched" in caplog.text  # the loop was seen and not followed
+
+    from wsi_prune.errors import UnsupportedSlide
+    from wsi_prune.io.slide import Slide
+
+    with pytest.raises(UnsupportedSlide, match="symlink loop"):
+        Slide(d / "loop.svs")
+    with pytest.raises(UnsupportedSlide, match="broken symlink .*nowhere.svs"):
+        Slide(d / "gone.svs")
+
+
+@pytest.fixture(scope="module")
+def look_alikes(tmp_path_factory) -> Path:
+    """Five different slides named alike: an emoji, a.svs in two folders, A.svs and a.svs."""
+    from wsi_prune.synth import write_dataset
+
+    src = tmp_path_factory.mktemp("src")
+    slides = [s.path for s in write_dataset(src, n=5, seed=11, size=1024)]
+    d = tmp_path_factory.mktemp("alike")
+    for rel, s in zip(("😐.svs", "sub1/a.svs", "sub2/a.svs", "cases/A.svs", "cases/a.svs"),
+                      slides, strict=True):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(s, d / rel)
+    return d
+
+
+def test_look_alike_names_get_their_own_outputs(look_alikes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rows = run_batch([look_alikes], out, demo_config(), progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 5, rows
+    ids = {Path(r["path"]).relative_to(look_alikes).as_posix(): r["id"] for r in rows}
+    assert ids == {"😐.svs": "neutral-face", "sub1/a.svs": "sub1_a", "sub2/a.svs": "sub2_a",
+                   "cases/A.svs": "cases_A", "cases/a.svs": "cases_a-2"}
+    for rel, sid in ids.items():  # every store was made from its own slide
+        g = zarr.open_group(str(out / f"{sid}.zarr"), mode="r")
+        assert g.attrs["slide_file"]["path"] == os.path.abspath(look_alikes / rel)
+        assert (out / sid / "heatmap.png").is_file()
+    assert len({r["probability"] for r in rows}) == 5
+
+
+def test_another_slide_never_takes_over_an_id_across_runs(look_alikes: Path,
+                                                          tmp_path: Path) -> None:
+    """Run 1 sees only sub1/a.svs (id ``a``); run 2 on the same OUT sees only sub2/a.svs, also
+    ``a``: it is refused for that slide instead of overwriting run 1's outputs; the same slide
+    moved elsewhere is still recognised as itself."""
+    out = tmp_path / "out"
+    cfg = demo_config()
+    first = run_batch([look_alikes / "sub1" / "a.svs"], out, cfg, progress=False)
+    assert first[0]["id"] == "a" and first[0]["status"] == "ok"
+    before = json.loads((out / "a.zarr" / "zarr.json").read_text())["attributes"]
+    second = run_batch([look_alikes / "sub2" / "a.svs"], out, cfg, progress=False)
+    assert second[0]["status"] == "failed"
+    assert second[0]["error"].startswith("output-conflict: ")
+    assert "another slide" in second[0]["error"] and "sub1" in second[0]["error"]
+    after = json.loads((out / "a.zarr" / "zarr.json").read_text())["attributes"]
+    assert after["result"] == before["result"]  # run 1's outputs untouched
+    # the same slide, moved (same name and size): its own outputs, skipped
+    moved = tmp_path / "moved" / "a.svs"
+    moved.parent.mkdir()
+    shutil.move(look_alikes / "sub1" / "a.svs", moved)
+    try:
+        third = run_batch([moved], out, cfg, progress=False)
+        assert third[0]["status"] == "skipped", third
+    finally:
+        shutil.move(moved, look_alikes / "sub1" / "a.svs")
