@@ -136,7 +136,7 @@ def synth_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("container-slides")
     # mktemp makes it 0700: the container's user could not list it, and `wsi-prune run` on an
-    # unreadable folder finds no slides (and exits 0)
+    # unreadable folder is an error ("folder cannot be listed")
     folder.chmod(0o755)
     write_dataset(folder, n=2, size=2048, seed=7)
     return folder

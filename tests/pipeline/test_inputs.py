@@ -16,6 +16,27 @@ from wsi_prune.pipeline.demo import demo_config
 from wsi_prune.pipeline.inputs import discover
 
 
+def test_folder_without_slides_is_an_error_naming_it(tmp_path: Path) -> None:
+    """An empty folder (or one holding only plain images without --mpp) is a usage error, not a
+    run that writes an empty predictions.csv and exits 0."""
+    from click.testing import CliRunner
+
+    from wsi_prune.cli import main
+    from wsi_prune.errors import ConfigError
+
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "notes.txt").write_text("x")
+    (d / "sub" / "photo.png").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"no slide files found.*need --mpp") as err:
+        discover([d])
+    assert str(d) in str(err.value)
+    assert [e.path.name for e in discover([d], mpp=0.5)] == ["photo.png"]  # with --mpp it is one
+    res = CliRunner().invoke(main, ["run", str(d), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "no slide files found" in res.output, res.output
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
 def test_symlink_loops_broken_links_and_linked_folders(tmp_path: Path, caplog) -> None:
     d = tmp_path / "in"
     (d / "sub" / "deeper").mkdir(parents=True)

@@ -52,14 +52,24 @@ def discover(
     (case-insensitively) get their nearest distinguishing folder names, then ``-2``, ``-3``.
 
     Raises:
-        ConfigError: an input that does not exist, or a CSV without a ``path`` column.
+        ConfigError: an input that does not exist, a folder that cannot be listed or holds no
+            slide file, or a CSV without a ``path`` column.
     """
     raw: list[tuple[Path, str | None, float | None, int | None]] = []
     exts = tuple(SLIDE_EXTENSIONS) + tuple(IMAGE_EXTENSIONS) if mpp else tuple(SLIDE_EXTENSIONS)
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            raw.extend((f, None, None, None) for f in _walk(p, exts))
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise ConfigError("folder cannot be listed (permission denied)", p)
+            found = _walk(p, exts)
+            if not found:
+                # an empty predictions.csv and exit 0 would read as "nothing to do"; a wrong
+                # folder or a missing --mpp for plain images is the usual cause
+                hint = "" if mpp else "; plain images (.png, .jpg) need --mpp"
+                raise ConfigError(f"no slide files found (searched recursively for "
+                                  f"{', '.join(dict.fromkeys(exts))}){hint}", p)
+            raw.extend((f, None, None, None) for f in found)
         elif p.suffix.lower() == ".csv" and p.is_file():
             raw.extend(_read_slide_list(p))
         elif p.exists() or p.is_symlink() or p.suffix:
