@@ -518,7 +518,8 @@ def test_mil_sidecar_records_the_regime_and_the_vit(two_class_runs: Path, tmp_pa
     cfg = RunConfig.from_yaml(ROOT / "pipelines" / "demo.yaml")
     assert meta["vit"] == {"model": cfg.vit.model, "model_kwargs": cfg.vit.model_kwargs,
                            "pooling": "model", "sha256": None, "pretrained": False,
-                           "init_seed": 0}
+                           "init_seed": 0, "mean": None, "std": None,
+                           "tile_mpp": cfg.tiling.mpp, "tile_px": cfg.tiling.tile_px}
 
     digests = {"scorer": None, "vit": None, "mil": None}
     with_head = cfg.replace(mil={"weights": str(tmp_path / "p.safetensors"), "hidden": 8})
@@ -535,6 +536,17 @@ def test_mil_sidecar_records_the_regime_and_the_vit(two_class_runs: Path, tmp_pa
     assert "mil.allow_vit_mismatch" in str(err.value)
     with pytest.raises(CheckpointRefused, match="sha256 None .this run: 'ab"):
         check_bindings(with_head, {**digests, "vit": "ab" * 32})
+    # the same ViT fed differently normalised or scaled tiles: another embedding space
+    with pytest.raises(CheckpointRefused, match=r"std None \(this run: \[0.2"):
+        check_bindings(with_head.replace(vit={"std": (0.2, 0.2, 0.2)}), digests)
+    with pytest.raises(CheckpointRefused, match="tile_mpp"):
+        check_bindings(with_head.replace(tiling={"mpp": 2 * cfg.tiling.mpp}), digests)
+    # a head whose sidecar predates these keys is judged on the keys it has
+    legacy = json.loads((tmp_path / "p.json").read_text())
+    for k in ("mean", "std", "tile_mpp", "tile_px"):
+        del legacy["vit"][k]
+    (tmp_path / "p.json").write_text(json.dumps(legacy))
+    assert check_bindings(with_head.replace(vit={"std": (0.2, 0.2, 0.2)}), digests) == []
     # ... unless the user says so
     models = build_models(other.replace(mil={"allow_vit_mismatch": True}))
     assert models.mil.in_dim == both.model.in_dim

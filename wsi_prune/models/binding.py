@@ -29,7 +29,9 @@ _warned: set[str] = set()
 
 def vit_identity(config: RunConfig, vit_sha256: str | None) -> dict[str, Any]:
     """What decides a run's embeddings: the ViT's name, timm arguments, pooling and weights
-    (the file's SHA-256; a random-init ViT is identified by its fixed init seed).
+    (the file's SHA-256; a random-init ViT is identified by its fixed init seed), its input
+    normalisation (``vit.mean``/``std``; None: the model's own) and the tiles it sees
+    (``tiling.mpp`` µm/px, ``tiling.tile_px`` px).
 
     Args:
         config: the run config.
@@ -37,7 +39,12 @@ def vit_identity(config: RunConfig, vit_sha256: str | None) -> dict[str, Any]:
     """
     vit = config.vit
     ident: dict[str, Any] = {"model": vit.model, "model_kwargs": dict(vit.model_kwargs),
-                             "pooling": vit.pooling, "sha256": vit_sha256}
+                             "pooling": vit.pooling, "sha256": vit_sha256,
+                             # input normalisation moves every embedding: part of the space
+                             "mean": None if vit.mean is None else [float(v) for v in vit.mean],
+                             "std": None if vit.std is None else [float(v) for v in vit.std],
+                             "tile_mpp": float(config.tiling.mpp),
+                             "tile_px": int(config.tiling.tile_px)}
     if vit_sha256 is None:
         ident["pretrained"] = bool(vit.pretrained)
         ident["init_seed"] = None if vit.pretrained else INIT_SEED
@@ -51,8 +58,18 @@ def bag_regime(config: RunConfig) -> str:
 
 def _diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = ("model", "model_kwargs", "pooling", "sha256")
-    return [f"{k} {saved.get(k)!r} (this run: {current.get(k)!r})" for k in keys
-            if saved.get(k) != current.get(k)]
+    # recorded since heads bind the input too; a sidecar written before lacks them
+    later = tuple(k for k in ("mean", "std", "tile_mpp", "tile_px") if k in saved)
+    return [f"{k} {saved.get(k)!r} (this run: {current.get(k)!r})" for k in keys + later
+            if not _same(saved.get(k), current.get(k))]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)))
+    return a == b
 
 
 def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[str]:
