@@ -1,10 +1,11 @@
 """Drawing primitives for the output pictures, in Pillow and numpy only: a colour map as a
 lookup table, a colour bar, a legend and a title band.
 
-Why not matplotlib: a figure per picture cost 0.6-0.9 s per slide (figure set-up, Agg
-rendering of a 1200 px canvas, ``bbox_inches="tight"`` rendering it twice) plus ~0.4 s to import
-pyplot in every process, about as much as the whole pruned ViT on a slide with few kept
-tiles. Drawing into a uint8 array is a few tens of ms (docs/benchmarks.md, "Outputs stage").
+Why not matplotlib: a figure per picture cost 0.44-0.57 s per picture, 1.1 s per slide for
+the two (figure set-up, Agg rendering, ``bbox_inches="tight"``, Pillow's five-filter PNG
+encoder), about as much as the whole pruned ViT on a slide with few kept tiles; drawing into
+a uint8 array and :func:`save_png` take 0.07-0.15 s per picture (docs/benchmarks.md,
+"Pictures without matplotlib").
 """
 
 from __future__ import annotations
