@@ -2,6 +2,9 @@
 slide run with ``pipelines/demo.yaml`` (results in docs/benchmarks.md, "Outputs stage").
 
     python benchmarks/bench_outputs.py --out bench-out/outputs --size 4096 --repeat 5
+
+The first ``write_outputs`` call in a process also pays the imports (scipy, skimage, shapely,
+tifffile); the run's ``sec_outputs`` includes them, the medians below do not.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from wsi_prune.outputs.frame import ViewerFrame
 from wsi_prune.outputs.geojson import regions_geojson, tiles_geojson, tissue_geojson
 from wsi_prune.outputs.heat import heat_map
 from wsi_prune.outputs.heat_tiff import write_heatmap_tiff
+from wsi_prune.outputs.pictures import render_heatmap, render_tokens, resize_mask, thumbnail
 from wsi_prune.outputs.top_tiles import write_top_tiles
 from wsi_prune.outputs.writer import write_outputs
 from wsi_prune.pipeline.batch import run_batch
@@ -62,9 +66,15 @@ def main() -> None:
     mask = np.asarray(g["mask/tissue"][:])
     scratch = args.out / "scratch"
     scratch.mkdir(exist_ok=True)
+    thumb, thumb_px0 = thumbnail(g, slide, None)
+    tissue = resize_mask(mask, thumb.shape[:2])
     parts = {
         "write_outputs (all)": lambda: write_outputs(g, run / sid, sid, p, cfg, slide),
         "heat_map": lambda: heat_map(g),
+        "thumbnail": lambda: thumbnail(g, slide, None),
+        "heatmap.png": lambda: render_heatmap(scratch / "heatmap.png", thumb, thumb_px0, heat,
+                                              px0, tissue, sid),
+        "tokens.png": lambda: render_tokens(scratch / "tokens.png", thumb, thumb_px0, g, sid),
         "heatmap.tif": lambda: write_heatmap_tiff(scratch / "h.tif", heat, px0, mpp, frame),
         "regions.geojson": lambda: json.dumps(regions_geojson(heat * p, px0, frame=frame)),
         "tiles.geojson": lambda: json.dumps(tiles_geojson(g, p, frame), separators=(",", ":")),
@@ -74,7 +84,8 @@ def main() -> None:
         "froc/<id>.csv": lambda: write_froc_export(scratch, sid, candidates(g, p)),
     }
     print(f"{sid}: {row['tissue_tiles']} tissue tiles, {row['kept_tiles']} kept; "
-          f"run's sec_outputs {row['sec_outputs']}")
+          f"run's sec_outputs {row['sec_outputs']}; picture {thumb.shape[1]}x{thumb.shape[0]} "
+          f"px")
     for name, fn in parts.items():
         med, best = _time(fn, args.repeat)
         print(f"{name:22s} median {med * 1000:8.1f} ms   min {best * 1000:8.1f} ms")

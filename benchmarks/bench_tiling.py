@@ -76,8 +76,9 @@ def _child(argv: list[str]) -> None:
         from wsi_prune.synth import SynthSpec, write_slide
 
         size = int(argv[2])
+        mpp = float(argv[3]) if len(argv) > 3 else MPP
         t0 = time.perf_counter()
-        write_slide(argv[1], SynthSpec(width=size, height=size, mpp=MPP, seed=1))
+        write_slide(argv[1], SynthSpec(width=size, height=size, mpp=mpp, seed=1))
         out = {"seconds": time.perf_counter() - t0}
     elif what == "tile":
         from wsi_prune.config import RunConfig
@@ -147,14 +148,16 @@ def _run_child(args: list[str], timeout: float | None = None) -> dict | None:
     return json.loads(line[len("RESULT "):])
 
 
-def _slide(work: Path, size: int, timeout: float | None = None) -> tuple[Path, dict | None]:
-    """The benchmark slide of this size, written by a child process unless already there."""
-    path = work / f"synth_{size}.svs"
+def _slide(work: Path, size: int, timeout: float | None = None, mpp: float = MPP
+           ) -> tuple[Path, dict | None]:
+    """The benchmark slide of this size (and level-0 µm/px), written by a child process unless
+    already there."""
+    path = work / (f"synth_{size}.svs" if mpp == MPP else f"synth_{size}_mpp{mpp:g}.svs")
     record = path.with_suffix(".gen.json")  # the measurement of the run that wrote it
     if path.exists():
         return path, json.loads(record.read_text()) if record.exists() else None
     print(f"  writing {path.name} ({size}² px)...", flush=True)
-    gen = _run_child(["gen", str(path), str(size)], timeout)
+    gen = _run_child(["gen", str(path), str(size), str(mpp)], timeout)
     if gen is not None:
         record.write_text(json.dumps(gen))
     return path, gen
@@ -192,7 +195,31 @@ def _prepare(path: Path, cfg) -> float:
     return time.perf_counter() - t0
 
 
+def _blocks(slide: Path, work: Path, cfg, scheduler: str) -> float:
+    """Seconds for the Dask blocks alone (read every tissue tile and write the tile store's
+    shards) on a fresh store: what the bare loop is the lower bound of."""
+    from wsi_prune.io import store
+    from wsi_prune.io.slide import Slide
+    from wsi_prune.io.tiling import _run_blocks, make_grid
+    from wsi_prune.io.tissue import slide_tissue_mask
+
+    with Slide(slide) as s:
+        tm = slide_tissue_mask(s, cfg.tissue)
+        grid = make_grid(s.info, tm.mask, tm.mpp, cfg.tiling)
+    out = work / "blocks.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    group = store.create_store(out)
+    cp = cfg.tiling.coarse_px
+    store.create_tiles_array(group, "tiles/coarse", len(grid), (cp, cp, 3),
+                             cfg.tiling.tiles_per_shard, cfg.tiling.compressor)
+    t0 = time.perf_counter()
+    _run_blocks(str(slide), None, str(out), grid, cfg.tiling, scheduler, None)
+    return time.perf_counter() - t0
+
+
 def throughput(slide: Path, work: Path, repeats: int) -> tuple[list[tuple], float]:
+    """Rows (label, tiles, tiles/s best, tiles/s median, ratio to the bare loop in the same
+    round: median, min, max) and the per-slide time before the first tile."""
     from wsi_prune.config import RunConfig
     from wsi_prune.io import store
     from wsi_prune.io.tiling import tile_slide
@@ -204,25 +231,59 @@ def throughput(slide: Path, work: Path, repeats: int) -> tuple[list[tuple], floa
     xy = g["tiles/coords"][...]
     side = round(g.attrs["grid"]["tile_level0"])
     n = len(xy)
-    times: dict[str, list[float]] = {"bare": [], "threads": [], "sync": [], "prepare": []}
+    names = ("bare", "threads", "sync", "blocks-threads", "blocks-sync")
+    times: dict[str, list[float]] = {k: [] for k in (*names, "prepare")}
     _bare_loop(slide, xy, side, cfg.tiling.coarse_mpp, cfg.tiling.coarse_px)
     for _ in range(repeats):
         times["prepare"].append(_prepare(slide, cfg))
         times["bare"].append(_bare_loop(slide, xy, side, cfg.tiling.coarse_mpp,
                                         cfg.tiling.coarse_px))
         for sched in ("threads", "sync"):
+            # a fresh build each time, as in a first run (not timing the old store's removal)
+            shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
             res = tile_slide(slide, out, cfg, scheduler=sched, force=True)
             times[sched].append(time.perf_counter() - t0)
             assert res.n_tiles == n
-    best_bare = n / min(times["bare"])
+            times[f"blocks-{sched}"].append(_blocks(slide, work, cfg, sched))
     rows = []
     for name, label in (("bare", "bare OpenSlide read_region + resize loop"),
                         ("threads", "tile_slide, threaded scheduler"),
-                        ("sync", "tile_slide, synchronous scheduler")):
-        best = n / min(times[name])
-        rows.append((label, n, best, n / statistics.median(times[name]), best / best_bare))
+                        ("sync", "tile_slide, synchronous scheduler"),
+                        ("blocks-threads", "Dask blocks only (read + write), threads"),
+                        ("blocks-sync", "Dask blocks only (read + write), sync")):
+        ratios = [b / t for b, t in zip(times["bare"], times[name], strict=True)]
+        rows.append((label, n, n / min(times[name]), n / statistics.median(times[name]),
+                     statistics.median(ratios), min(ratios), max(ratios)))
     return rows, min(times["prepare"])
+
+
+def vit_reads(slide: Path, work: Path, repeats: int) -> tuple[int, int, list[float], list[float]]:
+    """Full-resolution tiles (what the ViT reads: 224 px at 0.5 µm/px) for every tissue tile:
+    seconds through ``read_tiles`` (the best pyramid level) and decoding level 0 and
+    shrinking, interleaved. Returns (tiles, level used, best-level times, level-0 times)."""
+    from wsi_prune.config import RunConfig
+    from wsi_prune.io import store
+    from wsi_prune.io.slide import Slide
+    from wsi_prune.io.tiling import read_tiles
+
+    cfg = RunConfig()
+    g = store.open_store(work / "throughput.zarr")
+    xy = g["tiles/coords"][...]
+    side = float(g.attrs["grid"]["tile_level0"])
+    px, mpp = cfg.tiling.tile_px, cfg.tiling.mpp
+    best, level0 = [], []
+    with Slide(slide) as s:
+        level = s.best_level(mpp)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            read_tiles(s, xy, side, mpp, px)
+            best.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for x, y in xy:
+                s._read_level((int(x), int(y)), (round(side), round(side)), 0, (px, px))
+            level0.append(time.perf_counter() - t0)
+    return len(xy), level, best, level0
 
 
 # -- 2. compressor -----------------------------------------------------------------------------
@@ -296,6 +357,9 @@ def main() -> None:
     ap.add_argument("--work", default="bench-out/tiling", help="folder for slides and stores")
     ap.add_argument("--size", type=int, default=12288, help="side of the throughput slide, px")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mpp", type=float, default=MPP,
+                    help="level-0 µm/px of the throughput and compressor slide (0.25: a 40x "
+                         "scan, read at 2.0 µm/px from its 8x level)")
     ap.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
                                           / "cmu-1-small-region.svs"),
                     help="a real slide for the compressor table too (skipped if absent)")
@@ -317,17 +381,24 @@ def main() -> None:
           f"Python {platform.python_version()}")
     t_start = time.perf_counter()
     if "throughput" not in args.skip or "compressor" not in args.skip:
-        slide, _ = _slide(work, args.size)
+        slide, _ = _slide(work, args.size, mpp=args.mpp)
     if "throughput" not in args.skip:
         rows, prepare = throughput(slide, work, args.repeats)
-        print(f"\n## Throughput: {args.size}² px slide, coarse tiles 56 px at 2.0 µm/px, "
-              f"best of {args.repeats}\n")
-        print("| method | tiles | tiles/s best | tiles/s median | vs bare loop |")
+        print(f"\n## Throughput: {args.size}² px slide at {args.mpp:g} µm/px, coarse tiles 56 px "
+              f"at 2.0 µm/px, {args.repeats} interleaved rounds\n")
+        print("| method | tiles | tiles/s best | tiles/s median | vs bare loop, same round: "
+              "median (min-max) |")
         print("|---|---:|---:|---:|---:|")
-        for label, n, best, med, ratio in rows:
-            print(f"| {label} | {n} | {best:.0f} | {med:.0f} | {ratio:.2f}x |")
+        for label, n, best, med, ratio, lo, hi in rows:
+            print(f"| {label} | {n} | {best:.0f} | {med:.0f} | {ratio:.2f}x "
+                  f"({lo:.2f}-{hi:.2f}) |")
         print(f"\nOf tile_slide's time, {prepare:.2f} s per slide go before any tile "
               f"(open, thumbnail at 8 µm/px, tissue mask, grid).")
+        n, level, best, level0 = vit_reads(slide, work, args.repeats)
+        print(f"\nViT tiles (224 px at 0.5 µm/px) of the {n} tissue tiles: from level {level} "
+              f"{n / min(best):.0f} tiles/s best, {n / statistics.median(best):.0f} median; "
+              f"decoding level 0 and shrinking {n / min(level0):.0f} best, "
+              f"{n / statistics.median(level0):.0f} median.")
     if "compressor" not in args.skip:
         slides = {f"synthetic {args.size}²": slide}
         if args.real and Path(args.real).is_file():

@@ -130,6 +130,29 @@ def test_read_physical_resolution(svs_slide: Path) -> None:
         assert edge[-50:, -50:].min() == 255
 
 
+def test_40x_slide_read_at_20x_comes_from_level_1(tiff_slide: Path) -> None:
+    """A 0.25 µm/px (40x) scan read at 0.5 µm/px (the ViT's tiles) is read from the 0.5 µm/px
+    pyramid level as it is stored, not decoded from level 0 at 4x the pixels and shrunk."""
+    import openslide
+
+    from wsi_prune.io.tiling import read_tiles
+
+    with Slide(tiff_slide) as s:
+        assert s.mpp == pytest.approx(0.25)
+        assert s.info.level_downsamples[:3] == (1.0, 2.0, 4.0)  # 0.25, 0.5, 1.0 µm/px
+        assert s.best_level(0.5) == 1 and s.best_level(1.0) == 2 and s.best_level(0.3) == 0
+        xy = np.array([[896, 448], [1344, 1792]])
+        tiles, bad = read_tiles(s, xy, 448.0, 0.5, 224)  # 224 px at 0.5 = 448 level-0 px
+        from_level0 = s._read_level((896, 448), (448, 448), 0, (224, 224))
+    assert not bad
+    with openslide.OpenSlide(str(tiff_slide)) as osr:
+        for (x, y), tile in zip(xy, tiles, strict=True):
+            level1 = np.asarray(osr.read_region((int(x), int(y)), 1, (224, 224)).convert("RGB"))
+            assert np.array_equal(tile, level1)  # the stored level-1 pixels, bit for bit
+    # and not what shrinking level 0 gives (the two encodings differ)
+    assert not np.array_equal(tiles[0], from_level0)
+
+
 def test_thumbnail_blocks_match_direct_read(svs_slide: Path, monkeypatch) -> None:
     import wsi_prune.io.slide as slide_mod
 

@@ -187,3 +187,46 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     with locks.locked(path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+@pytest.mark.parametrize("n", [130, 64, 5])
+def test_whole_shard_writes_are_the_bytes_zarr_writes(tmp_path, compressor, n):
+    """write_tile_shards encodes shard files itself (zarr's codec pipeline is per chunk and
+    slow); every file must be what zarr writes for the same tiles, the short last shard too."""
+    import zarr
+
+    rng = np.random.default_rng(n)
+    tiles = rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8)
+    tiles[::3] = 255  # some compress well, some not
+    arrays = {}
+    for how in ("zarr", "ours"):
+        group = store.create_store(tmp_path / f"{how}.zarr")
+        arr = store.create_tiles_array(group, "tiles/coarse", n, (12, 12, 3), 64, compressor)
+        shard = arr.shards[0]
+        for start in range(0, n, shard):
+            if how == "zarr":
+                arr[start:start + shard] = tiles[start:start + shard]
+            else:
+                store.write_tile_shards(arr, start, tiles[start:start + shard])
+        arrays[how] = arr
+    files = sorted(p.relative_to(tmp_path / "zarr.zarr")
+                   for p in (tmp_path / "zarr.zarr" / "tiles").rglob("c/*/0/0/0"))
+    assert len(files) == -(-n // min(64, n))
+    for f in files:
+        ours, theirs = tmp_path / "ours.zarr" / f, tmp_path / "zarr.zarr" / f
+        assert ours.read_bytes() == theirs.read_bytes()
+    back = zarr.open_group(str(tmp_path / "ours.zarr"), mode="r")["tiles/coarse"][:]
+    assert np.array_equal(back, tiles) and store.missing_chunks(arrays["ours"]) == []
+
+
+def test_part_of_a_shard_is_written_through_zarr(tmp_path):
+    """A range that is not whole shards (what a damaged block would write) goes through zarr,
+    so the completeness check still sees the chunks it lacks."""
+    group = store.create_store(tmp_path / "s.zarr")
+    arr = store.create_tiles_array(group, "tiles/coarse", 8, (4, 4, 3), 4, "zstd")
+    tiles = np.full((8, 4, 4, 3), 7, np.uint8)
+    store.write_tile_shards(arr, 0, tiles[:4])
+    store.write_tile_shards(arr, 4, tiles[4:7])  # one short
+    assert store.missing_chunks(arr) == [7]
+    assert np.array_equal(arr[:7], tiles[:7])

@@ -508,3 +508,40 @@ def test_too_many_or_fail_mode_fails_the_slide(svs_slide: Path, tmp_path: Path) 
     with pytest.raises(CorruptSlide, match="read failed"):
         tile_slide(bad, tmp_path / "b.zarr", fail)
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def test_blocks_reuse_slide_handles_one_per_running_block(svs_slide: Path) -> None:
+    """Blocks of a build in this process borrow handles from its pool: a handle returned is
+    lent again (its tile cache stays warm), two blocks at once get two handles, and a handle
+    whose read failed is closed instead of lent."""
+    pool = tiling._HandlePool(str(svs_slide), None)
+    try:
+        with pool.borrow() as a:
+            a.read((0, 0), (224, 224), 2.0)
+        with pool.borrow() as b:
+            assert b is a  # reused, not reopened
+            with pool.borrow() as c:
+                assert c is not a  # in use: a second handle
+            b._broken = "simulated failed read"  # what Slide.read sets when OpenSlide fails
+        with pool.borrow() as d:
+            assert d is c  # the broken one was dropped
+    finally:
+        pool.close()
+    assert a._osr is None and c._osr is None  # all closed
+
+
+def test_sync_and_threaded_builds_write_identical_stores(svs_slide: Path, tmp_path: Path) -> None:
+    """Pooled handles and whole-shard writes change nothing in the store: the threaded build
+    (two handles) equals the synchronous one (one handle reused by every block), and both
+    equal tiles read one by one through a fresh handle."""
+    a = tile_slide(svs_slide, tmp_path / "t.zarr", SMALL_SHARDS, scheduler="threads")
+    b = tile_slide(svs_slide, tmp_path / "s.zarr", SMALL_SHARDS, scheduler="sync")
+    _assert_same_arrays(tmp_path / "t.zarr", tmp_path / "s.zarr")
+    g = store.open_store(a.store_path)
+    coords = np.asarray(g["tiles/coords"][:])
+    side = g.attrs["grid"]["tile_level0"]
+    pick = np.linspace(0, len(coords) - 1, 9).astype(int)
+    with Slide(svs_slide) as s:
+        ref, _ = tiling.read_tiles(s, coords[pick], side, 2.0, 56)
+    assert np.array_equal(np.asarray(g["tiles/coarse"][:])[pick], ref)
+    assert b.n_tiles == a.n_tiles and not tiling._POOLS

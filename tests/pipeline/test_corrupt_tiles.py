@@ -16,9 +16,13 @@ from click.testing import CliRunner
 
 from tests.io.test_slide import damage_tile
 from wsi_prune.cli import main
+from wsi_prune.errors import CorruptSlide
 from wsi_prune.io.tiling import tile_slide
+from wsi_prune.models.factory import build_models
 from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.pipeline.demo import demo_config
+from wsi_prune.pipeline.inputs import SlideEntry
+from wsi_prune.pipeline.stages import embed_kept, triage
 from wsi_prune.synth import SynthSpec, write_slide
 
 
@@ -102,3 +106,37 @@ def test_fail_mode_fails_the_slide_at_the_first_bad_tile(damaged, tmp_path):
     row = _rows(tmp_path / "fail" / "predictions.csv")["damaged"]
     assert row["status"] == "failed" and row["error"].startswith(f"corrupt: {slide}: ")
     assert "read failed" in row["error"]
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+def test_read_ahead_reports_a_damaged_tile_as_reading_in_line_does(damaged, tmp_path, mode):
+    """The kept tiles are read by a reader thread ahead of the ViT (``prefetch``): a damaged
+    tile is skipped with the same record, or fails the stage with the same error naming the
+    file, as when the tiles are read in the ViT's own thread."""
+    slide, _ = damaged
+    cfg = _config(on_corrupt_tile=mode)
+    res = tile_slide(slide, tmp_path / "d.zarr", cfg)
+    group = zarr.open_group(str(res.store_path), mode="r")
+    models = build_models(cfg)
+    tri = triage(group, cfg, models)
+    tidx = np.flatnonzero(tri["kept"]).astype(np.int64)
+    entry = SlideEntry("damaged", slide)
+
+    def run(prefetch: int):
+        return embed_kept(entry, group, cfg, models, tidx, tri["patch_importance"],
+                          prefetch=prefetch)
+
+    if mode == "skip":
+        inline, ahead = run(0), run(2)
+        assert 1 <= len(inline["unreadable"]) <= 4
+        assert ahead["unreadable"] == inline["unreadable"]
+        for key in ("tile_index", "embedding", "token_importance", "kept_tokens"):
+            assert np.array_equal(ahead[key], inline[key]), key
+        return
+    errors = []
+    for prefetch in (0, 2):
+        with pytest.raises(CorruptSlide) as info:
+            run(prefetch)
+        errors.append(info.value)
+    assert str(errors[0]) == str(errors[1]) and str(slide) in str(errors[1])
+    assert "read failed" in errors[1].reason

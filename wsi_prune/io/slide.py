@@ -364,6 +364,11 @@ class Slide:
         region = self._read_region(xy, level, (wl, hl))
         return _resize(region, out_size)
 
+    @property
+    def broken(self) -> bool:
+        """True after a read failed and until :meth:`reopen` succeeded."""
+        return self._broken is not None
+
     def reopen(self) -> None:
         """Replace the OpenSlide handle with a fresh one and forget an earlier read failure.
 

@@ -19,8 +19,9 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,72 @@ def check_unreadable(n_bad: int, n_tiles: int, config: TilingConfig, path: str |
             f"{100 * config.max_unreadable_fraction:g} %); first: {first}", path)
 
 
+class _HandlePool:
+    """Open slide handles of one build, lent to its blocks one at a time (local schedulers).
+
+    Why: a block that opens its own handle starts with a cold OpenSlide tile cache, and one
+    256 px JPEG tile of the triage level spans 4-5 grid rows, i.e. several 64-tile blocks; a
+    handle reused by the next block in the same thread finds those tiles decoded. Each running
+    block holds its own handle (a handle serialises its reads), so there are at most as many
+    handles as threads. A handle whose read failed is closed, not lent again.
+    """
+
+    def __init__(self, slide_path: str, mpp: float | None) -> None:
+        self._path, self._mpp = slide_path, mpp
+        self._free: list[Slide] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Slide]:
+        with self._lock:
+            slide = self._free.pop() if self._free else None
+        if slide is None:
+            slide = Slide(self._path, self._mpp)
+        try:
+            yield slide
+        except BaseException:
+            slide.close()
+            raise
+        if slide.broken:
+            slide.close()
+            return
+        with self._lock:
+            self._free.append(slide)
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for slide in free:
+            slide.close()
+
+
+# pools of the builds running in this process, by temporary store path (unique per build)
+_POOLS: dict[str, _HandlePool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pooled_handles(slide_path: str, mpp: float | None, store_path: str) -> Iterator[None]:
+    """Let the blocks of this build (run in this process) share slide handles."""
+    pool = _HandlePool(slide_path, mpp)
+    with _POOLS_LOCK:
+        _POOLS[store_path] = pool
+    try:
+        yield
+    finally:
+        with _POOLS_LOCK:
+            _POOLS.pop(store_path, None)
+        pool.close()
+
+
+def _handle(slide_path: str, mpp: float | None, store_path: str) -> Any:
+    """A handle for one block: lent by its build's pool when the build runs in this process,
+    else a fresh one (a distributed worker: closed when the block ends)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(store_path)
+    return pool.borrow() if pool is not None else Slide(slide_path, mpp)
+
+
 def _write_block(
     slide_path: str, mpp_override: float | None, store_path: str, start: int,
     level0_xy: np.ndarray, tile_level0: float, config: TilingConfig,
@@ -166,14 +233,14 @@ def _write_block(
     n = len(level0_xy)
     skip = config.on_corrupt_tile == "skip"
     group = zarr.open_group(store_path, mode="r+", zarr_format=3)
-    with Slide(slide_path, mpp_override) as slide:
+    with _handle(slide_path, mpp_override, store_path) as slide:
         coarse, bad = read_tiles(slide, level0_xy, tile_level0, config.coarse_mpp,
                                  config.coarse_px, skip)
-        group["tiles/coarse"][start:start + n] = coarse
+        store.write_tile_shards(group["tiles/coarse"], start, coarse)
         if config.store_tiles:
             full, bad_full = read_tiles(slide, level0_xy, tile_level0, config.mpp,
                                         config.tile_px, skip)
-            group["tiles/full"][start:start + n] = full
+            store.write_tile_shards(group["tiles/full"], start, full)
             seen = {i for i, _ in bad}
             bad += [(i, msg) for i, msg in bad_full if i not in seen]
     return n, sorted((start + i, msg) for i, msg in bad)
@@ -400,6 +467,8 @@ def _run_blocks(
         with worker_client() as client:
             return _run_distributed(client, tasks, n, progress)
     with contextlib.ExitStack() as stack:
+        # blocks run in this process: they share slide handles (closed when all are done)
+        stack.enter_context(_pooled_handles(slide_path, mpp, tmp))
         kwargs: dict[str, Any] = {}
         if scheduler == "threads":
             # Our own pool, so that on a failure we wait for blocks still running before the

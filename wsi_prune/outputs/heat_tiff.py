@@ -32,6 +32,7 @@ import numpy as np
 import tifffile
 
 from wsi_prune.io.store import halve_nanmean
+from wsi_prune.outputs._draw import INFERNO
 from wsi_prune.outputs.frame import ViewerFrame
 
 #: TIFF tile side, px
@@ -40,12 +41,10 @@ TIFF_TILE = 256
 COLORMAP = "inferno"
 
 
-def _lut(name: str = COLORMAP) -> np.ndarray:
-    """(256, 3) uint8 colour table."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps[name]
-    return (cmap(np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+def _lut() -> np.ndarray:
+    """(256, 3) uint8 colour table (:data:`COLORMAP`, the table ``heatmap.png`` uses; a table
+    and not ``matplotlib.colormaps``, whose import cost ~0.2 s per process)."""
+    return INFERNO
 
 
 def tiff_px(heat_px0: float) -> int:

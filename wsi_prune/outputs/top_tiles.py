@@ -19,6 +19,7 @@ import zarr
 
 from wsi_prune.errors import SlideError
 from wsi_prune.io.slide import Slide
+from wsi_prune.outputs._draw import save_png
 from wsi_prune.outputs.frame import ViewerFrame
 
 _logger = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def write_top_tiles(dest: Path, group: zarr.Group, slide_path: str | os.PathLike
     Returns:
         The PNGs written.
     """
-    from PIL import Image
-
     top = top_attended(group, k)
     path = slide_path or group.attrs["slide"].get("path")
     if not top or not path or not Path(path).exists():
@@ -81,7 +80,7 @@ def write_top_tiles(dest: Path, group: zarr.Group, slide_path: str | os.PathLike
                 slide.reopen()
                 continue
             png = folder / f"{rank:02d}_tile{i}_x{x}_y{y}.png"
-            Image.fromarray(img).save(png, compress_level=1)
+            save_png(png, img)
             written.append(png)
             rows.append([rank, i, x, y, x - frame.x, y - frame.y, f"{att:.6g}",
                          f"{float(heat[i]):.6g}", png.name])

@@ -10,7 +10,7 @@ run's models (:class:`~wsi_prune.models.factory.Models`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,11 +23,16 @@ from wsi_prune.io.tiling import read_tiles
 from wsi_prune.models.factory import Models
 from wsi_prune.models.scorer import score_tiles
 from wsi_prune.pipeline.inputs import SlideEntry
+from wsi_prune.pipeline.prefetch import prefetched
 from wsi_prune.selection.macs import vit_batch_macs
 from wsi_prune.selection.tiles import select_tiles
 from wsi_prune.selection.tokens import select_patches
 
 Progress = Callable[[int, int], None] | None
+
+#: full-resolution batches read ahead of the ViT: enough to hide a slow read behind one
+#: batch of compute, while memory stays at a few batches (32 tiles of 224² px are 4.8 MB)
+PREFETCH_BATCHES = 2
 
 
 def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progress = None
@@ -56,13 +61,16 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
 def embed_kept(
     entry: SlideEntry, group: zarr.Group, config: RunConfig, models: Models,
     tile_index: np.ndarray, patch_importance: np.ndarray, device: str = "cpu",
-    progress: Progress = None,
+    progress: Progress = None, prefetch: int = PREFETCH_BATCHES,
 ) -> dict[str, Any]:
     """Read full-resolution pixels of the kept tiles only and run the pruned ViT on them.
 
     Args:
         tile_index: (K,) indices of kept tiles.
         patch_importance: (N, G, G) CNN patch maps of all tiles.
+        prefetch: batches read ahead by a reader thread while the ViT runs on the current
+            one (:func:`~wsi_prune.pipeline.prefetch.prefetched`); 0 reads in this thread.
+            The results are the same either way.
 
     A kept tile whose full-resolution read fails to decode is, with ``tiling.on_corrupt_tile:
     skip``, left out (K counts only the tiles read) and reported in ``unreadable``; with
@@ -85,21 +93,30 @@ def embed_kept(
     macs = 0
     spec = models.macs["spec"]
     bs = config.vit.batch_size
-    with Slide(entry.path, entry.mpp) as slide:
+
+    def batches(slide: Slide) -> Iterator[tuple[int, np.ndarray, np.ndarray,
+                                                list[tuple[int, str]]]]:
+        """(start, tile indices, (B, px, px, 3) uint8 pixels, unreadable (tile, reason)) per
+        batch, in order; runs in the reader thread when ``prefetch`` > 0."""
         for start in range(0, k, bs):
             idx = tile_index[start:start + bs]
             if full is not None:
-                pix = np.stack([np.asarray(full[int(i)]) for i in idx])
-            else:
-                tiles, bad = read_tiles(slide, coords[idx], tile_level0, tcfg.mpp, tcfg.tile_px,
-                                        skip_corrupt=tcfg.on_corrupt_tile == "skip")
-                if bad:
-                    unreadable += [(int(idx[j]), msg) for j, msg in bad]
-                    good = np.setdiff1d(np.arange(len(idx)), [j for j, _ in bad])
-                    idx, tiles = idx[good], tiles[good]
-                    if not len(idx):
-                        continue
-                pix = tiles
+                yield start, idx, np.stack([np.asarray(full[int(i)]) for i in idx]), []
+                continue
+            tiles, bad = read_tiles(slide, coords[idx], tile_level0, tcfg.mpp, tcfg.tile_px,
+                                    skip_corrupt=tcfg.on_corrupt_tile == "skip")
+            failed = [(int(idx[j]), msg) for j, msg in bad]
+            if bad:
+                good = np.setdiff1d(np.arange(len(idx)), [j for j, _ in bad])
+                idx, tiles = idx[good], tiles[good]
+            yield start, idx, tiles, failed
+
+    with Slide(entry.path, entry.mpp) as slide:
+        for start, idx, pix, failed in prefetched(batches(slide), prefetch,
+                                                  "wsi-prune-read-kept"):
+            unreadable += failed
+            if not len(idx):
+                continue
             done.append(idx)
             x = models.vit_input(pix)  # pinned host->device copy on CUDA
             keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
