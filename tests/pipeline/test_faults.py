@@ -254,6 +254,13 @@ def test_unreadable_slide_fails_alone(six, tmp_path):
                          "reads a file whatever its mode, so this fault cannot be made here"
                 print(reason)
                 pytest.skip(reason)
+            # a checkout inside a 0700 folder (mktemp -d) hides the venv from that user
+            runs = subprocess.run([*drop, str(CLI), "--help"], capture_output=True, env=env)
+            if runs.returncode != 0:
+                reason = (f"the unprivileged user cannot run {CLI} (the checkout or its venv "
+                          "is not readable by others), so this fault cannot be made here")
+                print(reason)
+                pytest.skip(reason)
             cmd = drop + cmd
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == EXIT_SOME_FAILED, proc.stderr
