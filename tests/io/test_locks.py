@@ -96,11 +96,11 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.parametrize("round_", range(5))
+@pytest.mark.parametrize("round_", range(8))
 def test_stale_lock_is_taken_over_by_one_process_at_a_time(tmp_path: Path, round_: int) -> None:
     """Six processes find the lock of a dead process at the same moment: holders never
-    overlap (taking over renames the stale file and checks it was the stale one, so a taker
-    never removes the lock a faster taker has just made)."""
+    overlap (a stale lock is removed only under the take-over claim, after reading it again, so
+    a taker never removes the lock a faster taker has just made)."""
     path = str(tmp_path / "slide")
     Path(f"{path}.lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
     start, log = _CTX.Event(), _CTX.Queue()
@@ -121,7 +121,8 @@ def test_stale_lock_is_taken_over_by_one_process_at_a_time(tmp_path: Path, round
         assert depth in (0, 1), held  # never two holders at once
     assert len([e for e in events if e[0] != "out"]) == 6
     assert not Path(f"{path}.lock").exists()
-    assert not [p for p in tmp_path.iterdir() if ".stale-" in p.name or p.suffix == ".tmp"]
+    assert not [p for p in tmp_path.iterdir()
+                if ".stale-" in p.name or p.suffix in (".tmp", ".takeover")]
 
 
 def test_heartbeat_keeps_the_lease_and_verify_sees_a_take_over(tmp_path: Path) -> None:
@@ -228,3 +229,25 @@ def test_holder_on_another_host_keeps_then_loses_its_lock(tmp_path: Path) -> Non
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_take_over_waits_for_a_live_claim_and_clears_a_dead_ones(tmp_path: Path) -> None:
+    """The take-over claim: while a live process holds it nobody removes the stale lock; a
+    claim left by a dead taker is cleared, then the stale lock is taken over."""
+    path = tmp_path / "slide"
+    lock, claim = Path(f"{path}.lock"), tmp_path / ".slide.lock.takeover"
+    stale = {"pid": _dead_pid(), "host": socket.gethostname()}
+    lock.write_text(json.dumps(stale))
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "token": "x",
+            "pid_start": locks._pid_start(os.getpid())}
+    claim.write_text(json.dumps(live))
+    assert locks._take_over(lock, stale) is False
+    assert json.loads(lock.read_text()) == stale and claim.exists()  # untouched
+    claim.write_text(json.dumps({**live, "pid": _dead_pid()}))
+    assert locks._take_over(lock, stale) is False  # this call clears the dead claim ...
+    assert not claim.exists() and lock.exists()
+    with locks.locked(path) as held:  # ... and the next takes the stale lock over
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+        # a lock that is no longer the one judged stale is never removed
+        assert locks._take_over(lock, stale) is True and lock.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

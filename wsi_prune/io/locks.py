@@ -17,9 +17,14 @@ host or on several hosts sharing a filesystem (a SLURM cluster's scratch):
   once its lock has not been touched for its ``lease_s`` (default :data:`LEASE_S`), i.e. its
   process or its node died. Hosts' clocks are compared through the file's mtime, so the lease
   must exceed their clock skew by a margin; 120 s does for NTP-synchronised nodes.
-- **Race-free take-over.** A stale lock is renamed to a unique name, and the renamed file is
-  checked to be the one judged stale (its token); if another process replaced it in between,
-  it is put back. Two processes taking over one stale lock at once never both hold it.
+- **Race-free take-over.** Only a process holding the take-over claim
+  ``.<name>.lock.takeover`` (published like a lock, held for the milliseconds of one check)
+  removes a stale lock, and only after reading it again under the claim and finding the very
+  lock it judged stale. Holders publish without the claim, but nobody else removes a lock, so
+  the lock read under the claim is the one removed. (Before, a taker renamed the lock aside
+  and put it back when it had become a newer holder's; a third process could publish in that
+  gap, and two processes held the lock at once: seen once in 5 × 6 processes under load.) A
+  claim whose process died (this host) or that is older than :data:`CLAIM_S` is cleared.
 
 A live holder makes :func:`locked` raise :class:`~wsi_prune.errors.OutputConflict`, so two
 runs never write the same outputs. A holder whose lease was taken over anyway (its node was
@@ -51,6 +56,11 @@ LEASE_S = 120.0
 #: An unreadable or empty lock file older than this (seconds) is a dead maker's leftover; only
 #: the ``O_EXCL`` fallback (no hard links) can leave one.
 EMPTY_LOCK_S = 10.0
+#: A take-over claim older than this (seconds) is a dead taker's leftover: a live one holds it
+#: for one read and one unlink.
+CLAIM_S = 10.0
+#: How long :func:`locked` keeps trying while other processes take a stale lock over, s.
+TAKE_OVER_WAIT_S = 30.0
 # errnos of os.link on a filesystem that has no hard links (some FUSE, SMB and object mounts)
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK,
              errno.ENOSYS}
@@ -159,22 +169,47 @@ def _publish(lock: Path, me: dict[str, Any]) -> bool:
             tmp.unlink()
 
 
-def _take_over(lock: Path, stale: dict[str, Any]) -> None:
-    """Remove ``lock`` if it still is the ``stale`` one we judged, never a newer holder's."""
-    aside = lock.with_name(f".{lock.name}.stale-{uuid.uuid4().hex}")
+def _remove_if(path: Path, expected: dict[str, Any]) -> None:
+    """Remove ``path`` if it still holds ``expected`` (rename aside, compare, put back if not).
+    Used only for stale take-over claims, whose owner is dead: nobody races to replace them but
+    other takers, and those hold a claim for milliseconds."""
+    aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
     try:
-        os.rename(lock, aside)
+        os.rename(path, aside)
     except FileNotFoundError:
-        return  # someone else removed it first
-    if _read(aside) == stale:
-        aside.unlink(missing_ok=True)
         return
-    # A newer holder's lock was renamed (it replaced the stale one after we read it): put it
-    # back. os.link fails only if yet another process created a lock in the meantime, which
-    # then holds it; the renamed holder learns of its loss from verify().
-    with contextlib.suppress(OSError):
-        os.link(aside, lock)
+    if _read(aside) != expected:
+        with contextlib.suppress(OSError):
+            os.link(aside, path)
     aside.unlink(missing_ok=True)
+
+
+def _take_over(lock: Path, stale: dict[str, Any]) -> bool:
+    """Remove ``lock`` if it still is the ``stale`` one we judged, never a newer holder's.
+
+    Returns:
+        False when another process is taking it over right now (try again shortly).
+    """
+    claim = lock.with_name(f".{lock.name}.takeover")
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "token": uuid.uuid4().hex,
+          "pid_start": _pid_start(os.getpid())}
+    if not _publish(claim, me):
+        other = _read(claim)
+        if other is not None and (_age_s(claim) > CLAIM_S or (
+                other.get("host") == host and other and not _holder_alive(other))):
+            _logger.warning("%s: clearing the take-over claim of a dead process", claim)
+            _remove_if(claim, other)
+        return False
+    try:
+        # Under the claim nobody else removes the lock, and its dead holder will not: the file
+        # read here is the file unlinked below.
+        if _read(lock) == stale:
+            lock.unlink(missing_ok=True)
+        return True
+    finally:
+        if (_read(claim) or {}).get("token") == me["token"]:
+            claim.unlink(missing_ok=True)
 
 
 class _Heartbeats:
@@ -269,7 +304,9 @@ def locked(path: str | os.PathLike[str], lease_s: float = LEASE_S,
     me = {"pid": os.getpid(), "host": host, "token": uuid.uuid4().hex,
           "lease_s": float(lease_s), "since": round(time.time(), 3),
           "pid_start": _pid_start(os.getpid())}
-    for _ in range(64):
+    deadline = time.monotonic() + TAKE_OVER_WAIT_S
+    warned: set[str] = set()
+    while True:
         if _publish(lock, me):
             break
         holder = _read(lock)
@@ -282,10 +319,14 @@ def locked(path: str | os.PathLike[str], lease_s: float = LEASE_S,
                 f"if no run is active, delete {lock}", path)
             err.holder = holder  # type: ignore[attr-defined]
             raise err from None
-        _logger.warning("%s: taking over %s", lock, reason)
-        _take_over(lock, holder)
-    else:  # pragma: no cover - 64 lost races in a row: others keep taking it
-        raise OutputConflict("could not take the lock: other processes keep taking it", path)
+        if time.monotonic() > deadline:  # pragma: no cover - others keep taking it
+            raise OutputConflict("could not take the lock: other processes keep taking it",
+                                 path)
+        if reason not in warned:
+            warned.add(reason)
+            _logger.warning("%s: taking over %s", lock, reason)
+        if not _take_over(lock, holder):
+            time.sleep(0.002 + 0.008 * (uuid.uuid4().int % 1000) / 1000)  # another taker's turn
     with _held_lock:
         _held[str(lock)] = me["token"]
     _heartbeats.add(lock, me["token"], heartbeat_s if heartbeat_s else lease_s / 4)
