@@ -170,10 +170,31 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
             if not _done(cmp / "metrics.json"):
                 compare_runs(dense_test, run_dir, cmp, labels_te, test_dir, n_boot=2000,
                              seed=seed)
-            out[f"{tag}/{kind}"] = json.loads((cmp / "metrics.json").read_text())
+            m = json.loads((cmp / "metrics.json").read_text())
+            m["triage_ceiling"] = triage_ceiling(m, run_dir)
+            out[f"{tag}/{kind}"] = m
     if seed == args.seeds[0] and args.ablate_levels:
         out.update(ablate_scorer_levels(work, train_dir, test_dir, cfg, seed, args))
     return out
+
+
+def triage_ceiling(metrics: dict[str, Any], run_dir: Path) -> dict[str, float | int]:
+    """The best lesion-tile recall any triage could reach with the tiles this run kept: per
+    slide ``min(lesion tiles, kept tiles)``, pooled over slides, against the recall reached.
+    A budget that keeps fewer tiles than a slide has lesion tiles caps recall below 1 whatever
+    the scorer."""
+    import csv
+
+    with open(run_dir / "predictions.csv", newline="") as fh:
+        kept = {r["id"]: int(r["kept_tiles"] or 0) for r in csv.DictReader(fh)}
+    per = metrics.get("lesion_recall", {}).get("per_slide", {})
+    lesion = {sid: int(v["triage"]["all"]["tiles"]) for sid, v in per.items()
+              if v.get("triage", {}).get("all")}
+    total = sum(lesion.values())
+    best = sum(min(n, kept.get(sid, 0)) for sid, n in lesion.items())
+    got = sum(int(per[sid]["triage"]["all"]["tiles_kept"]) for sid in lesion)
+    return {"lesion_tiles": total, "tile_recall": got / total if total else float("nan"),
+            "ceiling": best / total if total else float("nan"), "slides": len(lesion)}
 
 
 def ablate_scorer_levels(work: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, seed: int,
@@ -226,6 +247,8 @@ ROWS = {
     "triage_macro": ("lesion_recall", "triage", "macro", "area_recall"),
     "triage_micro": ("lesion_recall", "triage", "micro", "area_recall"),
     "token_recall": ("lesion_recall", "tokens", "all", "recall"),
+    "triage_tiles": ("triage_ceiling", "tile_recall"),
+    "triage_ceiling": ("triage_ceiling", "ceiling"),
     "spearman_all": ("heatmap", "all", "median"),
     "speedup": ("cost", "speedup"),
 }
@@ -264,9 +287,9 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"Seeds {args.seeds}; cells: mean [min, max] over seeds. Budget = tissue tokens "
         f"entering the ViT (token ratio {args.token_ratio}).", "",
         "| setting | tokens | AUC dense | AUC pruned | ΔAUC | ΔFROC | Δsens@95 %spec | ΔECE | "
-        "label agreement | triage recall macro / micro area | lesion token recall | heat "
-        "Spearman (all tiles, median) | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "label agreement | triage recall macro / micro area | lesion tiles kept / at most | "
+        "lesion token recall | heat Spearman (all tiles, median) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, r in summary.items():
         lines.append(
@@ -274,6 +297,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
             f"{_cell(r['auc_pruned'])} | {_cell(r['d_auc'])} | {_cell(r['d_froc'])} | "
             f"{_cell(r['d_sens95'])} | {_cell(r['d_ece'])} | {_cell(r['label_agreement'])} | "
             f"{_cell(r['triage_macro'])} / {_cell(r['triage_micro'])} | "
+            f"{_cell(r['triage_tiles'])} / {_cell(r['triage_ceiling'])} | "
             f"{_cell(r['token_recall'])} | {_cell(r['spearman_all'])} | "
             f"{_cell(r['speedup'], 1)}× |")
     lines += ["", "Paired bootstrap 95 % CIs of ΔAUC per seed:"]
