@@ -47,6 +47,7 @@ from tests._faults import (  # noqa: E402 - the harness lives with the tests
     read_csv,
     run_episode,
     start_run,
+    write_bad_files,
 )
 from wsi_prune.synth import write_dataset  # noqa: E402
 
@@ -175,12 +176,7 @@ def bench_bad(work: Path) -> dict:
     big = work / "bad-2000"
     if not big.is_dir():
         big.mkdir()
-        rng = random.Random(0)
-        for i in range(2000):
-            kind = i % 5
-            p = big / (f"f{i:04d}" + (".svs", ".svs", ".tif", ".tiff", ".ndpi")[kind])
-            p.write_bytes([b"", b"not a slide\n", rng.randbytes(2000),
-                           b"II*\0" + rng.randbytes(60), b"MM\0*\0\0\0\x08" + b"\0" * 10][kind])
+        write_bad_files(big, 2000)
     out2 = work / "bad-2000-out"
     shutil.rmtree(out2, ignore_errors=True)
     t1 = time.monotonic()

@@ -178,6 +178,18 @@ def leftovers(out: Path) -> list[str]:
                   or p.name.endswith(".tmp"))
 
 
+def write_bad_files(folder: Path, n: int) -> None:
+    """``n`` files that are no slides, named as slides (``.svs``, ``.tif``, ``.tiff``,
+    ``.ndpi``), in turn: empty, text, random bytes, a truncated little-endian TIFF header and a
+    big-endian TIFF header pointing at nothing. Deterministic (seed 0)."""
+    rng = random.Random(0)
+    for i in range(n):
+        kind = i % 5
+        p = folder / (f"f{i:04d}" + (".svs", ".svs", ".tif", ".tiff", ".ndpi")[kind])
+        p.write_bytes([b"", b"not a slide\n", rng.randbytes(2000),
+                       b"II*\0" + rng.randbytes(60), b"MM\0*\0\0\0\x08" + b"\0" * 10][kind])
+
+
 def _fresh(paths: Any, since: float) -> bool:
     for p in paths:
         try:

@@ -32,6 +32,7 @@ from tests._faults import (
     run_episode,
     stamps,
     start_run,
+    write_bad_files,
 )
 from wsi_prune.cli import main
 from wsi_prune.errors import EXIT_ERROR, EXIT_SOME_FAILED
@@ -365,16 +366,9 @@ def test_folder_of_2000_bad_files_and_symlink_loops(tmp_path, six):
     next to one good slide: exit 3, one row per file, every bad one failed with a one-line
     reason naming it, the good one ok. (Time: about 14 s on 2 shared cores, docs/reliability.md;
     the timeout is a hang guard, not a benchmark.)"""
-    import random
-
     d = tmp_path / "bad"
     d.mkdir()
-    rng = random.Random(0)
-    for i in range(2000):
-        kind = i % 5
-        p = d / (f"f{i:04d}" + (".svs", ".svs", ".tif", ".tiff", ".ndpi")[kind])
-        p.write_bytes([b"", b"not a slide\n", rng.randbytes(2000),
-                       b"II*\0" + rng.randbytes(60), b"MM\0*\0\0\0\x08" + b"\0" * 10][kind])
+    write_bad_files(d, 2000)
     (d / "sub").mkdir()
     (d / "sub" / "up").symlink_to("..")
     (d / "loop.svs").symlink_to("loop.svs")
