@@ -299,7 +299,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
             f"{_cell(r['triage_macro'])} / {_cell(r['triage_micro'])} | "
             f"{_cell(r['triage_tiles'])} / {_cell(r['triage_ceiling'])} | "
             f"{_cell(r['token_recall'])} | {_cell(r['spearman_all'])} | "
-            f"{_cell(r['speedup'], 1)}× |")
+            f"{_cell(r['speedup'], 1) + ('×' if r['speedup'] else '')} |")
     lines += ["", "Paired bootstrap 95 % CIs of ΔAUC per seed:"]
     lines += [f"- {k}: {r['d_auc_ci']}" for k, r in summary.items()]
     first = next(iter(summary.values()), None)

@@ -1,0 +1,59 @@
+"""The fidelity benchmark's own arithmetic: the triage ceiling and the per-seed summary (the
+benchmark itself takes hours and is not a test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from tests._paths import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_fidelity",
+                                                  REPO / "benchmarks" / "bench_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _slide(tiles: int, kept: int) -> dict:
+    return {"triage": {"all": {"tiles": tiles, "tiles_kept": kept}}}
+
+
+def test_triage_ceiling_is_what_the_kept_tiles_allow(bench, tmp_path: Path) -> None:
+    # a: 100 lesion tiles, 40 kept in all (30 of them lesion); b: 10 lesion tiles, 40 kept (10)
+    (tmp_path / "predictions.csv").write_text(
+        "id,status,kept_tiles\na,ok,40\nb,ok,40\nc,ok,40\n")
+    metrics = {"lesion_recall": {"per_slide": {"a": _slide(100, 30), "b": _slide(10, 10),
+                                               "c": {"triage": {}}}}}
+    got = bench.triage_ceiling(metrics, tmp_path)
+    assert got["slides"] == 2 and got["lesion_tiles"] == 110
+    assert got["tile_recall"] == pytest.approx(40 / 110)
+    assert got["ceiling"] == pytest.approx((40 + 10) / 110)  # a cannot keep more than 40
+    empty = bench.triage_ceiling({"lesion_recall": {"per_slide": {}}}, tmp_path)
+    assert math.isnan(empty["ceiling"])
+
+
+def test_summary_aggregates_seeds_and_the_table_names_the_counts(bench) -> None:
+    def one(d_auc: float, ceiling: float) -> dict:
+        return {"difference": {"auc": d_auc, "auc_ci": [d_auc - 0.1, d_auc + 0.1],
+                               "n_slides": 32},
+                "triage_ceiling": {"tile_recall": 0.3, "ceiling": ceiling},
+                "lesion_recall": {"triage": {"macro": {"lesions": 4, "area_recall": 0.5},
+                                             "micro": {"lesions": 42}, "itc": {"lesions": 18}}}}
+    s = bench.summarise({0: {"b0.05/as-infer": one(0.02, 0.4)},
+                         1: {"b0.05/as-infer": one(-0.04, 0.5)}})
+    row = s["b0.05/as-infer"]
+    assert row["d_auc"] == {"mean": pytest.approx(-0.01), "min": -0.04, "max": 0.02, "n": 2}
+    assert row["triage_ceiling"]["mean"] == pytest.approx(0.45)
+    assert row["counts"] == {"slides": 32, "lesions": {"itc": 18, "micro": 42, "macro": 4}}
+    assert row["auc_pruned"] is None  # absent everywhere: no number invented
+    md = bench.markdown(s, type("A", (), {"seeds": [0, 1], "token_ratio": 0.5})())
+    assert "-0.010 [-0.040, 0.020]" in md and "0.300 [0.300, 0.300] / 0.450 [0.400, 0.500]" in md
+    assert "n/a×" not in md  # a missing speed-up is n/a, not "n/a×"
+    assert "32 slides; lesions by class {'itc': 18, 'micro': 42, 'macro': 4}" in md
