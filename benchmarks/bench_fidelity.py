@@ -15,6 +15,11 @@ Budgets are shares of tissue tokens entering the ViT: the ``fraction`` tile poli
 top ``budget / token_ratio`` of each slide's tissue tiles by CNN score and the CNN prior keeps
 ``token_ratio`` of their patches; the ViT prunes more inside (blocks 2 and 4, ratio 0.7).
 
+``--adaptive`` budgets (default 5 %) are also run with the ``threshold`` tile policy: the CNN
+score threshold that ``budget / token_ratio`` of the *training* slides' tiles pass, so the same
+mean budget goes where the scorer sees lesion (a fixed fraction caps triage recall on a slide
+whose lesion tiles outnumber it; ``triage_ceiling`` measures that cap).
+
 Every step is cached in ``--work`` (a file per finished step), so an interrupted benchmark
 resumes. The summary (``summary.json``, ``summary.md``, ``budget.png``) aggregates the seeds:
 mean, and min-max over seeds; ΔAUC also gets each seed's paired bootstrap CI.
@@ -173,8 +178,47 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
             m = json.loads((cmp / "metrics.json").read_text())
             m["triage_ceiling"] = triage_ceiling(m, run_dir)
             out[f"{tag}/{kind}"] = m
+    for b in args.adaptive:
+        out.update(adaptive_budget(sd, train_dir, test_dir, cfg, head_dense, b, seed, args))
     if seed == args.seeds[0] and args.ablate_levels:
         out.update(ablate_scorer_levels(work, train_dir, test_dir, cfg, seed, args))
+    return out
+
+
+def score_threshold(train_run: Path, share: float) -> float:
+    """The CNN tile score above which ``share`` of the training slides' tissue tiles lie
+    (pooled over the slides of a run that scored every tile: the dense training run)."""
+    import zarr
+
+    scores = [np.asarray(zarr.open_group(str(z), mode="r")["triage/tile_score"][...])
+              for z in sorted(train_run.glob("*.zarr"))]
+    return float(np.quantile(np.concatenate(scores), 1.0 - share))
+
+
+def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, head_dense: Path,
+                    budget: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same mean budget spent where the scorer sees lesion: every tile whose CNN score
+    passes a threshold set on the *training* slides so that ``budget / token_ratio`` of their
+    tiles pass (tumour slides get more tiles, normal slides fewer; at least ``min_tiles``)."""
+    tag = f"b{budget:g}-adaptive"
+    t = score_threshold(sd / "train-dense", budget / args.token_ratio)
+    cb = budget_config(cfg, budget, args.token_ratio).replace(
+        tile_select={"policy": "threshold", "threshold": t, "max_tiles": None})
+    _run(train_dir, sd / f"train-{tag}", cb)
+    head = train_head(sd / f"train-{tag}", train_dir / "labels.csv",
+                      sd / f"mil-{tag}.safetensors", seed)
+    out: dict[str, Any] = {}
+    for kind, w in (("as-infer", head), ("dense-head", head_dense)):
+        run_dir = sd / f"test-{tag}-{kind}"
+        _run(test_dir, run_dir, cb.replace(mil={"weights": str(w)}))
+        cmp = sd / f"cmp-{tag}-{kind}"
+        if not _done(cmp / "metrics.json"):
+            compare_runs(sd / "test-dense", run_dir, cmp, test_dir / "labels.csv", test_dir,
+                         n_boot=2000, seed=seed)
+        m = json.loads((cmp / "metrics.json").read_text())
+        m["triage_ceiling"] = triage_ceiling(m, run_dir)
+        m["threshold"] = t
+        out[f"{tag}/{kind}"] = m
     return out
 
 
@@ -342,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.10])
     ap.add_argument("--token-ratio", type=float, default=0.5)
+    ap.add_argument("--adaptive", type=float, nargs="*", default=[0.05],
+                    help="budgets also run with a score threshold set on the training slides "
+                         "(the mean budget, spent where the scorer sees lesion)")
     ap.add_argument("--n-train", type=int, default=24)
     ap.add_argument("--n-test", type=int, default=32)
     ap.add_argument("--size", type=int, default=12288)

@@ -57,3 +57,16 @@ def test_summary_aggregates_seeds_and_the_table_names_the_counts(bench) -> None:
     assert "-0.010 [-0.040, 0.020]" in md and "0.300 [0.300, 0.300] / 0.450 [0.400, 0.500]" in md
     assert "n/a×" not in md  # a missing speed-up is n/a, not "n/a×"
     assert "32 slides; lesions by class {'itc': 18, 'micro': 42, 'macro': 4}" in md
+
+
+def test_adaptive_threshold_is_set_on_the_training_run_tiles(bench, tmp_path: Path) -> None:
+    import numpy as np
+    import zarr
+
+    for name, scores in (("a", np.linspace(0.0, 0.49, 50)), ("b", np.linspace(0.5, 0.99, 50))):
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        g.create_array("triage/tile_score", data=scores.astype("float32"))
+    t = bench.score_threshold(tmp_path, 0.1)  # 10 of the 100 pooled tiles lie above it
+    assert 0.89 < t < 0.90
+    pooled = np.concatenate([np.linspace(0.0, 0.49, 50), np.linspace(0.5, 0.99, 50)])
+    assert (pooled > t).sum() == 10
