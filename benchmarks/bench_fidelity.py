@@ -363,8 +363,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for ax, metric, label in ((axes[0], "auc_pruned", "slide AUC"),
                               (axes[1], "d_froc", "ΔFROC (pruned − dense)")):
         for kind, style in (("as-infer", "o-"), ("dense-head", "s--")):
+            # the fixed-fraction budgets only: adaptive rows spend tokens differently
             pts = sorted((r["tokens"]["mean"], r[metric]["mean"]) for k, r in summary.items()
-                         if k.endswith(kind) and r["tokens"] and r[metric])
+                         if k.endswith(kind) and "adaptive" not in k and r["tokens"]
+                         and r[metric])
             if pts:
                 ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style,
                         label=f"pruned, head {kind}")
