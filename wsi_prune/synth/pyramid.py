@@ -26,8 +26,9 @@ import tifffile
 _logger = logging.getLogger(__name__)
 
 
-def _prefetch(fn: Callable, items: list, workers: int) -> Iterator[np.ndarray]:
-    """``map(fn, items)`` in order, computed by threads with a bounded look-ahead."""
+def prefetch_map(fn: Callable, items: list, workers: int) -> Iterator[np.ndarray]:
+    """``map(fn, items)`` in order, computed by threads with a bounded look-ahead (``2 *
+    workers`` items in flight). Both slide writers render tiles through it."""
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -141,7 +142,7 @@ def _level_tiles(lw: int, lh: int, tile: int, sink: _LevelSink | None,
     """
     if render is not None:
         boxes = [(c, r) for r in range(0, lh, tile) for c in range(0, lw, tile)]
-        rendered = _prefetch(lambda b: render(b[0], b[1], tile, tile), boxes, workers)
+        rendered = prefetch_map(lambda b: render(b[0], b[1], tile, tile), boxes, workers)
         ncols = -(-lw // tile)
         for r in range(0, lh, tile):
             # The whole band first, then its tiles: tifffile may close this generator right

@@ -16,6 +16,17 @@ FLAVOURS = ("svs", "svs-nompp", "tiff", "tiff-nompp")
 _MIN_TOP_LEVEL_PX = 1024  # stop the pyramid once the smallest side is at most this
 
 
+def pyramid_shapes(width: int, height: int, step: int) -> list[tuple[int, int, int]]:
+    """Pyramid levels of a ``width`` × ``height`` px slide as ``(width px, height px,
+    downsample)``, level 0 first, each ``step`` times smaller, until the smaller side is at
+    most :data:`_MIN_TOP_LEVEL_PX`."""
+    shapes, ds = [(width, height, 1)], 1
+    while min(shapes[-1][:2]) > _MIN_TOP_LEVEL_PX:
+        ds *= step
+        shapes.append((-(-width // ds), -(-height // ds), ds))
+    return shapes
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """Everything that defines a synthetic slide (the same spec always gives the same pixels).
@@ -86,11 +97,7 @@ class SynthSpec:
     @property
     def level_shapes(self) -> list[tuple[int, int, int]]:
         """Pyramid levels as ``(width px, height px, downsample)``; level 0 first."""
-        shapes, ds = [(self.width, self.height, 1)], 1
-        while min(shapes[-1][:2]) > _MIN_TOP_LEVEL_PX:
-            ds *= self.level_step
-            shapes.append((-(-self.width // ds), -(-self.height // ds), ds))
-        return shapes
+        return pyramid_shapes(self.width, self.height, self.level_step)
 
 
 @dataclass(frozen=True, eq=False)

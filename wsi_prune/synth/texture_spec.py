@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from wsi_prune.errors import ConfigError
 from wsi_prune.synth.lesions import Region
-from wsi_prune.synth.spec import _MIN_TOP_LEVEL_PX, SynthSlide
+from wsi_prune.synth.spec import SynthSlide, pyramid_shapes
 from wsi_prune.synth.texture import DEFAULT_SOURCE
 
 TEXTURE_FLAVOURS = ("svs", "tiff")
@@ -82,11 +82,7 @@ class TextureSpec:
     @property
     def level_shapes(self) -> list[tuple[int, int, int]]:
         """Pyramid levels as ``(width px, height px, downsample)``; level 0 first."""
-        shapes, ds = [(self.width, self.height, 1)], 1
-        while min(shapes[-1][:2]) > _MIN_TOP_LEVEL_PX:
-            ds *= self.level_step
-            shapes.append((-(-self.width // ds), -(-self.height // ds), ds))
-        return shapes
+        return pyramid_shapes(self.width, self.height, self.level_step)
 
 
 @dataclass(frozen=True, eq=False)

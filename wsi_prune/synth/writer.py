@@ -10,38 +10,18 @@ import logging
 import os
 import pathlib
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 
 import numpy as np
 import tifffile
 
 from wsi_prune.errors import ConfigError
 from wsi_prune.synth.layout import _Layout
+from wsi_prune.synth.pyramid import prefetch_map
 from wsi_prune.synth.render import render_tile
 from wsi_prune.synth.spec import SynthSlide, SynthSpec
 from wsi_prune.synth.truth import write_asap_xml
 
 _logger = logging.getLogger(__name__)
-
-
-
-def _prefetch(fn: Callable, items: list, workers: int) -> Iterator[np.ndarray]:
-    """``map(fn, items)`` in order, computed by threads with a bounded look-ahead."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        it = iter(items)
-        window = deque(pool.submit(fn, item) for item in islice(it, 2 * workers))
-        while window:
-            fut = window.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                window.append(pool.submit(fn, nxt))
-            yield fut.result()
 
 
 def _aperio_description(spec: SynthSpec, path: pathlib.Path) -> str:
@@ -96,7 +76,7 @@ def write_slide(path: str | os.PathLike[str], spec: SynthSpec, workers: int = 2)
                 # maxworkers=1: tifffile would otherwise buffer up to 512 MB of tiles to
                 # compress them in parallel; our look-ahead threads render instead.
                 tif.write(
-                    _prefetch(render, tiles, workers),
+                    prefetch_map(render, tiles, workers),
                     shape=(lh, lw, 3),
                     dtype=np.uint8,
                     tile=(t, t),
