@@ -40,22 +40,14 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull
 
 from wsi_prune.errors import StoreError
-from wsi_prune.io.annotations import ITC_UM, Annotation
+from wsi_prune.io.annotations import Annotation, size_class
 from wsi_prune.io.store import open_store
 
 SIZE_CLASSES = ("itc", "micro", "macro")
-MACRO_UM = 2000.0  # CAMELYON16: macro-metastases are longer than 2 mm
 LESION_MASK_MPP = 2.0  # µm/px of the lesion masks
 MAX_REGION_PX = 6144  # longest side of one cluster's mask, px
 PATCH_SAMPLES = 4  # sample points per patch side for "mostly inside a lesion"
 _STRIP = 512  # mask rows per pass when matching lesion px to tiles (bounds temporaries)
-
-
-def size_class(diameter_um: float) -> str:
-    """``itc`` (< 200 µm), ``micro`` (200-2000 µm) or ``macro`` (> 2000 µm)."""
-    if diameter_um < ITC_UM:
-        return "itc"
-    return "micro" if diameter_um <= MACRO_UM else "macro"
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,18 @@ _logger = logging.getLogger(__name__)
 CAMELYON16_MASK_MPP = 0.243 * 2**5  # level 5 of the CAMELYON16 scans, µm/px
 MARGIN_UM = 75.0  # CAMELYON16: "75 µm, the size of five tumour cells"
 ITC_UM = 200.0  # isolated tumour cells: longest diameter below 200 µm
+MACRO_UM = 2000.0  # macro-metastases: longest diameter above 2 mm (micro: 200 µm to 2 mm)
 
 POSITIVE_GROUPS = frozenset({"tumor", "_0", "_1", "metastases", "metastasis"})
 EXCLUSION_GROUPS = frozenset({"_2", "exclusion"})
+
+
+def size_class(diameter_um: float) -> str:
+    """CAMELYON16's class of a lesion by longest diameter: ``itc`` (< 200 µm), ``micro``
+    (200 µm to 2 mm) or ``macro`` (> 2 mm)."""
+    if diameter_um < ITC_UM:
+        return "itc"
+    return "micro" if diameter_um <= MACRO_UM else "macro"
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsi_prune.io.annotations import Annotation, evaluation_mask
+from wsi_prune.io.annotations import ITC_UM, MACRO_UM, Annotation, evaluation_mask
+from wsi_prune.io.annotations import size_class as annotation_size_class
 from wsi_prune.synth.layout import _Blob, _random_blob
 
-ITC_MAX_UM = 200.0  # longest diameter below this: isolated tumour cells
-MICRO_MAX_UM = 2000.0  # up to this: micrometastasis; above: macrometastasis
+ITC_MAX_UM = ITC_UM  # longest diameter below this: isolated tumour cells
+MICRO_MAX_UM = MACRO_UM  # up to this: micrometastasis; above: macrometastasis
 SIZE_CLASSES = ("ITC", "micro", "macro")
 
 _ITC_UM = (30.0, 190.0)  # diameter ranges drawn per class, µm (log-uniform)
@@ -47,10 +48,10 @@ _EDGE_UM = 25.0  # a region stays this far inside its tissue island
 
 
 def size_class(diameter_um: float) -> str:
-    """``ITC`` (< 200 µm), ``micro`` (200-2000 µm) or ``macro`` (> 2000 µm)."""
-    if diameter_um < ITC_MAX_UM:
-        return "ITC"
-    return "micro" if diameter_um <= MICRO_MAX_UM else "macro"
+    """``ITC`` (< 200 µm), ``micro`` (200-2000 µm) or ``macro`` (> 2000 µm): the evaluation's
+    rule (:func:`wsi_prune.io.annotations.size_class`), spelled as the dataset files do."""
+    cls = annotation_size_class(diameter_um)
+    return "ITC" if cls == "itc" else cls
 
 
 @dataclass(frozen=True)
