@@ -157,33 +157,43 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
              args: argparse.Namespace) -> dict[str, Any]:
     sd = work / f"seed{seed}"
     cfg = train_models(work, train_dir, base, seed, args)
-    labels_tr, labels_te = train_dir / "labels.csv", test_dir / "labels.csv"
     _run(train_dir, sd / "train-dense", cfg.dense())
-    head_dense = train_head(sd / "train-dense", labels_tr, sd / "mil-dense.safetensors", seed)
+    head_dense = train_head(sd / "train-dense", train_dir / "labels.csv",
+                            sd / "mil-dense.safetensors", seed)
     dense_test = sd / "test-dense"
     _run(test_dir, dense_test, cfg.dense().replace(mil={"weights": str(head_dense)}))
     out: dict[str, Any] = {}
     for b in args.budgets:
-        tag = f"b{b:g}"
-        cb = budget_config(cfg, b, args.token_ratio)
-        _run(train_dir, sd / f"train-{tag}", cb)
-        head = train_head(sd / f"train-{tag}", labels_tr, sd / f"mil-{tag}.safetensors", seed)
-        for kind, w in (("as-infer", head), ("dense-head", head_dense)):
-            run_dir = sd / f"test-{tag}-{kind}"
-            _run(test_dir, run_dir, cb.replace(mil={"weights": str(w)}))
-            cmp = sd / f"cmp-{tag}-{kind}"
-            if not _done(cmp / "metrics.json"):
-                compare_runs(dense_test, run_dir, cmp, labels_te, test_dir, n_boot=2000,
-                             seed=seed)
-            m = json.loads((cmp / "metrics.json").read_text())
-            m["triage_ceiling"] = triage_ceiling(m, run_dir)
-            out[f"{tag}/{kind}"] = m
+        out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}",
+                                  budget_config(cfg, b, args.token_ratio), head_dense, seed))
     for b in args.adaptive:
         out.update(adaptive_budget(sd, train_dir, test_dir, cfg, head_dense, b, seed, args))
     if seed == args.seeds[0] and args.ablate_levels:
         out.update(ablate_scorer_levels(work, train_dir, test_dir, cfg, seed, args))
     return out
 
+
+
+def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunConfig,
+                   head_dense: Path, seed: int) -> dict[str, Any]:
+    """One pruned setting ``cb``: its run on the training slides, a head trained on that run
+    (train as you infer), then the test slides with that head ("as-infer") and with the dense
+    head ("dense-head"), each compared with the dense test run."""
+    _run(train_dir, sd / f"train-{tag}", cb)
+    head = train_head(sd / f"train-{tag}", train_dir / "labels.csv",
+                      sd / f"mil-{tag}.safetensors", seed)
+    out: dict[str, Any] = {}
+    for kind, w in (("as-infer", head), ("dense-head", head_dense)):
+        run_dir = sd / f"test-{tag}-{kind}"
+        _run(test_dir, run_dir, cb.replace(mil={"weights": str(w)}))
+        cmp = sd / f"cmp-{tag}-{kind}"
+        if not _done(cmp / "metrics.json"):
+            compare_runs(sd / "test-dense", run_dir, cmp, test_dir / "labels.csv", test_dir,
+                         n_boot=2000, seed=seed)
+        m = json.loads((cmp / "metrics.json").read_text())
+        m["triage_ceiling"] = triage_ceiling(m, run_dir)
+        out[f"{tag}/{kind}"] = m
+    return out
 
 def score_threshold(train_run: Path, share: float) -> float:
     """The CNN tile score above which ``share`` of the training slides' tissue tiles lie
@@ -200,27 +210,13 @@ def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, h
     """The same mean budget spent where the scorer sees lesion: every tile whose CNN score
     passes a threshold set on the *training* slides so that ``budget / token_ratio`` of their
     tiles pass (tumour slides get more tiles, normal slides fewer; at least ``min_tiles``)."""
-    tag = f"b{budget:g}-adaptive"
     t = score_threshold(sd / "train-dense", budget / args.token_ratio)
     cb = budget_config(cfg, budget, args.token_ratio).replace(
         tile_select={"policy": "threshold", "threshold": t, "max_tiles": None})
-    _run(train_dir, sd / f"train-{tag}", cb)
-    head = train_head(sd / f"train-{tag}", train_dir / "labels.csv",
-                      sd / f"mil-{tag}.safetensors", seed)
-    out: dict[str, Any] = {}
-    for kind, w in (("as-infer", head), ("dense-head", head_dense)):
-        run_dir = sd / f"test-{tag}-{kind}"
-        _run(test_dir, run_dir, cb.replace(mil={"weights": str(w)}))
-        cmp = sd / f"cmp-{tag}-{kind}"
-        if not _done(cmp / "metrics.json"):
-            compare_runs(sd / "test-dense", run_dir, cmp, test_dir / "labels.csv", test_dir,
-                         n_boot=2000, seed=seed)
-        m = json.loads((cmp / "metrics.json").read_text())
-        m["triage_ceiling"] = triage_ceiling(m, run_dir)
+    out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive", cb, head_dense, seed)
+    for m in out.values():
         m["threshold"] = t
-        out[f"{tag}/{kind}"] = m
     return out
-
 
 def triage_ceiling(metrics: dict[str, Any], run_dir: Path) -> dict[str, float | int]:
     """The best lesion-tile recall any triage could reach with the tiles this run kept: per
