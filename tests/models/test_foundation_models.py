@@ -17,6 +17,7 @@ import torch
 from timm.layers import SwiGLUPacked
 from torch import nn
 
+from tests._hub import cache_repo
 from tests._paths import REPO
 from wsi_prune.config import RunConfig, ViTConfig, load_config
 from wsi_prune.errors import CheckpointRefused, ConfigError
@@ -180,19 +181,6 @@ def test_hub_name_spellings() -> None:
     assert hub_architecture("hf_hub:bioptimus/H-optimus-0")[2]["mean"][0] == 0.707223
 
 
-def _cache_repo(root: Path, repo: str, files: dict[str, bytes | str]) -> Path:
-    """Files laid out as huggingface_hub caches a repo; returns the snapshot folder."""
-    commit = "0" * 40
-    base = root / f"models--{repo.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    snap = base / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for name, data in files.items():
-        (snap / name).write_bytes(data if isinstance(data, bytes) else data.encode())
-    return snap
-
-
 # Virchow2's config.json as the Hub serves it: no MLP classes (its card passes them in code).
 VIRCHOW2_JSON = {
     "architecture": "vit_huge_patch14_224",
@@ -213,7 +201,7 @@ def test_cached_config_json_is_completed_by_the_table(tmp_path, offline: list) -
     ref = tiny_weights(path, "vit_huge_patch14_224", {**VIRCHOW2_JSON["model_args"], **small,
                                                       "mlp_layer": "swiglu_packed",
                                                       "act_layer": "silu"})
-    _cache_repo(tmp_path / "hf-cache", "paige-ai/Virchow2",
+    cache_repo(tmp_path / "hf-cache", "paige-ai/Virchow2",
                 {"config.json": json.dumps(VIRCHOW2_JSON), "model.safetensors": path.read_bytes()})
     arch, args, pcfg = hub_architecture("hf-hub:paige-ai/Virchow2")
     assert arch == "vit_huge_patch14_224" and args["reg_tokens"] == 4
@@ -266,7 +254,7 @@ def test_cached_pretrained_mismatch_is_not_a_hub_problem(tmp_path, offline: list
     args = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, init_values=1e-5)
     weights = tmp_path / "model.safetensors"
     ref = tiny_weights(weights, "vit_small_patch16_224", {**args, "num_classes": 0})
-    _cache_repo(tmp_path / "hf-cache", "someorg/tiny-path-fm", {
+    cache_repo(tmp_path / "hf-cache", "someorg/tiny-path-fm", {
         "config.json": json.dumps({"architecture": "vit_small_patch16_224", "model_args": args,
                                    "pretrained_cfg": {"mean": [0.1, 0.2, 0.3],
                                                       "std": [0.4, 0.5, 0.6]}}),

@@ -7,6 +7,7 @@ fail the exactness tests.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 from torch import nn
 
+from tests._hub import cache_repo
 from wsi_prune.config import ViTConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
 from wsi_prune.models import pruned_vit
@@ -186,18 +188,9 @@ def test_keep_all_equals_the_model_card_per_family(families, name: str) -> None:
             assert (out.embedding - ref).abs().max() < TOL, (name, cfg, batching)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-@torch.no_grad()
-def test_pruning_per_family_keeps_registers_and_counts_macs(families, name: str) -> None:
-    """Pruning inside each family: prefix tokens (CLS + registers) are never pruned, and
-    vit_batch_macs of the token counts equals the matmuls that really ran (gated MLPs: 3
-    matmuls of the gated width; registers counted as tokens)."""
-    model, pooling = families[name]
-    spec = ViTSpec.from_timm(model)
-    npre = int(model.num_prefix_tokens)
-    assert spec.num_prefix_tokens == npre
-    assert spec.swiglu == (name != "uni")
-    cfg = ViTConfig(prune_blocks=(1,), keep_ratio=0.5, pooling=pooling)
+def _with_linear_macs(model: nn.Module, run):
+    """``run()``'s result and the MACs that every Linear layer and the patch-embedding conv of
+    ``model`` spent in it (counted by forward hooks from their actual output sizes)."""
     linear = 0
 
     def hook(mod: nn.Module, inp, out: torch.Tensor) -> None:
@@ -211,10 +204,27 @@ def test_pruning_per_family_keeps_registers_and_counts_macs(families, name: str)
     handles = [mod.register_forward_hook(hook) for mod in model.modules()
                if isinstance(mod, nn.Linear | nn.Conv2d)]
     try:
-        out = PrunedViT(model, cfg, batching="bucket")(images(4, size_of(model)))
+        out = run()
     finally:
         for h in handles:
             h.remove()
+    return out, linear
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@torch.no_grad()
+def test_pruning_per_family_keeps_registers_and_counts_macs(families, name: str) -> None:
+    """Pruning inside each family: prefix tokens (CLS + registers) are never pruned, and
+    vit_batch_macs of the token counts equals the matmuls that really ran (gated MLPs: 3
+    matmuls of the gated width; registers counted as tokens)."""
+    model, pooling = families[name]
+    spec = ViTSpec.from_timm(model)
+    npre = int(model.num_prefix_tokens)
+    assert spec.num_prefix_tokens == npre
+    assert spec.swiglu == (name != "uni")
+    cfg = ViTConfig(prune_blocks=(1,), keep_ratio=0.5, pooling=pooling)
+    out, linear = _with_linear_macs(
+        model, lambda: PrunedViT(model, cfg, batching="bucket")(images(4, size_of(model))))
     t = out.tokens_per_image
     p = n_patches(model)
     kept = int(math.ceil(0.5 * p))
@@ -474,26 +484,9 @@ def test_vit_batch_macs_equals_linear_hook_count(reg_model: nn.Module) -> None:
     model = reg_model
     spec = ViTSpec.from_timm(model)
     cfg = ViTConfig(prune_blocks=(1, 2), prune_policy="nucleus", prune_p=0.6, fuse_pruned=True)
-    linear = 0
-
-    def hook(mod: nn.Module, inp, out: torch.Tensor) -> None:
-        nonlocal linear
-        if isinstance(mod, nn.Linear):
-            linear += out.numel() * mod.in_features
-        else:  # patch-embedding conv
-            k = mod.kernel_size
-            linear += out.numel() * mod.in_channels * k[0] * k[1]
-
-    handles = [
-        mod.register_forward_hook(hook)
-        for mod in model.modules()
-        if isinstance(mod, nn.Linear | nn.Conv2d)
-    ]
-    try:
-        out = PrunedViT(model, cfg, batching="bucket")(images(4, 98), varied_prior(model, 4))
-    finally:
-        for h in handles:
-            h.remove()
+    out, linear = _with_linear_macs(
+        model,
+        lambda: PrunedViT(model, cfg, batching="bucket")(images(4, 98), varied_prior(model, 4)))
     t = out.tokens_per_image
     attn_core = sum(
         block_macs(spec, a, m).attn_scores + block_macs(spec, a, m).attn_v
@@ -632,26 +625,13 @@ def test_hub_name_with_local_weights_builds_offline(tmp_path, offline: list) -> 
     assert offline == []
 
 
-def _cache_config(root, repo: str, config: dict) -> None:
-    """A repo's config.json laid out as huggingface_hub caches it."""
-    import json
-
-    commit = "0" * 40
-    base = root / f"models--{repo.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    snap = base / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text(json.dumps(config))
-
-
 def test_hub_name_architecture_from_the_cache(tmp_path, offline: list) -> None:
     cfg_json = {
         "architecture": "vit_small_patch16_224",
         "model_args": {**TINY, "reg_tokens": 2},
         "pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "tag": "x"},
     }
-    _cache_config(tmp_path / "hf-cache", "someorg/tiny-vit", cfg_json)
+    cache_repo(tmp_path / "hf-cache", "someorg/tiny-vit", {"config.json": json.dumps(cfg_json)})
     ref = tiny(reg_tokens=2)
     path = tmp_path / "tiny.safetensors"
     save_safetensors(ref, path)
