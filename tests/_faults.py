@@ -131,6 +131,12 @@ def outputs(out: Path, sid: str) -> dict[str, Any]:
     return got
 
 
+def same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal shape and values; NaN marks no tissue in the NGFF heat image, so there equal
+    means both NaN."""
+    return np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
 def differences(out: Path, ref: Path, ids: list[str]) -> list[str]:
     """What differs between the outputs of ``ids`` in two OUT folders (empty: identical)."""
     problems = []
@@ -144,10 +150,7 @@ def differences(out: Path, ref: Path, ids: list[str]) -> list[str]:
             problems.append(f"{sid}: arrays {sorted(got.keys() ^ want.keys())} differ in presence")
         for key in want.keys() & got.keys():
             a, b = got[key], want[key]
-            # NaN marks no tissue in the NGFF heat image: equal there means both NaN
-            same = (np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
-                    if isinstance(a, np.ndarray) else a == b)
-            if not same:
+            if not (same_array(a, b) if isinstance(a, np.ndarray) else a == b):
                 problems.append(f"{sid}: {key} differs")
     return problems
 

@@ -30,6 +30,7 @@ from tests._faults import (
     plan,
     read_csv,
     run_episode,
+    same_array,
     stamps,
     start_run,
     write_bad_files,
@@ -353,11 +354,7 @@ def _arrays_differ(out: Path, sid: str, ref: Path, ref_sid: str) -> list[str]:
     a = zarr.open_group(str(out / f"{sid}.zarr"), mode="r")
     b = zarr.open_group(str(ref / f"{ref_sid}.zarr"), mode="r")
     names = [n for n, x in b.members(max_depth=None) if isinstance(x, zarr.Array)]
-    def same(x: np.ndarray, y: np.ndarray) -> bool:
-        # NaN marks no tissue in the NGFF heat image: equal there means both NaN
-        return np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
-
-    return [n for n in names if not same(np.asarray(a[n][...]), np.asarray(b[n][...]))]
+    return [n for n in names if not same_array(np.asarray(a[n][...]), np.asarray(b[n][...]))]
 
 
 # -- bad inputs --------------------------------------------------------------------------------
