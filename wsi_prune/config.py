@@ -315,10 +315,10 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class MILConfig:
-    """Gated attention-MIL slide head.
+    """The slide head: gated attention-MIL (default) or top-k of per-tile lesion logits.
 
     Attributes:
-        hidden: attention hidden size.
+        hidden: attention hidden size (``gated-abmil``).
         weights: local safetensors file or None (untrained).
         threshold: probability at or above which a slide is called positive.
         dropout: dropout after the first layer (used in training only).
@@ -327,6 +327,9 @@ class MILConfig:
         allow_vit_mismatch: use trained weights whose sidecar says they were trained on another
             ViT's embeddings (another model, model arguments, pooling or weight file) instead of
             refusing them. Their probabilities then mean nothing; for experiments only.
+        top_k: tiles whose lesion logits the ``tile-topk`` head averages into the slide score
+            (:class:`wsi_prune.models.mil.TileTopK`; ``train-mil`` chooses it by
+            cross-validation and the sidecar sets it).
     """
 
     hidden: int = 128
@@ -335,10 +338,12 @@ class MILConfig:
     dropout: float = 0.0
     model: str = "gated-abmil"
     allow_vit_mismatch: bool = False
+    top_k: int = 4
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "mil.model must be a registered slide head name")
         _check(self.hidden >= 1, "mil.hidden must be >= 1")
+        _check(self.top_k >= 1, "mil.top_k must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "mil.dropout must be in [0, 1)")
         _check(0.0 <= self.threshold <= 1.0, "mil.threshold must be in [0, 1]")
 
@@ -475,6 +480,7 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("vit", "mean"),
     ("vit", "std"),
     ("vit", "precision"),
+    ("mil", "top_k"),
 )
 
 

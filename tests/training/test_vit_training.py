@@ -20,6 +20,7 @@ from wsi_prune.io.tiling import tile_slide
 from wsi_prune.models.factory import apply_trained_configs, build_models
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.synth import SynthSpec, write_asap_xml, write_slide
+from wsi_prune.training.tile_topk import load_tile_head, tile_head_of
 from wsi_prune.training.vit import _attention_loss, _ClsRows, train_vit
 
 TINY = ViTConfig(model="vit_tiny_patch16_224",
@@ -80,6 +81,12 @@ def test_train_vit_then_run_loads_it(lesion_stores: Path, tmp_path: Path) -> Non
     assert meta["tile_px"] == 224 and meta["mpp"] == 0.5
     assert meta["training"]["guided_blocks"] == [1, 2]
     assert set(meta["val"]) >= {"tile_auc", "patch_auc", "attention_auc", "lesion_token_recall"}
+    # the tile head is saved beside the backbone, for train-mil --model tile-topk
+    head = tile_head_of(out)
+    assert head == tmp_path / "vit.tile-head.safetensors"
+    assert meta["tile_head"]["in_dim"] == 48 and meta["tile_head"]["val_auc"] == meta["val"][
+        "tile_auc"]
+    assert load_tile_head(head, 48).weight.shape == (1, 48)
 
     # run names only the weights file: the architecture comes from the sidecar
     cfg = apply_trained_configs(RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml").replace(

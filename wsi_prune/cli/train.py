@@ -117,37 +117,58 @@ def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool
               help="Slides per training step.")
 @click.option("--max-instances", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Tiles drawn per slide per training step (0: all).")
+@click.option("--model", "model", default="gated-abmil", show_default=True,
+              help="Slide head (`wsi-prune models` lists them): gated-abmil, or tile-topk "
+                   "(mean of the top-k tile lesion logits; fitted from the tile head train-vit "
+                   "saved).")
+@click.option("--tile-head", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tile-topk: the tile head file (default: the one beside the stores' ViT "
+                   "weights).")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), multiple=True,
+              help="tile-topk: k candidates, chosen by cross-validated log loss "
+                   "(default 1 2 4 8 16; repeat the option).")
 @_seed
 @_threads
 @handle_errors
 def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, epochs: int,
               patience: int, lr: float, hidden: int, dropout: float, batch_bags: int,
-              max_instances: int, seed: int, threads: int | None) -> None:
-    """Train the gated-ABMIL slide head on the ViT embeddings of run stores (or run folders).
+              max_instances: int, model: str, tile_head: str | None, top_k: tuple[int, ...],
+              seed: int, threads: int | None) -> None:
+    """Train a slide head on the ViT embeddings of run stores (or run folders).
 
-    k-fold cross-validation with early stopping on validation loss reports each fold's
-    validation AUC; the final model is trained on every slide for the folds' median best epoch.
-    Writes OUT (.safetensors) and OUT's .json, which `run` loads as mil.weights.
+    gated-abmil (default): k-fold cross-validation with early stopping on validation loss
+    reports each fold's validation AUC; the final model is trained on every slide for the
+    folds' median best epoch. tile-topk with a tile head: k and the calibration (scale, bias)
+    are fitted on the slide labels, the tile head stays as train-vit trained it. Writes OUT
+    (.safetensors) and OUT's .json, which `run` loads as mil.weights.
 
     \b
     Example:
       wsi-prune train-mil train-run/ --labels train/labels.csv --out models/mil.safetensors
+      wsi-prune train-mil train-run/ --labels train/labels.csv --model tile-topk \\
+          --out models/topk.safetensors
     """
     from wsi_prune.training.mil import train_mil as run_training
 
     res = run_training(
         list(stores), labels_csv, out, folds=folds, epochs=epochs, lr=lr, patience=patience,
         hidden=hidden, dropout=dropout, batch_bags=batch_bags,
-        max_instances=max_instances or None, seed=seed, threads=threads, progress=_progress(),
+        max_instances=max_instances or None, model=model, tile_head=tile_head,
+        top_k=top_k or None, seed=seed, threads=threads, progress=_progress(),
     )
     n_pos = sum(res.slides.values())
     click.echo(f"{len(res.slides)} slides ({n_pos} positive)")
-    for i, (auc, ep) in enumerate(zip(res.fold_auc, res.best_epochs, strict=True), start=1):
-        click.echo(f"fold {i}: val AUC {auc:.3f} (best epoch {ep})")
+    for i, auc in enumerate(res.fold_auc, start=1):
+        ep = f" (best epoch {res.best_epochs[i - 1]})" if res.best_epochs else ""
+        click.echo(f"fold {i}: val AUC {auc:.3f}{ep}")
     if res.fold_auc:
         oof = "n/a" if math.isnan(res.oof_auc) else f"{res.oof_auc:.3f}"
         click.echo(f"mean val AUC {res.mean_auc:.3f}, out-of-fold AUC {oof}")
-    click.echo(f"final model: {res.final_epochs} epochs on all slides in {res.seconds:.1f} s")
+    if res.final_epochs:
+        click.echo(f"final model: {res.final_epochs} epochs on all slides in {res.seconds:.1f} s")
+    else:
+        click.echo(f"final model: top_k {res.model.top_k}, fitted on all slides in "
+                   f"{res.seconds:.1f} s")
     click.echo(f"wrote {res.weights} and {res.config}")
 
 

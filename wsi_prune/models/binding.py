@@ -108,7 +108,9 @@ def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[st
                                         "anyway", config.mil.weights)
             warnings.append(f"{config.mil.weights}: {msg} (mil.allow_vit_mismatch is set)")
         regime = meta.get("regime")
-        if regime == "dense" and bag_regime(config) == "pruned":
+        # tile-topk reads only the bag's top tiles: kept tiles are those, so no shift to warn of
+        if (regime == "dense" and bag_regime(config) == "pruned"
+                and meta.get("model") != "tile-topk"):
             warnings.append(f"{config.mil.weights}: this MIL head was trained on dense bags and "
                             "this run feeds it pruned ones (only the kept tiles), which shifts its "
                             "probabilities; train it on a pruned run of the training slides "

@@ -6,6 +6,13 @@ an attention score a_k = w·(tanh(V h_k) ⊙ sigmoid(U h_k)); the softmax of the
 weighs the instances into one slide embedding, and a linear layer turns it into the slide logit.
 The attention doubles as the tile heatmap.
 
+``tile-topk`` (:class:`TileTopK`) is the other head: a lesion logit per tile (a linear layer on
+the embedding, e.g. the tile head ``train-vit`` trains on lesion outlines) and a slide logit from
+the mean of the bag's ``top_k`` largest tile logits, scaled and shifted. Its answer depends only
+on the bag's most suspicious tiles, so a pruned bag (the triage's kept tiles) gets the answer of
+the dense bag whenever the triage kept those tiles: the head does not shift its probabilities
+with the bag's composition, which an attention head trained on dense bags does (issue 11).
+
 Slide heads are registered by name (:func:`register_mil`, ``mil.model`` in the config), as
 scorers and selection policies are: a head is ``builder(config, in_dim, n_classes) -> module``
 whose forward takes a bag (K, D) or a padded batch (B, K, D) with a mask and returns a
@@ -24,13 +31,13 @@ from torch import nn
 
 from wsi_prune._registry import Registry
 from wsi_prune.config import MILConfig
-from wsi_prune.errors import CheckpointRefused
+from wsi_prune.errors import CheckpointRefused, ConfigError
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.sidecars import read_sidecar, warn_untrained_once
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["GatedABMIL", "MILOutput", "build_mil", "list_mil_heads", "register_mil",
+__all__ = ["GatedABMIL", "MILOutput", "TileTopK", "build_mil", "list_mil_heads", "register_mil",
            "trained_mil_config"]
 
 #: ``kind`` of the JSON config saved next to trained MIL weights
@@ -64,6 +71,28 @@ class MILOutput:
     logit: torch.Tensor
     prob: torch.Tensor
     attention: torch.Tensor
+
+
+def _as_batch(bag: torch.Tensor, mask: torch.Tensor | None, in_dim: int
+              ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """A (K, D) bag or (B, K, D) batch as ``(batch, bool mask or None, was single)``, checked;
+    padded rows are zeroed so that NaN/inf padding cannot leak through ``0 * x``."""
+    single = bag.ndim == 2
+    if single:
+        bag = bag.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+    if bag.ndim != 3 or bag.shape[-1] != in_dim:
+        raise ValueError(f"bag must be (K, {in_dim}) or (B, K, {in_dim}), got {tuple(bag.shape)}")
+    if bag.shape[1] == 0:
+        raise ValueError("empty bag: a slide needs at least one instance (tile)")
+    if mask is not None:
+        if mask.shape != bag.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match bag {tuple(bag.shape)}")
+        mask = mask.to(device=bag.device, dtype=torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("empty bag: every instance of a bag is masked out")
+        bag = torch.where(mask.unsqueeze(-1), bag, torch.zeros((), dtype=bag.dtype))
+    return bag, mask, single
 
 
 class GatedABMIL(nn.Module):
@@ -105,24 +134,7 @@ class GatedABMIL(nn.Module):
         Raises:
             ValueError: wrong shapes, or a bag with no (valid) instance.
         """
-        single = bag.ndim == 2
-        if single:
-            bag = bag.unsqueeze(0)
-            mask = None if mask is None else mask.unsqueeze(0)
-        if bag.ndim != 3 or bag.shape[-1] != self.in_dim:
-            raise ValueError(
-                f"bag must be (K, {self.in_dim}) or (B, K, {self.in_dim}), got {tuple(bag.shape)}"
-            )
-        if bag.shape[1] == 0:
-            raise ValueError("empty bag: a slide needs at least one instance (tile)")
-        if mask is not None:
-            if mask.shape != bag.shape[:2]:
-                raise ValueError(f"mask {tuple(mask.shape)} does not match bag {tuple(bag.shape)}")
-            mask = mask.to(device=bag.device, dtype=torch.bool)
-            if not bool(mask.any(dim=1).all()):
-                raise ValueError("empty bag: every instance of a bag is masked out")
-            # Zero padded rows first so that NaN/inf padding cannot leak through 0 * x.
-            bag = torch.where(mask.unsqueeze(-1), bag, torch.zeros((), dtype=bag.dtype))
+        bag, mask, single = _as_batch(bag, mask, self.in_dim)
         h = self.fc(bag.float())  # (B, K, hidden)
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         scores = self.attention_w(gate).squeeze(-1)  # (B, K)
@@ -141,7 +153,59 @@ class GatedABMIL(nn.Module):
         return MILOutput(logit=logit, prob=prob, attention=attention)
 
 
-def build_mil(config: MILConfig, in_dim: int, n_classes: int = 1) -> GatedABMIL:
+class TileTopK(nn.Module):
+    """Slide logit from the top-k tile lesion logits of a bag (binary labels only).
+
+    ``s_k = tile(x_k)`` is a lesion logit per instance; the slide logit is
+    ``scale * mean(top min(top_k, K) of s) + bias``. The attention (the tile heat) is each
+    valid instance's lesion probability ``sigmoid(s_k)`` over their sum, so heat relative to
+    the slide's hottest tile is ``sigmoid(s_k) / max sigmoid(s)``.
+
+    Args:
+        in_dim: D, size of an instance embedding.
+        top_k: tiles averaged into the slide score.
+    """
+
+    def __init__(self, in_dim: int, top_k: int = 4) -> None:
+        super().__init__()
+        if in_dim < 1 or top_k < 1:
+            raise ValueError("in_dim and top_k must be >= 1")
+        self.in_dim = int(in_dim)
+        self.top_k = int(top_k)
+        self.n_classes = 1
+        self.tile = nn.Linear(in_dim, 1)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def tile_logits(self, bag: torch.Tensor) -> torch.Tensor:
+        """(..., K) lesion logits of (..., K, D) instances."""
+        return self.tile(bag.float()).squeeze(-1)
+
+    def pooled(self, bag: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) mean of each bag's top ``top_k`` valid tile logits ((B, K, D) bags)."""
+        s = self.tile_logits(bag)
+        valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
+        k = min(self.top_k, s.shape[1])
+        top = torch.topk(s.masked_fill(~valid, float("-inf")), k, dim=1).values  # (B, k)
+        n = valid.sum(1).clamp(max=k)  # bags with fewer than k instances average what they have
+        take = torch.arange(k, device=s.device).unsqueeze(0) < n.unsqueeze(1)
+        return torch.where(take, top, torch.zeros((), dtype=top.dtype)).sum(1) / n
+
+    def forward(self, bag: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """As :meth:`GatedABMIL.forward`: a (K, D) bag or a (B, K, D) padded batch with mask."""
+        bag, mask, single = _as_batch(bag, mask, self.in_dim)
+        logit = self.scale * self.pooled(bag, mask) + self.bias
+        p = torch.sigmoid(self.tile_logits(bag))
+        if mask is not None:
+            p = p.masked_fill(~mask, 0.0)
+        attention = p / p.sum(1, keepdim=True).clamp_min(1e-30)
+        prob = torch.sigmoid(logit)
+        if single:
+            logit, prob, attention = logit[0], prob[0], attention[0]
+        return MILOutput(logit=logit, prob=prob, attention=attention)
+
+
+def build_mil(config: MILConfig, in_dim: int, n_classes: int = 1) -> nn.Module:
     """Build the slide head in eval mode, loading ``config.weights`` when set.
 
     Args:
@@ -188,7 +252,8 @@ def trained_mil_config(weights: str, base: MILConfig | None = None) -> tuple[MIL
     base = base or MILConfig()
     try:
         config = dataclasses.replace(base, weights=str(weights), hidden=int(meta["hidden"]),
-                                     model=str(meta.get("model", base.model)))
+                                     model=str(meta.get("model", base.model)),
+                                     top_k=int(meta.get("top_k", base.top_k)))
         return config, int(meta["in_dim"]), int(meta["n_classes"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointRefused(f"MIL config lacks or mistypes {exc}", weights) from exc
@@ -201,6 +266,8 @@ def _check_sidecar(config: MILConfig, in_dim: int, n_classes: int) -> None:
         return
     wanted = {"in_dim": in_dim, "hidden": config.hidden, "n_classes": n_classes,
               "model": config.model}
+    if config.model == "tile-topk":
+        wanted["top_k"] = config.top_k
     # sidecars written before heads were registered name no model: they are all gated ABMIL
     saved = {**meta, "model": meta.get("model", "gated-abmil")}
     diff = [f"{k}={saved.get(k)!r} (here: {v!r})" for k, v in wanted.items() if saved.get(k) != v]
@@ -215,3 +282,11 @@ def _check_sidecar(config: MILConfig, in_dim: int, n_classes: int) -> None:
 @register_mil("gated-abmil")
 def _gated_abmil(config: MILConfig, in_dim: int, n_classes: int) -> GatedABMIL:
     return GatedABMIL(in_dim, hidden=config.hidden, dropout=config.dropout, n_classes=n_classes)
+
+
+@register_mil("tile-topk")
+def _tile_topk(config: MILConfig, in_dim: int, n_classes: int) -> TileTopK:
+    if n_classes != 1:
+        raise ConfigError(f"mil.model tile-topk is binary (one lesion logit per tile); "
+                          f"{n_classes} classes asked")
+    return TileTopK(in_dim, top_k=config.top_k)

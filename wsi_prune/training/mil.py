@@ -27,6 +27,13 @@ from wsi_prune.models.binding import bag_regime, vit_identity
 from wsi_prune.models.mil import MIL_HEADS, MIL_KIND, GatedABMIL
 from wsi_prune.training._common import PathLike, check_out, save_model, seeded
 from wsi_prune.training.data import find_stores
+from wsi_prune.training.tile_topk import (
+    TOP_K_CANDIDATES,
+    fit_tile_topk,
+    load_tile_head,
+    tile_head_of,
+    topk_meta,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -93,23 +100,26 @@ class _Bags:
     ids: list[str]
     regimes: list[str]
     vit: dict[str, Any] | None
+    vit_weights: str | None = None
 
 
-def _store_vit(group: Any, path: Path) -> tuple[str, dict[str, Any] | None]:
-    """The bag regime and the ViT identity of a run store (from the attributes ``run`` writes)."""
+def _store_vit(group: Any, path: Path) -> tuple[str, dict[str, Any] | None, str | None]:
+    """The bag regime, the ViT identity and the ViT weights file of a run store (from the
+    attributes ``run`` writes)."""
     from wsi_prune.config import RunConfig
 
     cfg_dict = group.attrs.get("run_config")
     if cfg_dict is None:
-        return "unknown", None
+        return "unknown", None, None
     cfg = RunConfig.from_dict(cfg_dict)
     sha = ((group.attrs.get("models") or {}).get("vit") or {}).get("sha256")
-    return bag_regime(cfg), vit_identity(cfg, sha)
+    return bag_regime(cfg), vit_identity(cfg, sha), cfg.vit.weights
 
 
 def _mil_data(stores: Sequence[Path], labels: Mapping[str, int]) -> _Bags:
     bags, ys, ids, regimes, unlabelled = [], [], [], [], []
     vit: dict[str, Any] | None = None
+    vit_weights = None
     for path in stores:
         sid = slide_id(path)
         label = lookup_slide(labels, sid)
@@ -126,7 +136,8 @@ def _mil_data(stores: Sequence[Path], labels: Mapping[str, int]) -> _Bags:
         if bags and emb.shape[1] != bags[0].shape[1]:
             raise StoreError(f"embedding width {emb.shape[1]} differs from the other stores' "
                              f"{bags[0].shape[1]} (another ViT?)", path)
-        regime, ident = _store_vit(group, path)
+        regime, ident, weights = _store_vit(group, path)
+        vit_weights = vit_weights or weights
         if ident is not None:
             if vit is not None and ident != vit:
                 raise StoreError("these embeddings come from another ViT than the other stores' "
@@ -143,7 +154,7 @@ def _mil_data(stores: Sequence[Path], labels: Mapping[str, int]) -> _Bags:
     if len(set(ys)) < 2:
         raise ConfigError(f"train-mil needs labelled slides of both classes, got {len(ys)} "
                           f"slide(s) with labels {sorted(set(ys))}")
-    return _Bags(bags, y, ids, regimes, vit)
+    return _Bags(bags, y, ids, regimes, vit, vit_weights)
 
 
 def _regime(regimes: Sequence[str]) -> str:
@@ -267,11 +278,14 @@ def train_mil(
     weight_decay: float = 1e-4,
     batch_bags: int = 8,
     max_instances: int | None = 4096,
+    model: str = "gated-abmil",
+    tile_head: PathLike | None = None,
+    top_k: Sequence[int] | None = None,
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
 ) -> MILTrainResult:
-    """Train the gated-ABMIL slide head on the ``vit/embedding`` bags of run stores.
+    """Train a slide head (default gated-ABMIL) on the ``vit/embedding`` bags of run stores.
 
     With ``folds >= 2``: stratified k-fold cross-validation, each fold trained with early stopping
     on its validation BCE (best epoch restored), validation ROC AUC per fold and of the pooled
@@ -301,6 +315,13 @@ def train_mil(
         batch_bags: bags per step (padded, masked).
         max_instances: training draws at most this many tiles of a bag per step (memory);
             validation and prediction use whole bags.
+        model: the registered head (``mil.model``). ``tile-topk`` with a tile head (``tile_head``,
+            or the one ``train-vit`` saved beside the stores' ViT weights) is fitted in closed
+            form instead (:func:`~wsi_prune.training.tile_topk.fit_tile_topk`: the tile head
+            fixed, ``k`` chosen among ``top_k`` by cross-validated log loss, scale and bias by
+            logistic regression); without a tile head it is trained by gradient like the others.
+        tile_head: a tile head file (safetensors ``weight`` (1, D), ``bias`` (1,)).
+        top_k: ``k`` candidates of ``tile-topk`` (default 1, 2, 4, 8, 16).
         seed: seeds folds, initialisation, order, dropout and instance draws.
         threads: torch intra-op threads while training (restored afterwards); None: unchanged.
             Small heads train fastest on 1 thread, and far faster on a busy machine.
@@ -317,7 +338,8 @@ def train_mil(
     out_path = check_out(out_path)
     if folds < 1 or epochs < 1 or patience < 1 or lr <= 0 or batch_bags < 1:
         raise ConfigError("train-mil needs folds, epochs, patience, batch_bags >= 1 and lr > 0")
-    cfg = MILConfig(hidden=hidden, dropout=dropout)
+    cfg = MILConfig(hidden=hidden, dropout=dropout, model=model)
+    MIL_HEADS.get(model)  # an unknown name fails before any store is read
     labels = (read_labels(labels_csv) if not isinstance(labels_csv, Mapping)
               else _parse_labels(labels_csv))
     data = _mil_data(find_stores(stores), labels)
@@ -328,13 +350,74 @@ def train_mil(
     s = _MILSettings(epochs, lr, weight_decay, patience, batch_bags, max_instances)
     folds = _choose_folds(folds, y, groups) if folds > 1 else 1
     fold_auc, fold_loss, best_epochs, stopped = [], [], [], []
+    splits = (list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+                   .split(np.zeros(len(y)), y, groups)) if folds > 1 else [])
+    extra: dict[str, Any] = {}
+    head_path = _tile_head(model, tile_head, data.vit_weights)
+    if head_path is not None:
+        fit = fit_tile_topk(bags, y, splits, load_tile_head(head_path, in_dim),
+                            top_k or TOP_K_CANDIDATES)
+        net, oof, final_epochs = fit.model, fit.oof_logits, 0
+        fold_auc, fold_loss = fit.fold_auc, fit.fold_loss
+        extra = topk_meta(fit, head_path)
+    else:
+        net, oof, final_epochs = _fit_gradient(in_dim, cfg, bags, y, splits, s, seed, threads,
+                                               progress, fold_auc, fold_loss, best_epochs,
+                                               stopped)
+    oof_auc = float(roc_auc_score(y, oof)) if folds > 1 else float("nan")
+    meta = {
+        "kind": MIL_KIND, "format": 1, "model": cfg.model, "in_dim": in_dim, "hidden": hidden,
+        "n_classes": 1, "regime": _regime(data.regimes), "vit": data.vit,
+        "dropout": dropout, "threshold": 0.5, **extra,
+        "cv": {"folds": folds, "val_auc": fold_auc, "val_loss": fold_loss,
+               "best_epoch": best_epochs, "stopped_epoch": stopped,
+               "mean_val_auc": float(np.mean(fold_auc)) if fold_auc else None,
+               "oof_auc": None if math.isnan(oof_auc) else oof_auc},
+        "training": {"epochs": epochs, "final_epochs": final_epochs, "lr": lr,
+                     "weight_decay": weight_decay, "patience": patience, "seed": seed,
+                     "batch_bags": batch_bags, "max_instances": max_instances,
+                     "n_slides": len(set(groups)), "n_bags": len(y),
+                     "n_positive": int(y.sum()),
+                     "slides": dict(zip(ids, y.tolist(), strict=True))},
+    }
+    config_path = save_model(net, out_path, meta)
+    return MILTrainResult(out_path, config_path, fold_auc, fold_loss, best_epochs, stopped,
+                          oof_auc, final_epochs, dict(zip(ids, y.tolist(), strict=True)),
+                          time.perf_counter() - t0, net, meta["regime"])
+
+
+def _tile_head(model: str, given: PathLike | None, vit_weights: str | None) -> Path | None:
+    """The tile head ``tile-topk`` starts from: ``given``, else the one saved beside the ViT
+    weights of the stores (None: train by gradient). Other heads take none."""
+    if model != "tile-topk":
+        if given is not None:
+            raise ConfigError(f"a tile head is for mil.model tile-topk, not {model}")
+        return None
+    if given is not None:
+        return Path(given)
+    found = tile_head_of(vit_weights) if vit_weights and Path(vit_weights).is_file() else None
+    if found is None:
+        _logger.warning("tile-topk without a tile head (none given, none beside the ViT "
+                        "weights): the tile layer is learnt from slide labels alone")
+    return found
+
+
+def _fit_gradient(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,
+                  splits: list[tuple[np.ndarray, np.ndarray]], s: _MILSettings, seed: int,
+                  threads: int | None, progress: bool, fold_auc: list[float],
+                  fold_loss: list[float], best_epochs: list[int], stopped: list[int]
+                  ) -> tuple[torch.nn.Module, np.ndarray, int]:
+    """Cross-validated gradient training, then the final model; fills the fold lists.
+    Returns the final model, the out-of-fold logits and the final epoch count."""
+    from sklearn.metrics import roc_auc_score
+
     oof = np.full(len(y), np.nan)
+    folds = len(splits) or 1
     with seeded(seed, threads):
-        bar = tqdm(total=epochs * (folds + (folds == 1)), desc="train-mil", unit="epoch",
+        bar = tqdm(total=s.epochs * (folds + (folds == 1)), desc="train-mil", unit="epoch",
                    disable=not progress)
-        if folds > 1:
-            split = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-            for f, (tr, va) in enumerate(split.split(np.zeros(len(y)), y, groups)):
+        if splits:
+            for f, (tr, va) in enumerate(splits):
                 bar.set_postfix(fold=f + 1)
                 _, loss, ep, ran, logits = _fit_fold(in_dim, cfg, bags, y, tr, va, s,
                                                      seed * 1000 + f + 1, bar)
@@ -347,31 +430,12 @@ def train_mil(
                              folds, fold_auc[-1], loss, ep)
             final_epochs = max(1, int(round(float(np.median(best_epochs)))))
         else:
-            final_epochs = epochs
+            final_epochs = s.epochs
         bar.total = bar.n + final_epochs
         bar.set_postfix(fold="final")
         model = _fit_final(in_dim, cfg, bags, y, s, final_epochs, seed, bar)
         bar.close()
-    oof_auc = float(roc_auc_score(y, oof)) if folds > 1 else float("nan")
-    meta = {
-        "kind": MIL_KIND, "format": 1, "model": cfg.model, "in_dim": in_dim, "hidden": hidden,
-        "n_classes": 1, "regime": _regime(data.regimes), "vit": data.vit,
-        "dropout": dropout, "threshold": 0.5,
-        "cv": {"folds": folds, "val_auc": fold_auc, "val_loss": fold_loss,
-               "best_epoch": best_epochs, "stopped_epoch": stopped,
-               "mean_val_auc": float(np.mean(fold_auc)) if fold_auc else None,
-               "oof_auc": None if math.isnan(oof_auc) else oof_auc},
-        "training": {"epochs": epochs, "final_epochs": final_epochs, "lr": lr,
-                     "weight_decay": weight_decay, "patience": patience, "seed": seed,
-                     "batch_bags": batch_bags, "max_instances": max_instances,
-                     "n_slides": len(set(groups)), "n_bags": len(y),
-                     "n_positive": int(y.sum()),
-                     "slides": dict(zip(ids, y.tolist(), strict=True))},
-    }
-    config_path = save_model(model, out_path, meta)
-    return MILTrainResult(out_path, config_path, fold_auc, fold_loss, best_epochs, stopped,
-                          oof_auc, final_epochs, dict(zip(ids, y.tolist(), strict=True)),
-                          time.perf_counter() - t0, model, meta["regime"])
+    return model, oof, final_epochs
 
 
 def _fit_final(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,

@@ -12,11 +12,13 @@ stores, with two targets from ASAP lesion outlines:
   supervision: the tokens of lesion patches become distinguishable, and the CLS token, trained
   to find lesion, learns to attend to them).
 
-Both heads are dropped when saving: the weights file holds the backbone only, loaded by ``run``
-through ``vit.weights``. The sidecar records the architecture, the data it saw, and validation
-metrics on held-out slides: tile AUC, patch AUC and the AUC of the CLS attention of the last
-block for lesion versus non-lesion patches inside lesion tiles (does attention-based pruning
-keep lesion tokens?).
+The weights file holds the backbone only, loaded by ``run`` through ``vit.weights``. The tile
+head is saved beside it (``<name>.tile-head.safetensors``, named in the sidecar): the per-tile
+lesion logit that the ``tile-topk`` slide head (:class:`wsi_prune.models.mil.TileTopK`) starts
+from, so ``train-mil --model tile-topk`` only calibrates how the top tiles make a slide score.
+The sidecar records the architecture, the data it saw, and validation metrics on held-out
+slides: tile AUC, patch AUC and the AUC of the CLS attention of the last block for lesion
+versus non-lesion patches inside lesion tiles (does attention-based pruning keep lesion tokens?).
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wsi_prune._files import file_sha256
 from wsi_prune._ids import lookup_slide, slide_id
 from wsi_prune.config import TilingConfig, ViTConfig
 from wsi_prune.errors import ConfigError, StoreError
 from wsi_prune.io.slide import Slide
 from wsi_prune.io.store import open_store
 from wsi_prune.io.tiling import read_tiles
-from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.checkpoints import load_into, save_safetensors
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.models.sidecars import VIT_KIND
 from wsi_prune.training._common import PathLike, check_out, save_model, seeded
@@ -52,6 +55,10 @@ _logger = logging.getLogger(__name__)
 #: the default stand-in: ViT-Ti/16 cut to 6 blocks
 DEFAULT_VIT = ViTConfig(model="vit_tiny_patch16_224", model_kwargs={"depth": 6},
                         prune_blocks=(2, 4))
+#: the tile head is saved as ``<weights stem>`` + this, beside the backbone
+TILE_HEAD_SUFFIX = ".tile-head.safetensors"
+#: ``kind`` in the tile head's safetensors header
+TILE_HEAD_KIND = "wsi-prune-tile-head"
 #: a patch at least this much inside a lesion is a lesion patch (tile label, attention AUC)
 LESION_PATCH = 0.5
 
@@ -403,6 +410,11 @@ def train_vit(
                      "n_positive": int(tile_y.sum()), "stopped_early": stopped,
                      "seconds": round(time.perf_counter() - t0, 1)},
     }
+    head_path = out.with_name(out.stem + TILE_HEAD_SUFFIX)
+    save_safetensors(heads.tile, head_path, metadata={"kind": TILE_HEAD_KIND})
+    meta["tile_head"] = {"weights": head_path.name, "sha256": file_sha256(head_path),
+                         "in_dim": int(vit.num_features), "target": "tile has a patch at "
+                         f"least {LESION_PATCH} inside a lesion", "val_auc": val.get("tile_auc")}
     config_path = save_model(vit, out, meta)
     _logger.info("train-vit: %d tiles (%d lesion), val %s", len(x_tr), int(tile_y.sum()), val)
     return ViTTrainResult(out, config_path, losses, int(len(x_tr)), int(len(x_va)),
