@@ -221,6 +221,25 @@ def test_mil_is_deterministic_for_a_seed(mil_data: Path, tmp_path: Path) -> None
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
+def test_mil_platt_scaling_is_folded_into_the_head(mil_data: Path, tmp_path: Path) -> None:
+    kw = dict(folds=3, epochs=30, lr=5e-3, patience=5, hidden=16, dropout=0.0, seed=1,
+              progress=False)
+    raw = train_mil([mil_data / "run"], mil_data / "labels.csv", tmp_path / "raw.safetensors",
+                    calibrate=False, **kw)
+    cal = train_mil([mil_data / "run"], mil_data / "labels.csv", tmp_path / "cal.safetensors",
+                    **kw)
+    meta = json.loads((tmp_path / "cal.json").read_text())["calibration"]
+    assert meta["applied"] and meta["a"] > 0 and meta["fitted_on"] == "out-of-fold logits"
+    assert "calibration" not in json.loads((tmp_path / "raw.json").read_text())
+    assert cal.fold_auc == raw.fold_auc  # the folds are untouched; only the final model moves
+    bag = torch.from_numpy(open_store(mil_data / "run" / "slide_03.zarr")["vit/embedding"][:])
+    with torch.no_grad():
+        want = meta["a"] * raw.model(bag).logit + meta["c"]
+        torch.testing.assert_close(cal.model(bag).logit, want, rtol=1e-5, atol=1e-5)
+        # the ranking (and so the attention heat) is unchanged
+        torch.testing.assert_close(cal.model(bag).attention, raw.model(bag).attention)
+
+
 def test_mil_reads_camelyon17_stages(mil_data: Path, tmp_path: Path) -> None:
     stages = ["pN0", "pN0(i+)", "pN1mi", "pN1", "pN2", "pN0"]
     labels = tmp_path / "stage_labels.csv"

@@ -127,20 +127,24 @@ def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool
 @click.option("--top-k", "top_k", type=click.IntRange(min=1), multiple=True,
               help="tile-topk: k candidates, chosen by cross-validated log loss "
                    "(default 1 2 4 8 16; repeat the option).")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Platt-scale a gradient-trained head on its out-of-fold logits (folds >= 2).")
 @_seed
 @_threads
 @handle_errors
 def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, epochs: int,
               patience: int, lr: float, hidden: int, dropout: float, batch_bags: int,
               max_instances: int, model: str, tile_head: str | None, top_k: tuple[int, ...],
-              seed: int, threads: int | None) -> None:
+              calibrate: bool, seed: int, threads: int | None) -> None:
     """Train a slide head on the ViT embeddings of run stores (or run folders).
 
     gated-abmil (default): k-fold cross-validation with early stopping on validation loss
     reports each fold's validation AUC; the final model is trained on every slide for the
-    folds' median best epoch. tile-topk with a tile head: k and the calibration (scale, bias)
-    are fitted on the slide labels, the tile head stays as train-vit trained it. Writes OUT
-    (.safetensors) and OUT's .json, which `run` loads as mil.weights.
+    folds' median best epoch, and Platt-scaled on the folds' out-of-fold logits so that its
+    probabilities are calibrated (--no-calibrate keeps the raw ones). tile-topk with a tile
+    head: k and the calibration (scale, bias) are fitted on the slide labels, the tile head
+    stays as train-vit trained it. Writes OUT (.safetensors) and OUT's .json, which `run` loads
+    as mil.weights.
 
     \b
     Example:
@@ -154,7 +158,7 @@ def train_mil(stores: tuple[str, ...], labels_csv: str, out: str, folds: int, ep
         list(stores), labels_csv, out, folds=folds, epochs=epochs, lr=lr, patience=patience,
         hidden=hidden, dropout=dropout, batch_bags=batch_bags,
         max_instances=max_instances or None, model=model, tile_head=tile_head,
-        top_k=top_k or None, seed=seed, threads=threads, progress=_progress(),
+        top_k=top_k or None, calibrate=calibrate, seed=seed, threads=threads, progress=_progress(),
     )
     n_pos = sum(res.slides.values())
     click.echo(f"{len(res.slides)} slides ({n_pos} positive)")

@@ -152,6 +152,12 @@ class GatedABMIL(nn.Module):
             logit, prob, attention = logit[0], prob[0], attention[0]
         return MILOutput(logit=logit, prob=prob, attention=attention)
 
+    @torch.no_grad()
+    def calibrate_(self, a: float, c: float) -> None:
+        """Make the slide logit ``a * logit + c`` (Platt scaling folded into the classifier)."""
+        self.classifier.weight.mul_(a)
+        self.classifier.bias.mul_(a).add_(c)
+
 
 class TileTopK(nn.Module):
     """Slide logit from the top-k tile lesion logits of a bag (binary labels only).
@@ -203,6 +209,12 @@ class TileTopK(nn.Module):
         if single:
             logit, prob, attention = logit[0], prob[0], attention[0]
         return MILOutput(logit=logit, prob=prob, attention=attention)
+
+    @torch.no_grad()
+    def calibrate_(self, a: float, c: float) -> None:
+        """Make the slide logit ``a * logit + c`` (folded into scale and bias)."""
+        self.scale.mul_(a)
+        self.bias.mul_(a).add_(c)
 
 
 def build_mil(config: MILConfig, in_dim: int, n_classes: int = 1) -> nn.Module:

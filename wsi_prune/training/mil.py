@@ -31,6 +31,7 @@ from wsi_prune.training.tile_topk import (
     TOP_K_CANDIDATES,
     fit_tile_topk,
     load_tile_head,
+    logistic,
     tile_head_of,
     topk_meta,
 )
@@ -281,6 +282,7 @@ def train_mil(
     model: str = "gated-abmil",
     tile_head: PathLike | None = None,
     top_k: Sequence[int] | None = None,
+    calibrate: bool = True,
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
@@ -322,6 +324,10 @@ def train_mil(
             logistic regression); without a tile head it is trained by gradient like the others.
         tile_head: a tile head file (safetensors ``weight`` (1, D), ``bias`` (1,)).
         top_k: ``k`` candidates of ``tile-topk`` (default 1, 2, 4, 8, 16).
+        calibrate: with ``folds >= 2``, Platt-scale a gradient-trained head: a logistic
+            regression of the labels on the out-of-fold logits gives ``a * logit + c``, folded
+            into the final model (skipped, with a warning, when ``a <= 0``: the folds did not
+            rank the slides, and a negative ``a`` would reverse the final model's ranking).
         seed: seeds folds, initialisation, order, dropout and instance draws.
         threads: torch intra-op threads while training (restored afterwards); None: unchanged.
             Small heads train fastest on 1 thread, and far faster on a busy machine.
@@ -364,6 +370,8 @@ def train_mil(
         net, oof, final_epochs = _fit_gradient(in_dim, cfg, bags, y, splits, s, seed, threads,
                                                progress, fold_auc, fold_loss, best_epochs,
                                                stopped)
+        if calibrate and splits:
+            extra["calibration"] = _platt(net, oof, y)
     oof_auc = float(roc_auc_score(y, oof)) if folds > 1 else float("nan")
     meta = {
         "kind": MIL_KIND, "format": 1, "model": cfg.model, "in_dim": in_dim, "hidden": hidden,
@@ -384,6 +392,18 @@ def train_mil(
     return MILTrainResult(out_path, config_path, fold_auc, fold_loss, best_epochs, stopped,
                           oof_auc, final_epochs, dict(zip(ids, y.tolist(), strict=True)),
                           time.perf_counter() - t0, net, meta["regime"])
+
+
+def _platt(net: torch.nn.Module, oof: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Fold Platt scaling fitted on the out-of-fold logits into ``net``; what was done."""
+    a, c = logistic(oof, y)
+    if a <= 0 or not hasattr(net, "calibrate_"):
+        why = (f"out-of-fold logits do not rank the slides (a = {a:.3f})" if a <= 0 else
+               f"{type(net).__name__} has no calibrate_")
+        _logger.warning("train-mil: probabilities not calibrated: %s", why)
+        return {"applied": False, "reason": why}
+    net.calibrate_(a, c)
+    return {"applied": True, "a": a, "c": c, "fitted_on": "out-of-fold logits"}
 
 
 def _tile_head(model: str, given: PathLike | None, vit_weights: str | None) -> Path | None:

@@ -97,7 +97,7 @@ class TopKFit:
     search: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
 
-def _logistic(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def logistic(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Scale and bias of a one-feature logistic regression (both classes must be present)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -144,7 +144,7 @@ def fit_tile_topk(bags: Sequence[torch.Tensor], y: np.ndarray, splits: list[tupl
         for tr, va in splits:
             if len(set(y[tr].tolist())) < 2:
                 raise ConfigError("a training fold holds slides of one class only")
-            a, c = _logistic(z[k][tr], y[tr])
+            a, c = logistic(z[k][tr], y[tr])
             oof[k][va] = a * z[k][va] + c
         if splits:
             search[k] = {"oof_log_loss": _log_loss(oof[k], y),
@@ -153,7 +153,7 @@ def fit_tile_topk(bags: Sequence[torch.Tensor], y: np.ndarray, splits: list[tupl
     fold_auc = [float(roc_auc_score(y[va], oof[best][va])) if len(set(y[va].tolist())) > 1
                 else float("nan") for _, va in splits]
     fold_loss = [_log_loss(oof[best][va], y[va]) for _, va in splits]
-    a, c = _logistic(z[best], y)
+    a, c = logistic(z[best], y)
     model.top_k = best
     with torch.no_grad():
         model.scale.fill_(a)
