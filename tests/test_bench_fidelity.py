@@ -70,3 +70,13 @@ def test_adaptive_threshold_is_set_on_the_training_run_tiles(bench, tmp_path: Pa
     assert 0.89 < t < 0.90
     pooled = np.concatenate([np.linspace(0.0, 0.49, 50), np.linspace(0.5, 0.99, 50)])
     assert (pooled > t).sum() == 10
+
+
+def test_head_kinds_per_budget(bench) -> None:
+    args = type("A", (), {"heads": ["topk", "as-infer", "dense-head"],
+                          "dense_head_budgets": [0.05]})()
+    # the dense-trained head (the trap) only where asked; the heads as inferred everywhere
+    assert bench._heads(args, 0.05) == ("topk", "as-infer", "dense-head")
+    assert bench._heads(args, 0.02) == ("topk", "as-infer")
+    args.dense_head_budgets = []
+    assert bench._heads(args, 0.05) == ("topk", "as-infer")
