@@ -20,13 +20,7 @@ from wsi_prune.models.hub import known_model
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.models.scorer import build_scorer, score_tiles
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

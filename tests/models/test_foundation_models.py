@@ -48,12 +48,7 @@ FAMILY_YAMLS = ("uni2h.yaml", "virchow2.yaml", "hoptimus.yaml", "gigapath.yaml")
 _HUB_WORDS = re.compile(r"Hugging Face Hub|HF_TOKEN|huggingface-cli login|network", re.I)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shrink(arch: str, args: dict) -> dict:
