@@ -5,10 +5,14 @@ Data: two texture sets (:func:`wsi_prune.synth.write_texture_dataset`: real H&E 
 ``../shared/data``, CAMELYON16-sized lesions, a subtle tumour class and dense mimics), a
 training set and a test set from different seeds. Models, trained here for every seed: the CNN
 scorer on the training lesions (``train-scorer``), the 6-block ViT-Ti (``train-vit``, a time
-budget), and MIL heads on the bags of the training slides: one on the dense run (the dense
-reference's head, and the "dense-trained" row) and one per budget on the pruned run at that
-budget (train as you infer). On the test set: the dense run (the reference), and per budget
-the pruned run with its own head and with the dense-trained head; each compared with
+budget; it also saves its tile head), and slide heads on the bags of the training slides:
+gated ABMIL on the dense run (the dense reference's head, and the "dense-head" row) and per
+budget on the pruned run at that budget ("as-infer": train as you infer), both Platt-scaled
+on their out-of-fold logits; and ``tile-topk`` (the mean of the top-k tile lesion logits of
+the ViT's tile head, k and calibration fitted on the slide labels) on the dense run and per
+budget on the pruned run ("topk"). On the test set: the dense run with each head type (the
+references), and per budget the pruned run with each head kind (``--heads``; the dense-trained
+ABMIL only at ``--dense-head-budgets``); each compared with the dense run of its head type by
 :func:`wsi_prune.evaluation.compare.compare_runs` (labels and lesion XML).
 
 Budgets are shares of tissue tokens entering the ViT: the ``fraction`` tile policy keeps the
