@@ -148,6 +148,20 @@ def test_closing_is_in_micrometres():
                            ).mask[60:140, 97:100].any()  # r = 0.5 px: no closing
 
 
+def test_coarse_closing_reaches_past_the_mixed_pixels_of_a_gap():
+    # At 8 µm/px the pixels on each side of a 24 µm crack are half glass, too pale to pass the
+    # threshold, so the thresholded crack is 5 px wide: a 16 µm closing of 2 px left it open
+    # (the thumbnails' fibrous edges, IoU 0.89). A coarse closing gets one pixel more.
+    rng = np.random.default_rng(6)
+    img = _noisy((200, 200), GLASS, rng)
+    img[40:160, 40:160] = _he_texture((120, 120), rng)
+    img[40:160, 97:100] = _noisy((120, 3), GLASS, rng)  # 3 px of glass ...
+    for x in (96, 100):  # ... between two mixed pixels
+        img[40:160, x] = _fade(img[40:160, x:x + 1], 0.1)[:, 0]
+    cfg = TissueConfig(min_hole_um2=0.0)
+    assert tissue_mask(img, mpp=8.0, config=cfg).mask[60:140, 96:101].all()
+
+
 def test_all_glass_tile_has_no_tissue():
     rng = np.random.default_rng(6)
     tm = tissue_mask(_noisy((56, 56), GLASS, rng), mpp=2.0)

@@ -59,12 +59,14 @@ _logger = logging.getLogger(__name__)
 #: Version of the mask algorithm, part of a tile store's identity: a new version rebuilds
 #: stores masked by an older one (1: Otsu on saturation; 2: glass white balance, H&E hue gate,
 #: ink by smoothness and dark floor, bounded slide-level stage; 3: ink regions followed from
-#: where they are found into the tissue they cross).
+#: where they are found into the tissue they cross, one more pixel of closing on coarse masks).
 MASK_VERSION = 3
 
 # Closing with a disk of more elements than this switches from binary morphology (cost grows
 # with the disk area) to Euclidean distance transforms (cost independent of the radius).
 _MAX_DISK_ELEMENTS = 50
+# A closing radius under this many px is coarse: it gets one pixel more (see _mask_from_features).
+_COARSE_CLOSING_PX = 4
 # Smallest region touching the image edge kept as tissue, as a share of the image (see
 # _remove_small_objects).
 _EDGE_REGION_SHARE = 0.01
@@ -180,8 +182,14 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
     radius_px = config.closing_um / mpp
     if radius_px >= 1.0:
         # Nuclei, stroma fibres and small lumens leave a speckled mask at thumbnail scale;
-        # closing joins them into the tissue region they belong to.
-        fg = _closing(fg, int(round(radius_px)))
+        # closing joins them into the tissue region they belong to. On a coarse mask (a radius
+        # under _COARSE_CLOSING_PX) one pixel more: the pixels on each side of a gap are part
+        # tissue, part glass, and a thin fibre's share is too pale to pass the threshold, so
+        # the thresholded tissue stands about a pixel back from each edge. At 8 µm/px that
+        # pixel is half the radius (16 µm closed 2 px and left loose, fibrous edges open); on
+        # a tile it is a small fraction and is left out.
+        radius = int(round(radius_px))
+        fg = _closing(fg, radius + 1 if radius < _COARSE_CLOSING_PX else radius)
     fg = _remove_small_objects(fg, config.min_region_um2 / px2)
     fg = _fill_small_holes(fg, config.min_hole_um2 / px2)
     # Closing and hole filling may have grown tissue over thin pen strokes or into the black
