@@ -348,23 +348,30 @@ def follow_strokes(ink: np.ndarray, od: Callable[[int], np.ndarray], dark: np.nd
     labels, n = ndi.label(ink | dark, structure=square)
     if n == 0:
         return ink
-    sizes = label_sizes(np.where(ink & ~dark, labels, 0), n)
+    # found ink per region (a gather of the ink pixels' labels: no second full label image)
+    sizes = np.bincount(labels[ink & ~dark], minlength=n + 1)
     sizes[0] = 0
     order = [i for i in np.argsort(sizes)[::-1][:FOLLOW_MAX_REGIONS] if sizes[i] >= min_px]
     if not order:
         return ink
     w = floor_window(mpp)
-    floor = np.stack([ndi.minimum_filter(od(c), w, mode="nearest") for c in range(3)], -1)
+    floors = [ndi.minimum_filter(od(c), w, mode="nearest") for c in range(3)]
     noise = FOLLOW_NOISE_OD / OD_STEP
     out = ink.copy()
     for i in order:
         region = labels == i
-        v = np.median(floor[region], axis=0)
+        v = np.array([np.median(f[region]) for f in floors])
         if v.sum() * OD_STEP < FOLLOW_MIN_OD:
             continue
         low = np.maximum(FOLLOW_KEEP * v - noise, 0).astype(np.uint8)
-        grown = ndi.binary_propagation(region, structure=square,
-                                       mask=(floor >= low).all(-1) | region)
+        cand = region.copy()
+        keep = floors[0] >= low[0]
+        keep &= floors[1] >= low[1]
+        keep &= floors[2] >= low[2]
+        cand |= keep
+        del keep
+        grown = ndi.binary_propagation(region, structure=square, mask=cand)
+        del cand
         new = grown & ~region
         if not new.any():
             continue
