@@ -15,8 +15,8 @@ The recipe, step by step (each step says why in the code):
 2. near-white (glass) and near-black (slide-edge borders, black marker) pixels are background,
    and so are colours H&E never produces: both stains absorb green most, so a pixel whose
    green is clearly above its red or blue (brown dust, bluish lint) is not tissue;
-3. marker ink is rejected by colour, by smoothness and by a dark neighbourhood floor
-   (:mod:`wsi_prune.io.ink`);
+3. marker ink is rejected by colour, by smoothness and by a dark neighbourhood floor, and each
+   ink region so found is followed into the tissue it crosses (:mod:`wsi_prune.io.ink`);
 4. tissue is saturated: HSV saturation above an Otsu threshold, never below a fixed floor, with
    Otsu trusted only when the image really holds both glass and stain. The floor is measured
    from the glass, so it holds on a tile with no glass at all (a tile of faint tissue, or of
@@ -58,12 +58,15 @@ _logger = logging.getLogger(__name__)
 
 #: Version of the mask algorithm, part of a tile store's identity: a new version rebuilds
 #: stores masked by an older one (1: Otsu on saturation; 2: glass white balance, H&E hue gate,
-#: ink by smoothness and dark floor, bounded slide-level stage).
-MASK_VERSION = 2
+#: ink by smoothness and dark floor, bounded slide-level stage; 3: ink regions followed from
+#: where they are found into the tissue they cross, one more pixel of closing on coarse masks).
+MASK_VERSION = 3
 
 # Closing with a disk of more elements than this switches from binary morphology (cost grows
 # with the disk area) to Euclidean distance transforms (cost independent of the radius).
 _MAX_DISK_ELEMENTS = 50
+# A closing radius under this many px is coarse: it gets one pixel more (see _mask_from_features).
+_COARSE_CLOSING_PX = 4
 # Smallest region touching the image edge kept as tissue, as a share of the image (see
 # _remove_small_objects).
 _EDGE_REGION_SHARE = 0.01
@@ -160,8 +163,12 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
         grow = ink.texture_window(mpp) // 2
         if grow >= 1 and inked.any():
             inked |= ndi.binary_dilation(inked & ~dark, disk(grow)) & ~f.get(_BACKGROUND)
+        if inked.any():  # (the image is held until here only when there is ink to follow)
+            inked = ink.follow_strokes(inked, lambda c: f.optical_density(c, transparent),
+                                       dark, mpp, config.ink_min_um2 / px2)
         hard_out |= inked
         del inked
+    f.rgb = None
     del dark
 
     # Otsu sees glass too (it is the low mode that makes the histogram bimodal) but not the
@@ -175,8 +182,14 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
     radius_px = config.closing_um / mpp
     if radius_px >= 1.0:
         # Nuclei, stroma fibres and small lumens leave a speckled mask at thumbnail scale;
-        # closing joins them into the tissue region they belong to.
-        fg = _closing(fg, int(round(radius_px)))
+        # closing joins them into the tissue region they belong to. On a coarse mask (a radius
+        # under _COARSE_CLOSING_PX) one pixel more: the pixels on each side of a gap are part
+        # tissue, part glass, and a thin fibre's share is too pale to pass the threshold, so
+        # the thresholded tissue stands about a pixel back from each edge. At 8 µm/px that
+        # pixel is half the radius (16 µm closed 2 px and left loose, fibrous edges open); on
+        # a tile it is a small fraction and is left out.
+        radius = int(round(radius_px))
+        fg = _closing(fg, radius + 1 if radius < _COARSE_CLOSING_PX else radius)
     fg = _remove_small_objects(fg, config.min_region_um2 / px2)
     fg = _fill_small_holes(fg, config.min_hole_um2 / px2)
     # Closing and hole filling may have grown tissue over thin pen strokes or into the black
@@ -221,7 +234,7 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
     real_mpp = slide.info.width * slide.mpp / thumb.shape[1]
     glass = glass_colour(thumb)
     f = _features(thumb, real_mpp, glass, config)
-    del thumb  # 3 bytes per pixel, not needed past the per-pixel stage
+    del thumb  # 3 bytes per pixel: f holds it only until the ink is found
     return _mask_from_features(f, None, real_mpp, glass, config)
 
 
@@ -379,10 +392,24 @@ class _Features:
             has; ``_DARK`` near-black (borders, black marker); ``_COLOUR`` an ink colour;
             ``_SMOOTH``, ``_STAINED``, ``_FLOOR``, ``_DEEP``, ``_BLACK`` see
             :func:`wsi_prune.io.ink.ink_candidates`.
+        rgb: (H, W, 3) uint8 the image as read (not balanced: no copy), kept for
+            :func:`wsi_prune.io.ink.follow_strokes` while ink is being looked for.
+        luts: three (256,) uint8 white-balance lookup tables, one per channel.
     """
 
     sat: np.ndarray | None
     flags: np.ndarray | None
+    rgb: np.ndarray | None = None
+    luts: list[np.ndarray] | None = None
+
+    def optical_density(self, channel: int, transparent: np.ndarray | None) -> np.ndarray:
+        """(H, W) uint8 optical density of one channel of the white-balanced image, in steps
+        of :data:`wsi_prune.io.ink.OD_STEP` (transparent pixels count as glass)."""
+        assert self.rgb is not None and self.luts is not None
+        od = ink.OD_LUT_Q[self.luts[channel]][self.rgb[..., channel]]
+        if transparent is not None:
+            od[transparent] = 0
+        return od
 
     def get(self, bit: int) -> np.ndarray:
         """(H, W) bool plane of one bit."""
@@ -399,10 +426,10 @@ def _features(rgb: np.ndarray, mpp: float, glass: np.ndarray | None,
     grey, the glass the thresholds were set on (left as it is when no glass is in view).
     """
     h, w = rgb.shape[:2]
-    out = _Features(np.empty((h, w), np.uint8), np.empty((h, w), np.uint8))
     # white balance as a lookup table per channel: no float copy of the image
     gain = np.ones(3) if glass is None else ink.GLASS_LEVEL / np.maximum(glass, 1.0)
     luts = [np.clip(np.round(np.arange(256) * g), 0, 255).astype(np.uint8) for g in gain]
+    out = _Features(np.empty((h, w), np.uint8), np.empty((h, w), np.uint8), rgb, luts)
     halo = ink.halo(mpp)
     rows = max(16, _STRIP_PX // max(w, 1))
     for y0 in range(0, h, rows):
