@@ -393,7 +393,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((axes[0], "auc_pruned", "slide AUC"),
                               (axes[1], "d_froc", "ΔFROC (pruned − dense)")):
-        for kind, style in (("as-infer", "o-"), ("dense-head", "s--")):
+        for kind, style in (("topk", "^-"), ("as-infer", "o-"), ("dense-head", "s--")):
             # the fixed-fraction budgets only: adaptive rows spend tokens differently
             pts = sorted((r["tokens"]["mean"], r[metric]["mean"]) for k, r in summary.items()
                          if k.endswith(kind) and "adaptive" not in k and r["tokens"]
@@ -401,10 +401,13 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             if pts:
                 ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style,
                         label=f"pruned, head {kind}")
-        if metric == "auc_pruned":
-            dense = [r["auc_dense"]["mean"] for r in summary.values() if r["auc_dense"]]
-            if dense:
-                ax.axhline(float(np.mean(dense)), color="k", lw=1, label="dense")
+        if metric == "auc_pruned":  # one dense reference per head type
+            for name, topk, ls in (("ABMIL", False, "-"), ("tile-topk", True, ":")):
+                dense = [r["auc_dense"]["mean"] for k, r in summary.items()
+                         if r["auc_dense"] and k.endswith("topk") == topk]
+                if dense:
+                    ax.axhline(float(np.mean(dense)), color="k", lw=1, ls=ls,
+                               label=f"dense, {name}")
         ax.set_xlabel("tissue tokens entering the ViT (%)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)

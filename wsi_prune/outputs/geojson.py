@@ -70,7 +70,6 @@ def regions_geojson(confidence: np.ndarray, px_level0: float,
     Each feature is a Polygon or MultiPolygon with ``objectType: annotation``, classification
     ``Tumor`` and measurements: mean and max confidence, area in level-0 px² (and µm²).
     """
-    from scipy import ndimage
     from skimage import measure
 
     conf = np.nan_to_num(np.asarray(confidence, np.float64), nan=0.0)
@@ -78,9 +77,13 @@ def regions_geojson(confidence: np.ndarray, px_level0: float,
     n = int(labels.max())
     if not n:
         return _collection([])
-    index = np.arange(1, n + 1)
-    means = ndimage.mean(conf, labels, index)
-    maxes = ndimage.maximum(conf, labels, index)
+    # per-region mean and max over the labelled pixels only (ndimage.maximum argsorts the whole
+    # map: 0.1 s of a slide's 0.5 s outputs stage)
+    inside = labels > 0
+    lab, val = labels[inside] - 1, conf[inside]
+    means = np.bincount(lab, val, n) / np.bincount(lab, minlength=n)
+    maxes = np.full(n, -np.inf)
+    np.maximum.at(maxes, lab, val)
     offset = frame.offset if frame is not None else (0, 0)
     features = []
     for lab, geom in mask_parts(labels, px_level0, offset):
