@@ -11,7 +11,8 @@ Heat and lesion confidence:
 
 - **Heat** (``heatmap/tile``, ``heatmap/patch``, ``heatmap.png``) is *relative*: where the model
   looked within this slide, in [0, 1]. A kept tile's heat is its MIL attention over the most
-  attended tile's; inside it, a patch that reached the ViT gets its token importance over the
+  attended tile's (with the ``tile-topk`` head the "attention" is the tile's lesion probability
+  over the bag's sum, so heat is its lesion probability over the slide's highest); inside it, a patch that reached the ViT gets its token importance over the
   tile's most important token, and a patch the CNN prior kept out of the ViT gets its CNN patch
   importance, scaled so that it never exceeds the tile's least important ViT patch (so the map
   has no holes and never ranks a patch the ViT did not see above one it saw). Tiles dropped by
