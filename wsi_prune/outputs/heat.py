@@ -12,12 +12,13 @@ Heat and lesion confidence:
 - **Heat** (``heatmap/tile``, ``heatmap/patch``, ``heatmap.png``) is *relative*: where the model
   looked within this slide, in [0, 1]. A kept tile's heat is its MIL attention over the most
   attended tile's (with the ``tile-topk`` head the "attention" is the tile's lesion probability
-  over the bag's sum, so heat is its lesion probability over the slide's highest); inside it, a patch that reached the ViT gets its token importance over the
-  tile's most important token, and a patch the CNN prior kept out of the ViT gets its CNN patch
-  importance, scaled so that it never exceeds the tile's least important ViT patch (so the map
-  has no holes and never ranks a patch the ViT did not see above one it saw). Tiles dropped by
-  the triage get their CNN score scaled below the least attended kept tile. Some tile of every
-  slide reaches heat 1, tumour or not.
+  over the bag's sum, so heat is its lesion probability over the slide's highest); inside it, a
+  patch that reached the ViT gets its token importance over the tile's most important token, and
+  a patch the CNN prior kept out of the ViT gets its CNN patch importance, scaled so that it
+  never exceeds the tile's least important ViT patch (so the map has no holes and never ranks a
+  patch the ViT did not see above one it saw). Tiles dropped by the triage get their CNN score
+  scaled below the least attended kept tile. Some tile of every slide reaches heat 1, tumour or
+  not.
 - **Lesion confidence** (``regions.geojson``, ``candidates.csv``) is *absolute*: heat times the
   slide's tumour probability. A slide the model calls normal has low confidences everywhere,
   so it yields few or no regions above the threshold (``REGION_THRESHOLD``, 0.5: only slides
