@@ -24,7 +24,7 @@ from wsi_prune.errors import ConfigError, StoreError, TrainingError
 from wsi_prune.io.labels import parse_label, read_labels
 from wsi_prune.io.store import open_store
 from wsi_prune.models.binding import bag_regime, vit_identity
-from wsi_prune.models.mil import MIL_HEADS, MIL_KIND, GatedABMIL
+from wsi_prune.models.mil import MIL_HEADS, MIL_KIND
 from wsi_prune.training._common import PathLike, check_out, save_model, seeded
 from wsi_prune.training.data import find_stores
 from wsi_prune.training.tile_topk import (
@@ -53,7 +53,8 @@ class MILTrainResult:
         final_epochs: epochs of the final model trained on every slide.
         slides: ids of the slides used, with labels.
         seconds: wall time.
-        model: the final model (eval mode).
+        model: the final model (eval mode): a :class:`~wsi_prune.models.mil.GatedABMIL`, a
+            :class:`~wsi_prune.models.mil.TileTopK` or another registered head.
     """
 
     weights: Path
@@ -66,7 +67,7 @@ class MILTrainResult:
     final_epochs: int
     slides: dict[str, int]
     seconds: float
-    model: GatedABMIL
+    model: torch.nn.Module
     regime: str = "unknown"
 
     @property
@@ -195,7 +196,7 @@ def _pad(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
-def _mil_epoch(model: GatedABMIL, opt: torch.optim.Optimizer, bags: list[torch.Tensor],
+def _mil_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, bags: list[torch.Tensor],
                y: np.ndarray, idx: np.ndarray, s: _MILSettings, rng: np.random.Generator) -> float:
     model.train()
     order = rng.permutation(idx)
@@ -218,7 +219,7 @@ def _mil_epoch(model: GatedABMIL, opt: torch.optim.Optimizer, bags: list[torch.T
 
 
 @torch.no_grad()
-def _mil_predict(model: GatedABMIL, bags: list[torch.Tensor], idx: np.ndarray,
+def _mil_predict(model: torch.nn.Module, bags: list[torch.Tensor], idx: np.ndarray,
                  batch_bags: int) -> np.ndarray:
     """Slide logits (len(idx),) in eval mode, on whole bags."""
     model.eval()
@@ -235,7 +236,7 @@ def _bce(logits: np.ndarray, y: np.ndarray) -> float:
 def _fit_fold(
     in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray, train: np.ndarray,
     val: np.ndarray, s: _MILSettings, seed: int, bar: tqdm,
-) -> tuple[GatedABMIL, float, int, int, np.ndarray]:
+) -> tuple[torch.nn.Module, float, int, int, np.ndarray]:
     """Train with early stopping on validation loss; returns the best model, its loss, its epoch
     (1-based), the epochs run and the validation logits."""
     rng = np.random.default_rng(seed)
@@ -459,7 +460,7 @@ def _fit_gradient(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.n
 
 
 def _fit_final(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,
-               s: _MILSettings, epochs: int, seed: int, bar: tqdm) -> GatedABMIL:
+               s: _MILSettings, epochs: int, seed: int, bar: tqdm) -> torch.nn.Module:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = MIL_HEADS.get(cfg.model)(cfg, in_dim, 1)
