@@ -108,7 +108,7 @@ def test_fit_chooses_k_by_cross_validation_and_calibrates(tmp_path: Path) -> Non
     assert probs[y == 1].min() > probs[y == 0].max() - 0.5
     with pytest.raises(ConfigError, match="both classes"):
         fit_tile_topk(bags[::2], y[::2], [], head)
-    with pytest.raises(CheckpointRefused, match=r"weight \(1, 16\)"):
+    with pytest.raises(CheckpointRefused, match=r"weight: model \(1, 16\) vs file \(1, 8\)"):
         load_tile_head(tmp_path / "h.safetensors", 16)
 
 

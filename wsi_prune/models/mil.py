@@ -38,7 +38,7 @@ from wsi_prune.models.sidecars import read_sidecar, warn_untrained_once
 _logger = logging.getLogger(__name__)
 
 __all__ = ["GatedABMIL", "MILOutput", "TileTopK", "build_mil", "list_mil_heads", "register_mil",
-           "trained_mil_config"]
+           "top_k_mean", "trained_mil_config"]
 
 #: ``kind`` of the JSON config saved next to trained MIL weights
 MIL_KIND = "wsi-prune-mil"
@@ -159,6 +159,17 @@ class GatedABMIL(nn.Module):
         self.classifier.bias.mul_(a).add_(c)
 
 
+def top_k_mean(logits: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean of each row's ``k`` largest valid values of (B, K) ``logits``; a row with
+    fewer than ``k`` valid values averages what it has."""
+    valid = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask
+    k = min(k, logits.shape[1])
+    top = torch.topk(logits.masked_fill(~valid, float("-inf")), k, dim=1).values  # (B, k)
+    n = valid.sum(1).clamp(max=k)
+    take = torch.arange(k, device=logits.device).unsqueeze(0) < n.unsqueeze(1)
+    return torch.where(take, top, torch.zeros((), dtype=top.dtype)).sum(1) / n
+
+
 class TileTopK(nn.Module):
     """Slide logit from the top-k tile lesion logits of a bag (binary labels only).
 
@@ -187,21 +198,12 @@ class TileTopK(nn.Module):
         """(..., K) lesion logits of (..., K, D) instances."""
         return self.tile(bag.float()).squeeze(-1)
 
-    def pooled(self, bag: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) mean of each bag's top ``top_k`` valid tile logits ((B, K, D) bags)."""
-        s = self.tile_logits(bag)
-        valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
-        k = min(self.top_k, s.shape[1])
-        top = torch.topk(s.masked_fill(~valid, float("-inf")), k, dim=1).values  # (B, k)
-        n = valid.sum(1).clamp(max=k)  # bags with fewer than k instances average what they have
-        take = torch.arange(k, device=s.device).unsqueeze(0) < n.unsqueeze(1)
-        return torch.where(take, top, torch.zeros((), dtype=top.dtype)).sum(1) / n
-
     def forward(self, bag: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """As :meth:`GatedABMIL.forward`: a (K, D) bag or a (B, K, D) padded batch with mask."""
         bag, mask, single = _as_batch(bag, mask, self.in_dim)
-        logit = self.scale * self.pooled(bag, mask) + self.bias
-        p = torch.sigmoid(self.tile_logits(bag))
+        s = self.tile_logits(bag)  # (B, K)
+        logit = self.scale * top_k_mean(s, self.top_k, mask) + self.bias
+        p = torch.sigmoid(s)
         if mask is not None:
             p = p.masked_fill(~mask, 0.0)
         attention = p / p.sum(1, keepdim=True).clamp_min(1e-30)

@@ -356,10 +356,11 @@ def train_mil(
     in_dim = int(bags[0].shape[1])
     s = _MILSettings(epochs, lr, weight_decay, patience, batch_bags, max_instances)
     folds = _choose_folds(folds, y, groups) if folds > 1 else 1
-    fold_auc, fold_loss, best_epochs, stopped = [], [], [], []
     splits = (list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
                    .split(np.zeros(len(y)), y, groups)) if folds > 1 else [])
     extra: dict[str, Any] = {}
+    best_epochs: list[int] = []
+    stopped: list[int] = []
     head_path = _tile_head(model, tile_head, data.vit_weights)
     if head_path is not None:
         fit = fit_tile_topk(bags, y, splits, load_tile_head(head_path, in_dim),
@@ -368,9 +369,10 @@ def train_mil(
         fold_auc, fold_loss = fit.fold_auc, fit.fold_loss
         extra = topk_meta(fit, head_path)
     else:
-        net, oof, final_epochs = _fit_gradient(in_dim, cfg, bags, y, splits, s, seed, threads,
-                                               progress, fold_auc, fold_loss, best_epochs,
-                                               stopped)
+        g = _fit_gradient(in_dim, cfg, bags, y, splits, s, seed, threads, progress)
+        net, oof, final_epochs = g.model, g.oof, g.final_epochs
+        fold_auc, fold_loss, best_epochs, stopped = (g.fold_auc, g.fold_loss, g.best_epochs,
+                                                     g.stopped)
         if calibrate and splits:
             extra["calibration"] = _platt(net, oof, y)
     oof_auc = float(roc_auc_score(y, oof)) if folds > 1 else float("nan")
@@ -423,15 +425,31 @@ def _tile_head(model: str, given: PathLike | None, vit_weights: str | None) -> P
     return found
 
 
+@dataclass
+class _GradientFit:
+    """What :func:`_fit_gradient` trained: the final model, the out-of-fold logits, the
+    final epoch count, and per fold the validation AUC, loss, best and last epoch."""
+
+    model: torch.nn.Module
+    oof: np.ndarray
+    final_epochs: int
+    fold_auc: list[float]
+    fold_loss: list[float]
+    best_epochs: list[int]
+    stopped: list[int]
+
+
 def _fit_gradient(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,
                   splits: list[tuple[np.ndarray, np.ndarray]], s: _MILSettings, seed: int,
-                  threads: int | None, progress: bool, fold_auc: list[float],
-                  fold_loss: list[float], best_epochs: list[int], stopped: list[int]
-                  ) -> tuple[torch.nn.Module, np.ndarray, int]:
-    """Cross-validated gradient training, then the final model; fills the fold lists.
-    Returns the final model, the out-of-fold logits and the final epoch count."""
+                  threads: int | None, progress: bool) -> _GradientFit:
+    """Cross-validated gradient training (early stopping per fold), then the final model on
+    every bag for the folds' median best epoch count (``s.epochs`` without folds)."""
     from sklearn.metrics import roc_auc_score
 
+    fold_auc: list[float] = []
+    fold_loss: list[float] = []
+    best_epochs: list[int] = []
+    stopped: list[int] = []
     oof = np.full(len(y), np.nan)
     folds = len(splits) or 1
     with seeded(seed, threads):
@@ -456,7 +474,7 @@ def _fit_gradient(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.n
         bar.set_postfix(fold="final")
         model = _fit_final(in_dim, cfg, bags, y, s, final_epochs, seed, bar)
         bar.close()
-    return model, oof, final_epochs
+    return _GradientFit(model, oof, final_epochs, fold_auc, fold_loss, best_epochs, stopped)
 
 
 def _fit_final(in_dim: int, cfg: MILConfig, bags: list[torch.Tensor], y: np.ndarray,

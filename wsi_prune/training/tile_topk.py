@@ -25,8 +25,8 @@ import torch
 
 from wsi_prune._files import file_sha256
 from wsi_prune.errors import CheckpointRefused, ConfigError
-from wsi_prune.models.checkpoints import load_state_dict
-from wsi_prune.models.mil import TileTopK
+from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.mil import TileTopK, top_k_mean
 from wsi_prune.models.sidecars import VIT_KIND, read_sidecar
 
 _logger = logging.getLogger(__name__)
@@ -64,16 +64,11 @@ def load_tile_head(path: str | Path, in_dim: int) -> torch.nn.Linear:
     ``bias`` (1,)).
 
     Raises:
-        CheckpointRefused: missing tensors or another embedding width.
+        CheckpointRefused: missing tensors or another embedding width (the message names the
+            model's and the file's shapes, :func:`~wsi_prune.models.checkpoints.load_into`).
     """
-    state = load_state_dict(path)
-    w, b = state.get("weight"), state.get("bias")
-    if w is None or b is None or tuple(w.shape) != (1, in_dim) or tuple(b.shape) != (1,):
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        raise CheckpointRefused(f"a tile head needs weight (1, {in_dim}) and bias (1,); found "
-                                f"{found}", str(path))
     head = torch.nn.Linear(in_dim, 1)
-    head.load_state_dict({"weight": w.float(), "bias": b.float()})
+    load_into(head, path)
     return head
 
 
@@ -136,8 +131,8 @@ def fit_tile_topk(bags: Sequence[torch.Tensor], y: np.ndarray, splits: list[tupl
     model = TileTopK(int(bags[0].shape[1]), top_k=ks[0])
     model.tile.load_state_dict(head.state_dict())
     with torch.no_grad():
-        logits = [model.tile_logits(b).sort(descending=True).values.numpy() for b in bags]
-    z = {k: np.array([s[:k].mean() for s in logits]) for k in ks}
+        logits = [model.tile_logits(b).unsqueeze(0) for b in bags]  # (1, K_i) each
+        z = {k: np.array([float(top_k_mean(s, k)) for s in logits]) for k in ks}
     search: dict[int, dict[str, float | None]] = {}
     oof = {k: np.full(len(y), np.nan) for k in ks}
     for k in ks:
