@@ -511,6 +511,57 @@ def test_run_batch_on_two_workers_with_one_sigkilled_equals_one_process(tmp_path
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+class _DieAfterFirstSlide:
+    """A Dask worker plugin: the first worker to finish a slide task SIGKILLs itself before it
+    can report the result (a marker file makes it happen once across restarted workers)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - distributed's hook
+        pass
+
+    def teardown(self, worker) -> None:  # noqa: ANN001
+        pass
+
+    def transition(self, key, start, finish, **kwargs) -> None:  # noqa: ANN001
+        if finish == "memory" and str(key).startswith("slide-"):
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(key).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_slide_rerun_after_its_worker_died_with_the_result_is_reported_ok(
+        tmp_path: Path) -> None:
+    """A worker finishes a slide (outputs written) and dies before the result reaches the
+    client: the scheduler reruns the task, which finds the outputs complete. The slide was
+    computed by this run, so its row says ``ok``, not ``skipped`` (the flake this caused in
+    the SIGKILL test above, made deterministic)."""
+    from distributed import WorkerPlugin
+
+    from wsi_prune.config import RunConfig
+    from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.synth import write_dataset
+
+    write_dataset(tmp_path / "slides", n=2, size=1024, seed=7)
+    cfg = RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml")
+    marker = tmp_path / "died"
+    plugin = type("DieAfterFirstSlide", (_DieAfterFirstSlide, WorkerPlugin), {})(str(marker))
+    with make_client(workers=2, dashboard_address=":0") as client:
+        client.register_plugin(plugin)
+        rows = run_batch([tmp_path / "slides"], tmp_path / "run", cfg, client=client,
+                         progress=False)
+    assert marker.read_text().startswith("slide-")  # a worker really died holding a result
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    # a second run finds both complete: those are the skipped ones
+    again = run_batch([tmp_path / "slides"], tmp_path / "run", cfg, progress=False)
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+
+
 # -- a real SLURM --------------------------------------------------------------------------------
 def _sinfo_ok() -> bool:
     if shutil.which("sinfo") is None:

@@ -207,7 +207,14 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
     lines: dict[str, str] = {}  # each row formatted once: the table is rewritten many times
     last_write = [0.0]
 
+    computed = {e.id for e in todo}
+
     def record(entry: SlideEntry, row: dict[str, Any]) -> None:
+        if row["status"] == "skipped" and entry.id in computed:
+            # Computed by this run: a Dask worker that held the finished result died before
+            # it was gathered, the scheduler reran the task, and the rerun found the outputs
+            # complete. The slide was computed here, not skipped.
+            row = {**row, "status": "ok"}
         rows[entry.id] = row
         lines[entry.id] = csv_line(row)
         # A computed slide shows at once; failed and skipped rows (thousands of bad files, a
