@@ -175,16 +175,44 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
         _run(test_dir, sd / "test-dense-topk", apply_trained_configs(
             cfg.dense().replace(mil={"weights": str(topk)})))
     out: dict[str, Any] = {}
-    for b in args.budgets:
-        out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}",
-                                  budget_config(cfg, b, args.token_ratio), head_dense, seed,
-                                  _heads(args, b)))
-    for b in args.adaptive:
-        out.update(adaptive_budget(sd, train_dir, test_dir, cfg, head_dense, b, seed, args))
+    for targets in args.scorer_targets:
+        c, sfx = cfg, ""
+        if targets == "vit":
+            c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER
+        for b in args.budgets:
+            out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}",
+                                      budget_config(c, b, args.token_ratio), head_dense, seed,
+                                      _heads(args, b) if not sfx else _no_dense_head(args)))
+        for b in args.adaptive:
+            out.update(adaptive_budget(sd, train_dir, test_dir, c, head_dense, b, seed, args,
+                                       sfx))
     if seed == args.seeds[0] and args.ablate_levels:
         out.update(ablate_scorer_levels(work, train_dir, test_dir, cfg, seed, args))
     return out
 
+
+
+#: tag suffix of the settings whose scorer learnt the dense ViT's tile probabilities
+VIT_SCORER = "-vit-scorer"
+
+
+def vit_scorer(sd: Path, train_dir: Path, cfg: RunConfig, seed: int,
+               args: argparse.Namespace) -> RunConfig:
+    """``cfg`` with a scorer whose tile score learnt the dense ViT's tile lesion probabilities
+    on the dense run of the training slides (``train-scorer --tile-targets vit``; patch targets
+    stay the lesion annotations)."""
+    w = sd / "scorer-vit.safetensors"
+    if not w.is_file():
+        t = time.perf_counter()
+        train_scorer([sd / "train-dense"], train_dir, w, tile_teacher=True, config=cfg.scorer,
+                     epochs=args.scorer_epochs, max_tiles_per_store=512, seed=seed,
+                     tile_loss_weight=args.teacher_weight, progress=False)
+        _log.info("seed %d: ViT-taught scorer trained in %.0f s", seed, time.perf_counter() - t)
+    return apply_trained_configs(cfg.replace(scorer={"weights": str(w)}))
+
+
+def _no_dense_head(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(k for k in args.heads if k != "dense-head")
 
 
 def _heads(args: argparse.Namespace, budget: float) -> tuple[str, ...]:
@@ -228,27 +256,37 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
         out[f"{tag}/{kind}"] = m
     return out
 
-def score_threshold(train_run: Path, share: float) -> float:
+def score_threshold(train_run: Path, share: float, scorer: RunConfig | None = None) -> float:
     """The CNN tile score above which ``share`` of the training slides' tissue tiles lie
-    (pooled over the slides of a run that scored every tile: the dense training run)."""
+    (pooled over the slides of a run that scored every tile: the dense training run). With
+    ``scorer``, the tiles are scored again by that config's scorer instead of read back."""
     import zarr
 
-    scores = [np.asarray(zarr.open_group(str(z), mode="r")["triage/tile_score"][...])
-              for z in sorted(train_run.glob("*.zarr"))]
+    from wsi_prune.models.scorer import build_scorer, score_tiles, trained_scorer_config
+
+    model = None
+    if scorer is not None:
+        model = build_scorer(*trained_scorer_config(scorer.scorer.weights, scorer.scorer))
+    scores = []
+    for z in sorted(train_run.glob("*.zarr")):
+        g = zarr.open_group(str(z), mode="r")
+        scores.append(np.asarray(g["triage/tile_score"][...]) if model is None else
+                      score_tiles(model, g["tiles/coarse"], 256).tile.numpy())
     return float(np.quantile(np.concatenate(scores), 1.0 - share))
 
 
 def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, head_dense: Path,
-                    budget: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+                    budget: float, seed: int, args: argparse.Namespace, sfx: str = ""
+                    ) -> dict[str, Any]:
     """The same mean budget spent where the scorer sees lesion: every tile whose CNN score
     passes a threshold set on the *training* slides so that ``budget / token_ratio`` of their
     tiles pass (tumour slides get more tiles, normal slides fewer; at least ``min_tiles``)."""
-    t = score_threshold(sd / "train-dense", budget / args.token_ratio)
+    t = score_threshold(sd / "train-dense", budget / args.token_ratio, cfg if sfx else None)
     cb = budget_config(cfg, budget, args.token_ratio).replace(
         tile_select={"policy": "threshold", "threshold": t, "max_tiles": None})
     # the dense-trained head's trap is shown at the fixed budgets; here only heads as inferred
-    out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive", cb, head_dense, seed,
-                         tuple(k for k in args.heads if k != "dense-head"))
+    out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive{sfx}", cb, head_dense,
+                         seed, _no_dense_head(args))
     for m in out.values():
         m["threshold"] = t
     return out
@@ -397,6 +435,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             # the fixed-fraction budgets only: adaptive rows spend tokens differently
             pts = sorted((r["tokens"]["mean"], r[metric]["mean"]) for k, r in summary.items()
                          if k.endswith(kind) and "adaptive" not in k and r["tokens"]
+                         and VIT_SCORER not in k
                          and r[metric])
             if pts:
                 ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style,
@@ -440,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="slide heads compared at every budget (see pruned_setting)")
     ap.add_argument("--dense-head-budgets", type=float, nargs="*", default=[0.05],
                     help="budgets at which the dense-trained gated-ABMIL head is also run")
+    ap.add_argument("--scorer-targets", nargs="+", default=["lesions"],
+                    choices=["lesions", "vit"],
+                    help="scorers run at every budget: trained on the lesions, and/or with its "
+                         "tile score taught by the dense ViT's tile head (tags end in "
+                         f"{VIT_SCORER})")
+    ap.add_argument("--teacher-weight", type=float, default=1.0,
+                    help="tile-loss weight of the ViT-taught scorer")
     ap.add_argument("--ablate-levels", default="2,4",
                     help="scorer feature levels to compare with the default (1,4); '' skips")
     ap.add_argument("--quick", action="store_true",

@@ -136,3 +136,61 @@ def test_train_vit_command(lesion_stores: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "training tiles" in res.output and "validation: tile_auc" in res.output
     assert out.is_file() and out.with_suffix(".json").is_file()
+
+
+def test_scorer_learns_the_tile_targets_of_a_dense_run_with_a_trained_vit(
+        lesion_stores: Path, tmp_path: Path) -> None:
+    """train-scorer --tile-targets vit: tile targets are the ViT tile head's probabilities on the
+    dense run's embeddings; the tiles the ViT rates highest are drawn like lesion tiles; a
+    pruned run, or a ViT without a tile head, is refused by name."""
+    from wsi_prune.cli.train import train_scorer as train_scorer_cmd
+    from wsi_prune.errors import StoreError
+    from wsi_prune.io.store import open_store
+    from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.training.scorer import _teacher_tile_targets, _teacher_top, train_scorer
+
+    vit = tmp_path / "vit.safetensors"
+    train_vit([lesion_stores / "tiles"], lesion_stores / "xml", vit, config=TINY, epochs=1,
+              batch_size=8, max_tiles_per_store=16, val_fraction=0.0, seed=0, threads=1,
+              progress=False)
+    demo = apply_trained_configs(RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml").replace(
+        vit={"weights": str(vit), "prune_blocks": (1,)}))
+    slides = [lesion_stores / "slides" / f"{n}.svs" for n in ("a", "c")]
+    for name, cfg in (("dense", demo.dense()), ("pruned", demo)):
+        rows = run_batch(slides, tmp_path / name, cfg, progress=False)
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows
+
+    # the targets: the tile head on the stored embeddings, by hand
+    store = tmp_path / "dense" / "a.zarr"
+    g = open_store(store)
+    head = load_tile_head(tile_head_of(vit), 48)
+    with torch.no_grad():
+        want = torch.sigmoid(head(torch.from_numpy(g["vit/embedding"][:]))[:, 0]).numpy()
+    got = _teacher_tile_targets(g, store)
+    assert got.shape == (g["tiles/coords"].shape[0],)
+    np.testing.assert_allclose(got[g["vit/tile_index"][:]], want, rtol=1e-6)
+    top = _teacher_top(got, share=0.05, least=4)  # ceil(0.05 * 43) = 3 < 4
+    first4 = np.argsort(-got, kind="stable")[:4]
+    assert set(np.flatnonzero(top)) == set(first4) | set(np.flatnonzero(got > 0.5))
+
+    scfg = RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml").scorer
+    out = tmp_path / "scorer.safetensors"
+    kw = dict(config=scfg, epochs=2, batch_size=16, max_tiles_per_store=None, seed=0,
+              threads=1, progress=False)
+    res = train_scorer([tmp_path / "dense"], lesion_stores / "xml", out, tile_teacher=True, **kw)
+    n = sum(open_store(tmp_path / "dense" / f"{s}.zarr")["tiles/coords"].shape[0]
+            for s in ("a", "c"))
+    assert res.n_tiles == n and all(np.isfinite(res.losses))
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["targets"] == "annotations" and meta["tile_targets"] == "vit-tile-head"
+
+    with pytest.raises(StoreError, match="need a dense run store") as err:
+        train_scorer([tmp_path / "pruned"], lesion_stores / "xml", tmp_path / "p.safetensors",
+                     tile_teacher=True, **kw)
+    assert err.value.path == str(tmp_path / "pruned" / "a.zarr")
+    untrained = RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml").dense()
+    run_batch(slides[:1], tmp_path / "untrained", untrained, progress=False)
+    res = CliRunner().invoke(train_scorer_cmd, [
+        str(tmp_path / "untrained"), "--annotations", str(lesion_stores / "xml"),
+        "--tile-targets", "vit", "--out", str(tmp_path / "u.safetensors")])
+    assert res.exit_code == 1 and "has none" in res.output and "a.zarr" in res.output

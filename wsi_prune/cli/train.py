@@ -37,6 +37,12 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.option("--distill", is_flag=True,
               help="Targets from a dense ViT run's vit/token_importance instead of annotations "
                    "(run stores of a dense config only: pruned runs are refused).")
+@click.option("--tile-targets", type=click.Choice(["default", "vit"]), default="default",
+              show_default=True,
+              help="vit: the tile score learns the dense ViT's tile lesion probabilities (the "
+                   "tile head train-vit saved beside the run's ViT), so triage keeps the tiles "
+                   "the ViT rates highest; needs dense run stores (`run --dense`). default: the "
+                   "pooled patch targets (annotations) or MIL attention (--distill).")
 @_out
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Pipeline YAML: its scorer section sets the architecture.")
@@ -57,21 +63,25 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @_seed
 @_threads
 @handle_errors
-def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool, out: str,
-                 config_path: str | None, model: str | None, grid: int | None, epochs: int,
-                 lr: float, batch_size: int, max_tiles_per_store: int, no_augment: bool,
+def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool,
+                 tile_targets: str, out: str, config_path: str | None, model: str | None,
+                 grid: int | None, epochs: int, lr: float, batch_size: int,
+                 max_tiles_per_store: int, no_augment: bool,
                  pretrained_backbone: bool, init_weights: str | None, seed: int,
                  threads: int | None) -> None:
     """Train the CNN triage scorer on slide stores (tile or run stores, or run folders).
 
     Patch targets are the fraction of each ViT patch inside an annotated lesion, or with
-    --distill the dense ViT's token importance. Writes OUT (.safetensors) and OUT's .json, which
+    --distill the dense ViT's token importance; with --tile-targets vit the tile score learns
+    the dense ViT's tile lesion probabilities. Writes OUT (.safetensors) and OUT's .json, which
     `run` loads as scorer.weights.
 
     \b
     Examples:
       wsi-prune train-scorer tiles/ --annotations lesions/ --out models/scorer.safetensors
       wsi-prune train-scorer dense-run/ --distill --out models/scorer-distilled.safetensors
+      wsi-prune train-scorer dense-run/ --annotations lesions/ --tile-targets vit \
+          --out models/scorer-vit.safetensors
     """
     import dataclasses
 
@@ -86,7 +96,8 @@ def train_scorer(stores: tuple[str, ...], annotations: str | None, distill: bool
     if model is not None:
         scorer_cfg = dataclasses.replace(scorer_cfg, model=model)
     res = run_training(
-        list(stores), annotations, out, distill=distill, config=scorer_cfg, grid=grid,
+        list(stores), annotations, out, distill=distill, tile_teacher=tile_targets == "vit",
+        config=scorer_cfg, grid=grid,
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
         max_tiles_per_store=max_tiles_per_store or None, augment=not no_augment,
         pretrained_backbone=pretrained_backbone, init_weights=init_weights, threads=threads,

@@ -70,9 +70,11 @@ class ScorerTrainResult:
 def _scorer_data(
     stores: Sequence[Path], polygons: dict[str, list[Annotation]] | None, grid: int | None,
     config: ScorerConfig, max_tiles: int | None, rng: np.random.Generator,
+    tile_teacher: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict[str, Any]]:
     """Coarse tiles (n, cp, cp, 3) uint8, patch targets (n, G, G), tile targets (n,) (NaN: none),
-    G, and the store grid attrs of the first store."""
+    G, and the store grid attrs of the first store. ``tile_teacher``: tile targets are the dense
+    run's ViT tile lesion probabilities (:func:`_teacher_tile_targets`)."""
     tiles, patch, tile_t, attrs0, annotated = [], [], [], None, 0
     for path in stores:
         group = open_store(path)
@@ -96,7 +98,11 @@ def _scorer_data(
         else:
             idx, targets, t_tile, g = _distill_targets(group, path, grid)
         grid = g
-        keep = _choose(targets.reshape(len(targets), -1).max(axis=1) > 0, max_tiles, rng)
+        positive = targets.reshape(len(targets), -1).max(axis=1) > 0
+        if tile_teacher:
+            t_tile = _teacher_tile_targets(group, path)[idx]
+            positive |= _teacher_top(t_tile)
+        keep = _choose(positive, max_tiles, rng)
         tiles.append(group["tiles/coarse"].oindex[idx[keep]] if len(keep) else
                      np.zeros((0, *group["tiles/coarse"].shape[1:]), np.uint8))
         patch.append(targets[keep])
@@ -144,6 +150,52 @@ def _distill_targets(
         if att.max() > 0:
             tile_t = att / att.max()
     return idx, targets, tile_t, g
+
+
+def _teacher_tile_targets(group: Any, path: Path) -> np.ndarray:
+    """(n_tiles,) the dense ViT's tile lesion probability of every tissue tile of a dense run
+    store: ``sigmoid(tile_head(vit/embedding))``, with the tile head ``train-vit`` saved beside
+    the run's ViT weights; NaN where a tile has no embedding (unreadable).
+
+    The scorer then learns to rank tiles as the ViT's tile head does, so that triage keeps the
+    tiles a tile-topk slide head reads (its top-k) and the CNN fill of the heat map follows the
+    dense ViT's heat.
+
+    Raises:
+        StoreError: not a dense run store, or its ViT weights have no tile head.
+    """
+    from wsi_prune.training.tile_topk import load_tile_head, tile_head_of
+
+    if "vit/embedding" not in group or "vit/tile_index" not in group:
+        raise StoreError("ViT tile targets need vit/embedding and vit/tile_index (a run store "
+                         "made with `run --dense`)", path)
+    pruned = _pruning(group, int(group["vit/tile_index"].shape[0]))
+    if pruned:
+        raise StoreError("ViT tile targets need a dense run store (every tissue tile through "
+                         "the ViT), but this run pruned: " + "; ".join(pruned), path)
+    weights = RunConfig.from_dict(group.attrs["run_config"]).vit.weights
+    head_path = tile_head_of(weights) if weights else None
+    if head_path is None:
+        raise StoreError(f"ViT tile targets need the tile head train-vit saves beside the ViT "
+                         f"weights; the run's ViT ({weights or 'untrained'}) has none", path)
+    emb = np.asarray(group["vit/embedding"][:], np.float32)
+    head = load_tile_head(head_path, emb.shape[1])
+    with torch.no_grad():
+        p = torch.sigmoid(head(torch.from_numpy(emb))[:, 0]).numpy()
+    out = np.full(int(group["tiles/coords"].shape[0]), np.nan, np.float32)
+    out[np.asarray(group["vit/tile_index"][:], np.int64)] = p
+    return out
+
+
+def _teacher_top(p: np.ndarray, share: float = 0.05, least: int = 16) -> np.ndarray:
+    """Tiles the teacher rates highest on a slide (its top ``share``, at least ``least``, and
+    every tile above 0.5): drawn like lesion tiles, because a normal slide's slide score is
+    the mean of exactly such tiles."""
+    p = np.nan_to_num(p, nan=-1.0)
+    n_top = min(len(p), max(least, int(math.ceil(share * len(p)))))
+    top = np.zeros(len(p), bool)
+    top[np.argsort(-p, kind="stable")[:n_top]] = True
+    return top | (p > 0.5)
 
 
 def _pruning(group: Any, n_vit: int) -> list[str]:
@@ -201,6 +253,7 @@ def train_scorer(
     out_path: PathLike,
     *,
     distill: bool = False,
+    tile_teacher: bool = False,
     config: ScorerConfig | None = None,
     grid: int | None = None,
     epochs: int = 10,
@@ -223,7 +276,10 @@ def train_scorer(
     ViT's ``vit/token_importance`` of each kept tile, min-max normalised per tile (the store must
     come from a dense run, ``RunConfig.dense()``: pruned runs are refused), and for the tile
     score ``mil/attention`` divided by the slide's maximum when present (else no tile
-    loss). The loss is the patch BCE (on logits) plus ``tile_loss_weight`` times the tile BCE.
+    loss). ``tile_teacher=True`` replaces the tile targets of either mode with the dense ViT's
+    tile lesion probabilities (:func:`_teacher_tile_targets`; dense run stores whose ViT
+    ``train-vit`` trained), and draws the tiles the ViT rates highest like lesion tiles. The
+    loss is the patch BCE (on logits) plus ``tile_loss_weight`` times the tile BCE.
 
     Args:
         stores: tile or run stores (``<id>.zarr``) or folders of them; need ``tiles/coarse``,
@@ -232,6 +288,7 @@ def train_scorer(
             ``<id>.xml``; a store without an entry is lesion-free. Unused when distilling.
         out_path: the ``.safetensors`` file to write; its ``.json`` config goes next to it.
         distill: targets from a dense ViT run instead of annotations.
+        tile_teacher: tile targets from the dense ViT run's tile head (see above).
         config: scorer architecture and pooling (default :class:`ScorerConfig`).
         grid: G of the ViT patch grid (default 14 = 224 px / patch 16; a distillation store
             fixes it).
@@ -260,7 +317,7 @@ def train_scorer(
     paths = find_stores(stores)
     rng = np.random.default_rng(seed)
     tiles, patch_t, tile_t, grid, attrs = _scorer_data(paths, polygons, grid, config,
-                                                       max_tiles_per_store, rng)
+                                                       max_tiles_per_store, rng, tile_teacher)
     n = len(tiles)
     n_pos = int((patch_t.reshape(n, -1).max(axis=1) > 0).sum())
     _logger.info("train-scorer: %d tiles (%d with target mass) from %d stores, grid %d",
@@ -283,7 +340,8 @@ def train_scorer(
                 x, y = tiles[idx], patch_t[idx]
                 if augment:
                     x, y = _augment(x, y, rng)
-                loss = _scorer_loss(model, x, y, tile_t[idx], config, tile_loss_weight)
+                loss = _scorer_loss(model, x, y, tile_t[idx], config, tile_loss_weight,
+                                    rank=tile_teacher)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -300,6 +358,8 @@ def train_scorer(
         "grid": grid, "pooling": config.pooling, "topk": config.topk,
         "coarse_px": attrs.get("coarse_px"), "coarse_mpp": attrs.get("coarse_mpp"),
         "targets": "distill" if distill else "annotations",
+        "tile_targets": "vit-tile-head" if tile_teacher else (
+            "mil-attention" if distill else "annotations"),
         "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "max_tiles_per_store": max_tiles_per_store, "augment": augment,
                      "tile_loss_weight": tile_loss_weight, "n_stores": len(paths),
@@ -310,25 +370,43 @@ def train_scorer(
                              time.perf_counter() - t0, model)
 
 
+#: temperature of the teacher's pairwise preferences (logit units): below 1 the order is what
+#: is taught, not the teacher's confidence in it
+RANK_TAU = 0.1
+
+
 def _scorer_loss(
     model: PatchScorer, x: np.ndarray, y: np.ndarray, tile_target: np.ndarray,
-    config: ScorerConfig, tile_weight: float,
+    config: ScorerConfig, tile_weight: float, rank: bool = False,
 ) -> torch.Tensor:
-    """Patch BCE on logits + weighted tile BCE on the pooled score (tiles with a target)."""
+    """Patch BCE on logits + weighted tile loss on the pooled score (tiles with a target): BCE,
+    or with ``rank`` the pairwise ranking loss of :func:`_rank_loss`."""
     xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # channels_last view
     logits, _ = model.forward_logits(xt)
     loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
     t = torch.from_numpy(tile_target)
     has = ~torch.isnan(t)
-    if tile_weight > 0 and bool(has.any()):
+    if tile_weight > 0 and bool(has.sum() >= (2 if rank else 1)):
         score = pool_patch_map(torch.sigmoid(logits), config.pooling, config.topk)
         eps = 1e-6
-        loss = loss + tile_weight * F.binary_cross_entropy(score[has].clamp(eps, 1 - eps), t[has])
+        score, t = score[has].clamp(eps, 1 - eps), t[has].clamp(eps, 1 - eps)
+        tile = _rank_loss(torch.logit(score), torch.logit(t)) if rank else \
+            F.binary_cross_entropy(score, t)
+        loss = loss + tile_weight * tile
     return loss
 
 
+def _rank_loss(z: torch.Tensor, teacher: torch.Tensor, tau: float = RANK_TAU) -> torch.Tensor:
+    """RankNet loss over every pair of a batch: the logit difference ``z_i - z_j`` against the
+    teacher's soft preference ``sigmoid(teacher_i - teacher_j)`` (both logits).
 
-
-
-
-
+    Triage uses the tile score only through its order (the top share of a slide, a threshold
+    set at a quantile of the training scores, the fill of the heat map below the ViT's tiles),
+    so the scorer learns the ViT's order rather than its probabilities: soft-target BCE on
+    probabilities that mostly lie in a narrow band (normal tissue) gives the order little
+    gradient.
+    """
+    d = z[:, None] - z[None, :]
+    q = torch.sigmoid((teacher[:, None] - teacher[None, :]) / tau)
+    off = ~torch.eye(len(z), dtype=torch.bool)
+    return F.binary_cross_entropy_with_logits(d[off], q[off])
