@@ -183,6 +183,7 @@ def test_scorer_learns_the_tile_targets_of_a_dense_run_with_a_trained_vit(
     assert res.n_tiles == n and all(np.isfinite(res.losses))
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["targets"] == "annotations" and meta["tile_targets"] == "vit-tile-head"
+    assert meta["training"]["tile_loss"] == "rank (tau 0.1)"
 
     with pytest.raises(StoreError, match="need a dense run store") as err:
         train_scorer([tmp_path / "pruned"], lesion_stores / "xml", tmp_path / "p.safetensors",

@@ -1,7 +1,8 @@
 """Training the CNN triage scorer from slide stores: its patch map is fitted to lesion
 annotations (targets: the fraction of each ViT patch inside a lesion, rasterised from level-0
 polygons) or, by distillation, to a dense ViT's token importance (``vit/token_importance``) as
-DynamicViT distils from its teacher. Deterministic for a seed and thread count; writes
+DynamicViT distils from its teacher; its tile score can learn the order a dense ViT's tile
+head gives the tiles (``tile_teacher``). Deterministic for a seed and thread count; writes
 ``<name>.safetensors`` plus the ``<name>.json`` that
 :func:`~wsi_prune.models.scorer.trained_scorer_config` reads back.
 """
@@ -278,8 +279,10 @@ def train_scorer(
     score ``mil/attention`` divided by the slide's maximum when present (else no tile
     loss). ``tile_teacher=True`` replaces the tile targets of either mode with the dense ViT's
     tile lesion probabilities (:func:`_teacher_tile_targets`; dense run stores whose ViT
-    ``train-vit`` trained), and draws the tiles the ViT rates highest like lesion tiles. The
-    loss is the patch BCE (on logits) plus ``tile_loss_weight`` times the tile BCE.
+    ``train-vit`` trained), draws the tiles the ViT rates highest like lesion tiles, and
+    learns them with a pairwise ranking loss (:func:`_rank_loss`: triage uses the tile score
+    only through its order). The loss is the patch BCE (on logits) plus ``tile_loss_weight``
+    times the tile loss (BCE, or the ranking loss with ``tile_teacher``).
 
     Args:
         stores: tile or run stores (``<id>.zarr``) or folders of them; need ``tiles/coarse``,
@@ -362,7 +365,9 @@ def train_scorer(
             "mil-attention" if distill else "annotations"),
         "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "max_tiles_per_store": max_tiles_per_store, "augment": augment,
-                     "tile_loss_weight": tile_loss_weight, "n_stores": len(paths),
+                     "tile_loss_weight": tile_loss_weight,
+                     "tile_loss": f"rank (tau {RANK_TAU})" if tile_teacher else "bce",
+                     "n_stores": len(paths),
                      "n_tiles": n, "n_positive": n_pos, "losses": losses},
     }
     config_path = save_model(model, out_path, meta)
