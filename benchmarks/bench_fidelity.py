@@ -24,6 +24,11 @@ score threshold that ``budget / token_ratio`` of the *training* slides' tiles pa
 mean budget goes where the scorer sees lesion (a fixed fraction caps triage recall on a slide
 whose lesion tiles outnumber it; ``triage_ceiling`` measures that cap).
 
+``--scorer-targets vit`` adds, per seed, a scorer whose tile score learnt the order the dense
+ViT's tile head gives the training slides' tiles (``train-scorer --tile-targets vit`` on the
+dense training run; settings tagged ``-vit-scorer``; the adaptive threshold is then set on that
+scorer's scores of the training tiles).
+
 Every step is cached in ``--work`` (a file per finished step), so an interrupted benchmark
 resumes. The summary (``summary.json``, ``summary.md``, ``budget.png``) aggregates the seeds:
 mean, and min-max over seeds; ΔAUC also gets each seed's paired bootstrap CI.

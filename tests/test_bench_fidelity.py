@@ -80,3 +80,7 @@ def test_head_kinds_per_budget(bench) -> None:
     assert bench._heads(args, 0.02) == ("topk", "as-infer")
     args.dense_head_budgets = []
     assert bench._heads(args, 0.05) == ("topk", "as-infer")
+    # the ViT-taught scorer's settings are judged with the heads as inferred only
+    args.dense_head_budgets = [0.05]
+    assert bench._no_dense_head(args) == ("topk", "as-infer")
+    assert bench.VIT_SCORER == "-vit-scorer"
