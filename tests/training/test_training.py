@@ -633,5 +633,4 @@ def test_scorer_fits_a_teachers_tile_order_with_the_rank_loss(synth_store) -> No
             logits, _ = model.forward_logits(torch.from_numpy(x).permute(0, 3, 1, 2))
         score = pool_patch_map(torch.sigmoid(logits), cfg.pooling, cfg.topk).numpy()
         rho[rank] = spearmanr(score, teacher).statistic
-    print("rho", rho)
     assert rho[True] > 0.9 and rho[True] > rho[False] + 0.2, rho
