@@ -128,11 +128,7 @@ def _distill_targets(
         raise StoreError("distillation needs vit/token_importance and vit/tile_index (a run "
                          "store made with the dense ViT)", path)
     idx = np.asarray(group["vit/tile_index"][:], np.int64)
-    pruned = _pruning(group, len(idx))
-    if pruned:
-        raise StoreError("distillation needs a dense run store (every tissue tile and token "
-                         "through the ViT, as RunConfig.dense() runs), but this run pruned: "
-                         + "; ".join(pruned), path)
+    _require_dense(group, len(idx), path, "distillation needs")
     imp = np.nan_to_num(np.asarray(group["vit/token_importance"][:], np.float32)).clip(min=0)
     g = math.isqrt(imp.shape[1]) if imp.ndim == 2 else 0
     if g * g != (imp.shape[1] if imp.ndim == 2 else -1) or len(imp) != len(idx):
@@ -170,10 +166,7 @@ def _teacher_tile_targets(group: Any, path: Path) -> np.ndarray:
     if "vit/embedding" not in group or "vit/tile_index" not in group:
         raise StoreError("ViT tile targets need vit/embedding and vit/tile_index (a run store "
                          "made with `run --dense`)", path)
-    pruned = _pruning(group, int(group["vit/tile_index"].shape[0]))
-    if pruned:
-        raise StoreError("ViT tile targets need a dense run store (every tissue tile through "
-                         "the ViT), but this run pruned: " + "; ".join(pruned), path)
+    _require_dense(group, int(group["vit/tile_index"].shape[0]), path, "ViT tile targets need")
     weights = RunConfig.from_dict(group.attrs["run_config"]).vit.weights
     head_path = tile_head_of(weights) if weights else None
     if head_path is None:
@@ -197,6 +190,16 @@ def _teacher_top(p: np.ndarray, share: float = 0.05, least: int = 16) -> np.ndar
     top = np.zeros(len(p), bool)
     top[np.argsort(-p, kind="stable")[:n_top]] = True
     return top | (p > 0.5)
+
+
+def _require_dense(group: Any, n_vit: int, path: Path, who: str) -> None:
+    """Refuse a run store whose run pruned tiles or tokens (:func:`_pruning`); ``who`` begins
+    the message ("distillation needs")."""
+    pruned = _pruning(group, n_vit)
+    if pruned:
+        raise StoreError(f"{who} a dense run store (every tissue tile and token through the "
+                         f"ViT, as RunConfig.dense() runs), but this run pruned: "
+                         + "; ".join(pruned), path)
 
 
 def _pruning(group: Any, n_vit: int) -> list[str]:
