@@ -184,13 +184,14 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
         c, sfx = cfg, ""
         if targets == "vit":
             c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER
+        rt = ratio_tag(args.token_ratio)
         for b in args.budgets:
-            out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}",
+            out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}{rt}",
                                       budget_config(c, b, args.token_ratio), head_dense, seed,
                                       _heads(args, b) if not sfx else _no_dense_head(args)))
         for b in args.adaptive:
             out.update(adaptive_budget(sd, train_dir, test_dir, c, head_dense, b, seed, args,
-                                       sfx))
+                                       sfx, rt))
     if seed == args.seeds[0] and args.ablate_levels:
         out.update(ablate_scorer_levels(work, train_dir, test_dir, cfg, seed, args))
     return out
@@ -199,6 +200,14 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
 
 #: tag suffix of the settings whose scorer learnt the dense ViT's tile probabilities
 VIT_SCORER = "-vit-scorer"
+#: the CNN prior's share of each kept tile's patches that the tags leave unsaid
+DEFAULT_TOKEN_RATIO = 0.5
+
+
+def ratio_tag(token_ratio: float) -> str:
+    """Tag suffix of a token ratio other than the default: ``-r0.25`` keeps a quarter of each
+    kept tile's patches, so the same budget keeps twice the tiles (a wider triage)."""
+    return "" if abs(token_ratio - DEFAULT_TOKEN_RATIO) < 1e-9 else f"-r{token_ratio:g}"
 
 
 def vit_scorer(sd: Path, train_dir: Path, cfg: RunConfig, seed: int,
@@ -281,8 +290,8 @@ def score_threshold(train_run: Path, share: float, scorer: RunConfig | None = No
 
 
 def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, head_dense: Path,
-                    budget: float, seed: int, args: argparse.Namespace, sfx: str = ""
-                    ) -> dict[str, Any]:
+                    budget: float, seed: int, args: argparse.Namespace, sfx: str = "",
+                    rt: str = "") -> dict[str, Any]:
     """The same mean budget spent where the scorer sees lesion: every tile whose CNN score
     passes a threshold set on the *training* slides so that ``budget / token_ratio`` of their
     tiles pass (tumour slides get more tiles, normal slides fewer; at least ``min_tiles``)."""
@@ -290,7 +299,7 @@ def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, h
     cb = budget_config(cfg, budget, args.token_ratio).replace(
         tile_select={"policy": "threshold", "threshold": t, "max_tiles": None})
     # the dense-trained head's trap is shown at the fixed budgets; here only heads as inferred
-    out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive{sfx}", cb, head_dense,
+    out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive{sfx}{rt}", cb, head_dense,
                          seed, _no_dense_head(args))
     for m in out.values():
         m["threshold"] = t
@@ -465,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "bench-out" / "fidelity")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.10])
-    ap.add_argument("--token-ratio", type=float, default=0.5)
+    ap.add_argument("--token-ratio", type=float, default=DEFAULT_TOKEN_RATIO,
+                    help="share of each kept tile's patches the CNN prior lets in: a budget "
+                         "keeps budget / token_ratio of the tiles (tags end in -r<ratio> "
+                         "when it is not the default)")
     ap.add_argument("--adaptive", type=float, nargs="*", default=[0.05],
                     help="budgets also run with a score threshold set on the training slides "
                          "(the mean budget, spent where the scorer sees lesion)")

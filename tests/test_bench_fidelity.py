@@ -84,3 +84,13 @@ def test_head_kinds_per_budget(bench) -> None:
     args.dense_head_budgets = [0.05]
     assert bench._no_dense_head(args) == ("topk", "as-infer")
     assert bench.VIT_SCORER == "-vit-scorer"
+
+
+def test_a_token_ratio_other_than_the_default_tags_its_settings(bench) -> None:
+    # the same budget at another token ratio keeps other tiles: its runs must not be reused
+    assert bench.ratio_tag(0.5) == ""
+    assert bench.ratio_tag(0.25) == "-r0.25"
+    assert bench.ratio_tag(0.125) == "-r0.125"
+    cfg = bench.budget_config(bench.RunConfig.from_dict(bench.BASE), 0.05, 0.25)
+    assert cfg.tile_select.fraction == pytest.approx(0.2)
+    assert cfg.token_select.keep_ratio == pytest.approx(0.25)
