@@ -148,3 +148,24 @@ def test_candidates_csv_is_the_camelyon16_format(run, tmp_path):
     # the writer rounds coordinates to integer px
     out = write_candidates(tmp_path / "c.csv", [(0.5, 10.4, 20.6), (0.25, 3, 4)])
     assert out.read_text() == "0.500000,10,21\n0.250000,3,4\n"
+
+
+# -- a failure while writing ----------------------------------------------------------------------
+
+
+def test_a_failed_rerender_keeps_the_published_folder_and_leaves_no_temporary_one(run, tmp_path):
+    # the writers run side by side in threads: an error in one of them (here the MIL attention
+    # chunk, corrupt on disk, read by the top tiles and the candidates) must still reach the
+    # caller, and only after every writer has stopped, so the half-built folder is removed
+    store = tmp_path / "small.zarr"
+    shutil.copytree(run / "small.zarr", store)
+    shutil.copytree(run / "small", tmp_path / "small")
+    before = {p.relative_to(tmp_path): p.read_bytes()
+              for p in (tmp_path / "small").rglob("*") if p.is_file()}
+    (store / "mil" / "attention" / "c" / "0").write_bytes(b"not a zstd frame")
+    with pytest.raises(RuntimeError, match="[Zz]std"):
+        rerender(store)
+    after = {p.relative_to(tmp_path): p.read_bytes()
+             for p in (tmp_path / "small").rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small", "small.zarr"]

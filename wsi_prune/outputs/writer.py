@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ from wsi_prune.outputs.heat import heat_map
 from wsi_prune.outputs.heat_tiff import write_heatmap_tiff
 from wsi_prune.outputs.pictures import render_heatmap, render_tokens, resize_mask, thumbnail
 from wsi_prune.outputs.top_tiles import write_top_tiles
+
+#: threads writing one slide's outputs (slide reads, PNG and TIFF encoding side by side)
+OUTPUT_THREADS = 3
 
 #: the files of ``OUT/<id>/`` (``top_tiles/`` holds up to TOP_K PNGs)
 OUTPUT_FILES = ("heatmap.png", "tokens.png", "heatmap.tif", "regions.geojson",
@@ -51,27 +55,40 @@ def write_outputs(group: zarr.Group, dest: Path, slide_id: str, probability: flo
     tmp = store.tmp_path_for(dest)
     tmp.mkdir(parents=True)
     try:
-        info = group.attrs["slide"]
-        frame = ViewerFrame.of(info)
-        level0_mpp = float(group.attrs["mpp"])
-        heat, heat_px0 = heat_map(group)
-        thumb, thumb_px0 = thumbnail(group, slide_path, mpp)
-        mask = np.asarray(group["mask/tissue"][:])
-        tissue = resize_mask(mask, thumb.shape[:2])
-        thr = config.mil.threshold if config is not None else 0.5
-        call = "tumour" if probability >= thr else "normal"
-        title = f"{slide_id}: p(tumour) = {probability:.3f} ({call})"
-        render_heatmap(tmp / "heatmap.png", thumb, thumb_px0, heat, heat_px0, tissue, title)
-        render_tokens(tmp / "tokens.png", thumb, thumb_px0, group, f"{slide_id}: token QC")
-        write_heatmap_tiff(tmp / "heatmap.tif", heat, heat_px0, level0_mpp, frame, raw=raw_heat)
-        _dump(tmp / "regions.geojson",
-              regions_geojson(heat * float(probability), heat_px0, frame=frame, mpp=level0_mpp))
-        _dump(tmp / "tiles.geojson", tiles_geojson(group, float(probability), frame))
-        mask_px0 = int(info["width"]) / mask.shape[1]
-        _dump(tmp / "tissue.geojson", tissue_geojson(mask, mask_px0, frame, level0_mpp))
-        cands = candidates(group, probability)
-        write_candidates(tmp / "candidates.csv", cands)
-        write_top_tiles(tmp, group, slide_path, mpp)
+        # The slide reads (thumbnail, top tiles), the TIFF and the PNG encoders spend most of
+        # their time in C without the GIL (OpenSlide, zlib, numpy), the GeoJSON in Python: run
+        # side by side they take about the longest of them instead of their sum. The pool is
+        # left (all its work finished or failed) before the folder is published or removed.
+        with ThreadPoolExecutor(max_workers=OUTPUT_THREADS,
+                                thread_name_prefix="wsi-prune-outputs") as pool:
+            info = group.attrs["slide"]
+            frame = ViewerFrame.of(info)
+            level0_mpp = float(group.attrs["mpp"])
+            thumb_job = pool.submit(thumbnail, group, slide_path, mpp)
+            jobs = [pool.submit(write_top_tiles, tmp, group, slide_path, mpp)]
+            heat, heat_px0 = heat_map(group)
+            jobs.append(pool.submit(write_heatmap_tiff, tmp / "heatmap.tif", heat, heat_px0,
+                                    level0_mpp, frame, raw=raw_heat))
+            mask = np.asarray(group["mask/tissue"][:])
+            thr = config.mil.threshold if config is not None else 0.5
+            call = "tumour" if probability >= thr else "normal"
+            title = f"{slide_id}: p(tumour) = {probability:.3f} ({call})"
+            _dump(tmp / "regions.geojson",
+                  regions_geojson(heat * float(probability), heat_px0, frame=frame,
+                                  mpp=level0_mpp))
+            thumb, thumb_px0 = thumb_job.result()
+            tissue = resize_mask(mask, thumb.shape[:2])
+            jobs.append(pool.submit(render_heatmap, tmp / "heatmap.png", thumb, thumb_px0,
+                                    heat, heat_px0, tissue, title))
+            jobs.append(pool.submit(render_tokens, tmp / "tokens.png", thumb, thumb_px0,
+                                    group, f"{slide_id}: token QC"))
+            _dump(tmp / "tiles.geojson", tiles_geojson(group, float(probability), frame))
+            mask_px0 = int(info["width"]) / mask.shape[1]
+            _dump(tmp / "tissue.geojson", tissue_geojson(mask, mask_px0, frame, level0_mpp))
+            cands = candidates(group, probability)
+            write_candidates(tmp / "candidates.csv", cands)
+            for job in jobs:
+                job.result()
         store.publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
