@@ -230,3 +230,65 @@ def test_part_of_a_shard_is_written_through_zarr(tmp_path):
     store.write_tile_shards(arr, 4, tiles[4:7])  # one short
     assert store.missing_chunks(arr) == [7]
     assert np.array_equal(arr[:7], tiles[:7])
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_shard_reads_are_what_zarr_reads(tmp_path, compressor):
+    """read_tile_shards decodes shard files itself (zarr's pipeline is per chunk and slow): any
+    range, across shards, inside one, the short last one, empty, must equal zarr's read."""
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (130, 12, 12, 3), dtype=np.uint8)
+    tiles[::3] = 255
+    arr = store.create_tiles_array(store.create_store(tmp_path / "s.zarr"), "tiles/coarse",
+                                   130, (12, 12, 3), 64, compressor)
+    for start in range(0, 130, 64):
+        store.write_tile_shards(arr, start, tiles[start:start + 64])
+    assert arr.shards[0] == 64 and store._shard_layout(arr) is not None
+    for a, b in [(0, 130), (0, 64), (10, 20), (60, 70), (63, 129), (128, 130), (5, 5), (0, 1)]:
+        assert np.array_equal(store.read_tile_shards(arr, a, b), arr[a:b]), (a, b)
+    view = store.TileShards(arr)
+    assert view.shape == (130, 12, 12, 3) and view.dtype == np.uint8 and len(view) == 130
+    assert np.array_equal(view[100:1000], tiles[100:])  # clipped as numpy clips
+    assert np.array_equal(view[[3, 1]], tiles[[3, 1]])  # not a plain slice: through zarr
+
+
+def test_shard_reads_of_an_unsharded_array_go_through_zarr(tmp_path):
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "u.zarr"), mode="w")
+    arr = g.create_array("t", shape=(10, 4, 4, 3), chunks=(4, 4, 4, 3), dtype="uint8")
+    arr[:] = np.arange(480, dtype=np.uint8).reshape(10, 4, 4, 3)
+    assert store._shard_layout(arr) is None
+    assert np.array_equal(store.read_tile_shards(arr, 2, 9), arr[2:9])
+
+
+def test_shard_reads_of_damaged_files_name_the_shard(tmp_path):
+    tiles = np.random.default_rng(0).integers(0, 256, (8, 6, 6, 3), dtype=np.uint8)
+    arr = store.create_tiles_array(store.create_store(tmp_path / "s.zarr"), "tiles/coarse", 8,
+                                   (6, 6, 3), 4, "zstd")
+    store.write_tile_shards(arr, 0, tiles[:4])
+    store.write_tile_shards(arr, 4, tiles[4:])
+    shard0, shard1 = store._shard_file(arr, 0), store._shard_file(arr, 1)
+    good = shard0.read_bytes()
+    # a missing shard reads as the fill value, as zarr reads it (completeness is checked apart)
+    shard1.unlink()
+    assert np.array_equal(store.read_tile_shards(arr, 2, 8), arr[2:8])
+    assert not store.read_tile_shards(arr, 4, 8).any()
+    # a flipped byte in a tile's compressed data
+    bad = bytearray(good)
+    bad[5] ^= 0xFF
+    shard0.write_bytes(bytes(bad))
+    with pytest.raises(StoreError, match=r"tile 0 .*decompress|tile 0 holds") as err:
+        store.read_tile_shards(arr, 0, 2)
+    assert str(shard0) in str(err.value)
+    # a flipped byte in the index
+    bad = bytearray(good)
+    bad[-10] ^= 0xFF
+    shard0.write_bytes(bytes(bad))
+    with pytest.raises(StoreError, match="crc32c") as err:
+        store.read_tile_shards(arr, 0, 2)
+    assert str(shard0) in str(err.value)
+    # cut short
+    shard0.write_bytes(good[:20])
+    with pytest.raises(StoreError, match="shorter than its index"):
+        store.read_tile_shards(arr, 0, 2)

@@ -275,6 +275,87 @@ def write_tile_shards(arr: zarr.Array, start: int, tiles: np.ndarray) -> None:
             fh.write(b"".join([*(bytes(b) for b in parts), raw, crc]))
 
 
+def read_tile_shards(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """``arr[start:stop]`` of a tile array, decoded here when the layout allows
+    (:func:`_shard_layout`, what :func:`write_tile_shards` writes): each shard file read once,
+    its index checked against its crc32c, the wanted chunks decompressed by the same numcodecs
+    codec. Otherwise, and outside ``[0, len(arr)]``, through zarr. Why: zarr-python 3.1 decodes
+    chunk by chunk through its async pipeline, ~0.5 ms a 56 px tile, about as long as the
+    triage CNN takes to score it (docs/benchmarks.md, "Triage").
+
+    A chunk the index marks empty, or a shard file that does not exist, reads as the array's
+    fill value, as zarr reads it.
+
+    Raises:
+        StoreError: a shard shorter than its index, an index whose checksum does not match, or
+            a chunk that fails to decompress or has the wrong size (naming the shard file).
+    """
+    n = arr.shape[0]
+    layout = _shard_layout(arr)
+    if layout is None or not 0 <= start <= stop <= n:
+        return np.asarray(arr[start:stop])
+    per_shard, zstd = layout
+    import google_crc32c
+
+    shape = tuple(arr.shape[1:])
+    size = int(np.prod(shape))
+    out = np.empty((stop - start, *shape), np.uint8)
+    fill = np.uint8(arr.fill_value or 0)
+    index_bytes = per_shard * 16 + 4
+    for s in range(start // per_shard, -(-stop // per_shard)):
+        first = s * per_shard
+        lo, hi = max(start, first), min(stop, first + per_shard)
+        path = _shard_file(arr, s)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            out[lo - start:hi - start] = fill
+            continue
+        if len(data) < index_bytes:
+            raise StoreError(f"tile shard shorter than its index ({len(data)} bytes)", path)
+        raw = data[-index_bytes:-4]
+        if google_crc32c.value(raw).to_bytes(4, "little") != data[-4:]:
+            raise StoreError("tile shard index fails its crc32c checksum", path)
+        slots = np.frombuffer(raw, "<u8").reshape(per_shard, 2)
+        for i in range(lo, hi):
+            off, nbytes = (int(v) for v in slots[i - first])
+            if off == int(_EMPTY_SLOT) and nbytes == int(_EMPTY_SLOT):
+                out[i - start] = fill
+                continue
+            if off + nbytes > len(data) - index_bytes:
+                raise StoreError(f"tile {i} lies past the shard's data (offset {off}, "
+                                 f"{nbytes} bytes)", path)
+            chunk = data[off:off + nbytes]
+            try:
+                buf = chunk if zstd is None else zstd.decode(chunk)
+            except Exception as exc:  # numcodecs raises RuntimeError, a bare Exception on some
+                raise StoreError(f"tile {i} fails to decompress ({exc})", path) from exc
+            if len(buf) != size:
+                raise StoreError(f"tile {i} holds {len(buf)} bytes, expected {size}", path)
+            out[i - start] = np.frombuffer(buf, np.uint8).reshape(shape)
+    return out
+
+
+class TileShards:
+    """A tile array sliced along axis 0 through :func:`read_tile_shards`: what
+    :func:`wsi_prune.models.scorer.score_tiles` streams (``shape``, ``dtype``, ``len``,
+    ``[a:b]``)."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr = arr
+        self.shape = tuple(arr.shape)
+        self.dtype = np.dtype(arr.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return np.asarray(self.arr[key])
+        start, stop, _ = key.indices(self.shape[0])
+        return read_tile_shards(self.arr, start, max(start, stop))
+
+
 def open_store(path: str | os.PathLike[str], mode: str = "r", require_complete: bool = True
                ) -> zarr.Group:
     """Open a slide store; raise :class:`StoreError` if absent or (by default) incomplete."""

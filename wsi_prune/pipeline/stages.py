@@ -18,6 +18,7 @@ import torch
 import zarr
 
 from wsi_prune.config import RunConfig
+from wsi_prune.io import store
 from wsi_prune.io.slide import Slide
 from wsi_prune.io.tiling import read_tiles
 from wsi_prune.models.factory import Models
@@ -46,7 +47,8 @@ def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progr
         ``tile_score`` (N,), ``patch_importance`` (N, G, G), ``embedding`` (N, C), ``kept`` (N,).
     """
 
-    out = score_tiles(models.scorer, group["tiles/coarse"], config.scorer.batch_size,
+    out = score_tiles(models.scorer, store.TileShards(group["tiles/coarse"]),
+                      config.scorer.batch_size,
                       config.scorer.threads, progress, precision=config.scorer.precision)
     patch, tile, emb = out.numpy()
     bad = np.asarray(group["tiles/unreadable"][:]) if "unreadable" in group["tiles"] else []
