@@ -265,18 +265,40 @@ def glass_colour(rgb: np.ndarray, transparent: np.ndarray | None = None) -> np.n
         sample = sample[~transparent[::step, ::step].ravel()]
     if len(sample) == 0:
         return None
-    cmin, cmax = sample.min(1), sample.max(1)
+    r, g, b = sample[:, 0], sample[:, 1], sample[:, 2]
+    cmin = np.minimum(np.minimum(r, g), b)
+    cmax = np.maximum(np.maximum(r, g), b)
     # clipped pixels (JPEG overshoot at edges, a saturated sensor) say nothing of the glass
     grey = (cmin >= _GLASS_MIN_V) & (cmax - cmin <= _GLASS_MAX_CHROMA) & (cmax < _CLIPPED)
     if np.count_nonzero(grey) < max(16, _GLASS_MIN_SHARE * len(sample)):
         return None
-    cand = sample[grey].astype(np.int32)
-    bright = cand.sum(1)
-    top = cand[bright >= np.median(bright)]
-    q1, q3 = np.percentile(top.sum(1), [25, 75])
+    # Order statistics from histograms (the values are small integers): the same numbers as
+    # np.median / np.percentile, without sorting up to a million samples (0.2 s a thumbnail).
+    cand = sample[grey]
+    bright = cand[:, 0].astype(np.int32) + cand[:, 1] + cand[:, 2]
+    top = cand[bright >= _quantiles(np.bincount(bright, minlength=766), [0.5])[0]]
+    top_sum = top[:, 0].astype(np.int32) + top[:, 1] + top[:, 2]
+    q1, q3 = _quantiles(np.bincount(top_sum, minlength=766), [0.25, 0.75])
     if q3 - q1 > _GLASS_MAX_IQR:
         return None
-    return np.median(top, axis=0).astype(np.float64)
+    return np.array([_quantiles(np.bincount(top[:, c], minlength=256), [0.5])[0]
+                     for c in range(3)], np.float64)
+
+
+def _quantiles(hist: np.ndarray, qs: list[float]) -> list[float]:
+    """Quantiles ``qs`` (in [0, 1]) of the integers counted by ``hist`` (value i counted
+    ``hist[i]`` times), interpolated linearly between order statistics as ``np.percentile``
+    does by default."""
+    cum = np.cumsum(hist)
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        pos = q * (n - 1)
+        lo = int(math.floor(pos))
+        v_lo = int(np.searchsorted(cum, lo, side="right"))
+        v_hi = int(np.searchsorted(cum, min(lo + 1, n - 1), side="right"))
+        out.append(v_lo + (v_hi - v_lo) * (pos - lo))
+    return out
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
