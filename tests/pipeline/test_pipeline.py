@@ -604,3 +604,17 @@ def test_rerun_recomputes_when_the_slide_or_its_mpp_changed(tmp_path, nompp_slid
     st = slide.stat()
     os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was replaced
     assert run_batch([slide], out, cfg, mpp=0.25, progress=False)[0]["status"] == "ok"
+
+
+def test_free_space_bound_counts_the_tiles_the_run_tiles(batch, svs_slide):
+    """The disk check before the first slide masks it as tiling does (the same bounded
+    thumbnail and mask), so it counts the tissue tiles the run then finds."""
+    from wsi_prune.pipeline.checks import OUTPUTS_MARGIN_BYTES, slide_bytes_bound
+
+    _, rows = batch
+    cfg = demo_config()
+    row = next(r for r in rows.values() if r["status"] == "ok" and Path(r["path"]) == svs_slide)
+    need, n = slide_bytes_bound(SlideEntry("x", svs_slide), cfg)
+    assert n == int(row["tissue_tiles"]) > 0
+    t = cfg.tiling
+    assert need == n * t.coarse_px**2 * 3 + OUTPUTS_MARGIN_BYTES

@@ -96,8 +96,9 @@ def disk_full_error(out: Path, exc: BaseException, what: str) -> DiskFull:
 def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
     """An upper bound of what a slide writes into OUT, and its tissue tile count.
 
-    Its tissue tiles are found as the run finds them (thumbnail, tissue mask, grid), and
-    counted uncompressed (coarse tiles, plus full tiles with ``store_tiles``), plus
+    Its tissue tiles are found as the run finds them (thumbnail, tissue mask, grid: the
+    same :func:`~wsi_prune.io.tissue.slide_tissue_mask`, so the same bounded memory on a
+    large slide), and counted uncompressed (coarse tiles, plus full tiles with ``store_tiles``), plus
     :data:`OUTPUTS_MARGIN_BYTES`.
 
     Raises:
@@ -105,14 +106,12 @@ def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
     """
     from wsi_prune.io.slide import Slide
     from wsi_prune.io.tiling import make_grid
-    from wsi_prune.io.tissue import tissue_mask
+    from wsi_prune.io.tissue import slide_tissue_mask
 
     with Slide(entry.path, entry.mpp) as slide:
-        thumb = slide.read_thumbnail(config.tissue.mask_mpp)
+        tm = slide_tissue_mask(slide, config.tissue)
         info = slide.info
-    mask_mpp = info.width * info.mpp / thumb.shape[1]
-    grid = make_grid(info, tissue_mask(thumb, mask_mpp, config.tissue).mask, mask_mpp,
-                     config.tiling)
+    grid = make_grid(info, tm.mask, tm.mpp, config.tiling)
     t = config.tiling
     per_tile = t.coarse_px**2 * 3 + (t.tile_px**2 * 3 if t.store_tiles else 0)
     return len(grid) * per_tile + OUTPUTS_MARGIN_BYTES, len(grid)
