@@ -141,3 +141,50 @@ def test_models_carry_their_device_to_inputs_and_the_slide_head() -> None:
     assert res.embedding.dtype == torch.float32  # bf16 inside, float32 out
     prob, attention = slide_head(models, res.embedding.numpy())
     assert 0.0 <= prob <= 1.0 and attention.shape == (2,)
+
+
+def _scorer_with_real_bn_statistics() -> nn.Module:
+    """The default scorer with running statistics and affines drawn at random (a fresh model
+    has mean 0, var 1, weight 1, bias 0, which folding would leave nearly unchanged)."""
+    torch.manual_seed(3)
+    scorer = build_scorer(ScorerConfig(), 14)
+    gen = torch.Generator().manual_seed(4)
+    for m in scorer.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
+    return scorer.eval()
+
+
+def test_folded_batch_norms_score_as_the_model_does() -> None:
+    from wsi_prune.models.accel import fuse_conv_bn, fused_for_inference
+
+    scorer = _scorer_with_real_bn_statistics()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in scorer.modules())
+    fused = fused_for_inference(scorer, (4, 3, 56, 56))
+    assert fused is not scorer and n_bn > 20
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in scorer.modules()) == n_bn  # a copy
+    tiles = np.random.default_rng(2).integers(0, 256, (9, 56, 56, 3), dtype=np.uint8)
+    ref, out = score_tiles(scorer, tiles, 4), score_tiles(fused, tiles, 4)
+    assert torch.allclose(out.patch, ref.patch, atol=1e-5)
+    assert torch.allclose(out.tile, ref.tile, atol=1e-5)
+    assert torch.allclose(out.embedding, ref.embedding, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out.embedding, ref.embedding)  # really another computation
+    # a model whose batch norm is registered right after a convolution it does not follow
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.BatchNorm2d(4)
+            self.b.running_mean.fill_(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(self.b(x.float()[:, :1].repeat(1, 4, 1, 1))[:, :3])
+
+    model = Model().eval()
+    assert fuse_conv_bn(Model()) == 1  # the pair is there by registration order ...
+    assert fused_for_inference(model, (2, 3, 8, 8)) is model  # ... but folding changes it

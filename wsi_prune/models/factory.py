@@ -16,7 +16,7 @@ import torch
 from wsi_prune._devices import check_device
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError
-from wsi_prune.models.accel import to_device
+from wsi_prune.models.accel import fused_for_inference, to_device
 from wsi_prune.models.binding import INIT_SEED, check_bindings
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.mil import build_mil, trained_mil_config
@@ -144,4 +144,6 @@ def build_models(config: RunConfig, device: str = "cpu",
         "spec": ViTSpec.from_timm(vit_model),
         "scorer_per_tile": cnn_macs(scorer, (3, cp, cp)),
     }
+    # inference only from here: batch norms folded into the convolutions (checked equal)
+    scorer = fused_for_inference(scorer, (4, 3, cp, cp))
     return Models(scorer, pruned, mil, (gh, gw), mean, std, describe, macs, str(device))

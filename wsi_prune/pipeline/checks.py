@@ -98,8 +98,8 @@ def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
 
     Its tissue tiles are found as the run finds them (thumbnail, tissue mask, grid: the
     same :func:`~wsi_prune.io.tissue.slide_tissue_mask`, so the same bounded memory on a
-    large slide), and counted uncompressed (coarse tiles, plus full tiles with ``store_tiles``), plus
-    :data:`OUTPUTS_MARGIN_BYTES`.
+    large slide), and counted uncompressed (coarse tiles, plus full tiles with
+    ``store_tiles``), plus :data:`OUTPUTS_MARGIN_BYTES`.
 
     Raises:
         SlideError: the slide cannot be opened or read.
