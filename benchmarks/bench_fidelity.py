@@ -172,8 +172,9 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
     _run(train_dir, sd / "train-dense", cfg.dense())
     head_dense = train_head(sd / "train-dense", train_dir / "labels.csv",
                             sd / "mil-dense.safetensors", seed)
-    dense_test = sd / "test-dense"
-    _run(test_dir, dense_test, cfg.dense().replace(mil={"weights": str(head_dense)}))
+    if set(args.heads) - {"topk"} or args.ablate_levels:  # the ABMIL heads' reference
+        _run(test_dir, sd / "test-dense",
+             cfg.dense().replace(mil={"weights": str(head_dense)}))
     if "topk" in args.heads:
         topk = train_head(sd / "train-dense", train_dir / "labels.csv",
                           sd / "mil-dense-topk.safetensors", seed, "tile-topk")
