@@ -76,12 +76,15 @@ BASE = {
 }
 
 
-def budget_config(cfg: RunConfig, budget: float, token_ratio: float) -> RunConfig:
+def budget_config(cfg: RunConfig, budget: float, token_ratio: float,
+                  scope: str = "tile") -> RunConfig:
     """``cfg`` keeping ``budget`` of the tissue tokens: the top ``budget / token_ratio`` of the
-    tissue tiles, ``token_ratio`` of their patches."""
+    tissue tiles, ``token_ratio`` of their patches (each tile's, or of them all with
+    ``scope="slide"``: ``token_select.scope``)."""
     return cfg.replace(tile_select={"policy": "fraction", "fraction": min(1.0, budget /
                                                                             token_ratio)},
-                       token_select={"policy": "ratio", "keep_ratio": token_ratio})
+                       token_select={"policy": "ratio", "keep_ratio": token_ratio,
+                                     "scope": scope})
 
 
 def _done(path: Path) -> bool:
@@ -185,10 +188,11 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
         c, sfx = cfg, ""
         if targets == "vit":
             c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER
-        rt = ratio_tag(args.token_ratio)
+        rt = ratio_tag(args.token_ratio, args.token_scope)
         for b in args.budgets:
             out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}{rt}",
-                                      budget_config(c, b, args.token_ratio), head_dense, seed,
+                                      budget_config(c, b, args.token_ratio, args.token_scope),
+                                      head_dense, seed,
                                       _heads(args, b) if not sfx else _no_dense_head(args)))
         for b in args.adaptive:
             out.update(adaptive_budget(sd, train_dir, test_dir, c, head_dense, b, seed, args,
@@ -205,10 +209,12 @@ VIT_SCORER = "-vit-scorer"
 DEFAULT_TOKEN_RATIO = 0.5
 
 
-def ratio_tag(token_ratio: float) -> str:
+def ratio_tag(token_ratio: float, scope: str = "tile") -> str:
     """Tag suffix of a token ratio other than the default: ``-r0.25`` keeps a quarter of each
-    kept tile's patches, so the same budget keeps twice the tiles (a wider triage)."""
-    return "" if abs(token_ratio - DEFAULT_TOKEN_RATIO) < 1e-9 else f"-r{token_ratio:g}"
+    kept tile's patches, so the same budget keeps twice the tiles (a wider triage); ``-slide``
+    when the ratio counts over the slide's kept tiles (``token_select.scope: slide``)."""
+    tag = "" if abs(token_ratio - DEFAULT_TOKEN_RATIO) < 1e-9 else f"-r{token_ratio:g}"
+    return tag + ("-slide" if scope == "slide" else "")
 
 
 def vit_scorer(sd: Path, train_dir: Path, cfg: RunConfig, seed: int,
@@ -297,7 +303,7 @@ def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, h
     passes a threshold set on the *training* slides so that ``budget / token_ratio`` of their
     tiles pass (tumour slides get more tiles, normal slides fewer; at least ``min_tiles``)."""
     t = score_threshold(sd / "train-dense", budget / args.token_ratio, cfg if sfx else None)
-    cb = budget_config(cfg, budget, args.token_ratio).replace(
+    cb = budget_config(cfg, budget, args.token_ratio, args.token_scope).replace(
         tile_select={"policy": "threshold", "threshold": t, "max_tiles": None})
     # the dense-trained head's trap is shown at the fixed budgets; here only heads as inferred
     out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive{sfx}{rt}", cb, head_dense,
@@ -479,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of each kept tile's patches the CNN prior lets in: a budget "
                          "keeps budget / token_ratio of the tiles (tags end in -r<ratio> "
                          "when it is not the default)")
+    ap.add_argument("--token-scope", choices=["tile", "slide"], default="tile",
+                    help="token_select.scope of the pruned settings (tags end in -slide)")
     ap.add_argument("--adaptive", type=float, nargs="*", default=[0.05],
                     help="budgets also run with a score threshold set on the training slides "
                          "(the mean budget, spent where the scorer sees lesion)")

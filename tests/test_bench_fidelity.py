@@ -91,6 +91,11 @@ def test_a_token_ratio_other_than_the_default_tags_its_settings(bench) -> None:
     assert bench.ratio_tag(0.5) == ""
     assert bench.ratio_tag(0.25) == "-r0.25"
     assert bench.ratio_tag(0.125) == "-r0.125"
+    assert bench.ratio_tag(0.125, "slide") == "-r0.125-slide"
+    assert bench.ratio_tag(0.5, "slide") == "-slide"
     cfg = bench.budget_config(bench.RunConfig.from_dict(bench.BASE), 0.05, 0.25)
     assert cfg.tile_select.fraction == pytest.approx(0.2)
     assert cfg.token_select.keep_ratio == pytest.approx(0.25)
+    assert cfg.token_select.scope == "tile"
+    cfg = bench.budget_config(bench.RunConfig.from_dict(bench.BASE), 0.05, 0.125, "slide")
+    assert cfg.token_select.scope == "slide" and cfg.tile_select.fraction == pytest.approx(0.4)

@@ -217,6 +217,10 @@ class TileSelectConfig:
                "tile_select.redundancy_eps is a cosine distance in [0, 2]")
 
 
+#: what ``token_select.keep_ratio`` counts over
+TOKEN_SCOPES = ("tile", "slide")
+
+
 @dataclass(frozen=True)
 class TokenSelectConfig:
     """Which patches of a kept tile enter the ViT (CNN prior, before block 0).
@@ -226,17 +230,27 @@ class TokenSelectConfig:
         p: nucleus mass.
         keep_ratio: fraction of patches kept by ``ratio``.
         min_tokens: never keep fewer patch tokens than this per tile.
+        scope: what ``ratio`` counts over: ``tile`` (``keep_ratio`` of each kept tile's
+            patches) or ``slide`` (the same number of tokens in all, ``keep_ratio`` of the
+            kept tiles' patches, given to the patches the CNN rates highest across the
+            slide's kept tiles: a tile it sees lesion in gets more, a doubtful one
+            ``min_tokens``). Only ``ratio`` reads it.
     """
 
     policy: str = "ratio"
     p: float = 0.9
     keep_ratio: float = 0.5
     min_tokens: int = 4
+    scope: str = "tile"
 
     def __post_init__(self) -> None:
         _check(bool(self.policy), "token_select.policy must be a policy name")
         _check(0.0 < self.p <= 1.0 and 0.0 < self.keep_ratio <= 1.0, "token p/keep_ratio in (0,1]")
         _check(self.min_tokens >= 1, "token_select.min_tokens must be >= 1")
+        _check(self.scope in TOKEN_SCOPES,
+               f"token_select.scope={self.scope!r}: one of {', '.join(TOKEN_SCOPES)}")
+        _check(self.scope == "tile" or self.policy in ("ratio", "all"),
+               f"token_select.scope=slide counts a ratio; policy {self.policy!r} decides per tile")
 
 
 @dataclass(frozen=True)
@@ -418,7 +432,7 @@ class RunConfig:
         return self.replace(
             tile_select={"policy": "all", "min_tiles": 0, "max_tiles": None,
                          "redundancy_eps": None},
-            token_select={"policy": "all"},
+            token_select={"policy": "all", "scope": "tile"},
             vit={"prune_blocks": ()},
         )
 
@@ -481,6 +495,7 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("vit", "std"),
     ("vit", "precision"),
     ("mil", "top_k"),
+    ("token_select", "scope"),
 )
 
 

@@ -618,3 +618,27 @@ def test_free_space_bound_counts_the_tiles_the_run_tiles(batch, svs_slide):
     assert n == int(row["tissue_tiles"]) > 0
     t = cfg.tiling
     assert need == n * t.coarse_px**2 * 3 + OUTPUTS_MARGIN_BYTES
+
+
+def test_slide_token_scope_spends_the_same_tokens_where_the_cnn_looks(batch, svs_slide,
+                                                                       tmp_path):
+    """``token_select.scope: slide``: the same tokens in all as the per-tile ratio, moved to
+    the tiles whose CNN patch maps rate highest."""
+    out, rows = batch
+    sid = next(k for k, r in rows.items() if Path(r["path"]) == svs_slide)
+    cfg = demo_config().replace(token_select={"scope": "slide", "min_tokens": 2})
+    (row,) = run_batch([svs_slide], tmp_path / "slide", cfg, progress=False)
+    assert row["status"] == "ok", row["error"]
+    a = zarr.open_group(str(out / f"{sid}.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "slide" / f"{row['id']}.zarr"), mode="r")
+    assert np.array_equal(a["vit/tile_index"][:], b["vit/tile_index"][:])  # same triage
+    per_tile = np.asarray(a["vit/kept_tokens"][:, 0]).sum(1)
+    per_slide = np.asarray(b["vit/kept_tokens"][:, 0]).sum(1)
+    assert per_tile.sum() == per_slide.sum() and len(set(per_tile)) == 1
+    assert per_slide.min() >= 2 and len(set(per_slide)) > 1
+    # the tiles given more tokens are those whose patch maps rate higher
+    tidx = np.asarray(b["vit/tile_index"][:])
+    imp = np.asarray(b["triage/patch_importance"][:])[tidx].reshape(len(tidx), -1)
+    top = np.sort(imp, axis=1)[:, ::-1][:, : per_tile[0]].mean(1)
+    more = per_slide > per_tile[0]
+    assert top[more].mean() > top[~more].mean()

@@ -10,7 +10,12 @@ from wsi_prune.config import TileSelectConfig, TokenSelectConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.selection.registry import get_policy, list_policies, register_policy
 from wsi_prune.selection.tiles import nucleus_count, select_tiles
-from wsi_prune.selection.tokens import keep_by_attention, ratio_count, select_patches
+from wsi_prune.selection.tokens import (
+    keep_by_attention,
+    ratio_count,
+    select_patches,
+    slide_token_counts,
+)
 
 
 def tiles(scores, **kw) -> np.ndarray:
@@ -225,6 +230,47 @@ def test_select_patches_rejects_bad_shapes() -> None:
 
 
 # ---------------------------------------------------------------- tokens inside the ViT
+
+
+def test_slide_scope_gives_the_budget_to_the_slides_best_patches_by_hand() -> None:
+    imp = torch.tensor([[0.9, 0.8, 0.7, 0.1],
+                        [0.2, 0.1, 0.05, 0.0],
+                        [0.6, 0.85, 0.3, 0.3]])
+    # budget 3 x ceil(0.5 * 4) = 6: each tile's best first (0.9, 0.2, 0.85), then the
+    # three best of the rest over the slide (0.8 and 0.7 of tile 0, 0.6 of tile 2)
+    counts = slide_token_counts(imp, 0.5, 1)
+    assert counts.tolist() == [3, 1, 2]
+    keep = select_patches(imp, TokenSelectConfig(), counts=counts)
+    assert keep.tolist() == [[True, True, True, False], [True, False, False, False],
+                             [True, True, False, False]]
+    # min_tokens first: with 2 each, 6 go to the tiles' two best and nothing is left
+    assert slide_token_counts(imp, 0.5, 2).tolist() == [2, 2, 2]
+    # min_tokens above the ratio: the minimum wins, as per tile
+    assert slide_token_counts(imp, 0.25, 3).tolist() == [3, 3, 3]
+    # ties: the lower tile first
+    assert slide_token_counts(torch.full((2, 4), 0.5), 0.5, 1).tolist() == [3, 1]
+    assert slide_token_counts(torch.zeros((0, 4)), 0.5, 1).tolist() == []
+    # a 7x7 CNN map is resampled to the ViT grid as select_patches does
+    c = slide_token_counts(torch.rand((5, 7, 7), generator=torch.Generator().manual_seed(0)),
+                           0.25, 4, grid=(14, 14))
+    assert int(c.sum()) == 5 * 49 and bool((c >= 4).all()) and len(set(c.tolist())) > 1
+    with pytest.raises(ValueError, match="counts"):
+        select_patches(imp, TokenSelectConfig(), counts=torch.tensor([1, 2]))
+
+
+def test_slide_scope_is_a_ratio_setting() -> None:
+    from wsi_prune.config import RunConfig
+
+    assert TokenSelectConfig(scope="slide").scope == "slide"
+    with pytest.raises(ConfigError, match="scope"):
+        TokenSelectConfig(scope="batch")
+    with pytest.raises(ConfigError, match="policy 'nucleus'"):
+        TokenSelectConfig(policy="nucleus", scope="slide")
+    cfg = RunConfig().replace(token_select={"scope": "slide"})
+    assert cfg.dense().token_select.scope == "tile"  # the dense reference keeps every token
+    # a config that leaves the scope at its default hashes as before the key existed
+    assert "scope" not in RunConfig().identity()["token_select"]
+    assert cfg.hash() != RunConfig().hash()
 
 
 def test_keep_by_attention_nucleus_adaptive_count() -> None:

@@ -27,7 +27,7 @@ from wsi_prune.pipeline.inputs import SlideEntry
 from wsi_prune.pipeline.prefetch import prefetched
 from wsi_prune.selection.macs import vit_batch_macs
 from wsi_prune.selection.tiles import select_tiles
-from wsi_prune.selection.tokens import select_patches
+from wsi_prune.selection.tokens import select_patches, slide_token_counts
 
 Progress = Callable[[int, int], None] | None
 
@@ -74,6 +74,10 @@ def embed_kept(
             one (:func:`~wsi_prune.pipeline.prefetch.prefetched`); 0 reads in this thread.
             The results are the same either way.
 
+    With ``token_select.scope: slide`` the tokens per tile are counted once over all K tiles
+    (:func:`~wsi_prune.selection.tokens.slide_token_counts`), so a batch mixes tiles of many
+    and few tokens (padded to its largest inside the ViT; MACs count only real tokens).
+
     A kept tile whose full-resolution read fails to decode is, with ``tiling.on_corrupt_tile:
     skip``, left out (K counts only the tiles read) and reported in ``unreadable``; with
     ``fail`` the error propagates.
@@ -113,6 +117,11 @@ def embed_kept(
                 idx, tiles = idx[good], tiles[good]
             yield start, idx, tiles, failed
 
+    tok = config.token_select
+    counts = None
+    if tok.scope == "slide" and tok.policy == "ratio":
+        counts = slide_token_counts(torch.from_numpy(patch_importance[tile_index]),
+                                    tok.keep_ratio, tok.min_tokens, grid=models.grid)
     with Slide(entry.path, entry.mpp) as slide:
         for start, idx, pix, failed in prefetched(batches(slide), prefetch,
                                                   "wsi-prune-read-kept"):
@@ -122,7 +131,9 @@ def embed_kept(
             done.append(idx)
             x = models.vit_input(pix)  # pinned host->device copy on CUDA
             keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
-                                   grid=models.grid)
+                                   grid=models.grid,
+                                   counts=None if counts is None else counts[start:start + bs]
+                                   [np.isin(tile_index[start:start + bs], idx)])
             with torch.inference_mode():
                 res = models.vit(x, keep0)
             embeddings.append(res.embedding.float().cpu().numpy())

@@ -87,22 +87,9 @@ def _apply_token_policy(
     return keep
 
 
-def select_patches(
-    importance: torch.Tensor,
-    config: TokenSelectConfig,
-    grid: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Which patch tokens of each tile enter the ViT (the CNN prior, before block 0).
-
-    Args:
-        importance: (B, G, G) or (B, P) float, non-negative CNN patch importance.
-        config: policy (``nucleus``, ``ratio`` or ``all``), ``p``, ``keep_ratio``, ``min_tokens``.
-        grid: (rows, cols) of the ViT patch grid; when given and different from the importance
-            map's (B, G, G) grid, the map is resampled to it (area/bilinear) first.
-
-    Returns:
-        (B, P) bool keep mask, P = rows * cols of the ViT grid (row-major, like timm's tokens).
-    """
+def _on_grid(importance: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    """(B, P) float importance on the ViT patch grid (resampled, area or bilinear, when the
+    CNN's (B, G, G) map has another grid), checked finite and of the grid's size."""
     imp = importance.detach().float()
     if imp.ndim == 3 and grid is not None and tuple(imp.shape[1:]) != tuple(grid):
         imp = F.interpolate(
@@ -118,10 +105,78 @@ def select_patches(
         raise ValueError(
             f"importance has {imp.shape[1]} patches, ViT grid {grid} needs {grid[0] * grid[1]}"
         )
+    return imp
+
+
+def select_patches(
+    importance: torch.Tensor,
+    config: TokenSelectConfig,
+    grid: tuple[int, int] | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which patch tokens of each tile enter the ViT (the CNN prior, before block 0).
+
+    Args:
+        importance: (B, G, G) or (B, P) float, non-negative CNN patch importance.
+        config: policy (``nucleus``, ``ratio`` or ``all``), ``p``, ``keep_ratio``, ``min_tokens``.
+        grid: (rows, cols) of the ViT patch grid; when given and different from the importance
+            map's (B, G, G) grid, the map is resampled to it (area/bilinear) first.
+        counts: (B,) tokens to keep per tile, the highest-rated first, instead of the policy
+            (``token_select.scope: slide``: :func:`slide_token_counts`).
+
+    Returns:
+        (B, P) bool keep mask, P = rows * cols of the ViT grid (row-major, like timm's tokens).
+    """
+    imp = _on_grid(importance, grid)
     valid = torch.ones_like(imp, dtype=torch.bool)
+    if counts is not None:
+        if counts.shape != (imp.shape[0],):
+            raise ValueError(f"counts must be ({imp.shape[0]},), got {tuple(counts.shape)}")
+        _, order = _ranked(imp, valid)
+        return _keep_first(order, counts.long().clamp(0, imp.shape[1]))
     return _apply_token_policy(
         imp, valid, config.policy, config.p, config.keep_ratio, config.min_tokens
     )
+
+
+def slide_token_counts(
+    importance: torch.Tensor,
+    keep_ratio: float,
+    min_tokens: int,
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Tokens per kept tile when ``keep_ratio`` counts over the slide (``token_select.scope:
+    slide``): as many tokens in all as the per-tile ratio keeps (``ceil(keep_ratio * P)`` a
+    tile), every tile's ``min_tokens`` highest-rated patches first, then the rest of the
+    budget to the highest-rated remaining patches of the whole slide (ties: lower tile, then
+    lower patch, first). Within a tile the kept patches are then its highest-rated ones, the
+    order :func:`select_patches` keeps them in.
+
+    Args:
+        importance: (K, G, G) or (K, P) CNN patch importance of the slide's kept tiles.
+        grid: the ViT patch grid (see :func:`select_patches`).
+
+    Returns:
+        (K,) long counts summing to ``K * ceil(keep_ratio * P)`` (or ``K * min(min_tokens,
+        P)`` when that is more).
+    """
+    imp = _on_grid(importance, grid)
+    k, p = imp.shape
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    per_tile = int(ratio_count(torch.tensor([p]), keep_ratio)[0])
+    base = min(min_tokens, p)
+    valid = torch.ones_like(imp, dtype=torch.bool)
+    _, order = _ranked(imp, valid)
+    first = _keep_first(order, torch.full((k,), base, dtype=torch.long))
+    rest = k * max(per_tile - base, 0)
+    counts = torch.full((k,), base, dtype=torch.long)
+    if rest:
+        score = torch.where(first, torch.full_like(imp, -1.0), imp.clamp_min(0)).double()
+        # stable descending sort of the flattened (tile, patch) scores: ties by flat index
+        flat = torch.sort(score.flatten(), descending=True, stable=True).indices[:rest]
+        counts += torch.bincount(flat // p, minlength=k)
+    return counts
 
 
 def keep_by_attention(
