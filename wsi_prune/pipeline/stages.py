@@ -118,10 +118,14 @@ def embed_kept(
             yield start, idx, tiles, failed
 
     tok = config.token_select
-    counts = None
+    counts, given = None, tile_index
     if tok.scope == "slide" and tok.policy == "ratio":
         counts = slide_token_counts(torch.from_numpy(patch_importance[tile_index]),
                                     tok.keep_ratio, tok.min_tokens, grid=models.grid)
+        # tiles of alike token counts share a batch (a batch is padded to its largest);
+        # the results are put back in the given order below
+        by_count = np.argsort(-counts.numpy(), kind="stable")
+        tile_index, counts = tile_index[by_count], counts[by_count]
     with Slide(entry.path, entry.mpp) as slide:
         for start, idx, pix, failed in prefetched(batches(slide), prefetch,
                                                   "wsi-prune-read-kept"):
@@ -147,6 +151,13 @@ def embed_kept(
     d = models.mil.in_dim
     n_stages = 1 + len(config.vit.prune_blocks)
     k = sum(len(i) for i in done)
+    if k and counts is not None:
+        pos = {int(t): i for i, t in enumerate(given)}
+        back = np.argsort([pos[int(t)] for i in done for t in i], kind="stable")
+        done = [np.concatenate(done)[back]]
+        embeddings = [np.concatenate(embeddings)[back]]
+        importance = [np.concatenate(importance)[back]]
+        kept_tokens = [np.concatenate(kept_tokens)[back]]
     return {
         "tile_index": np.concatenate(done).astype(np.int64) if k else np.zeros(0, np.int64),
         "embedding": np.concatenate(embeddings) if k else np.zeros((0, d), np.float32),
