@@ -153,6 +153,19 @@ _DEFAULT_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}
                          {"name": "crc32c"}]
 
 
+def _index_nbytes(per_shard: int) -> int:
+    """Bytes of a shard index of ``per_shard`` chunks: an (offset, nbytes) uint64 pair per chunk,
+    then its crc32c."""
+    return per_shard * 16 + 4
+
+
+def _index_crc(raw: bytes) -> bytes:
+    """The 4-byte crc32c (little-endian) that closes a shard index."""
+    import google_crc32c
+
+    return google_crc32c.value(raw).to_bytes(4, "little")
+
+
 def missing_chunks(arr: zarr.Array) -> list[int]:
     """Indices (along axis 0) of chunks with no data on disk: their shard is absent or
     truncated, or the shard's index marks them empty.
@@ -186,7 +199,7 @@ def missing_chunks(arr: zarr.Array) -> list[int]:
         raise StoreError(f"unsupported shard index codecs {codec.get('index_codecs')}",
                          _array_dir(arr))
     per_shard = arr.shards[0] // chunk0
-    index_bytes = per_shard * 16 + 4  # (offset, nbytes) uint64 per chunk, then a crc32c
+    index_bytes = _index_nbytes(per_shard)
     at_end = codec.get("index_location", "end") == "end"
     missing = []
     for s in range(math.ceil(n_chunks / per_shard)):
@@ -257,8 +270,6 @@ def write_tile_shards(arr: zarr.Array, start: int, tiles: np.ndarray) -> None:
         arr[start:stop] = tiles
         return
     per_shard, zstd = layout
-    import google_crc32c
-
     tiles = np.ascontiguousarray(tiles, np.uint8)
     for first in range(start, stop, per_shard):
         block = tiles[first - start:min(first + per_shard, stop) - start]
@@ -268,7 +279,7 @@ def write_tile_shards(arr: zarr.Array, start: int, tiles: np.ndarray) -> None:
         index[:len(parts), 1] = sizes
         index[:len(parts), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
         raw = index.tobytes()
-        crc = google_crc32c.value(raw).to_bytes(4, "little")
+        crc = _index_crc(raw)
         path = _shard_file(arr, first // per_shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:
@@ -281,7 +292,8 @@ def read_tile_shards(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     its index checked against its crc32c, the wanted chunks decompressed by the same numcodecs
     codec. Otherwise, and outside ``[0, len(arr)]``, through zarr. Why: zarr-python 3.1 decodes
     chunk by chunk through its async pipeline, ~0.5 ms a 56 px tile, about as long as the
-    triage CNN takes to score it (docs/benchmarks.md, "Triage").
+    triage CNN takes to score it (docs/benchmarks.md, "The fixed per-slide costs, second
+    pass").
 
     A chunk the index marks empty, or a shard file that does not exist, reads as the array's
     fill value, as zarr reads it.
@@ -295,13 +307,11 @@ def read_tile_shards(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     if layout is None or not 0 <= start <= stop <= n:
         return np.asarray(arr[start:stop])
     per_shard, zstd = layout
-    import google_crc32c
-
     shape = tuple(arr.shape[1:])
     size = int(np.prod(shape))
     out = np.empty((stop - start, *shape), np.uint8)
     fill = np.uint8(arr.fill_value or 0)
-    index_bytes = per_shard * 16 + 4
+    index_bytes = _index_nbytes(per_shard)
     for s in range(start // per_shard, -(-stop // per_shard)):
         first = s * per_shard
         lo, hi = max(start, first), min(stop, first + per_shard)
@@ -314,7 +324,7 @@ def read_tile_shards(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         if len(data) < index_bytes:
             raise StoreError(f"tile shard shorter than its index ({len(data)} bytes)", path)
         raw = data[-index_bytes:-4]
-        if google_crc32c.value(raw).to_bytes(4, "little") != data[-4:]:
+        if _index_crc(raw) != data[-4:]:
             raise StoreError("tile shard index fails its crc32c checksum", path)
         slots = np.frombuffer(raw, "<u8").reshape(per_shard, 2)
         for i in range(lo, hi):

@@ -120,12 +120,14 @@ def embed_kept(
     tok = config.token_select
     counts, given = None, tile_index
     if tok.scope == "slide" and tok.policy == "ratio":
-        counts = slide_token_counts(torch.from_numpy(patch_importance[tile_index]),
-                                    tok.keep_ratio, tok.min_tokens, grid=models.grid)
+        # tokens per tile, indexed by tile index (a batch may lose unreadable tiles)
+        per_tile = slide_token_counts(torch.from_numpy(patch_importance[tile_index]),
+                                      tok.keep_ratio, tok.min_tokens, grid=models.grid)
+        counts = torch.zeros(len(patch_importance), dtype=torch.long)
+        counts[torch.from_numpy(np.asarray(tile_index, np.int64))] = per_tile
         # tiles of alike token counts share a batch (a batch is padded to its largest);
         # the results are put back in the given order below
-        by_count = np.argsort(-counts.numpy(), kind="stable")
-        tile_index, counts = tile_index[by_count], counts[by_count]
+        tile_index = tile_index[np.argsort(-per_tile.numpy(), kind="stable")]
     with Slide(entry.path, entry.mpp) as slide:
         for start, idx, pix, failed in prefetched(batches(slide), prefetch,
                                                   "wsi-prune-read-kept"):
@@ -136,8 +138,8 @@ def embed_kept(
             x = models.vit_input(pix)  # pinned host->device copy on CUDA
             keep0 = select_patches(torch.from_numpy(patch_importance[idx]), config.token_select,
                                    grid=models.grid,
-                                   counts=None if counts is None else counts[start:start + bs]
-                                   [np.isin(tile_index[start:start + bs], idx)])
+                                   counts=None if counts is None else
+                                   counts[torch.from_numpy(np.asarray(idx, np.int64))])
             with torch.inference_mode():
                 res = models.vit(x, keep0)
             embeddings.append(res.embedding.float().cpu().numpy())
@@ -152,8 +154,9 @@ def embed_kept(
     n_stages = 1 + len(config.vit.prune_blocks)
     k = sum(len(i) for i in done)
     if k and counts is not None:
-        pos = {int(t): i for i, t in enumerate(given)}
-        back = np.argsort([pos[int(t)] for i in done for t in i], kind="stable")
+        pos = np.empty(len(patch_importance), np.int64)
+        pos[given] = np.arange(len(given))
+        back = np.argsort(pos[np.concatenate(done)], kind="stable")
         done = [np.concatenate(done)[back]]
         embeddings = [np.concatenate(embeddings)[back]]
         importance = [np.concatenate(importance)[back]]

@@ -166,7 +166,8 @@ def _teacher_tile_targets(group: Any, path: Path) -> np.ndarray:
     if "vit/embedding" not in group or "vit/tile_index" not in group:
         raise StoreError("ViT tile targets need vit/embedding and vit/tile_index (a run store "
                          "made with `run --dense`)", path)
-    _require_dense(group, int(group["vit/tile_index"].shape[0]), path, "ViT tile targets need")
+    idx = np.asarray(group["vit/tile_index"][:], np.int64)
+    _require_dense(group, len(idx), path, "ViT tile targets need")
     weights = RunConfig.from_dict(group.attrs["run_config"]).vit.weights
     head_path = tile_head_of(weights) if weights else None
     if head_path is None:
@@ -177,7 +178,7 @@ def _teacher_tile_targets(group: Any, path: Path) -> np.ndarray:
     with torch.no_grad():
         p = torch.sigmoid(head(torch.from_numpy(emb))[:, 0]).numpy()
     out = np.full(int(group["tiles/coords"].shape[0]), np.nan, np.float32)
-    out[np.asarray(group["vit/tile_index"][:], np.int64)] = p
+    out[idx] = p
     return out
 
 
@@ -397,8 +398,8 @@ def _scorer_loss(
     if tile_weight > 0 and bool(has.sum() >= (2 if rank else 1)):
         score = pool_patch_map(torch.sigmoid(logits), config.pooling, config.topk)
         eps = 1e-6
-        score, t = score[has].clamp(eps, 1 - eps), t[has].clamp(eps, 1 - eps)
-        tile = _rank_loss(torch.logit(score), torch.logit(t)) if rank else \
+        score, t = score[has].clamp(eps, 1 - eps), t[has]
+        tile = _rank_loss(torch.logit(score), torch.logit(t.clamp(eps, 1 - eps))) if rank else \
             F.binary_cross_entropy(score, t)
         loss = loss + tile_weight * tile
     return loss
