@@ -24,6 +24,10 @@ score threshold that ``budget / token_ratio`` of the *training* slides' tiles pa
 mean budget goes where the scorer sees lesion (a fixed fraction caps triage recall on a slide
 whose lesion tiles outnumber it; ``triage_ceiling`` measures that cap).
 
+``--student`` runs every pruned setting with a ViT distilled from the seed's ViT through the
+pipeline's own pruning (``distill-vit``: train as you infer, for the ViT; settings tagged
+``-student``), still compared with the dense runs of the seed's ViT.
+
 ``--scorer-targets vit`` adds, per seed, a scorer whose tile score learnt the order the dense
 ViT's tile head gives the training slides' tiles (``train-scorer --tile-targets vit`` on the
 dense training run; settings tagged ``-vit-scorer``; the adaptive threshold is then set on that
@@ -188,6 +192,8 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
         c, sfx = cfg, ""
         if targets == "vit":
             c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER
+        if args.student:
+            c, sfx = student_vit(sd, c, seed, args, sfx), sfx + STUDENT
         rt = ratio_tag(args.token_ratio, args.token_scope)
         for b in args.budgets:
             out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}{rt}",
@@ -205,6 +211,8 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
 
 #: tag suffix of the settings whose scorer learnt the dense ViT's tile probabilities
 VIT_SCORER = "-vit-scorer"
+#: tag suffix of the settings whose pruned runs use the ViT distilled for pruning
+STUDENT = "-student"
 #: the CNN prior's share of each kept tile's patches that the tags leave unsaid
 DEFAULT_TOKEN_RATIO = 0.5
 
@@ -230,6 +238,24 @@ def vit_scorer(sd: Path, train_dir: Path, cfg: RunConfig, seed: int,
                      tile_loss_weight=args.teacher_weight, progress=False)
         _log.info("seed %d: ViT-taught scorer trained in %.0f s", seed, time.perf_counter() - t)
     return apply_trained_configs(cfg.replace(scorer={"weights": str(w)}))
+
+
+def student_vit(sd: Path, cfg: RunConfig, seed: int, args: argparse.Namespace,
+                sfx: str) -> RunConfig:
+    """``cfg`` with the seed's ViT replaced, for the pruned runs, by a student distilled from it
+    (``distill-vit`` on the dense training run: the pipeline's pruning with ``cfg``'s scorer as
+    the CNN prior, token ratios 1, 0.5, 0.25 and 0.125). The dense references stay the
+    teacher's runs: a pruned setting is compared with the answer of the ViT it was distilled
+    from."""
+    from wsi_prune.training.distill import distill_vit
+
+    w = sd / f"vit-student{sfx}.safetensors"
+    if not w.is_file():
+        res = distill_vit([sd / "train-dense"], w, cfg, max_minutes=args.student_minutes,
+                          seed=seed, progress=False)
+        _log.info("seed %d: student distilled in %.0f s (%d epochs), val %s", seed, res.seconds,
+                  len(res.losses), res.val)
+    return apply_trained_configs(cfg.replace(vit={"weights": str(w)}))
 
 
 def _no_dense_head(args: argparse.Namespace) -> tuple[str, ...]:
@@ -510,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="scorers run at every budget: trained on the lesions, and/or with its "
                          "tile score taught by the dense ViT's tile head (tags end in "
                          f"{VIT_SCORER})")
+    ap.add_argument("--student", action="store_true",
+                    help="pruned runs use a ViT distilled from the seed's ViT for pruning "
+                         f"(distill-vit; tags end in {STUDENT}); the dense references stay")
+    ap.add_argument("--student-minutes", type=float, default=12.0,
+                    help="time budget of each distillation")
     ap.add_argument("--teacher-weight", type=float, default=1.0,
                     help="tile-loss weight of the ViT-taught scorer")
     ap.add_argument("--ablate-levels", default="2,4",
@@ -520,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds, args.budgets, args.n_train, args.n_test = [0], [0.1], 4, 4
         args.size, args.vit_minutes, args.vit_tiles, args.scorer_epochs = 4096, 1.0, 48, 2
+        args.student_minutes = 1.0
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("wsi_prune").setLevel(logging.WARNING)

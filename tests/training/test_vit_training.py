@@ -195,3 +195,85 @@ def test_scorer_learns_the_tile_targets_of_a_dense_run_with_a_trained_vit(
         str(tmp_path / "untrained"), "--annotations", str(lesion_stores / "xml"),
         "--tile-targets", "vit", "--out", str(tmp_path / "u.safetensors")])
     assert res.exit_code == 1 and "has none" in res.output and "a.zarr" in res.output
+
+
+def test_distill_vit_keeps_the_dense_answer_when_pruned(lesion_stores: Path,
+                                                        tmp_path: Path) -> None:
+    """distill-vit: a copy of the teacher, fine-tuned through the pipeline's own pruning
+    (CNN prior at a token ratio, in-ViT pruning), ends closer to the teacher's dense tile
+    logits than the teacher pruned the same way; its sidecar names the teacher, its tile head is
+    the teacher's, `run` loads it; pruned runs and other ViTs' runs are refused by name."""
+    from wsi_prune._files import file_sha256
+    from wsi_prune.cli.train import distill_vit as distill_cmd
+    from wsi_prune.errors import StoreError
+    from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.training.distill import distill_vit
+
+    vit = tmp_path / "vit.safetensors"
+    train_vit([lesion_stores / "tiles"], lesion_stores / "xml", vit, config=TINY, epochs=1,
+              batch_size=8, max_tiles_per_store=16, val_fraction=0.0, seed=0, threads=1,
+              progress=False)
+    cfg = apply_trained_configs(RunConfig.from_yaml(REPO / "pipelines" / "demo.yaml").replace(
+        vit={"weights": str(vit), "prune_blocks": (1,)},
+        token_select={"policy": "ratio", "keep_ratio": 0.25}))
+    slides = [lesion_stores / "slides" / f"{n}.svs" for n in ("a", "b", "c")]
+    rows = run_batch(slides, tmp_path / "dense", cfg.dense(), progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+
+    out = tmp_path / "student.safetensors"
+    kw = dict(keep_ratios=(1.0, 0.25), epochs=20, lr=3e-3, embedding_weight=0.0, batch_size=8,
+              max_tiles_per_store=12, val_fraction=0.0, seed=0, threads=1, progress=False)
+    res = distill_vit([tmp_path / "dense"], out, cfg, **kw)
+    assert res.n_train == 36 and res.n_val == 0 and res.val == {}
+    assert all(np.isfinite(res.losses)) and res.losses[-1] < 0.5 * res.losses[0]
+    # on the tiles it was fitted to, pruned at 0.25 (the prior keeps a quarter, block 1 prunes
+    # more): the student's tile logits are nearer the teacher's dense logits than the
+    # teacher's own, and dense the teacher matches its stored embeddings exactly
+    from wsi_prune.models.checkpoints import load_into
+    from wsi_prune.training.data import find_stores
+    from wsi_prune.training.distill import _load_slide, _scorer, _validate
+
+    head = load_tile_head(tile_head_of(vit), 48)
+    rng = np.random.default_rng(0)  # the draw distill_vit made with seed 0
+    data = [_load_slide(p, cfg, _scorer(cfg, 14), head, file_sha256(vit), 12, 0.5, rng)
+            for p in find_stores([tmp_path / "dense"])]
+    teacher = build_vit(dataclasses.replace(cfg.vit, pretrained=False), load_weights=load_into)
+    mean, std = torch.tensor([0.5] * 3).view(1, 3, 1, 1), torch.tensor([0.5] * 3).view(1, 3, 1, 1)
+    fit = _validate(res.model, teacher, head, cfg, data, (1.0, 0.25), mean, std, (14, 14), 16)
+    assert fit["r1"]["teacher_rmse"] < 1e-4
+    assert fit["r0.25"]["teacher_rmse"] > 0.03  # pruning moved the teacher's logits
+    assert fit["r0.25"]["student_rmse"] < 0.75 * fit["r0.25"]["teacher_rmse"], fit  # 0.57 here
+    assert fit["r0.25"]["student_tokens"] < 0.25 * 196 + 1
+
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["kind"] == "wsi-prune-vit" and meta["targets"] == "distilled"
+    assert meta["model_kwargs"] == TINY.model_kwargs
+    assert meta["distilled_from"]["sha256"] == file_sha256(vit)
+    assert meta["training"]["keep_ratios"] == [1.0, 0.25]
+    assert tile_head_of(out).read_bytes() == tile_head_of(vit).read_bytes()
+    student = apply_trained_configs(cfg.replace(vit={"weights": str(out)}))
+    rows = run_batch(slides[:1], tmp_path / "pruned", student, progress=False)
+    assert rows[0]["status"] == "ok", rows
+
+    with pytest.raises(StoreError, match="needs a dense run store") as err:
+        distill_vit([tmp_path / "pruned"], tmp_path / "x.safetensors", cfg, **kw)
+    assert err.value.path == str(tmp_path / "pruned" / "a.zarr")
+    other = tmp_path / "other"
+    run_batch(slides[:1], other, student.dense(), progress=False)
+    with pytest.raises(StoreError, match="not the teacher"):
+        distill_vit([other], tmp_path / "x.safetensors", cfg, **kw)
+    with pytest.raises(ConfigError, match="needs vit.weights"):
+        distill_vit([tmp_path / "dense"], tmp_path / "x.safetensors",
+                    cfg.replace(vit={"weights": None}), **kw)
+
+    # the command: two slides, one held out for the validation table
+    yaml = tmp_path / "cfg.yaml"
+    yaml.write_text(cfg.to_yaml())
+    res = CliRunner().invoke(distill_cmd, [
+        str(tmp_path / "dense" / "c.zarr"), str(tmp_path / "dense" / "a.zarr"), "--config",
+        str(yaml), "--out", str(tmp_path / "cli.safetensors"), "--keep-ratios", "1,0.25",
+        "--epochs", "1", "--batch-size", "8", "--max-tiles-per-store", "0", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "r0.25: tile-logit RMSE" in res.output and "wrote" in res.output
+    val = json.loads((tmp_path / "cli.json").read_text())["val"]
+    assert val["r1"]["teacher_rmse"] < 1e-4 and len(val["r0.25"]) == 6

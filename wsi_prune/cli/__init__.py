@@ -14,7 +14,7 @@ from wsi_prune.cli.evaluate import evaluate
 from wsi_prune.cli.models import models
 from wsi_prune.cli.run import demo, run
 from wsi_prune.cli.slides import doctor, heatmap, info, synth, tile
-from wsi_prune.cli.train import train_mil, train_scorer, train_vit
+from wsi_prune.cli.train import distill_vit, train_mil, train_scorer, train_vit
 
 __all__ = ["main"]
 
@@ -41,5 +41,5 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 for _cmd in (info, doctor, tile, synth, run, heatmap, demo, evaluate, train_scorer, train_vit,
-             train_mil, submit, merge, models):
+             distill_vit, train_mil, submit, merge, models):
     main.add_command(_cmd)

@@ -1,6 +1,6 @@
-"""``wsi-prune train-scorer``, ``train-vit`` and ``train-mil``: thin click commands over
-:mod:`wsi_prune.training`. They are standalone :class:`click.Command` objects that
-:mod:`wsi_prune.cli` registers with ``main.add_command``."""
+"""``wsi-prune train-scorer``, ``train-vit``, ``distill-vit`` and ``train-mil``: thin click
+commands over :mod:`wsi_prune.training`. They are standalone :class:`click.Command` objects
+that :mod:`wsi_prune.cli` registers with ``main.add_command``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 
 from wsi_prune.cli.common import handle_errors
 
-__all__ = ["train_mil", "train_scorer", "train_vit"]
+__all__ = ["distill_vit", "train_mil", "train_scorer", "train_vit"]
 
 
 def _progress() -> bool:
@@ -251,4 +251,71 @@ def train_vit(stores: tuple[str, ...], annotations: str, out: str, config_path: 
         click.echo("validation: " + ", ".join(
             f"{k} {v:.3f}" for k, v in res.val.items()
             if isinstance(v, float) and not k.startswith("n_")))
+    click.echo(f"wrote {res.weights} and {res.config}")
+
+
+@click.command("distill-vit")
+@click.argument("dense_runs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="The pipeline YAML the student will run with: vit.weights is the teacher "
+                   "(a train-vit ViT with its tile head), scorer gives the CNN prior, vit and "
+                   "token_select the pruning.")
+@_out
+@click.option("--keep-ratios", default="1,0.5,0.25,0.125", show_default=True,
+              help="CNN-prior token ratios cycled over the batches (1: dense, keeps the "
+                   "student's dense answer the teacher's).")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--max-tiles-per-store", type=click.IntRange(min=0), default=256,
+              show_default=True, help="Tiles drawn per slide, half of them those the scorer "
+                                      "rates highest (0: all).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2,
+              show_default=True, help="Share of slides held out for the validation table.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many minutes (the last finished epoch is kept).")
+@_seed
+@_threads
+@handle_errors
+def distill_vit(dense_runs: tuple[str, ...], config_path: str, out: str, keep_ratios: str,
+                epochs: int, lr: float, batch_size: int, max_tiles_per_store: int,
+                val_fraction: float, max_minutes: float | None, seed: int,
+                threads: int | None) -> None:
+    """Fine-tune a copy of the config's ViT so that, pruned as the config prunes, it gives the
+    dense ViT's tile logits and embeddings (DynamicViT-style distillation; no labels).
+
+    DENSE_RUNS are `run --dense` outputs of training slides made with the teacher
+    (vit.weights); their slides must still be where the stores say. Writes OUT
+    (.safetensors), its .json (the teacher's architecture, `distilled_from`, and per token
+    ratio the held-out slides' logit error of the teacher pruned and of the student pruned)
+    and the tile head beside it. Set vit.weights to OUT for the pruned runs; train the slide
+    head on a pruned run with it (train as you infer).
+
+    \b
+    Example:
+      wsi-prune run train-slides/ --dense --config cfg.yaml --out train-dense/
+      wsi-prune distill-vit train-dense/ --config cfg.yaml --out models/vit-student.safetensors
+    """
+    from wsi_prune.config import load_config
+    from wsi_prune.models.factory import apply_trained_configs
+    from wsi_prune.training.distill import distill_vit as run_distill
+
+    try:
+        ratios = [float(r) for r in keep_ratios.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {keep_ratios!r}",
+                                 param_hint="--keep-ratios") from None
+    cfg = apply_trained_configs(load_config(config_path))
+    res = run_distill(list(dense_runs), out, cfg, keep_ratios=ratios, epochs=epochs, lr=lr,
+                      batch_size=batch_size, max_tiles_per_store=max_tiles_per_store or None,
+                      val_fraction=val_fraction, max_minutes=max_minutes, seed=seed,
+                      threads=threads, progress=_progress())
+    click.echo(f"{res.n_train} training tiles, {res.n_val} held out; loss {res.losses[0]:.4f} -> "
+               f"{res.losses[-1]:.4f} in {res.seconds:.0f} s"
+               + (" (time budget reached)" if res.stopped_early else ""))
+    for ratio, row in res.val.items():
+        click.echo(f"{ratio}: tile-logit RMSE against the dense teacher {row['teacher_rmse']:.3f} "
+                   f"(teacher pruned) -> {row['student_rmse']:.3f} (student pruned), "
+                   f"{row['student_tokens']:.0f} tokens")
     click.echo(f"wrote {res.weights} and {res.config}")
