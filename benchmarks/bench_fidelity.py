@@ -179,10 +179,10 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
     _run(train_dir, sd / "train-dense", cfg.dense())
     head_dense = train_head(sd / "train-dense", train_dir / "labels.csv",
                             sd / "mil-dense.safetensors", seed)
-    if set(args.heads) - {"topk"} or args.ablate_levels:  # the ABMIL heads' reference
+    if set(args.heads) - {"topk", "dense-topk"} or args.ablate_levels:  # the ABMIL heads' reference
         _run(test_dir, sd / "test-dense",
              cfg.dense().replace(mil={"weights": str(head_dense)}))
-    if "topk" in args.heads:
+    if {"topk", "dense-topk"} & set(args.heads):
         topk = train_head(sd / "train-dense", train_dir / "labels.csv",
                           sd / "mil-dense-topk.safetensors", seed, "tile-topk")
         _run(test_dir, sd / "test-dense-topk", apply_trained_configs(
@@ -277,7 +277,10 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
     (train as you infer), then the test slides with each head kind, compared with the dense
     test run of the same head type: ``as-infer`` (gated-ABMIL trained on the pruned run),
     ``dense-head`` (gated-ABMIL trained on the dense run), ``topk`` (tile-topk fitted on the
-    pruned run, against the dense run with tile-topk fitted on the dense run)."""
+    pruned run, against the dense run with tile-topk fitted on the dense run), ``dense-topk``
+    (the dense run's own tile-topk head, unchanged: it reads only the bag's top tiles, so it
+    needs no refit when the kept tiles are those; with ``--student`` it reads the student's
+    tile logits, which were distilled to be the teacher's)."""
     _run(train_dir, sd / f"train-{tag}", cb)
     labels = train_dir / "labels.csv"
     heads = {}
@@ -289,12 +292,14 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
     if "topk" in kinds:
         heads["topk"] = train_head(sd / f"train-{tag}", labels,
                                    sd / f"mil-{tag}-topk.safetensors", seed, "tile-topk")
+    if "dense-topk" in kinds:
+        heads["dense-topk"] = sd / "mil-dense-topk.safetensors"
     out: dict[str, Any] = {}
     for kind, w in heads.items():
         run_dir = sd / f"test-{tag}-{kind}"
         _run(test_dir, run_dir, apply_trained_configs(cb.replace(mil={"weights": str(w)})))
         cmp = sd / f"cmp-{tag}-{kind}"
-        ref = sd / ("test-dense-topk" if kind == "topk" else "test-dense")
+        ref = sd / ("test-dense-topk" if kind in ("topk", "dense-topk") else "test-dense")
         if not _done(cmp / "metrics.json"):
             compare_runs(ref, run_dir, cmp, test_dir / "labels.csv", test_dir,
                          n_boot=2000, seed=seed)
@@ -527,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vit-minutes", type=float, default=20.0)
     ap.add_argument("--vit-tiles", type=int, default=256)
     ap.add_argument("--heads", nargs="+", default=["topk", "as-infer", "dense-head"],
-                    choices=["topk", "as-infer", "dense-head"],
+                    choices=["topk", "as-infer", "dense-head", "dense-topk"],
                     help="slide heads compared at every budget (see pruned_setting)")
     ap.add_argument("--dense-head-budgets", type=float, nargs="*", default=[0.05],
                     help="budgets at which the dense-trained gated-ABMIL head is also run")

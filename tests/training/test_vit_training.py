@@ -254,6 +254,20 @@ def test_distill_vit_keeps_the_dense_answer_when_pruned(lesion_stores: Path,
     student = apply_trained_configs(cfg.replace(vit={"weights": str(out)}))
     rows = run_batch(slides[:1], tmp_path / "pruned", student, progress=False)
     assert rows[0]["status"] == "ok", rows
+    # a head fitted on the teacher's dense run reads the student's tile logits: accepted;
+    # the same head with a ViT that only claims the teacher is refused
+    from wsi_prune.errors import CheckpointRefused
+    from wsi_prune.models.binding import check_bindings
+    from wsi_prune.training.mil import train_mil
+
+    (tmp_path / "labels.csv").write_text("slide,label\na,1\nb,1\nc,0\n")
+    train_mil([tmp_path / "dense"], tmp_path / "labels.csv", tmp_path / "topk.safetensors",
+              model="tile-topk", folds=1, progress=False)
+    with_head = apply_trained_configs(student.replace(
+        mil={"weights": str(tmp_path / "topk.safetensors")}))
+    assert check_bindings(with_head, with_head.weight_digests()) == []
+    with pytest.raises(CheckpointRefused, match="another ViT"):
+        check_bindings(with_head, {**with_head.weight_digests(), "vit": "ab" * 32})
 
     with pytest.raises(StoreError, match="needs a dense run store") as err:
         distill_vit([tmp_path / "pruned"], tmp_path / "x.safetensors", cfg, **kw)

@@ -72,6 +72,21 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _teacher_sha256(config: RunConfig, vit_sha256: str | None) -> str | None:
+    """SHA-256 of the ViT that the run's ViT was distilled from (``distill-vit`` records it
+    in the student's sidecar, beside the student's own digest, which must be ``vit_sha256``),
+    or None."""
+    if not config.vit.weights or vit_sha256 is None:
+        return None
+    from wsi_prune.models.sidecars import trained_vit_config
+
+    _, meta = trained_vit_config(config.vit)
+    info = (meta or {}).get("distilled_from")
+    if not isinstance(info, dict) or not info.get("sha256") or meta.get("sha256") != vit_sha256:
+        return None
+    return str(info["sha256"])
+
+
 def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[str]:
     """Refuse trained heads that were trained on other models than this run's; warn about a
     bag-regime mismatch.
@@ -96,6 +111,13 @@ def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[st
         meta = read_sidecar(config.mil.weights, MIL_KIND) or {}
         saved = meta.get("vit")
         current = vit_identity(config, digests.get("vit"))
+        teacher = _teacher_sha256(config, digests.get("vit"))
+        if saved is not None and teacher is not None and saved.get("sha256") == teacher:
+            # a distill-vit student of the head's ViT: trained to give that ViT's embeddings
+            # and tile logits, so the head reads the same space
+            _logger.info("%s: trained on the ViT this run's ViT was distilled from",
+                         config.mil.weights)
+            current = {**current, "sha256": teacher}
         if saved is None:
             warnings.append(f"{config.mil.weights}: the MIL head's sidecar does not say which "
                             "ViT it was trained on (trained before this was recorded); make sure "
