@@ -408,6 +408,7 @@ ROWS = {
     "d_sens95": ("difference", "at_95_specificity", "delta_sensitivity"),
     "d_ece": ("difference", "ece"),
     "d_brier": ("difference", "brier"),
+    "d_prob": ("probability", "mean_abs_diff"),
     "label_agreement": ("probability", "label_agreement"),
     "triage_macro": ("lesion_recall", "triage", "macro", "area_recall"),
     "triage_micro": ("lesion_recall", "triage", "micro", "area_recall"),
@@ -429,8 +430,9 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                     if (v := _get(m[k], *path)) is not None]
             row[name] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)),
                          "max": float(np.max(vals)), "n": len(vals)} if vals else None
-        row["d_auc_ci"] = [m[k]["difference"].get("auc_ci") for m in per_seed.values()
-                           if k in m and m[k].get("difference")]
+        for ci in ("auc_ci", "ece_ci", "brier_ci"):
+            row[f"d_{ci}"] = [m[k]["difference"].get(ci) for m in per_seed.values()
+                              if k in m and m[k].get("difference")]
         first = next(m[k] for m in per_seed.values() if k in m)
         row["counts"] = {"slides": (first.get("difference") or {}).get("n_slides"),
                          "lesions": {c: (first.get("lesion_recall", {}).get("triage", {})
@@ -452,21 +454,26 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"Seeds {args.seeds}; cells: mean [min, max] over seeds. Budget = tissue tokens "
         f"entering the ViT (token ratio {args.token_ratio}).", "",
         "| setting | tokens | AUC dense | AUC pruned | ΔAUC | ΔFROC | Δsens@95 %spec | ΔECE | "
-        "label agreement | triage recall macro / micro area | lesion tiles kept / at most | "
-        "lesion token recall | heat Spearman (all tiles, median) | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ΔBrier | mean \\|Δp\\| | label agreement | triage recall macro / micro area | "
+        "lesion tiles kept / at most | lesion token recall | heat Spearman (all tiles, median) | "
+        "speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, r in summary.items():
         lines.append(
             f"| {k} | {_cell(r['tokens'], pct=True)} | {_cell(r['auc_dense'])} | "
             f"{_cell(r['auc_pruned'])} | {_cell(r['d_auc'])} | {_cell(r['d_froc'])} | "
-            f"{_cell(r['d_sens95'])} | {_cell(r['d_ece'])} | {_cell(r['label_agreement'])} | "
+            f"{_cell(r['d_sens95'])} | {_cell(r['d_ece'])} | {_cell(r['d_brier'], 4)} | "
+            f"{_cell(r['d_prob'])} | {_cell(r['label_agreement'])} | "
             f"{_cell(r['triage_macro'])} / {_cell(r['triage_micro'])} | "
             f"{_cell(r['triage_tiles'])} / {_cell(r['triage_ceiling'])} | "
             f"{_cell(r['token_recall'])} | {_cell(r['spearman_all'])} | "
             f"{_cell(r['speedup'], 1) + ('×' if r['speedup'] else '')} |")
     lines += ["", "Paired bootstrap 95 % CIs of ΔAUC per seed:"]
     lines += [f"- {k}: {r['d_auc_ci']}" for k, r in summary.items()]
+    lines += ["", "Paired bootstrap 95 % CIs of ΔECE and ΔBrier per seed (where compared with "
+              "them):"]
+    lines += [f"- {k}: ECE {r['d_ece_ci']}, Brier {r['d_brier_ci']}" for k, r in summary.items()]
     first = next(iter(summary.values()), None)
     if first:
         lines += ["", f"Test set: {first['counts']['slides']} slides; lesions by class "

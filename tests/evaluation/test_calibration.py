@@ -64,3 +64,34 @@ def test_paired_bootstrap_ci_contains_delta_and_is_narrower_on_correlated_runs()
     same = auc_difference(y, dense, dense, n_boot=100)
     assert same["delta"] == 0 and same["ci"] == (0.0, 0.0)
     assert auc_difference([1, 1], [0.2, 0.4], [0.3, 0.1])["delta"] is None
+
+
+def test_calibration_difference_resamples_both_runs_on_the_same_slides():
+    from wsi_prune.evaluation.calibration import _ece, calibration_difference
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(30), np.zeros(30)].astype(int)
+    a = np.clip(np.where(y == 1, 0.7, 0.3) + rng.normal(0, 0.15, 60), 0.01, 0.99)
+    # the vectorised ECE is calibration()'s, row by row
+    rows = rng.uniform(0, 1, (5, 60))
+    want = [calibration(r, y).ece for r in rows]
+    np.testing.assert_allclose(_ece(rows, np.tile(y, (5, 1)), 10), want, rtol=1e-12)
+    # identical runs: zero deltas and zero-width intervals
+    same = calibration_difference(y, a, a, n_boot=200)
+    assert same["brier"] == 0 and same["ece"] == 0
+    assert same["brier_ci"] == (0.0, 0.0) and same["ece_ci"] == (0.0, 0.0)
+    # every probability pushed 0.15 toward the wrong label: Brier worse on every resample
+    worse = np.clip(a + np.where(y == 1, -0.15, 0.15), 0, 1)
+    d = calibration_difference(y, a, worse, n_boot=500, seed=1)
+    assert d["brier"] == pytest.approx(calibration(worse, y).brier - calibration(a, y).brier)
+    assert d["ece"] == pytest.approx(calibration(worse, y).ece - calibration(a, y).ece)
+    assert 0 < d["brier_ci"][0] <= d["brier"] <= d["brier_ci"][1]
+    assert d["ece_ci"][0] <= d["ece"] <= d["ece_ci"][1] and d["n"] == 60 and d["n_boot"] == 500
+    # a small random change: the ECE interval spans 0 wider than the Brier one
+    moved = np.clip(a + rng.normal(0, 0.01, 60), 0, 1)
+    m = calibration_difference(y, a, moved, n_boot=500)
+    assert m["ece_ci"][0] <= 0 <= m["ece_ci"][1]
+    assert m["ece_ci"][1] - m["ece_ci"][0] > m["brier_ci"][1] - m["brier_ci"][0]
+    assert calibration_difference(y, a, a, n_boot=0)["ece_ci"] is None
+    with pytest.raises(ValueError, match="equal-length"):
+        calibration_difference(y[:3], a, a)

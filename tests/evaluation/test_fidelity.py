@@ -165,6 +165,9 @@ def test_compare_adds_recall_operating_point_and_calibration(runs, tmp_path):
     ev = m["evaluation"]
     assert ev["dense"]["calibration"]["ece"] == pytest.approx(1.6 / 6)
     assert d["ece"] == pytest.approx(0.45 / 6)
+    for key in ("brier", "ece"):  # paired bootstrap CIs around the deltas
+        lo, hi = d[f"{key}_ci"]
+        assert lo <= d[key] <= hi
     # AUC: dense 1.0; pruned ranks tumour 0.45 below normal 0.55: 8 of 9 pairs
     assert ev["dense"]["slide_level"]["auc"] == 1.0
     assert d["auc"] == pytest.approx(8 / 9 - 1)

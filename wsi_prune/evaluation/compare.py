@@ -20,6 +20,7 @@ from wsi_prune.evaluation.agreement import (
     heatmap_agreement,
     probability_agreement,
 )
+from wsi_prune.evaluation.calibration import calibration_difference
 from wsi_prune.evaluation.lesion_recall import (
     LESION_MASK_MPP,
     SIZE_CLASSES,
@@ -180,11 +181,12 @@ def _at_specificity(y: np.ndarray, pd_: np.ndarray, pp: np.ndarray) -> dict[str,
 def _differences(evs: Mapping[str, _RunEval], labels: Mapping[str, int] | None,
                  prob_d: Mapping[str, float], prob_p: Mapping[str, float], ids: Sequence[str],
                  n_boot: int, seed: int) -> dict[str, Any]:
-    """Pruned minus dense on the slides ok in both: AUC (paired bootstrap 95 % CI), FROC,
-    sensitivity at the dense run's 95 % specificity, Brier, ECE; and AUC in the worst case."""
+    """Pruned minus dense on the slides ok in both: AUC, Brier and ECE (paired bootstrap 95 %
+    CIs), FROC, sensitivity at the dense run's 95 % specificity; and AUC in the worst case."""
     d, p = evs["dense"], evs["pruned"]
     res: dict[str, Any] = {"n_slides": None, "auc": None, "auc_ci": None, "auc_ci_unpaired": None,
-                           "n_boot": 0, "brier": None, "ece": None, "at_95_specificity": None,
+                           "n_boot": 0, "brier": None, "brier_ci": None, "ece": None,
+                           "ece_ci": None, "at_95_specificity": None,
                            "auc_worst_case": None, "froc": None,
                            "sensitivities": None}  # fmt: skip
     if labels is not None:
@@ -200,6 +202,8 @@ def _differences(evs: Mapping[str, _RunEval], labels: Mapping[str, int] | None,
         cal = (d.metrics["calibration"], p.metrics["calibration"])
         res["brier"] = cal[1]["brier"] - cal[0]["brier"]
         res["ece"] = cal[1]["ece"] - cal[0]["ece"]
+        cd = calibration_difference(y, pd_, pp, n_boot, seed)
+        res.update(brier_ci=cd["brier_ci"], ece_ci=cd["ece_ci"])
         wd, wp = (e.metrics["worst_case"]["slide_level"]["auc"] for e in (d, p))
         res["auc_worst_case"] = wp - wd if wd is not None and wp is not None else None
     if d.froc and p.froc and d.froc.average is not None and p.froc.average is not None:

@@ -228,7 +228,9 @@ def _compare_report(m: Mapping[str, Any], with_auc: bool, with_froc: bool) -> st
              "slides scored worst"), rows)
             + f"\n\n{diff['n_slides']} slides with a label, ok in both; {diff['n_boot']} "
             f"bootstrap resamples of the slides, each scoring both runs (paired); resampling "
-            f"each run on its own would give {_ci(diff['auc_ci_unpaired'])}.\n")  # fmt: skip
+            f"each run on its own would give {_ci(diff['auc_ci_unpaired'])}. Paired 95 % CIs "
+            f"of Δ Brier {_ci(diff.get('brier_ci'))} and Δ ECE {_ci(diff.get('ece_ci'))} (the "
+            "ECE of a few dozen slides moves when one crosses a bin edge).\n")  # fmt: skip
         if a is not None:
             text += (f"\nAt the dense run's {a['specificity_target']:.0%}-specificity threshold "
                      f"({a['threshold']:.4f}; {a['n_pos']} tumour, {a['n_neg']} normal slides): "

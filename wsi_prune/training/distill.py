@@ -332,9 +332,9 @@ def distill_vit(
         wrappers = _wrappers(student, config)
         import timm.data
 
-        dcfg = timm.data.resolve_data_config({}, model=teacher)
-        mean = torch.tensor(config.vit.mean or dcfg["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(config.vit.std or dcfg["std"]).view(1, 3, 1, 1)
+        dcfg = timm.data.resolve_data_config({}, model=teacher)  # as build_models normalises
+        mean = torch.tensor(dcfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(dcfg["std"]).view(1, 3, 1, 1)
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         steps_per_epoch = len(x_tr) // batch_size
