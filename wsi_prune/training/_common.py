@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,3 +61,37 @@ def save_model(model: torch.nn.Module, out_path: Path, meta: dict[str, Any]) -> 
     path = write_sidecar(out_path, meta)
     _logger.info("wrote %s and %s", out_path, path)
     return path
+
+
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler,
+                   params: list[torch.nn.Parameter], max_norm: float = 1.0) -> float:
+    """One update: gradients of ``loss``, clipped to ``max_norm``, an optimiser and a schedule
+    step. Returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def end_epoch(losses: list[float], total: float, steps: int, bar: Any, t0: float,
+              max_minutes: float | None, epochs: int, what: str = "training"
+              ) -> tuple[bool, bool]:
+    """Record an epoch's mean loss (``total / steps``) in ``losses`` and on the progress bar.
+
+    Returns:
+        ``(stop, stopped_early)``: the time budget (``max_minutes`` since ``t0``) is spent,
+        and that ended training before ``epochs``.
+
+    Raises:
+        ConfigError: the loss is not finite (``what`` names it: "training", "distillation").
+    """
+    losses.append(total / steps)
+    if not math.isfinite(losses[-1]):
+        raise ConfigError(f"{what} loss became {losses[-1]} (learning rate too high?)")
+    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+        return True, len(losses) < epochs
+    return False, False

@@ -57,7 +57,14 @@ from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.models.scorer import build_scorer, score_tiles
 from wsi_prune.models.sidecars import VIT_KIND, read_sidecar
 from wsi_prune.selection.tokens import select_patches
-from wsi_prune.training._common import PathLike, check_out, save_model, seeded
+from wsi_prune.training._common import (
+    PathLike,
+    check_out,
+    end_epoch,
+    optimiser_step,
+    save_model,
+    seeded,
+)
 from wsi_prune.training.data import find_stores
 from wsi_prune.training.tile_topk import load_tile_head, tile_head_of
 from wsi_prune.training.vit import TILE_HEAD_KIND, TILE_HEAD_SUFFIX
@@ -357,19 +364,11 @@ def distill_vit(
                 logit = head(res.embedding)[:, 0]
                 loss = F.mse_loss(logit, l_tr[b]) + \
                     embedding_weight * F.mse_loss(res.embedding, e_tr[b]) / emb_var
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                total += float(loss.detach())
+                total += optimiser_step(loss, opt, sched, params)
                 bar.update(1)
-            losses.append(total / steps_per_epoch)
-            if not math.isfinite(losses[-1]):
-                raise ConfigError(f"distillation loss became {losses[-1]} (lr {lr:g} too high?)")
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
-                stopped = len(losses) < epochs
+            stop, stopped = end_epoch(losses, total, steps_per_epoch, bar, t0, max_minutes,
+                                      epochs, "distillation")
+            if stop:
                 break
         bar.close()
         student.eval()

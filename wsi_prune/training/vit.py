@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,14 @@ from wsi_prune.io.tiling import read_tiles
 from wsi_prune.models.checkpoints import load_into, save_safetensors
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.models.sidecars import VIT_KIND
-from wsi_prune.training._common import PathLike, check_out, save_model, seeded
+from wsi_prune.training._common import (
+    PathLike,
+    check_out,
+    end_epoch,
+    optimiser_step,
+    save_model,
+    seeded,
+)
 from wsi_prune.training.data import Annotations, find_stores, load_annotations, patch_targets
 
 _logger = logging.getLogger(__name__)
@@ -375,19 +381,11 @@ def train_vit(
                         p_logit, y.reshape(len(b), -1))
                 if attention_loss_weight > 0:
                     loss = loss + attention_loss_weight * _attention_loss(cls_rows.rows(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                total += float(loss.detach())
+                total += optimiser_step(loss, opt, sched, params)
                 bar.update(1)
-            losses.append(total / steps_per_epoch)
-            if not math.isfinite(losses[-1]):
-                raise ConfigError(f"training loss became {losses[-1]} (lr {lr:g} too high?)")
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
-                stopped = len(losses) < epochs
+            stop, stopped = end_epoch(losses, total, steps_per_epoch, bar, t0, max_minutes,
+                                      epochs)
+            if stop:
                 break
         bar.close()
         cls_rows.close()
