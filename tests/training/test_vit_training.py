@@ -230,6 +230,7 @@ def test_distill_vit_keeps_the_dense_answer_when_pruned(lesion_stores: Path,
     # more): the student's tile logits are nearer the teacher's dense logits than the
     # teacher's own, and dense the teacher matches its stored embeddings exactly
     from wsi_prune.models.checkpoints import load_into
+    from wsi_prune.training._common import input_norm
     from wsi_prune.training.data import find_stores
     from wsi_prune.training.distill import _load_slide, _scorer, _validate
 
@@ -238,8 +239,8 @@ def test_distill_vit_keeps_the_dense_answer_when_pruned(lesion_stores: Path,
     data = [_load_slide(p, cfg, _scorer(cfg, 14), head, file_sha256(vit), 12, 0.5, rng)
             for p in find_stores([tmp_path / "dense"])]
     teacher = build_vit(dataclasses.replace(cfg.vit, pretrained=False), load_weights=load_into)
-    mean, std = torch.tensor([0.5] * 3).view(1, 3, 1, 1), torch.tensor([0.5] * 3).view(1, 3, 1, 1)
-    fit = _validate(res.model, teacher, head, cfg, data, (1.0, 0.25), mean, std, (14, 14), 16)
+    fit = _validate(res.model, teacher, head, cfg, data, (1.0, 0.25), *input_norm(teacher),
+                    (14, 14), 16)
     assert fit["r1"]["teacher_rmse"] < 1e-4
     assert fit["r0.25"]["teacher_rmse"] > 0.03  # pruning moved the teacher's logits
     assert fit["r0.25"]["student_rmse"] < 0.75 * fit["r0.25"]["teacher_rmse"], fit  # 0.57 here

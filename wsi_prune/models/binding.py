@@ -72,17 +72,13 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _teacher_sha256(config: RunConfig, vit_sha256: str | None) -> str | None:
+def _teacher_sha256(vit_meta: dict[str, Any] | None, vit_sha256: str | None) -> str | None:
     """SHA-256 of the ViT that the run's ViT was distilled from (``distill-vit`` records it
-    in the student's sidecar, beside the student's own digest, which must be ``vit_sha256``),
-    or None."""
-    if not config.vit.weights or vit_sha256 is None:
-        return None
-    from wsi_prune.models.sidecars import trained_vit_config
-
-    _, meta = trained_vit_config(config.vit)
-    info = (meta or {}).get("distilled_from")
-    if not isinstance(info, dict) or not info.get("sha256") or meta.get("sha256") != vit_sha256:
+    in the student's sidecar ``vit_meta``, beside the student's own digest, which must be
+    ``vit_sha256``), or None."""
+    info = (vit_meta or {}).get("distilled_from")
+    if (vit_sha256 is None or not isinstance(info, dict) or not info.get("sha256")
+            or vit_meta.get("sha256") != vit_sha256):
         return None
     return str(info["sha256"])
 
@@ -104,14 +100,15 @@ def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[st
     """
     from wsi_prune.models.mil import MIL_KIND
     from wsi_prune.models.scorer import SCORER_KIND
-    from wsi_prune.models.sidecars import read_sidecar
+    from wsi_prune.models.sidecars import read_sidecar, trained_vit_config
 
     warnings: list[str] = []
+    vit_meta = trained_vit_config(config.vit)[1] if config.vit.weights else None
     if config.mil.weights:
         meta = read_sidecar(config.mil.weights, MIL_KIND) or {}
         saved = meta.get("vit")
         current = vit_identity(config, digests.get("vit"))
-        teacher = _teacher_sha256(config, digests.get("vit"))
+        teacher = _teacher_sha256(vit_meta, digests.get("vit"))
         if saved is not None and teacher is not None and saved.get("sha256") == teacher:
             # a distill-vit student of the head's ViT: trained to give that ViT's embeddings
             # and tile logits, so the head reads the same space
@@ -147,12 +144,10 @@ def check_bindings(config: RunConfig, digests: dict[str, str | None]) -> list[st
                                     + "; ".join(bad) + " (tiling.mpp, tile_px, coarse_factor)",
                                     config.scorer.weights)
     if config.vit.weights:
-        from wsi_prune.models.sidecars import trained_vit_config
-
-        _, meta = trained_vit_config(config.vit)
         want = {"tile_px": config.tiling.tile_px, "mpp": config.tiling.mpp}
-        bad = [f"{k} {meta[k]!r} (this run: {v!r})" for k, v in want.items()
-               if meta and meta.get(k) is not None and abs(float(meta[k]) - float(v)) > 1e-6]
+        bad = [f"{k} {vit_meta[k]!r} (this run: {v!r})" for k, v in want.items()
+               if vit_meta and vit_meta.get(k) is not None
+               and abs(float(vit_meta[k]) - float(v)) > 1e-6]
         if bad:
             raise CheckpointRefused("this ViT was trained on other tiles: " + "; ".join(bad)
                                     + " (tiling.mpp, tiling.tile_px)", config.vit.weights)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from wsi_prune import __version__
@@ -77,7 +78,7 @@ def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer,
 
 
 def end_epoch(losses: list[float], total: float, steps: int, bar: Any, t0: float,
-              max_minutes: float | None, epochs: int, what: str = "training"
+              max_minutes: float | None, epochs: int, lr: float, what: str = "training"
               ) -> tuple[bool, bool]:
     """Record an epoch's mean loss (``total / steps``) in ``losses`` and on the progress bar.
 
@@ -90,8 +91,22 @@ def end_epoch(losses: list[float], total: float, steps: int, bar: Any, t0: float
     """
     losses.append(total / steps)
     if not math.isfinite(losses[-1]):
-        raise ConfigError(f"{what} loss became {losses[-1]} (learning rate too high?)")
+        raise ConfigError(f"{what} loss became {losses[-1]} (lr {lr:g} too high?)")
     bar.set_postfix(loss=f"{losses[-1]:.4f}")
     if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
         return True, len(losses) < epochs
     return False, False
+
+
+def input_norm(vit: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std the ViT's inputs are normalised with, as ``build_models``
+    resolves them (timm's data config of the model)."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=vit)
+    return (torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+
+
+def normalised(pixels: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float ViT input from (B, H, W, 3) uint8 tiles."""
+    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255) - mean) / std

@@ -61,6 +61,8 @@ from wsi_prune.training._common import (
     PathLike,
     check_out,
     end_epoch,
+    input_norm,
+    normalised,
     optimiser_step,
     save_model,
     seeded,
@@ -133,13 +135,9 @@ def _teacher_of(config: RunConfig) -> tuple[Path, dict[str, Any], Path]:
 
 def _check_run(group: Any, path: Path, teacher_sha: str) -> np.ndarray:
     """The dense run store's ``vit/tile_index``; refuses pruned runs and other ViTs."""
-    from wsi_prune.training.scorer import _require_dense
+    from wsi_prune.training.scorer import dense_vit_index
 
-    if "vit/embedding" not in group or "vit/tile_index" not in group:
-        raise StoreError("distill-vit needs vit/embedding and vit/tile_index (a run store made "
-                         "with `run --dense`)", path)
-    idx = np.asarray(group["vit/tile_index"][:], np.int64)
-    _require_dense(group, len(idx), path, "distill-vit needs")
+    idx = dense_vit_index(group, path, "distill-vit needs")
     vit = ((group.attrs.get("models") or {}).get("vit") or {})
     if vit.get("sha256") != teacher_sha:
         raise StoreError(f"this run's ViT ({vit.get('weights') or 'untrained'}) is not the "
@@ -238,9 +236,8 @@ def _validate(student: torch.nn.Module, teacher: torch.nn.Module, head: torch.nn
         for name, w in models.items():
             got, toks = [], []
             for i in range(0, len(pix), bs):
-                x = (torch.from_numpy(pix[i:i + bs]).permute(0, 3, 1, 2).float() / 255
-                     - mean) / std
-                res = _forward(w, x, patch[i:i + bs], r, config, grid)
+                res = _forward(w, normalised(pix[i:i + bs], mean, std), patch[i:i + bs], r,
+                               config, grid)
                 got.append(head(res.embedding)[:, 0].numpy())
                 toks.append(res.tokens_per_image[:, -1, 1].numpy() - w[0].num_prefix)
             g = np.concatenate(got)
@@ -337,11 +334,7 @@ def distill_vit(
         student = build_vit(dataclasses.replace(config.vit, pretrained=False),
                             load_weights=load_into)
         wrappers = _wrappers(student, config)
-        import timm.data
-
-        dcfg = timm.data.resolve_data_config({}, model=teacher)  # as build_models normalises
-        mean = torch.tensor(dcfg["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(dcfg["std"]).view(1, 3, 1, 1)
+        mean, std = input_norm(teacher)
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         steps_per_epoch = len(x_tr) // batch_size
@@ -356,8 +349,7 @@ def distill_vit(
             total = 0.0
             for step in range(steps_per_epoch):
                 b = np.sort(order[step * batch_size:(step + 1) * batch_size])
-                x = (torch.from_numpy(x_tr[b]).permute(0, 3, 1, 2).float().div_(255)
-                     - mean) / std
+                x = normalised(x_tr[b], mean, std)
                 r = ratios[step_no % len(ratios)]
                 step_no += 1
                 res = _forward(wrappers, x, p_tr[b], r, config, grid)
@@ -367,7 +359,7 @@ def distill_vit(
                 total += optimiser_step(loss, opt, sched, params)
                 bar.update(1)
             stop, stopped = end_epoch(losses, total, steps_per_epoch, bar, t0, max_minutes,
-                                      epochs, "distillation")
+                                      epochs, lr, "distillation")
             if stop:
                 break
         bar.close()

@@ -163,11 +163,7 @@ def _teacher_tile_targets(group: Any, path: Path) -> np.ndarray:
     """
     from wsi_prune.training.tile_topk import load_tile_head, tile_head_of
 
-    if "vit/embedding" not in group or "vit/tile_index" not in group:
-        raise StoreError("ViT tile targets need vit/embedding and vit/tile_index (a run store "
-                         "made with `run --dense`)", path)
-    idx = np.asarray(group["vit/tile_index"][:], np.int64)
-    _require_dense(group, len(idx), path, "ViT tile targets need")
+    idx = dense_vit_index(group, path, "ViT tile targets need")
     weights = RunConfig.from_dict(group.attrs["run_config"]).vit.weights
     head_path = tile_head_of(weights) if weights else None
     if head_path is None:
@@ -191,6 +187,21 @@ def _teacher_top(p: np.ndarray, share: float = 0.05, least: int = 16) -> np.ndar
     top = np.zeros(len(p), bool)
     top[np.argsort(-p, kind="stable")[:n_top]] = True
     return top | (p > 0.5)
+
+
+def dense_vit_index(group: Any, path: Path, who: str) -> np.ndarray:
+    """``vit/tile_index`` of a dense run store: the tiles whose ``vit/embedding`` rows it holds.
+
+    Raises:
+        StoreError: no ``vit/embedding`` or ``vit/tile_index``, or the run pruned
+            (:func:`_require_dense`); ``who`` begins the message ("distill-vit needs").
+    """
+    if "vit/embedding" not in group or "vit/tile_index" not in group:
+        raise StoreError(f"{who} vit/embedding and vit/tile_index (a run store made with "
+                         "`run --dense`)", path)
+    idx = np.asarray(group["vit/tile_index"][:], np.int64)
+    _require_dense(group, len(idx), path, who)
+    return idx
 
 
 def _require_dense(group: Any, n_vit: int, path: Path, who: str) -> None:

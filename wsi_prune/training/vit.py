@@ -50,6 +50,8 @@ from wsi_prune.training._common import (
     PathLike,
     check_out,
     end_epoch,
+    input_norm,
+    normalised,
     optimiser_step,
     save_model,
     seeded,
@@ -238,7 +240,7 @@ def _evaluate(vit: torch.nn.Module, heads: _Heads, config: ViTConfig, x_u8: np.n
     pruner = PrunedViT(vit, config) if config.prune_blocks else None
     tile_s, patch_s, attn, kept = [], [], [], []
     for i in range(0, len(x_u8), bs):
-        x = (torch.from_numpy(x_u8[i:i + bs]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        x = normalised(x_u8[i:i + bs], mean, std)
         t, p = _forward(vit, heads, x)
         tile_s.append(t.numpy())
         patch_s.append(p.numpy())
@@ -350,11 +352,7 @@ def train_vit(
         steps_per_epoch = len(x_tr) // batch_size
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch,
                                                     pct_start=0.1)
-        import timm.data
-
-        dcfg = timm.data.resolve_data_config({}, model=vit)
-        mean = torch.tensor(dcfg["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(dcfg["std"]).view(1, 3, 1, 1)
+        mean, std = input_norm(vit)
         tile_y = torch.from_numpy((y_tr.reshape(len(y_tr), -1).max(1) >= LESION_PATCH)
                                   .astype(np.float32))
         gen = torch.Generator().manual_seed(seed)
@@ -384,7 +382,7 @@ def train_vit(
                 total += optimiser_step(loss, opt, sched, params)
                 bar.update(1)
             stop, stopped = end_epoch(losses, total, steps_per_epoch, bar, t0, max_minutes,
-                                      epochs)
+                                      epochs, lr)
             if stop:
                 break
         bar.close()
