@@ -191,7 +191,7 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
     for targets in args.scorer_targets:
         c, sfx = cfg, ""
         if targets == "vit":
-            c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER
+            c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER + epochs_tag(args)
         if args.student:
             c, sfx = student_vit(sd, c, seed, args, sfx), sfx + STUDENT
         rt = ratio_tag(args.token_ratio, args.token_scope)
@@ -225,17 +225,25 @@ def ratio_tag(token_ratio: float, scope: str = "tile") -> str:
     return tag + ("-slide" if scope == "slide" else "")
 
 
+def epochs_tag(args: argparse.Namespace) -> str:
+    """Tag suffix of a ViT-taught scorer trained for other than ``--scorer-epochs`` epochs
+    (``-e30``); empty otherwise, so earlier runs keep their tags and weights."""
+    n = args.vit_scorer_epochs
+    return "" if n is None or n == args.scorer_epochs else f"-e{n}"
+
+
 def vit_scorer(sd: Path, train_dir: Path, cfg: RunConfig, seed: int,
                args: argparse.Namespace) -> RunConfig:
     """``cfg`` with a scorer whose tile score learnt the dense ViT's tile lesion probabilities
     on the dense run of the training slides (``train-scorer --tile-targets vit``; patch targets
     stay the lesion annotations)."""
-    w = sd / "scorer-vit.safetensors"
+    w = sd / f"scorer-vit{epochs_tag(args)}.safetensors"
     if not w.is_file():
         t = time.perf_counter()
         train_scorer([sd / "train-dense"], train_dir, w, tile_teacher=True, config=cfg.scorer,
-                     epochs=args.scorer_epochs, max_tiles_per_store=512, seed=seed,
-                     tile_loss_weight=args.teacher_weight, progress=False)
+                     epochs=args.vit_scorer_epochs or args.scorer_epochs,
+                     max_tiles_per_store=512, seed=seed, tile_loss_weight=args.teacher_weight,
+                     progress=False)
         _log.info("seed %d: ViT-taught scorer trained in %.0f s", seed, time.perf_counter() - t)
     return apply_trained_configs(cfg.replace(scorer={"weights": str(w)}))
 
@@ -535,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seed", type=int, default=101)
     ap.add_argument("--test-seed", type=int, default=202)
     ap.add_argument("--scorer-epochs", type=int, default=10)
+    ap.add_argument("--vit-scorer-epochs", type=int, default=None,
+                    help="epochs of the ViT-taught scorer (default --scorer-epochs; tags end in "
+                         "-e<n> when they differ)")
     ap.add_argument("--vit-epochs", type=int, default=12)
     ap.add_argument("--vit-minutes", type=float, default=20.0)
     ap.add_argument("--vit-tiles", type=int, default=256)
