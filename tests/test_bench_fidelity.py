@@ -99,3 +99,15 @@ def test_a_token_ratio_other_than_the_default_tags_its_settings(bench) -> None:
     assert cfg.token_select.scope == "tile"
     cfg = bench.budget_config(bench.RunConfig.from_dict(bench.BASE), 0.05, 0.125, "slide")
     assert cfg.token_select.scope == "slide" and cfg.tile_select.fraction == pytest.approx(0.4)
+
+
+def test_a_longer_trained_vit_scorer_has_its_own_tag_and_weights(bench) -> None:
+    # a scorer trained longer keeps other tiles: its runs, student and weights must not be reused
+    import argparse
+
+    def ns(vit_scorer_epochs):
+        return argparse.Namespace(scorer_epochs=10, vit_scorer_epochs=vit_scorer_epochs)
+
+    assert bench.epochs_tag(ns(None)) == ""
+    assert bench.epochs_tag(ns(10)) == ""
+    assert bench.epochs_tag(ns(30)) == "-e30"
