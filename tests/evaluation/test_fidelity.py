@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 from scipy.stats import spearmanr
 
@@ -22,8 +23,10 @@ from tests.evaluation._helpers import (
 )
 from tests.io.test_annotations import write_xml
 from wsi_prune.cli.evaluate import evaluate as evaluate_cmd
+from wsi_prune.errors import StoreError
 from wsi_prune.evaluation.agreement import heatmap_agreement
 from wsi_prune.evaluation.compare import compare_runs
+from wsi_prune.evaluation.compare import lesion_recall as compare_lesion_recall
 from wsi_prune.evaluation.froc import froc
 from wsi_prune.evaluation.lesion_recall import (
     finish,
@@ -184,6 +187,36 @@ def test_compare_adds_recall_operating_point_and_calibration(runs, tmp_path):
     for text in ("## Lesion recall of the pruned run", "| macro | 1 |", "95%-specificity",
                  "dense hot spots (top 5% tiles)", "ECE (10 bins)", "paired ["):
         assert text in report, text
+
+
+def test_triage_recall_of_the_dense_ranking_at_the_same_budget(runs, tmp_path):
+    # the dense model rates the macro lesion's 40 tiles highest, the micro lesion's next
+    heat = np.zeros((24, 24))
+    heat[:2, :20], heat[10:14, 10:14] = 1.0, 0.5
+    d = write_pipeline_store(runs["dense"] / "t1.zarr", np.ones((24, 24), bool), stages=1,
+                             heat=heat)
+    m = compare_runs(runs["dense"], runs["pruned"], tmp_path / "cmp", runs["labels"],
+                     runs["annotations"], n_boot=50)
+    r = m["lesion_recall"]
+    ref = r["triage_dense_rank"]
+    # the triage kept 35 tiles; so does the reference: 35 of the 40 macro tiles (ties by
+    # index: row 0, then row 1's first 15), nothing of the micro lesion or the ITC
+    assert ref["all"]["tiles_kept"] == 35 and r["dense_rank_slides"] == 1
+    assert ref["macro"]["tiles_kept"] == 35 and ref["macro"]["area_recall"] == pytest.approx(
+        35 / 40)
+    assert ref["micro"]["area_recall"] == 0 and ref["itc"]["tiles_kept"] == 0
+    assert r["triage"]["macro"]["area_recall"] == 0.75  # the run's own triage, unchanged
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "area recall, dense ranking" in report and "| macro | 1 | 0.502 | 0.750 | 0.875 |" in (
+        report)
+    # a dense store of other tiles gives no reference, and says so
+    zarr.open_group(str(d), mode="r+").attrs["tile_hash"] = "other"
+    r = compare_lesion_recall(runs["pruned"], ["t1"], runs["annotations"], None,
+                              dense_dir=runs["dense"])
+    assert r["triage_dense_rank"] is None and r["dense_rank_slides"] == 0
+    assert r["triage"]["macro"]["area_recall"] == 0.75
+    with pytest.raises(StoreError, match="a reference selection of 3 tiles"):
+        slide_lesion_counts(runs["pruned"] / "t1.zarr", HAND_ANNS, kept=np.ones(3, bool))
 
 
 def test_failed_and_missing_labelled_slides_are_scored_as_the_worst_case(dataset, tmp_path):

@@ -126,3 +126,7 @@ def _echo_compare(m: dict) -> None:
             f"{k} {_f(t[k]['area_recall'])} ({t[k]['lesions']})" for k in (*r["size_classes"],
                                                                             "all"))
             + f"; token recall in lesions {_f(r['tokens']['all']['recall'])}")
+        ref = r.get("triage_dense_rank")
+        if ref:
+            click.echo("same tile budget, ranked by the dense heat: " + ", ".join(
+                f"{k} {_f(ref[k]['area_recall'])}" for k in (*r["size_classes"], "all")))

@@ -25,6 +25,7 @@ from wsi_prune.evaluation.lesion_recall import (
     LESION_MASK_MPP,
     SIZE_CLASSES,
     finish,
+    rank_keep,
     slide_lesion_counts,
 )
 from wsi_prune.evaluation.plots import froc_png, roc_png
@@ -40,6 +41,7 @@ from wsi_prune.evaluation.runs import (
 )
 from wsi_prune.evaluation.slide_metrics import auc_difference, threshold_at_specificity
 from wsi_prune.io.annotations import CAMELYON16_MASK_MPP, read_asap_xml
+from wsi_prune.io.store import open_store
 
 _logger = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ def compare_runs(dense_dir: str | os.PathLike[str], pruned_dir: str | os.PathLik
         if ann is not None:
             froc_png(out / "froc.png", {k: v.froc for k, v in evs.items()})
     if ann is not None:
-        metrics["lesion_recall"] = lesion_recall(pruned, ids, ann, labels, lesion_mask_mpp)
+        metrics["lesion_recall"] = lesion_recall(pruned, ids, ann, labels, lesion_mask_mpp,
+                                                 dense_dir=dense)
     _write(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
     _write(out / "report.md", _compare_report(metrics, bool(evs) and labels is not None,
                                               bool(evs) and ann is not None))  # fmt: skip
@@ -118,49 +121,90 @@ def compare_runs(dense_dir: str | os.PathLike[str], pruned_dir: str | os.PathLik
 
 
 def lesion_recall(run_dir: Path, ids: Sequence[str], annotations_dir: Path,
-                  labels: Mapping[str, int] | None, mask_mpp: float = LESION_MASK_MPP
-                  ) -> dict[str, Any]:
+                  labels: Mapping[str, int] | None, mask_mpp: float = LESION_MASK_MPP,
+                  dense_dir: Path | None = None) -> dict[str, Any]:
     """Triage and token recall of a run's slides ``ids`` that have an annotation XML, pooled
     over slides (counts summed, then divided) and per slide.
+
+    With ``dense_dir`` (a dense run of the same slides), also the triage recall of a
+    reference selection: on each slide, as many tiles as the run's triage kept, ranked by the
+    dense run's tile heat. It says how much of the lesions the dense model's own ranking
+    would keep at the same budget, which no triage that imitates the dense model can beat.
 
     Returns:
         ``triage[class]`` and ``tokens[class]`` (see :func:`.lesion_recall.finish`) for each
         size class and ``all``, ``slides`` (with an XML and a readable store),
         ``slides_with_lesions``, ``per_slide[id]`` (the same, or ``error``),
-        ``tumour_slides_without_xml``, ``lesion_mask_mpp``.
+        ``tumour_slides_without_xml``, ``lesion_mask_mpp``; with ``dense_dir``,
+        ``triage_dense_rank[class]`` (None when no slide could be ranked) and
+        ``dense_rank_slides``.
     """
     xmls = {p.stem: p for p in sorted(annotations_dir.glob("*.xml")) if p.is_file()}
     known = run_labels(labels, ids) if labels is not None else {}
-    total = None
-    per, missing, n_les = {}, [], 0
+    total = ref_total = None
+    per, missing, n_les, n_ref = {}, [], 0, 0
     for sid in ids:
         xml = lookup_slide(xmls, sid)
         if xml is None:
             if known.get(sid) == 1:
                 missing.append(sid)
             continue
+        store = run_dir / f"{sid}.zarr"
         try:
-            counts = slide_lesion_counts(run_dir / f"{sid}.zarr", read_asap_xml(xml), mask_mpp)
+            annotations = read_asap_xml(xml)
+            counts = slide_lesion_counts(store, annotations, mask_mpp)
         except StoreError as exc:
             _logger.warning("%s", exc)
             per[sid] = {"error": exc.one_line()}
             continue
         per[sid] = finish(counts)
         n_les += counts["all"]["lesions"] > 0
-        if total is None:
-            total = counts
-        else:
-            for c, v in counts.items():
-                for k in v:
-                    total[c][k] += v[k]
+        total = _add_counts(total, counts)
+        if dense_dir is not None:
+            try:
+                ref = slide_lesion_counts(store, annotations, mask_mpp,
+                                          kept=_dense_rank_keep(dense_dir / f"{sid}.zarr", store))
+            except StoreError as exc:
+                _logger.warning("no dense-ranking reference: %s", exc)
+                continue
+            ref_total = _add_counts(ref_total, ref)
+            n_ref += 1
     if missing:
         _logger.warning("%d tumour slides have no annotation XML in %s: left out of the lesion "
                         "recall", len(missing), annotations_dir)  # fmt: skip
     res = finish(total) if total is not None else {"triage": None, "tokens": None}
+    if dense_dir is not None:
+        res["triage_dense_rank"] = None if ref_total is None else finish(ref_total)["triage"]
+        res["dense_rank_slides"] = n_ref
     return res | {"slides": sum("error" not in v for v in per.values()),
                   "slides_with_lesions": n_les, "size_classes": list(SIZE_CLASSES),
                   "per_slide": per, "tumour_slides_without_xml": missing,
                   "lesion_mask_mpp": mask_mpp}  # fmt: skip
+
+
+def _add_counts(total: dict[str, dict[str, Any]] | None, counts: dict[str, dict[str, Any]]
+                ) -> dict[str, dict[str, Any]]:
+    if total is None:
+        return counts
+    for c, v in counts.items():
+        for k in v:
+            total[c][k] += v[k]
+    return total
+
+
+def _dense_rank_keep(dense_store: Path, store: Path) -> np.ndarray:
+    """(N,) bool: as many tiles as ``store``'s triage kept, the highest of ``dense_store``'s
+    tile heat (``heatmap/tile``; the two stores must hold the same tiles)."""
+    try:
+        d, g = open_store(dense_store), open_store(store)
+        heat = np.asarray(d["heatmap/tile"][:], np.float64)
+        n_kept = int(np.count_nonzero(g["triage/kept"][:]))
+        same = d.attrs.get("tile_hash") == g.attrs.get("tile_hash")
+    except KeyError as exc:
+        raise StoreError(f"store lacks {exc}", dense_store) from None
+    if not same or heat.shape[0] != g["tiles/coords"].shape[0]:
+        raise StoreError(f"its tiles are not those of {store}", dense_store)
+    return rank_keep(heat, n_kept)
 
 
 def _at_specificity(y: np.ndarray, pd_: np.ndarray, pp: np.ndarray) -> dict[str, Any] | None:

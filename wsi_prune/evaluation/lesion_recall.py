@@ -213,6 +213,15 @@ def lesions_from_annotations(annotations: Sequence[Annotation], level0_mpp: floa
                    tuple(cls))
 
 
+def rank_keep(scores: np.ndarray, n: int) -> np.ndarray:
+    """(N,) bool: the ``n`` tiles of highest ``scores`` (ties by index, as the triage breaks
+    them), NaN lowest."""
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    keep = np.zeros(s.size, bool)
+    keep[np.lexsort((np.arange(s.size), -s))[:max(0, n)]] = True
+    return keep
+
+
 def _empty_counts() -> dict[str, dict[str, Any]]:
     keys = ("lesions", "lesions_with_kept_tile", "area_um2", "area_in_tissue_um2",
             "area_kept_um2", "tiles", "tiles_kept", "patches", "patches_reached")
@@ -239,7 +248,8 @@ def finish(counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
-                        mask_mpp: float = LESION_MASK_MPP) -> dict[str, dict[str, Any]]:
+                        mask_mpp: float = LESION_MASK_MPP, kept: np.ndarray | None = None
+                        ) -> dict[str, dict[str, Any]]:
     """Summable counts behind the triage and token recall of one slide (see the module
     docstring; :func:`finish` turns them into recalls).
 
@@ -247,6 +257,9 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
         store: a complete slide store (``tiles/coords``, ``tiles/grid``, ``triage/kept``,
             ``vit/tile_index``, ``vit/kept_tokens``; attrs ``mpp``, ``grid``).
         annotations: the slide's lesion outlines, level-0 px.
+        kept: (N,) bool tiles to count as kept instead of the store's ``triage/kept`` (a
+            reference selection, e.g. :func:`rank_keep` of another run's tile heat); the token
+            recall stays the store's.
 
     Returns:
         ``{class: {lesions, lesions_with_kept_tile, area_um2, area_in_tissue_um2,
@@ -261,11 +274,18 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
         n_rows, n_cols = int(grid["n_rows"]), int(grid["n_cols"])
         coords = np.asarray(g["tiles/coords"][:], np.int64)
         rc = np.asarray(g["tiles/grid"][:], np.int64)
-        kept = np.asarray(g["triage/kept"][:], bool)
+        stored = np.asarray(g["triage/kept"][:], bool)
         tile_index = np.asarray(g["vit/tile_index"][:], np.int64)
         reached_last = np.asarray(g["vit/kept_tokens"][:], bool)
     except KeyError as exc:
         raise StoreError(f"store lacks {exc}", store) from None
+    if kept is None:
+        kept = stored
+    else:
+        kept = np.asarray(kept, bool)
+        if kept.shape != stored.shape:
+            raise StoreError(f"a reference selection of {kept.shape[0]} tiles for a store of "
+                             f"{stored.shape[0]} tissue tiles", store)
     n_p = reached_last.shape[2]
     gp = math.isqrt(n_p)
     if gp * gp != n_p:

@@ -179,21 +179,32 @@ def _lesion_section(r: Mapping[str, Any]) -> str:
             "ITC < 200 µm, micro 200-2000 µm, macro > 2000 µm longest diameter)\n\n")
     if r["triage"] is None:
         return head + "No annotated slide.\n"
+    ref = r.get("triage_dense_rank")
     rows = []
     for c in (*r["size_classes"], "all"):
         t, k = r["triage"][c], r["tokens"][c]
         out_um2 = t["area_um2"] - t["area_in_tissue_um2"]
-        rows.append((c, t["lesions"], t["area_in_tissue_um2"] / 1e6, t["area_recall"],
-                     out_um2 / 1e6, f"{t['tiles_kept']} / {t['tiles']}", t["tile_recall"],
-                     f"{t['lesions_with_kept_tile']} / {t['lesions']}",
-                     f"{k['reached']} / {k['patches']}", k["recall"]))
-    text = head + _table(("class", "lesions", "area in tissue tiles (mm²)", "area recall",
-                          "area outside tissue tiles (mm²)", "tiles kept", "tile recall",
-                          "lesions with a kept tile", "lesion patches reaching the last block",
-                          "token recall"), rows)  # fmt: skip
+        row = (c, t["lesions"], t["area_in_tissue_um2"] / 1e6, t["area_recall"])
+        if ref is not None:
+            row += (ref[c]["area_recall"],)
+        rows.append(row + (out_um2 / 1e6, f"{t['tiles_kept']} / {t['tiles']}", t["tile_recall"],
+                           f"{t['lesions_with_kept_tile']} / {t['lesions']}",
+                           f"{k['reached']} / {k['patches']}", k["recall"]))
+    cols = ("class", "lesions", "area in tissue tiles (mm²)", "area recall")
+    if ref is not None:
+        cols += ("area recall, dense ranking",)
+    text = head + _table(cols + ("area outside tissue tiles (mm²)", "tiles kept", "tile recall",
+                                 "lesions with a kept tile",
+                                 "lesion patches reaching the last block", "token recall"),
+                         rows)  # fmt: skip
     text += ("\n\nArea and tile recall: what the CNN triage sent to the ViT; token recall: "
              "patches mostly inside a lesion, over all tissue tiles, whose token reached the "
              "last ViT block (a patch of a dropped tile did not).\n")
+    if ref is not None:
+        text += ("Dense ranking: on each slide, as many tiles as the triage kept, the highest "
+                 "of the dense run's tile heat "
+                 f"({r['dense_rank_slides']} of {r['slides']} slides): what the dense model's "
+                 "own ranking keeps at the same budget.\n")
     if r["tumour_slides_without_xml"]:
         text += ("\nTumour slides without annotations (left out): "
                  + ", ".join(r["tumour_slides_without_xml"]) + "\n")
