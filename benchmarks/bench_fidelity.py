@@ -195,6 +195,9 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
         if args.student:
             c, sfx = student_vit(sd, c, seed, args, sfx), sfx + STUDENT
         rt = ratio_tag(args.token_ratio, args.token_scope)
+        if args.neighbour_mix:
+            c = c.replace(tile_select={"neighbour_mix": args.neighbour_mix})
+            rt += f"-nm{args.neighbour_mix:g}"
         for b in args.budgets:
             out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}{rt}",
                                       budget_config(c, b, args.token_ratio, args.token_scope),
@@ -539,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                          "when it is not the default)")
     ap.add_argument("--token-scope", choices=["tile", "slide"], default="tile",
                     help="token_select.scope of the pruned settings (tags end in -slide)")
+    ap.add_argument("--neighbour-mix", type=float, default=0.0,
+                    help="tile_select.neighbour_mix of the pruned settings (tags end in "
+                         "-nm<mix>)")
     ap.add_argument("--adaptive", type=float, nargs="*", default=[0.05],
                     help="budgets also run with a score threshold set on the training slides "
                          "(the mean budget, spent where the scorer sees lesion)")

@@ -191,6 +191,11 @@ class TileSelectConfig:
         threshold: tile score threshold for ``threshold``.
         min_tiles / max_tiles: per-slide budget (max None: no cap).
         redundancy_eps: drop a tile within this cosine distance of a kept 8-neighbour (None: off).
+        neighbour_mix: share of a tile's selection score taken from the mean score of its
+            tissue 8-neighbours, in [0, 1) (0: off). Lesions are contiguous, so a tile at a
+            lesion's edge, which the CNN sees only in part, gains from its neighbours; an
+            isolated false positive loses. Only the ranking changes: ``triage/tile_score``
+            stays the CNN's.
     """
 
     policy: str = "nucleus"
@@ -201,6 +206,7 @@ class TileSelectConfig:
     max_tiles: int | None = 2048
     redundancy_eps: float | None = None
     fraction: float = 0.1
+    neighbour_mix: float = 0.0
 
     def __post_init__(self) -> None:
         # the name is resolved where policies are built (wsi_prune.selection), as timm resolves
@@ -215,6 +221,7 @@ class TileSelectConfig:
         _check(0.0 <= self.threshold <= 1.0, "tile_select.threshold must be in [0, 1]")
         _check(self.redundancy_eps is None or 0.0 <= self.redundancy_eps <= 2.0,
                "tile_select.redundancy_eps is a cosine distance in [0, 2]")
+        _check(0.0 <= self.neighbour_mix < 1.0, "tile_select.neighbour_mix must be in [0, 1)")
 
 
 #: what ``token_select.keep_ratio`` counts over

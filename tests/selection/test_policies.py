@@ -9,7 +9,7 @@ import torch
 from wsi_prune.config import TileSelectConfig, TokenSelectConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.selection.registry import get_policy, list_policies, register_policy
-from wsi_prune.selection.tiles import nucleus_count, select_tiles
+from wsi_prune.selection.tiles import neighbour_mixed, nucleus_count, select_tiles
 from wsi_prune.selection.tokens import (
     keep_by_attention,
     ratio_count,
@@ -373,3 +373,30 @@ def test_fraction_policy_keeps_the_top_share_of_tissue_tiles(n, fraction, want) 
     assert scores[keep].min() >= scores[~keep].max() if want < n else keep.all()
     with pytest.raises(ConfigError, match="fraction"):
         TileSelectConfig(fraction=0.0)
+
+
+def test_neighbour_mix_keeps_a_lesion_edge_over_an_isolated_false_positive():
+    # 5 x 5 tissue tiles: two strong lesion tiles, a weaker one at their edge, an isolated
+    # false positive in a corner, background 0.1
+    scores = np.full((5, 5), 0.1)
+    scores[1, 2] = scores[2, 2] = 0.9
+    scores[2, 3] = 0.4
+    scores[0, 0] = 0.5
+    grid = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    flat = scores.ravel()
+    raw = TileSelectConfig(policy="topk", k=3, min_tiles=0)
+    assert set(np.flatnonzero(select_tiles(flat, raw, grid))) == {0, 7, 12}
+    mixed = neighbour_mixed(flat, grid, 0.5)
+    # the edge: neighbours 0.9, 0.9 and six of 0.1 -> mean 0.3; the corner: three of 0.1
+    assert mixed[13] == pytest.approx(0.5 * 0.4 + 0.5 * 0.3)
+    assert mixed[0] == pytest.approx(0.5 * 0.5 + 0.5 * 0.1)
+    cfg = TileSelectConfig(policy="topk", k=3, min_tiles=0, neighbour_mix=0.5)
+    assert set(np.flatnonzero(select_tiles(flat, cfg, grid))) == {7, 12, 13}
+    # the grid's origin does not matter; a tile without a tissue neighbour keeps its score
+    assert np.allclose(neighbour_mixed(flat, grid + 7, 0.5), mixed)
+    lone = neighbour_mixed(np.array([0.2, 0.8]), np.array([[0, 0], [5, 5]]), 0.5)
+    assert np.allclose(lone, [0.2, 0.8])
+    with pytest.raises(ValueError, match="needs the tile grid"):
+        select_tiles(flat, cfg)
+    with pytest.raises(ConfigError, match="neighbour_mix"):
+        TileSelectConfig(neighbour_mix=1.0)

@@ -90,14 +90,16 @@ def select_tiles(
 ) -> np.ndarray:
     """Choose the tiles of one slide that reach the ViT.
 
-    Order of operations: the policy (``config.policy``), then the budget (top up to
-    ``min_tiles`` by score, cap at ``max_tiles`` by score), then the optional redundancy filter.
+    Order of operations: the neighbourhood mix of the scores (``config.neighbour_mix``,
+    :func:`neighbour_mixed`), the policy (``config.policy``), then the budget (top up to
+    ``min_tiles`` by score, cap at ``max_tiles`` by score), then the optional redundancy
+    filter.
 
     Args:
         scores: (N,) float tile scores in [0, 1] (CNN triage).
         config: the selection settings.
-        grid: (N, 2) int tile positions (row, col) in the tile grid; needed by the redundancy
-            filter only.
+        grid: (N, 2) int tile positions (row, col) in the tile grid; needed by the neighbourhood
+            mix and the redundancy filter only.
         embeddings: (N, D) float tile embeddings (any model); needed by the redundancy filter only.
 
     Returns:
@@ -113,6 +115,10 @@ def select_tiles(
     if scores.size and (not np.all(np.isfinite(scores)) or scores.min() < 0 or scores.max() > 1):
         raise ValueError("tile scores must be finite and in [0, 1]")
     n = scores.size
+    if config.neighbour_mix > 0:
+        if grid is None:
+            raise ValueError("tile_select.neighbour_mix needs the tile grid (N, 2)")
+        scores = neighbour_mixed(scores, grid, config.neighbour_mix)
     keep = np.asarray(get_policy(config.policy, "tile")(scores, config), dtype=bool)
 
     order = _rank(scores)
@@ -128,6 +134,42 @@ def select_tiles(
         keep = _drop_redundant(scores, keep, grid, embeddings, config.redundancy_eps, n_min)
     _logger.debug("select_tiles %s: kept %d of %d", config.policy, int(keep.sum()), n)
     return keep
+
+
+def neighbour_mixed(scores: np.ndarray, grid: np.ndarray, mix: float) -> np.ndarray:
+    """``(1 - mix) * score + mix * (mean score of the tile's tissue 8-neighbours)``.
+
+    A tile without a tissue neighbour keeps its own score. The result stays in [0, 1].
+
+    Args:
+        scores: (N,) float tile scores.
+        grid: (N, 2) int (row, col) of each tile in the tile grid (distinct cells).
+        mix: in [0, 1).
+
+    Returns:
+        (N,) float64.
+    """
+    scores = np.asarray(scores, np.float64)
+    grid = np.asarray(grid, np.int64)
+    if grid.shape != (scores.size, 2):
+        raise ValueError(f"grid must be ({scores.size}, 2), got {grid.shape}")
+    if not scores.size:
+        return scores
+    rc = grid - grid.min(axis=0) + 1  # a ring of empty cells around the tiles
+    shape = tuple(rc.max(axis=0) + 2)
+    total = np.zeros(shape)
+    count = np.zeros(shape)
+    total[rc[:, 0], rc[:, 1]] = scores
+    count[rc[:, 0], rc[:, 1]] = 1.0
+    nb_total = np.zeros(scores.size)
+    nb_count = np.zeros(scores.size)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                nb_total += total[rc[:, 0] + dr, rc[:, 1] + dc]
+                nb_count += count[rc[:, 0] + dr, rc[:, 1] + dc]
+    mean = np.divide(nb_total, nb_count, out=scores.copy(), where=nb_count > 0)
+    return (1.0 - mix) * scores + mix * mean
 
 
 def _drop_redundant(
