@@ -202,7 +202,8 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
             out.update(pruned_setting(sd, train_dir, test_dir, f"b{b:g}{sfx}{rt}",
                                       budget_config(c, b, args.token_ratio, args.token_scope),
                                       head_dense, seed,
-                                      _heads(args, b) if not sfx else _no_dense_head(args)))
+                                      _heads(args, b) if not sfx else _no_dense_head(args),
+                                      args.drop_stores))
         for b in args.adaptive:
             out.update(adaptive_budget(sd, train_dir, test_dir, c, head_dense, b, seed, args,
                                        sfx, rt))
@@ -283,7 +284,8 @@ def _heads(args: argparse.Namespace, budget: float) -> tuple[str, ...]:
 
 def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunConfig,
                    head_dense: Path, seed: int,
-                   kinds: tuple[str, ...] = ("as-infer", "dense-head")) -> dict[str, Any]:
+                   kinds: tuple[str, ...] = ("as-infer", "dense-head"),
+                   drop_stores: bool = False) -> dict[str, Any]:
     """One pruned setting ``cb``: its run on the training slides, heads trained on that run
     (train as you infer), then the test slides with each head kind, compared with the dense
     test run of the same head type: ``as-infer`` (gated-ABMIL trained on the pruned run),
@@ -291,7 +293,8 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
     pruned run, against the dense run with tile-topk fitted on the dense run), ``dense-topk``
     (the dense run's own tile-topk head, unchanged: it reads only the bag's top tiles, so it
     needs no refit when the kept tiles are those; with ``--student`` it reads the student's
-    tile logits, which were distilled to be the teacher's)."""
+    tile logits, which were distilled to be the teacher's). ``drop_stores`` deletes each test
+    run's slide stores once compared (:func:`drop_slide_stores`)."""
     _run(train_dir, sd / f"train-{tag}", cb)
     labels = train_dir / "labels.csv"
     heads = {}
@@ -317,7 +320,21 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
         m = json.loads((cmp / "metrics.json").read_text())
         m["triage_ceiling"] = triage_ceiling(m, run_dir)
         out[f"{tag}/{kind}"] = m
+        if drop_stores:
+            drop_slide_stores(run_dir)
     return out
+
+
+def drop_slide_stores(run_dir: Path) -> int:
+    """Delete the slide stores of a compared test run, keeping ``predictions.csv``, the
+    manifest and the viewer outputs (a 64-slide run's stores are ~1.2 GB; the comparison's
+    ``metrics.json`` holds what the tables need). Returns the stores deleted."""
+    import shutil
+
+    stores = sorted(run_dir.glob("*.zarr"))
+    for z in stores:
+        shutil.rmtree(z)
+    return len(stores)
 
 def score_threshold(train_run: Path, share: float, scorer: RunConfig | None = None) -> float:
     """The CNN tile score above which ``share`` of the training slides' tissue tiles lie
@@ -580,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="tile-loss weight of the ViT-taught scorer")
     ap.add_argument("--ablate-levels", default="2,4",
                     help="scorer feature levels to compare with the default (1,4); '' skips")
+    ap.add_argument("--drop-stores", action="store_true",
+                    help="delete each pruned test run's slide stores once it is compared "
+                         "(~1.2 GB per 64-slide run; predictions, manifest and metrics stay)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 4+4 slides of 4096², one seed, one budget, 1-min ViT")
     args = ap.parse_args(argv)

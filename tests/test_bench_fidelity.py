@@ -111,3 +111,15 @@ def test_a_longer_trained_vit_scorer_has_its_own_tag_and_weights(bench) -> None:
     assert bench.epochs_tag(ns(None)) == ""
     assert bench.epochs_tag(ns(10)) == ""
     assert bench.epochs_tag(ns(30)) == "-e30"
+
+
+def test_dropping_a_compared_runs_stores_keeps_its_tables(bench, tmp_path: Path) -> None:
+    run = tmp_path / "test-b0.05-topk"
+    for name in ("a.zarr", "b.zarr"):
+        (run / name / "tiles").mkdir(parents=True)
+        (run / name / "zarr.json").write_text("{}")
+    (run / "predictions.csv").write_text("id,kept_tiles\na,3\nb,4\n")
+    (run / "manifest.json").write_text("{}")
+    assert bench.drop_slide_stores(run) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "predictions.csv"]
+    assert bench.drop_slide_stores(run) == 0
