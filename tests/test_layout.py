@@ -184,6 +184,8 @@ def test_keys_added_later_change_the_hash_only_off_their_default() -> None:
     other = base.replace(mil={"model": "some-other-head"})
     assert other.hash() != GOLDEN["default"]
     assert RunConfig.from_dict(json.loads(json.dumps(other.to_dict()))).hash() == other.hash()
+    assert base.replace(tile_select={"neighbour_mix": 0.0}).hash() == GOLDEN["default"]
+    assert base.replace(tile_select={"neighbour_mix": 0.5}).hash() != GOLDEN["default"]
 
 
 # -- registries: one pattern, every entry behaves ------------------------------------------------

@@ -503,6 +503,7 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("vit", "precision"),
     ("mil", "top_k"),
     ("token_select", "scope"),
+    ("tile_select", "neighbour_mix"),
 )
 
 
