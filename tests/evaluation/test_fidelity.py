@@ -209,6 +209,13 @@ def test_triage_recall_of_the_dense_ranking_at_the_same_budget(runs, tmp_path):
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "area recall, dense ranking" in report and "| macro | 1 | 0.502 | 0.750 | 0.875 |" in (
         report)
+    res = CliRunner().invoke(evaluate_cmd, [
+        "--compare", str(runs["dense"]), str(runs["pruned"]), "--labels", str(runs["labels"]),
+        "--annotations", str(runs["annotations"]), "--out", str(tmp_path / "cli"),
+        "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    assert ("same tile budget, ranked by the dense heat: itc 0.000, micro 0.000, macro 0.875"
+            in res.output)
     # a dense store of other tiles gives no reference, and says so
     zarr.open_group(str(d), mode="r+").attrs["tile_hash"] = "other"
     r = compare_lesion_recall(runs["pruned"], ["t1"], runs["annotations"], None,
