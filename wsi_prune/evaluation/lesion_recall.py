@@ -42,6 +42,7 @@ from scipy.spatial import ConvexHull
 from wsi_prune.errors import StoreError
 from wsi_prune.io.annotations import Annotation, size_class
 from wsi_prune.io.store import open_store
+from wsi_prune.selection.tiles import _rank
 
 SIZE_CLASSES = ("itc", "micro", "macro")
 LESION_MASK_MPP = 2.0  # µm/px of the lesion masks
@@ -214,11 +215,11 @@ def lesions_from_annotations(annotations: Sequence[Annotation], level0_mpp: floa
 
 
 def rank_keep(scores: np.ndarray, n: int) -> np.ndarray:
-    """(N,) bool: the ``n`` tiles of highest ``scores`` (ties by index, as the triage breaks
-    them), NaN lowest."""
+    """(N,) bool: the ``n`` tiles of highest ``scores``, ranked as the triage ranks them
+    (:func:`wsi_prune.selection.tiles._rank`: ties by index), NaN lowest."""
     s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
     keep = np.zeros(s.size, bool)
-    keep[np.lexsort((np.arange(s.size), -s))[:max(0, n)]] = True
+    keep[_rank(s)[:max(0, n)]] = True
     return keep
 
 
