@@ -366,7 +366,7 @@ def adaptive_budget(sd: Path, train_dir: Path, test_dir: Path, cfg: RunConfig, h
         tile_select={"policy": "threshold", "threshold": t, "max_tiles": None})
     # the dense-trained head's trap is shown at the fixed budgets; here only heads as inferred
     out = pruned_setting(sd, train_dir, test_dir, f"b{budget:g}-adaptive{sfx}{rt}", cb, head_dense,
-                         seed, _no_dense_head(args))
+                         seed, _no_dense_head(args), args.drop_stores)
     for m in out.values():
         m["threshold"] = t
     return out
