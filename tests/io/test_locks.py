@@ -251,3 +251,22 @@ def test_take_over_waits_for_a_live_claim_and_clears_a_dead_ones(tmp_path: Path)
         # a lock that is no longer the one judged stale is never removed
         assert locks._take_over(lock, stale) is True and lock.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_clear_stale_removes_only_a_dead_holders_lock(tmp_path: Path) -> None:
+    """clear_stale: no lock -> False; a live holder's lock stays; a dead process's lock (this
+    host) and an expired lease of another host are removed, and the path can be locked again."""
+    path = tmp_path / "slide"
+    lock = Path(f"{path}.lock")
+    assert locks.clear_stale(path) is False
+    with locks.locked(path):
+        assert locks.clear_stale(path) is False and lock.exists()
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    assert locks.clear_stale(path) is True and not lock.exists()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "lease_s": 5.0}))
+    assert locks.clear_stale(path) is False and lock.exists()  # lease still running
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    assert locks.clear_stale(path) is True and not lock.exists()
+    with locks.locked(path):
+        pass

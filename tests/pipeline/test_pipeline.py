@@ -192,6 +192,27 @@ def test_rerun_skips_then_force_recomputes(batch, svs_slide):
     assert forced[0]["probability"] == pytest.approx(rows["synth"]["probability"], abs=1e-6)
 
 
+def test_skip_clears_the_lock_of_a_run_killed_after_publishing(batch, svs_slide):
+    """A process killed between publishing a slide's outputs and releasing its lock leaves
+    complete outputs and a dead holder's lock (a Dask worker SIGKILLed there; CI saw it): the
+    next run skips the slide and removes that lock, and leaves a live holder's lock alone."""
+    out, _ = batch
+    lock = out / "synth.lock"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    lock.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "token": "x"}))
+    again = run_batch([svs_slide], out, demo_config(), progress=False)
+    assert again[0]["status"] == "skipped" and not lock.exists()
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "token": "live"}
+    lock.write_text(json.dumps(live))
+    try:
+        again = run_batch([svs_slide], out, demo_config(), progress=False)
+        assert again[0]["status"] == "skipped"
+        assert json.loads(lock.read_text()) == live
+    finally:
+        lock.unlink()
+
+
 def test_interrupted_result_is_not_complete(tmp_path, svs_slide):
     # What a run killed after tiling leaves: a complete tile store without a result.
     cfg = demo_config()

@@ -282,6 +282,35 @@ def verify(path: str | os.PathLike[str]) -> None:
             f"{holder.get('host')}); nothing was published", path)
 
 
+def clear_stale(path: str | os.PathLike[str]) -> bool:
+    """Remove ``<path>.lock`` if its holder is gone (the rules of :func:`locked`); leave a live
+    holder's lock alone.
+
+    A process killed after it published its outputs but before it released its lock leaves
+    outputs that are complete and a lock nobody holds. A later run that finds the outputs
+    complete skips the slide without taking the lock, so it clears such a leftover here.
+
+    Returns:
+        True when a stale lock was removed.
+    """
+    lock = Path(f"{path}.lock")
+    host = socket.gethostname()
+    for _ in range(100):  # another taker holds the claim for milliseconds
+        holder = _read(lock)
+        if holder is None:
+            return False
+        reason = _stale_reason(lock, holder, host)
+        if reason is None:
+            return False
+        if _take_over(lock, holder):
+            removed = _read(lock) is None
+            if removed:
+                _logger.info("%s: removed %s", lock, reason)
+            return removed
+        time.sleep(0.002 + 0.008 * (uuid.uuid4().int % 1000) / 1000)
+    return False
+
+
 @contextlib.contextmanager
 def locked(path: str | os.PathLike[str], lease_s: float = LEASE_S,
            heartbeat_s: float | None = None) -> Iterator[Path]:

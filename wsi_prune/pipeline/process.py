@@ -121,6 +121,8 @@ def process_slide(
     if not force and run_complete(out, entry, config, run_hash):
         group = zarr.open_group(str(store_path), mode="r")
         _logger.info("%s: outputs complete for this config, skipping", entry.id)
+        # a run killed between publishing and releasing its lock left the lock behind
+        locks.clear_stale(out / entry.id)
         return _row_from_result(entry, "skipped", group.attrs["result"], dict(group.attrs))
     if not entry.path.exists():
         raise UnsupportedSlide(missing_reason(entry.path), entry.path)
