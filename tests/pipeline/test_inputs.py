@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 
@@ -120,3 +121,43 @@ def test_another_slide_never_takes_over_an_id_across_runs(look_alikes: Path,
         assert third[0]["status"] == "skipped", third
     finally:
         shutil.move(moved, look_alikes / "sub1" / "a.svs")
+
+
+def _tissue_image(seed: int, side: int = 1024) -> np.ndarray:
+    """Glass with a pink-purple textured block (about 30 % of the image): the mask finds it."""
+    rng = np.random.default_rng(seed)
+    img = np.full((side, side, 3), 238, np.uint8)
+    block = np.array([196, 112, 176]) + rng.integers(-40, 40, (side // 2, side // 2 + 64, 3))
+    img[side // 4:side // 4 + side // 2, side // 5:side // 5 + side // 2 + 64] = block.clip(0, 255)
+    return img
+
+
+def test_a_dicom_series_is_one_slide(tmp_path: Path) -> None:
+    """A DICOM slide is a folder of files, one per level, any of which OpenSlide opens as the
+    whole slide: discovery keeps one file per series (named after its folder when the folder
+    holds it alone, qualified like any id), two series in one folder stay two slides, a
+    ``.dcm`` that is no slide stays a slide that fails, and a run gives one row per series."""
+    from tests._dicom import write_dicom_slide
+
+    d = tmp_path / "in"
+    write_dicom_slide(d / "caseA" / "slide", _tissue_image(0))
+    write_dicom_slide(d / "caseB" / "slide", _tissue_image(1), levels=3)
+    write_dicom_slide(d / "mixed", _tissue_image(2), names=("a0.dcm", "a1.dcm"))
+    write_dicom_slide(d / "mixed", _tissue_image(3), names=("b0.dcm", "b1.dcm"))
+    (d / "junk").mkdir()
+    (d / "junk" / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    entries = discover([d])
+    assert [(e.id, e.path.relative_to(d).as_posix()) for e in entries] == [
+        ("caseA_slide", "caseA/slide/level0.dcm"), ("caseB_slide", "caseB/slide/level0.dcm"),
+        ("bad", "junk/bad.dcm"), ("a0", "mixed/a0.dcm"), ("b0", "mixed/b0.dcm")]
+    # files given one by one (a shell glob) are one slide too
+    assert [e.id for e in discover(sorted((d / "caseB" / "slide").iterdir()))] == ["slide"]
+
+    rows = {r["id"]: r for r in run_batch([d / "caseA", d / "junk"], tmp_path / "out",
+                                          demo_config(), progress=False)}
+    assert set(rows) == {"slide", "bad"}
+    assert rows["slide"]["status"] == "ok", rows["slide"]
+    assert rows["slide"]["mpp"] == pytest.approx(0.5) and rows["slide"]["tissue_tiles"] > 0
+    assert rows["bad"]["status"] == "failed" and "bad.dcm" in rows["bad"]["error"]
+    g = zarr.open_group(str(tmp_path / "out" / "slide.zarr"), mode="r")
+    assert g.attrs["slide"]["width"] == 1024

@@ -6,6 +6,11 @@ Folders are searched through symlinked sub-folders too (slide archives are often
 each real folder once, so a symlink loop ends the search of that branch with a warning. A
 symlink with a slide's extension that leads nowhere (broken, or a loop) is kept as a slide:
 it fails with its own reason instead of vanishing from the results.
+
+A DICOM slide is a folder of ``.dcm`` files, one per pyramid level (plus label and overview),
+any of which OpenSlide opens as the whole slide. The files of one series (same folder, same
+SeriesInstanceUID) are one slide: its first file by name is the one read, and its id is the
+folder's name when the folder holds that series alone.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from wsi_prune._ids import safe_id, unique_ids
 from wsi_prune.errors import ConfigError
 from wsi_prune.io.labels import parse_label
-from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
+from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_series_uid
 
 _logger = logging.getLogger(__name__)
 
@@ -77,10 +82,62 @@ def discover(
             raw.append((p, None, None, None))
         else:
             raise ConfigError("input is neither a slide, a folder nor a CSV slide list", p)
+    raw = _one_per_dicom_series(raw)
+    # a DICOM series named after its folder may be qualified by the folders above that one
     ids = unique_ids([safe_id(given or path.stem) for path, given, _, _ in raw],
-                     [path for path, *_ in raw], [given is None for _, given, _, _ in raw])
+                     [path.parent if isinstance(given, _FolderName) else path
+                      for path, given, _, _ in raw],
+                     [given is None or isinstance(given, _FolderName) for _, given, _, _ in raw])
     return [SlideEntry(sid, path, row_mpp if row_mpp is not None else mpp, label)
             for sid, (path, _, row_mpp, label) in zip(ids, raw, strict=True)]
+
+
+class _FolderName(str):
+    """An id taken from a DICOM series' folder (not given by the user: it may be qualified)."""
+
+
+def _one_per_dicom_series(
+    raw: list[tuple[Path, str | None, float | None, int | None]],
+) -> list[tuple[Path, str | None, float | None, int | None]]:
+    """Keep one file of each DICOM series found in folders or given as files (slide-list rows
+    are the user's own choice and stay as listed). Its id: the folder's name when the folder
+    holds one series and nothing else that reads as a slide, else the file's name."""
+    dcm = [i for i, (path, given, _, _) in enumerate(raw)
+           if path.suffix.lower() == ".dcm" and given is None and path.is_file()]
+    if not dcm:
+        return raw
+    series: dict[int, tuple[Path, str]] = {}  # index in raw -> (folder, series uid)
+    for i in dcm:
+        uid = dicom_series_uid(raw[i][0])
+        if uid is not None:
+            series[i] = (Path(os.path.abspath(raw[i][0])).parent, uid)
+    per_folder: dict[Path, set[str]] = {}
+    for folder, uid in series.values():
+        per_folder.setdefault(folder, set()).add(uid)
+    first: dict[tuple[Path, str], int] = {}
+    members: dict[int, int] = {}
+    for i in sorted(series, key=lambda i: str(raw[i][0])):
+        key = series[i]
+        first.setdefault(key, i)
+        members[first[key]] = members.get(first[key], 0) + 1
+    out = []
+    for i, row in enumerate(raw):
+        if i not in series:
+            out.append(row)
+            continue
+        folder, uid = series[i]
+        if first[(folder, uid)] != i:
+            continue
+        path, _, mpp, label = row
+        alone = per_folder[folder] == {uid} and not any(
+            Path(os.path.abspath(raw[j][0])).parent == folder
+            for j in range(len(raw)) if j not in series)
+        if members[i] > 1:
+            _logger.info("%s: %d DICOM files of series %s read as one slide", folder,
+                         members[i], uid)
+        out.append((path, _FolderName(folder.name) if alone and folder.name else None, mpp,
+                    label))
+    return out
 
 
 def _walk(root: Path, exts: tuple[str, ...]) -> list[Path]:
