@@ -521,3 +521,35 @@ def test_glass_quantiles_from_histograms_are_numpys():
             v = rng.integers(0, hi, n)
             got = _quantiles(np.bincount(v, minlength=hi), [0, 0.25, 0.5, 0.75, 1])
             assert np.allclose(got, np.percentile(v, [0, 25, 50, 75, 100])), (n, hi)
+
+
+@pytest.mark.parametrize(("mpp", "side", "block", "blur"),
+                         [(8.0, 400, 280, 1.5), (2.0, 1000, 820, 4.0)])
+def test_dense_tissue_out_of_focus_is_not_ink(mpp, side, block, blur, caplog, monkeypatch):
+    # Haematoxylin-dense tissue scanned out of focus (blur sigma 8-12 µm) is as even and dark as
+    # purple marker. Patches of it pass the smoothness test and following carried them over the
+    # whole section: mask version 3 dropped all of it. A region of H&E-coloured ink wider than
+    # any stroke (1.5 mm) is tissue now, with a warning; a 1.2 mm purple stroke still is ink.
+    import wsi_prune.io.ink as ink_mod
+
+    rng = np.random.default_rng(31)
+    img = _noisy((side, side), GLASS, rng, sd=2.0)
+    lo = (side - block) // 2
+    dense = _he_texture((block, block), rng, nuclei=0.8).astype(np.float32)
+    dense = np.stack([ndi.gaussian_filter(dense[..., c], blur) for c in range(3)], -1)
+    img[lo:lo + block, lo:lo + block] = np.round(dense).astype(np.uint8)
+    inner = (slice(lo + 10, lo + block - 10),) * 2
+    with caplog.at_level("WARNING", logger="wsi_prune.io.ink"):
+        tm = tissue_mask(img, mpp=mpp)
+    assert tm.mask[inner].mean() >= 0.95
+    assert "kept as tissue, not taken for marker ink" in caplog.text
+    monkeypatch.setattr(ink_mod, "MAX_STROKE_UM", float("inf"))  # version 3's behaviour
+    assert tissue_mask(img, mpp=mpp).mask[inner].mean() <= 0.5
+    monkeypatch.undo()
+    # a purple stroke 1.2 mm wide across glass is still ink
+    stroke = np.zeros((side, side))
+    stroke[:, 20:20 + int(1200 / mpp)] = 1.0
+    stroke = ndi.gaussian_filter(stroke, 1.0)
+    tm = tissue_mask(_ink(_noisy((side, side), GLASS, rng, sd=2.0), stroke, INKS["purple"]),
+                     mpp=mpp)
+    assert tm.fraction <= 0.01

@@ -31,16 +31,26 @@ seen over glass in the image (a tile inside the tissue), where the tissue's own 
 through and the floor stays at tissue level (translucent purple or red over stroma: about 80 %
 excluded on the benchmark's 0.5 µm/px tiles). Colour rules still catch blue, green and black
 there. Dense tissue right beside a thin stroke that was followed can be taken with it.
+
+5. **Width** (:func:`keep_strokes_narrow`): haematoxylin-dense tissue scanned out of focus
+   (blur sigma >= 6-8 µm) is as even and dark as purple marker, and following carries a few
+   smooth patches of it over the whole section. Ink found only by smoothness or floor (no
+   colour rule vouches for it) in a region wider than :data:`MAX_STROKE_UM` (1.5 mm, no
+   marker stroke is that wide) is given back to the tissue, with a warning. Out-of-focus
+   pieces narrower than that, and H&E-coloured strokes wider than it, are still mistaken.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import disk
+
+_logger = logging.getLogger(__name__)
 
 # Colour rules, on 0-255 white-balanced RGB and 0-255 HSV saturation.
 _BLUE_MIN_MARGIN = 45  # B - max(R, G) of blue ink; hematoxylin-dense pixels reach ~40
@@ -68,6 +78,13 @@ FLOOR_UM = 40.0
 #: coarsest resolution the smoothness test runs at, µm/px: its 3 px window then spans 48 µm, and
 #: coarser pixels average tissue into evenness too (colour rules still run)
 SMOOTH_MAX_MPP = 16.0
+#: widest region of smooth or dark-floored stain taken for ink, µm (the diameter of the largest
+#: disc inside it): marker strokes are 0.3-1 mm wide, while tissue scanned out of focus (blur
+#: sigma >= 7 µm at 8 µm/px, >= 5 µm on 2 and 0.5 µm/px tiles) is as even and as dark as ink
+#: over a whole section; a wider region is kept as tissue (and a warning says so)
+MAX_STROKE_UM = 1500.0
+#: gaps up to this wide (µm) inside a region are bridged before its width is measured
+MAX_GAP_UM = 120.0
 #: summed optical density (over glass) from which a smooth pixel may be ink: translucent marker
 #: starts near 0.5, smooth pale glass-like areas (bubbles' insides, mounting medium) stay < 0.1
 INK_MIN_OD = 0.35
@@ -266,6 +283,60 @@ def ink_regions(plane: Callable[[str], np.ndarray], mpp: float, min_px: float) -
             cores |= _dilate(cores, reach) & plane(over_name)
         ink |= cores
     return ink
+
+
+def keep_strokes_narrow(inked: np.ndarray, certain: np.ndarray, mpp: float) -> np.ndarray:
+    """Give back to the tissue each ink region wider than :data:`MAX_STROKE_UM` that no colour
+    rule vouches for.
+
+    Smooth or dark-floored stain of an H&E colour is ink only as a stroke: tissue scanned out
+    of focus is as even and dark, but over a whole section, and following (:func:`follow_strokes`)
+    would carry a few smooth patches of it over all of it. A region's width is the diameter of
+    the largest disc inside it, measured on its pixels shrunk by whole blocks (a block counts
+    in the region when at least half its pixels are), after closing gaps of up to
+    :data:`MAX_GAP_UM`; a region of a whole thumbnail costs distance transforms of at most
+    ~1000² px.
+
+    Args:
+        inked: (H, W) bool ink found so far (changed in place and returned).
+        certain: (H, W) bool pixels of a colour H&E never has (blue, green, saturated red) or
+            black marker's: a region holding any stays ink, however wide.
+        mpp: µm/px.
+    """
+    max_px = MAX_STROKE_UM / mpp
+    if not inked.any() or min(inked.shape) <= max_px:
+        return inked
+    labels, _ = ndi.label(inked, structure=np.ones((3, 3), bool))
+    vouched = np.unique(labels[certain & inked])
+    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None or lab in vouched:
+            continue
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        if min(h, w) <= max_px:
+            continue
+        region = labels[sl] == lab
+        k = max(1, math.ceil(max(h, w) / 1024))
+        if k > 1:
+            hh, ww = -(-h // k) * k, -(-w // k) * k
+            small = np.zeros((hh, ww), bool)
+            small[:h, :w] = region
+            small = small.reshape(hh // k, k, ww // k, k).mean(axis=(1, 3)) >= 0.5
+        else:
+            small = region
+        # bridge the tissue's own gaps (out-of-focus tissue is smooth in patches, and
+        # following joins them into a lattice); a circling stroke's inside stays open
+        r = MAX_GAP_UM / 2 / (mpp * k)
+        pad = int(math.ceil(r)) + 1
+        grown = ndi.distance_transform_edt(~np.pad(small, pad)) <= r
+        closed = ndi.distance_transform_edt(grown) > r
+        width = 2.0 * k * float(ndi.distance_transform_edt(closed).max())
+        if width > max_px:
+            inked[sl] &= ~region
+            _logger.warning(
+                "a region of even, dark stain %.1f mm wide is kept as tissue, not taken for "
+                "marker ink: no stroke is that wide (tissue out of focus?)",
+                width * mpp / 1000.0)
+    return inked
 
 
 def label_sizes(labels: np.ndarray, n: int, rows: int = 512) -> np.ndarray:

@@ -59,8 +59,9 @@ _logger = logging.getLogger(__name__)
 #: Version of the mask algorithm, part of a tile store's identity: a new version rebuilds
 #: stores masked by an older one (1: Otsu on saturation; 2: glass white balance, H&E hue gate,
 #: ink by smoothness and dark floor, bounded slide-level stage; 3: ink regions followed from
-#: where they are found into the tissue they cross, one more pixel of closing on coarse masks).
-MASK_VERSION = 3
+#: where they are found into the tissue they cross, one more pixel of closing on coarse masks;
+#: 4: a smooth or dark-floored region wider than ink.MAX_STROKE_UM is tissue out of focus).
+MASK_VERSION = 4
 
 # Closing with a disk of more elements than this switches from binary morphology (cost grows
 # with the disk area) to Euclidean distance transforms (cost independent of the radius).
@@ -166,6 +167,7 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
         if inked.any():  # (the image is held until here only when there is ink to follow)
             inked = ink.follow_strokes(inked, lambda c: f.optical_density(c, transparent),
                                        dark, mpp, config.ink_min_um2 / px2)
+            inked = ink.keep_strokes_narrow(inked, f.get(_COLOUR) | f.get(_BLACK), mpp)
         hard_out |= inked
         del inked
     f.rgb = None
