@@ -161,3 +161,28 @@ def test_a_dicom_series_is_one_slide(tmp_path: Path) -> None:
     assert rows["bad"]["status"] == "failed" and "bad.dcm" in rows["bad"]["error"]
     g = zarr.open_group(str(tmp_path / "out" / "slide.zarr"), mode="r")
     assert g.attrs["slide"]["width"] == 1024
+
+
+def test_single_slide_commands_take_a_dicom_folder(tmp_path: Path) -> None:
+    """``info`` and ``tile`` take a folder holding one slide (a DICOM series) as that slide,
+    and refuse a folder of several, naming them."""
+    from click.testing import CliRunner
+
+    from tests._dicom import write_dicom_slide
+    from wsi_prune.cli import main
+
+    write_dicom_slide(tmp_path / "case" / "slide", _tissue_image(4), levels=3)
+    write_dicom_slide(tmp_path / "case" / "other", _tissue_image(5))
+    res = CliRunner().invoke(main, ["info", str(tmp_path / "case" / "slide"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout[res.stdout.index("{"):])
+    assert rep["vendor"] == "dicom" and rep["levels"] == 3 and rep["mpp"] == pytest.approx(0.5)
+    assert rep["tissue_tiles"] > 0
+    res = CliRunner().invoke(main, ["tile", str(tmp_path / "case" / "slide"),
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    g = zarr.open_group(str(tmp_path / "out" / "slide.zarr"), mode="r")
+    assert g["tiles/coords"].shape[0] == rep["tissue_tiles"]
+    res = CliRunner().invoke(main, ["info", str(tmp_path / "case")])
+    assert res.exit_code != 0
+    assert "folder holds 2 slides (other/level0.dcm, slide/level0.dcm)" in res.output

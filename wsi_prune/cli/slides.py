@@ -17,20 +17,22 @@ __all__ = ["doctor", "heatmap", "info", "synth", "tile"]
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("slide", type=click.Path(exists=True, dir_okay=False))
+@click.argument("slide", type=click.Path(exists=True))
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def info(slide: str, config_path: str | None, mpp: float | None, as_json: bool) -> None:
     """Metadata, levels, MPP and its source, and the estimated number of tissue tiles.
+    SLIDE is a slide file, or a folder holding one slide (a DICOM series).
 
     \b
     Example:
       wsi-prune info CAMELYON16/tumor_001.tif
     """
+    from wsi_prune.pipeline.inputs import one_slide
     from wsi_prune.pipeline.preflight import inspect_slide
 
-    report = inspect_slide(slide, load_config(config_path), mpp)
+    report = inspect_slide(one_slide(slide).path, load_config(config_path), mpp)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -98,7 +100,7 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None, 
     sys.exit(EXIT_SOME_FAILED if bad else 0)
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("slide", type=click.Path(exists=True, dir_okay=False))
+@click.argument("slide", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options
 @click.option("--workers", type=int, default=0,
@@ -108,7 +110,8 @@ def doctor(inputs: tuple[str, ...], config_path: str | None, mpp: float | None, 
 @handle_errors
 def tile(slide: str, out: str, config_path: str | None, mpp: float | None, workers: int,
          store_tiles: bool, force: bool) -> None:
-    """Tissue mask and tile store of one slide (OUT/<name>.zarr), without models.
+    """Tissue mask and tile store of one slide (OUT/<id>.zarr), without models. SLIDE is a
+    slide file, or a folder holding one slide (a DICOM series).
 
     \b
     Example:
@@ -116,13 +119,16 @@ def tile(slide: str, out: str, config_path: str | None, mpp: float | None, worke
     """
     from wsi_prune.distributed.clients import make_client
     from wsi_prune.io.tiling import tile_slide
+    from wsi_prune.pipeline.inputs import one_slide
 
     cfg = load_config(config_path)
     if store_tiles:
         cfg = cfg.replace(tiling={"store_tiles": True})
-    dest = Path(out) / f"{Path(slide).stem}.zarr"
+    entry = one_slide(slide)
+    dest = Path(out) / f"{entry.id}.zarr"
     with make_client(workers=workers or None) as client:
-        res = tile_slide(slide, dest, cfg, mpp=mpp, scheduler=client or "threads", force=force)
+        res = tile_slide(entry.path, dest, cfg, mpp=mpp, scheduler=client or "threads",
+                         force=force)
     state = "already complete" if res.skipped else f"{res.seconds:.1f} s"
     click.echo(f"{dest}: {res.n_tiles} tissue tiles of {res.n_grid} ({state})")
 

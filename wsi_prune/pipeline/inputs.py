@@ -92,6 +92,24 @@ def discover(
             for sid, (path, _, row_mpp, label) in zip(ids, raw, strict=True)]
 
 
+def one_slide(path: str | os.PathLike[str], mpp: float | None = None) -> SlideEntry:
+    """The slide a single-slide command (``info``, ``tile``) was given: a file, or a folder
+    that holds exactly one slide (a DICOM series, whose files are one slide).
+
+    Raises:
+        ConfigError: a folder with no slide or with several.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return discover([p], mpp)[0]
+    entries = discover([p], mpp)
+    if len(entries) != 1:
+        names = ", ".join(str(e.path.relative_to(p)) for e in entries[:5])
+        raise ConfigError(f"folder holds {len(entries)} slides ({names}"
+                          f"{', ...' if len(entries) > 5 else ''}); give one slide file", p)
+    return entries[0]
+
+
 class _FolderName(str):
     """An id taken from a DICOM series' folder (not given by the user: it may be qualified)."""
 
