@@ -33,6 +33,7 @@ from wsi_prune.evaluation.lesion_recall import (
     lesions_from_annotations,
     size_class,
     slide_lesion_counts,
+    slide_lesion_counts_for,
 )
 from wsi_prune.evaluation.runs import evaluate_run
 from wsi_prune.io.annotations import Annotation, evaluation_mask
@@ -96,6 +97,22 @@ def test_triage_and_token_recall_by_hand(tmp_path):
         tmp_path / "d.zarr", np.ones((24, 24), bool), stages=1), HAND_ANNS))
     assert all(v["area_recall"] == 1 and v["tile_recall"] == 1 for v in dense["triage"].values())
     assert all(v["recall"] == 1 for v in dense["tokens"].values())
+
+
+def test_several_selections_counted_in_one_pass_equal_one_by_one(tmp_path):
+    """evaluate --compare counts a slide's own triage and the dense-ranking reference in one
+    pass (the lesion masks drawn once): the same numbers as a call per selection."""
+    store = write_pipeline_store(tmp_path / "s.zarr", KEPT, REACHED)
+    rng = np.random.default_rng(0)
+    other = rng.random(KEPT.size) < 0.3  # every tile of the 24 x 24 grid is a tissue tile
+    both = slide_lesion_counts_for(store, HAND_ANNS, [None, other, np.zeros_like(other)])
+    assert both[0] == slide_lesion_counts(store, HAND_ANNS)
+    assert both[1] == slide_lesion_counts(store, HAND_ANNS, kept=other)
+    assert both[2]["all"]["area_kept_um2"] == 0 and both[2]["all"]["tiles_kept"] == 0
+    assert both[1]["macro"]["tiles_kept"] != both[0]["macro"]["tiles_kept"]
+    # the token recall is the store's whatever the selection
+    assert all(b[c]["patches_reached"] == both[0][c]["patches_reached"] for b in both
+               for c in both[0])
 
 
 def test_lesion_area_outside_tissue_tiles_is_reported_not_recalled(tmp_path):

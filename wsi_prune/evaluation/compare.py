@@ -26,7 +26,7 @@ from wsi_prune.evaluation.lesion_recall import (
     SIZE_CLASSES,
     finish,
     rank_keep,
-    slide_lesion_counts,
+    slide_lesion_counts_for,
 )
 from wsi_prune.evaluation.plots import froc_png, roc_png
 from wsi_prune.evaluation.report import _compare_report, _jsonable, _write
@@ -150,9 +150,15 @@ def lesion_recall(run_dir: Path, ids: Sequence[str], annotations_dir: Path,
                 missing.append(sid)
             continue
         store = run_dir / f"{sid}.zarr"
+        selections: list[np.ndarray | None] = [None]  # the run's own triage
+        if dense_dir is not None:
+            try:
+                selections.append(_dense_rank_keep(dense_dir / f"{sid}.zarr", store))
+            except StoreError as exc:
+                _logger.warning("no dense-ranking reference: %s", exc)
         try:
             annotations = read_asap_xml(xml)
-            counts = slide_lesion_counts(store, annotations, mask_mpp)
+            counts, *ref = slide_lesion_counts_for(store, annotations, selections, mask_mpp)
         except StoreError as exc:
             _logger.warning("%s", exc)
             per[sid] = {"error": exc.one_line()}
@@ -160,14 +166,8 @@ def lesion_recall(run_dir: Path, ids: Sequence[str], annotations_dir: Path,
         per[sid] = finish(counts)
         n_les += counts["all"]["lesions"] > 0
         total = _add_counts(total, counts)
-        if dense_dir is not None:
-            try:
-                ref = slide_lesion_counts(store, annotations, mask_mpp,
-                                          kept=_dense_rank_keep(dense_dir / f"{sid}.zarr", store))
-            except StoreError as exc:
-                _logger.warning("no dense-ranking reference: %s", exc)
-                continue
-            ref_total = _add_counts(ref_total, ref)
+        if ref:
+            ref_total = _add_counts(ref_total, ref[0])
             n_ref += 1
     if missing:
         _logger.warning("%d tumour slides have no annotation XML in %s: left out of the lesion "

@@ -267,6 +267,24 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
         area_kept_um2, tiles, tiles_kept, patches, patches_reached}}`` for each size class and
         ``all``.
     """
+    return slide_lesion_counts_for(store, annotations, [kept], mask_mpp)[0]
+
+
+def slide_lesion_counts_for(store: str | Path, annotations: Sequence[Annotation],
+                            selections: Sequence[np.ndarray | None],
+                            mask_mpp: float = LESION_MASK_MPP) -> list[dict[str, dict[str, Any]]]:
+    """:func:`slide_lesion_counts` for several tile selections of one store, in one pass (the
+    lesion masks are drawn and the patches voted once).
+
+    Args:
+        selections: each an (N,) bool selection, or None for the store's ``triage/kept``.
+
+    Returns:
+        One counts dict per selection, in order; they differ only in the kept counts.
+
+    Raises:
+        StoreError: the store lacks an array, or a selection is not (N,).
+    """
     g = open_store(store)
     try:
         level0_mpp = float(g.attrs["mpp"])
@@ -280,13 +298,13 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
         reached_last = np.asarray(g["vit/kept_tokens"][:], bool)
     except KeyError as exc:
         raise StoreError(f"store lacks {exc}", store) from None
-    if kept is None:
-        kept = stored
-    else:
-        kept = np.asarray(kept, bool)
+    sels = []
+    for kept in selections:
+        kept = stored if kept is None else np.asarray(kept, bool)
         if kept.shape != stored.shape:
             raise StoreError(f"a reference selection of {kept.shape[0]} tiles for a store of "
                              f"{stored.shape[0]} tissue tiles", store)
+        sels.append(kept)
     n_p = reached_last.shape[2]
     gp = math.isqrt(n_p)
     if gp * gp != n_p:
@@ -297,7 +315,8 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
     n = len(coords)
     tile_of = np.full((n_rows + 1, n_cols + 1), -1, np.int64)  # last row/col: off the grid
     tile_of[rc[:, 0], rc[:, 1]] = np.arange(n)
-    px = np.zeros((3, n_les + 1))  # lesion px area (µm²): all, in tissue tiles, in kept tiles
+    px = np.zeros((2, n_les + 1))  # lesion px area (µm²): all, in tissue tiles
+    px_kept = np.zeros((len(sels), n_les + 1))  # ... in each selection's kept tiles
     pairs = []  # lesion id * (n + 1) + tile index, for every (lesion, tissue tile) overlap
     for reg in les.regions:
         h, w = reg.labels.shape
@@ -310,24 +329,27 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
             lab = reg.labels[r0:r0 + _STRIP]
             tid = tile_of[tr[:, None], tc[None, :]]
             tissue = (lab > 0) & (tid >= 0)
-            in_kept = tissue.copy()
-            in_kept[tissue] = kept[tid[tissue]]
-            for i, sel in enumerate((lab > 0, tissue, in_kept)):
+            for i, sel in enumerate((lab > 0, tissue)):
                 px[i] += np.bincount(lab[sel], minlength=n_les + 1) * a_px
+            lab_t, tid_t = lab[tissue], tid[tissue]
+            for i, kept in enumerate(sels):
+                px_kept[i] += np.bincount(lab_t[kept[tid_t]], minlength=n_les + 1) * a_px
             pairs.append(np.unique(lab[tissue].astype(np.int64) * (n + 1) + tid[tissue]))
     pair = np.unique(np.concatenate(pairs)) if pairs else np.zeros(0, np.int64)
     p_les, p_tile = pair // (n + 1), pair % (n + 1)
-    counts = _empty_counts()
+    out = [_empty_counts() for _ in sels]
     cls_of = np.array(("",) + les.size_class)
     for c in (*SIZE_CLASSES, "all"):
         ids = np.arange(1, n_les + 1) if c == "all" else np.flatnonzero(cls_of == c)
-        v = counts[c]
-        tiles = np.unique(p_tile[np.isin(p_les, ids)])
-        kept_pairs = np.isin(p_les, ids) & kept[p_tile]
-        v.update(lesions=len(ids), lesions_with_kept_tile=len(np.unique(p_les[kept_pairs])),
-                 area_um2=float(px[0, ids].sum()), area_in_tissue_um2=float(px[1, ids].sum()),
-                 area_kept_um2=float(px[2, ids].sum()), tiles=len(tiles),
-                 tiles_kept=int(kept[tiles].sum()))
+        of_class = np.isin(p_les, ids)
+        tiles = np.unique(p_tile[of_class])
+        for counts, kept, pk in zip(out, sels, px_kept, strict=True):
+            kept_pairs = of_class & kept[p_tile]
+            counts[c].update(
+                lesions=len(ids), lesions_with_kept_tile=len(np.unique(p_les[kept_pairs])),
+                area_um2=float(px[0, ids].sum()), area_in_tissue_um2=float(px[1, ids].sum()),
+                area_kept_um2=float(pk[ids].sum()), tiles=len(tiles),
+                tiles_kept=int(kept[tiles].sum()))
     # token recall: class votes of 4 x 4 sample points per patch, over every tissue tile that
     # holds lesion px, region by region (a tile may straddle two; their px never overlap)
     s = PATCH_SAMPLES
@@ -363,10 +385,11 @@ def slide_lesion_counts(store: str | Path, annotations: Sequence[Annotation],
     reached = np.zeros((len(touched), n_p), bool)
     has = k_of[touched] >= 0
     reached[has] = reached_last[k_of[touched][has]]
-    for j, c in enumerate(SIZE_CLASSES):
-        sel = lesion_patch & (patch_class == j)
-        counts[c]["patches"] = int(sel.sum())
-        counts[c]["patches_reached"] = int((sel & reached).sum())
-    counts["all"]["patches"] = int(lesion_patch.sum())
-    counts["all"]["patches_reached"] = int((lesion_patch & reached).sum())
-    return counts
+    for counts in out:  # the token recall is the store's, whatever the selection
+        for j, c in enumerate(SIZE_CLASSES):
+            sel = lesion_patch & (patch_class == j)
+            counts[c]["patches"] = int(sel.sum())
+            counts[c]["patches_reached"] = int((sel & reached).sum())
+        counts["all"]["patches"] = int(lesion_patch.sum())
+        counts["all"]["patches_reached"] = int((lesion_patch & reached).sum())
+    return out
