@@ -79,9 +79,9 @@ FLOOR_UM = 40.0
 #: coarser pixels average tissue into evenness too (colour rules still run)
 SMOOTH_MAX_MPP = 16.0
 #: widest region of smooth or dark-floored stain taken for ink, µm (the diameter of the largest
-#: disc inside it): marker strokes are 0.3-1 mm wide, while tissue scanned out of focus (blur
-#: sigma >= 7 µm at 8 µm/px, >= 5 µm on 2 and 0.5 µm/px tiles) is as even and as dark as ink
-#: over a whole section; a wider region is kept as tissue (and a warning says so)
+#: disc inside it): marker strokes are 0.3-1 mm wide, while dense tissue scanned out of focus
+#: (blur sigma from 6-8 µm at 8 µm/px, from 5-6 µm at 2 µm/px: bench_out_of_focus.py) is as
+#: even and as dark as ink over a whole section; a wider region is kept as tissue, with a warning
 MAX_STROKE_UM = 1500.0
 #: gaps up to this wide (µm) inside a region are bridged before its width is measured
 MAX_GAP_UM = 120.0
@@ -307,7 +307,7 @@ def keep_strokes_narrow(inked: np.ndarray, certain: np.ndarray, mpp: float) -> n
     if not inked.any() or min(inked.shape) <= max_px:
         return inked
     labels, _ = ndi.label(inked, structure=np.ones((3, 3), bool))
-    vouched = np.unique(labels[certain & inked])
+    vouched = set(np.unique(labels[certain & inked]).tolist())
     for lab, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None or lab in vouched:
             continue
