@@ -152,6 +152,11 @@ def test_a_dicom_series_is_one_slide(tmp_path: Path) -> None:
         ("bad", "junk/bad.dcm"), ("a0", "mixed/a0.dcm"), ("b0", "mixed/b0.dcm")]
     # files given one by one (a shell glob) are one slide too
     assert [e.id for e in discover(sorted((d / "caseB" / "slide").iterdir()))] == ["slide"]
+    # a slide list may name a series by its folder; a folder of two series stays a folder
+    (d / "list.csv").write_text("path,label\ncaseA/slide,1\nmixed,0\n")
+    listed = discover([d / "list.csv"])
+    assert [(e.id, e.path.relative_to(d).as_posix(), e.label) for e in listed] == [
+        ("slide", "caseA/slide/level0.dcm", 1), ("mixed", "mixed", 0)]
 
     rows = {r["id"]: r for r in run_batch([d / "caseA", d / "junk"], tmp_path / "out",
                                           demo_config(), progress=False)}

@@ -10,7 +10,8 @@ it fails with its own reason instead of vanishing from the results.
 A DICOM slide is a folder of ``.dcm`` files, one per pyramid level (plus label and overview),
 any of which OpenSlide opens as the whole slide. The files of one series (same folder, same
 SeriesInstanceUID) are one slide: its first file by name is the one read, and its id is the
-folder's name when the folder holds that series alone.
+folder's name when the folder holds that series alone. A slide list may give such a folder as
+a slide's path.
 """
 
 from __future__ import annotations
@@ -204,5 +205,13 @@ def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, i
                 label = parse_label(row["label"]) if row.get("label") else None
             except ValueError as exc:
                 raise ConfigError(f"line {i}: {exc}", path) from exc
-            rows.append((p, row.get("id") or None, row_mpp, label))
+            given = row.get("id") or None
+            if p.is_dir():
+                # a folder holding one slide (a DICOM series) is that slide; any other folder
+                # stays as listed and fails as "a directory, not a slide file"
+                found = _one_per_dicom_series([(f, None, None, None) for f in
+                                               _walk(p, tuple(SLIDE_EXTENSIONS))])
+                if len(found) == 1:
+                    p, given = found[0][0], given or _FolderName(p.name)
+            rows.append((p, given, row_mpp, label))
     return rows
