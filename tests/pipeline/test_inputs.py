@@ -191,3 +191,25 @@ def test_single_slide_commands_take_a_dicom_folder(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["info", str(tmp_path / "case")])
     assert res.exit_code != 0
     assert "folder holds 2 slides (other/level0.dcm, slide/level0.dcm)" in res.output
+
+
+@pytest.mark.parametrize("inside", ["sub", "same"])
+def test_an_out_inside_the_slide_folder_is_not_searched_for_slides(svs_slide, tmp_path, inside):
+    """OUT inside the slide folder (or the slide folder itself): the next run finds the same
+    one slide, not its own ``heatmap.tif`` files; another run's OUT and Zarr stores in the
+    folder are not searched either."""
+    d = tmp_path / "slides"
+    d.mkdir()
+    shutil.copy(svs_slide, d / "a.svs")
+    out = d / "out" if inside == "sub" else d
+    first = run_batch([d], out, demo_config(), progress=False)
+    assert [(r["id"], r["status"]) for r in first] == [("a", "ok")]
+    assert (out / "a" / "heatmap.tif").is_file()
+    # a second run's OUT beside it, and a stray store holding a slide-named file
+    other = run_batch([d / "a.svs"], d / "other", demo_config(), progress=False)
+    assert other[0]["status"] == "ok"
+    (d / "x.zarr").mkdir()
+    (d / "x.zarr" / "c.tif").write_bytes(b"")
+    again = run_batch([d], out, demo_config(), progress=False)
+    assert [(r["id"], r["status"]) for r in again] == [("a", "skipped")]
+    assert [e.path for e in discover([d], out=out)] == [d / "a.svs"]

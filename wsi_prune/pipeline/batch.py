@@ -158,7 +158,8 @@ def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progres
         return
     done = [r["id"] for r in rows if r["status"] in ("ok", "skipped")]
     chosen = choose_audit_slides(done, *audit)
-    entries = inputs if inputs and isinstance(inputs[0], SlideEntry) else discover(inputs, mpp)
+    entries = (inputs if inputs and isinstance(inputs[0], SlideEntry)
+               else discover(inputs, mpp, out=out))
     if chosen:
         _logger.info("audit: dense path on %s -> %s", ", ".join(chosen), out / AUDIT_DIR)
         run_batch([e for e in entries if e.id in chosen], out / AUDIT_DIR, config.dense(),
@@ -174,7 +175,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
     if inputs and isinstance(inputs[0], SlideEntry):
         entries = list(inputs)
     else:
-        entries = discover(inputs, mpp)
+        entries = discover(inputs, mpp, out=out)
     if shard is not None:
         from wsi_prune.distributed.shards import shard_entries, shard_paths
 

@@ -48,9 +48,13 @@ class SlideEntry:
 
 
 def discover(
-    inputs: Iterable[str | os.PathLike[str]], mpp: float | None = None
+    inputs: Iterable[str | os.PathLike[str]], mpp: float | None = None,
+    out: str | os.PathLike[str] | None = None,
 ) -> list[SlideEntry]:
     """Expand slide files, folders (recursive, by slide extension) and CSV slide lists.
+
+    ``out``: the run's output folder, never searched for slides when it lies inside an input
+    folder (nor is any other run's output folder: see :func:`_walk`).
 
     A CSV list has a ``path`` column (relative paths are relative to the CSV) and optional
     ``id``, ``mpp`` and ``label`` columns. Ids follow :func:`wsi_prune._ids.unique_ids`: a
@@ -68,7 +72,7 @@ def discover(
         if p.is_dir():
             if not os.access(p, os.R_OK | os.X_OK):
                 raise ConfigError("folder cannot be listed (permission denied)", p)
-            found = _walk(p, exts)
+            found = _walk(p, exts, Path(out) if out is not None else None)
             if not found:
                 # an empty predictions.csv and exit 0 would read as "nothing to do"; a wrong
                 # folder or a missing --mpp for plain images is the usual cause
@@ -159,11 +163,41 @@ def _one_per_dicom_series(
     return out
 
 
-def _walk(root: Path, exts: tuple[str, ...]) -> list[Path]:
+#: the TIFF files a run writes per slide (OUT/<id>/), which are no slides
+_OUTPUT_TIFFS = ("heatmap.tif", "heatmap_raw.tif")
+
+
+def _is_run_output(dirpath: str, filenames: list[str]) -> bool:
+    """Whether a folder is a wsi-prune run's OUT: it holds the run lock or a manifest that
+    names a run hash."""
+    if any(n.startswith(".run") and n.endswith(".lock") for n in filenames):
+        return True
+    for n in filenames:
+        if n.startswith("manifest") and n.endswith(".json"):
+            try:
+                with open(os.path.join(dirpath, n), encoding="utf-8") as fh:
+                    if '"run_hash"' in fh.read(1 << 20):
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None) -> list[Path]:
     """Slide files under ``root`` (sorted; hidden files and folders skipped), following
-    symlinked folders but entering each real folder once."""
+    symlinked folders but entering each real folder once.
+
+    A run's own outputs are never slides: below ``root``, the folder ``skip`` (this run's
+    OUT), any other run's OUT (:func:`_is_run_output`) and Zarr stores are not entered, and a
+    slide output folder's ``heatmap.tif`` (beside its ``tiles.geojson``) is left out, so that
+    an OUT inside the slide folder does not feed the next run its own heat maps.
+    """
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
+    try:
+        skip_id = (os.stat(skip).st_dev, os.stat(skip).st_ino) if skip is not None else None
+    except OSError:
+        skip_id = None
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
                                                 onerror=lambda e: _logger.warning(
                                                     "cannot list %s: %s", e.filename, e.strerror)):
@@ -178,10 +212,19 @@ def _walk(root: Path, exts: tuple[str, ...]) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if os.path.abspath(dirpath) != os.path.abspath(root) and (
+                (st.st_dev, st.st_ino) == skip_id or _is_run_output(dirpath, filenames)):
+            _logger.info("%s: a wsi-prune output folder, not searched for slides", dirpath)
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not d.lower().endswith(".zarr"))
+        outputs = "tiles.geojson" in filenames
         for name in filenames:
             f = Path(dirpath) / name
             if name.startswith(".") or f.suffix.lower() not in exts:
+                continue
+            if outputs and name in _OUTPUT_TIFFS:
                 continue
             # a file, or a symlink that leads nowhere: the latter fails with its own reason
             if f.is_file() or f.is_symlink():
