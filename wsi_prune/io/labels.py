@@ -14,8 +14,6 @@ from wsi_prune.errors import AnnotationError
 
 # Every label spelling of CAMELYON16 (reference.csv) and CAMELYON17 (stage_labels.csv). pN0(i+)
 # and 'itc' are isolated tumour cells, which both challenges count as negative.
-# Every label spelling of CAMELYON16 (reference.csv) and CAMELYON17 (stage_labels.csv). pN0(i+)
-# and 'itc' are isolated tumour cells, which both challenges count as negative.
 _LABELS = {
     "tumor": 1, "tumour": 1, "positive": 1, "pos": 1, "1": 1, "true": 1,
     "normal": 0, "negative": 0, "neg": 0, "0": 0, "false": 0,
