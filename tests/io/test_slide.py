@@ -105,6 +105,12 @@ def test_resolve_mpp_chain_order() -> None:
         resolve_mpp(both, "x", override=50.0)
     with pytest.raises(MissingMPP, match="pass --mpp"):
         resolve_mpp({}, "/data/a.svs")
+    # resolution tags that are there but not a scan's are named, not called missing
+    with pytest.raises(MissingMPP, match=r"TIFF resolution 72 per inch = 352.8 µm/px: outside "
+                                         r"0.05-20 µm/px.*pass --mpp"):
+        resolve_mpp({k: v for k, v in dpi.items() if "objective" not in k}, "/data/a.tif")
+    with pytest.raises(MissingMPP, match=r"openslide.mpp-x 0 µm/px; objective power 0x"):
+        resolve_mpp({"openslide.mpp-x": "0", "openslide.objective-power": "0"}, "x")
 
 
 def test_no_mpp_slide(nompp_slide: Path) -> None:

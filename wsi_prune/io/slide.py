@@ -191,10 +191,35 @@ def resolve_mpp(
             path, 10.0 / power, power,
         )
         return 10.0 / power, 10.0 / power, "objective-power"
+    found = _implausible_mpp(props)
+    if found:
+        lo, hi = MPP_RANGE
+        raise MissingMPP(
+            f"the slide's metadata gives no usable resolution ({found}: outside {lo:g}-{hi:g} "
+            f"µm/px, not a microscope scan's); pass --mpp (µm/px) or an mpp column in the "
+            f"slide list", path)
     raise MissingMPP(
         "no resolution in the slide's metadata (no openslide.mpp-x, TIFF resolution or "
         "objective power); pass --mpp (µm/px) or an mpp column in the slide list", path
     )
+
+
+def _implausible_mpp(props: Any) -> str:
+    """The resolutions the metadata states that :func:`resolve_mpp` refused, for its message
+    (e.g. ``TIFF resolution 72 per inch = 352.8 µm/px``, a photo editor's default), or ''."""
+    parts = []
+    mx = _float(props, openslide.PROPERTY_NAME_MPP_X)
+    if mx is not None:
+        parts.append(f"openslide.mpp-x {mx:g} µm/px")
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    per_um = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0}.get(unit)
+    rx = _float(props, "tiff.XResolution")
+    if per_um and rx and rx > 0:
+        parts.append(f"TIFF resolution {rx:g} per {unit} = {per_um / rx:.4g} µm/px")
+    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if power is not None:
+        parts.append(f"objective power {power:g}x")
+    return "; ".join(parts)
 
 
 def _bounds(props: Any) -> tuple[int, int, int, int] | None:
