@@ -213,3 +213,37 @@ def test_an_out_inside_the_slide_folder_is_not_searched_for_slides(svs_slide, tm
     again = run_batch([d], out, demo_config(), progress=False)
     assert [(r["id"], r["status"]) for r in again] == [("a", "skipped")]
     assert [e.path for e in discover([d], out=out)] == [d / "a.svs"]
+
+
+def test_no_tissue_says_why_when_the_picture_shows_it(tmp_path):
+    """A slide without tissue fails as ``no-tissue``; when its picture shows why (empty glass,
+    no colour at all, dark throughout), the error says so. A colour slide whose tissue is
+    too small for a tile gets no guess."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+
+    def write(name, img):
+        with tifffile.TiffWriter(tmp_path / name) as tw:
+            tw.write(img, tile=(256, 256), photometric="rgb" if img.ndim == 3 else "minisblack",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+
+    side = 1024
+    write("glass.tif", np.full((side, side, 3), 242, np.uint8))
+    grey = np.full((side, side), 235, np.uint8)
+    grey[300:700, 300:700] = rng.integers(40, 180, (400, 400))
+    write("grey.tif", grey)
+    dark = np.full((side, side, 3), 8, np.uint8)
+    dark[300:700, 300:700, 1] = rng.integers(60, 200, (400, 400))
+    write("fluo.tif", dark)
+    speck = np.full((side, side, 3), 238, np.uint8)
+    # 100 µm of stain across a tile corner: below min_region_um2, and 20 % of each tile
+    speck[348:548, 348:548] = (150, 60, 140)
+    write("speck.tif", speck)
+    rows = {r["id"]: r for r in run_batch([tmp_path], tmp_path / "out", demo_config(),
+                                          progress=False)}
+    assert all(r["error"].startswith("no-tissue: ") for r in rows.values()), rows
+    assert "looks like empty glass" in rows["glass"]["error"]
+    assert "has no colour (greyscale or one channel)" in rows["grey"]["error"]
+    assert "dark throughout" in rows["fluo"]["error"]
+    assert rows["speck"]["error"].endswith("no tissue tile at the configured threshold")

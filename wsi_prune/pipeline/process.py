@@ -158,6 +158,35 @@ def _process_checked(entry, out, config, models, device, force, scheduler, progr
         raise
 
 
+#: µm/px of the picture :func:`_no_tissue_hint` looks at
+_HINT_MPP = 32.0
+
+
+def _no_tissue_hint(entry: SlideEntry) -> str:
+    """Why a slide may hold no tissue, when its picture says: empty glass, no colour at all (a
+    greyscale or single-channel image) or dark throughout (a fluorescence or dark-field scan).
+    The mask is made for bright-field colour slides (H&E). '' when none of these, or when the
+    slide cannot be read."""
+    from wsi_prune.io.slide import Slide
+
+    try:
+        with Slide(entry.path, entry.mpp) as slide:
+            rgb = slide.read_thumbnail(max(_HINT_MPP, slide.mpp))
+    except (WsiPruneError, OSError):
+        return ""
+    px = rgb.reshape(-1, 3).astype(np.int16)
+    bright, chroma = px.max(1), px.max(1) - px.min(1)
+    if bright.min() >= 200:
+        return "; the slide looks like empty glass (nothing darker than glass in its picture)"
+    if np.percentile(chroma, 99.5) <= 6:
+        return ("; the image has no colour (greyscale or one channel): the tissue mask is made "
+                "for bright-field colour (H&E) slides")
+    if np.median(bright) < 100:
+        return ("; the image is dark throughout (a fluorescence or dark-field scan?): the "
+                "tissue mask is made for bright-field slides on white glass")
+    return ""
+
+
 def _check_owner(store_path: Path, entry: SlideEntry) -> None:
     """Refuse to reuse ``OUT/<id>.zarr`` that an earlier run built from another slide.
 
@@ -227,7 +256,8 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
             del group.attrs[key]
     n = int(group["tiles/coords"].shape[0])
     if n == 0:
-        raise NoTissue("no tissue tile at the configured threshold", entry.path)
+        raise NoTissue("no tissue tile at the configured threshold" + _no_tissue_hint(entry),
+                       entry.path)
     if callable(models) and not isinstance(models, Models):
         models = models()
 
