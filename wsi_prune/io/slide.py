@@ -488,23 +488,6 @@ class Slide:
         raise error
 
 
-def dicom_series_uid(path: str | os.PathLike[str]) -> str | None:
-    """The SeriesInstanceUID of the DICOM whole-slide series ``path`` belongs to, or None when
-    OpenSlide does not read it as a DICOM slide (another format, a damaged or non-image file).
-
-    A DICOM slide is a series of files (one per pyramid level, plus label and overview) in one
-    folder; OpenSlide opens the whole series from any one of them.
-    """
-    try:
-        if openslide.OpenSlide.detect_format(str(path)) != "dicom":
-            return None
-        with openslide.OpenSlide(str(path)) as osr:
-            uid = osr.properties.get("dicom.SeriesInstanceUID")
-    except (openslide.OpenSlideError, OSError, ValueError):
-        return None
-    return str(uid) if uid else None
-
-
 def missing_reason(path: str | os.PathLike[str]) -> str:
     """Why a path that does not exist does not: a plain missing file, a broken symlink, or a
     symlink loop (``os.path.exists`` says False for all three)."""

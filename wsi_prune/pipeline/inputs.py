@@ -25,8 +25,9 @@ from pathlib import Path
 
 from wsi_prune._ids import safe_id, unique_ids
 from wsi_prune.errors import ConfigError
+from wsi_prune.io.dicom import dicom_series_uid
 from wsi_prune.io.labels import parse_label
-from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_series_uid
+from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
 _logger = logging.getLogger(__name__)
 
