@@ -497,9 +497,10 @@ def test_run_batch_on_two_workers_with_one_sigkilled_equals_one_process(tmp_path
     assert killed and killed["pid"] not in after, killed  # a worker really died mid-run
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert [r["id"] for r in rows] == ids
-    # tile blocks ran as tasks of their own, spread over the workers
+    # tile blocks ran as tasks of their own, spread over the workers (two, or three when the
+    # worker the nanny started in place of the killed one ran blocks too)
     blocks = [t for t in ts.data if str(t["key"]).startswith("tile-block-")]
-    assert len({t["worker"] for t in blocks}) == 2
+    assert len({t["worker"] for t in blocks}) >= 2
     assert not list(out.glob("*.lock")) and not list(out.glob(".*.zarr*"))
     got, want = _run_outputs(out, ids), _run_outputs(tmp_path / "ref", ids)
     assert got.keys() == want.keys()
