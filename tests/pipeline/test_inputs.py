@@ -213,6 +213,10 @@ def test_an_out_inside_the_slide_folder_is_not_searched_for_slides(svs_slide, tm
     again = run_batch([d], out, demo_config(), progress=False)
     assert [(r["id"], r["status"]) for r in again] == [("a", "skipped")]
     assert [e.path for e in discover([d], out=out)] == [d / "a.svs"]
+    # with --mpp, PNGs are slides too, but not a run's pictures (heat map, token QC, top tiles)
+    assert (out / "a" / "heatmap.png").is_file() and any((out / "a" / "top_tiles").iterdir())
+    (d / "photo.png").write_bytes(b"")
+    assert sorted(e.path.name for e in discover([d], mpp=0.5, out=out)) == ["a.svs", "photo.png"]
 
 
 def test_no_tissue_says_why_when_the_picture_shows_it(tmp_path):

@@ -164,8 +164,9 @@ def _one_per_dicom_series(
     return out
 
 
-#: the TIFF files a run writes per slide (OUT/<id>/), which are no slides
-_OUTPUT_TIFFS = ("heatmap.tif", "heatmap_raw.tif")
+#: the pictures a run writes per slide (OUT/<id>/, beside its tiles.geojson), which are no
+#: slides (the PNGs would be taken for plain images with --mpp)
+_OUTPUT_PICTURES = ("heatmap.tif", "heatmap_raw.tif", "heatmap.png", "tokens.png")
 
 
 def _is_run_output(dirpath: str, filenames: list[str]) -> bool:
@@ -190,8 +191,9 @@ def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None) -> list[P
 
     A run's own outputs are never slides: below ``root``, the folder ``skip`` (this run's
     OUT), any other run's OUT (:func:`_is_run_output`) and Zarr stores are not entered, and a
-    slide output folder's ``heatmap.tif`` (beside its ``tiles.geojson``) is left out, so that
-    an OUT inside the slide folder does not feed the next run its own heat maps.
+    slide output folder's pictures (beside its ``tiles.geojson``: heat maps, token QC, its
+    ``top_tiles/``) are left out, so that an OUT inside the slide folder does not feed the
+    next run its own pictures.
     """
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
@@ -218,14 +220,15 @@ def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None) -> list[P
             _logger.info("%s: a wsi-prune output folder, not searched for slides", dirpath)
             dirnames[:] = []
             continue
+        outputs = "tiles.geojson" in filenames  # a slide's output folder: OUT/<id>/
         dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not d.lower().endswith(".zarr"))
-        outputs = "tiles.geojson" in filenames
+                             if not d.startswith(".") and not d.lower().endswith(".zarr")
+                             and not (outputs and d == "top_tiles"))
         for name in filenames:
             f = Path(dirpath) / name
             if name.startswith(".") or f.suffix.lower() not in exts:
                 continue
-            if outputs and name in _OUTPUT_TIFFS:
+            if outputs and name in _OUTPUT_PICTURES:
                 continue
             # a file, or a symlink that leads nowhere: the latter fails with its own reason
             if f.is_file() or f.is_symlink():
