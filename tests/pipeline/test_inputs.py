@@ -146,10 +146,13 @@ def test_a_dicom_series_is_one_slide(tmp_path: Path) -> None:
     write_dicom_slide(d / "mixed", _tissue_image(3), names=("b0.dcm", "b1.dcm"))
     (d / "junk").mkdir()
     (d / "junk" / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    write_dicom_slide(d / "withsvs", _tissue_image(6))
+    (d / "withsvs" / "other.svs").write_bytes(b"")  # another slide beside the series
     entries = discover([d])
     assert [(e.id, e.path.relative_to(d).as_posix()) for e in entries] == [
         ("caseA_slide", "caseA/slide/level0.dcm"), ("caseB_slide", "caseB/slide/level0.dcm"),
-        ("bad", "junk/bad.dcm"), ("a0", "mixed/a0.dcm"), ("b0", "mixed/b0.dcm")]
+        ("bad", "junk/bad.dcm"), ("a0", "mixed/a0.dcm"), ("b0", "mixed/b0.dcm"),
+        ("level0", "withsvs/level0.dcm"), ("other", "withsvs/other.svs")]
     # files given one by one (a shell glob) are one slide too
     assert [e.id for e in discover(sorted((d / "caseB" / "slide").iterdir()))] == ["slide"]
     # a slide list may name a series by its folder; a folder of two series stays a folder

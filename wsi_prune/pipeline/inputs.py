@@ -144,6 +144,9 @@ def _one_per_dicom_series(
         key = series[i]
         first.setdefault(key, i)
         members[first[key]] = members.get(first[key], 0) + 1
+    # folders that also hold a slide that is no DICOM series (its name then stays the file's)
+    other_folders = {Path(os.path.abspath(raw[j][0])).parent
+                     for j in range(len(raw)) if j not in series}
     out = []
     for i, row in enumerate(raw):
         if i not in series:
@@ -153,9 +156,7 @@ def _one_per_dicom_series(
         if first[(folder, uid)] != i:
             continue
         path, _, mpp, label = row
-        alone = per_folder[folder] == {uid} and not any(
-            Path(os.path.abspath(raw[j][0])).parent == folder
-            for j in range(len(raw)) if j not in series)
+        alone = per_folder[folder] == {uid} and folder not in other_folders
         if members[i] > 1:
             _logger.info("%s: %d DICOM files of series %s read as one slide", folder,
                          members[i], uid)
