@@ -385,11 +385,10 @@ def slide_lesion_counts_for(store: str | Path, annotations: Sequence[Annotation]
     reached = np.zeros((len(touched), n_p), bool)
     has = k_of[touched] >= 0
     reached[has] = reached_last[k_of[touched][has]]
-    for counts in out:  # the token recall is the store's, whatever the selection
-        for j, c in enumerate(SIZE_CLASSES):
-            sel = lesion_patch & (patch_class == j)
-            counts[c]["patches"] = int(sel.sum())
-            counts[c]["patches_reached"] = int((sel & reached).sum())
-        counts["all"]["patches"] = int(lesion_patch.sum())
-        counts["all"]["patches_reached"] = int((lesion_patch & reached).sum())
+    sels_by_class = {c: lesion_patch & (patch_class == j) for j, c in enumerate(SIZE_CLASSES)}
+    sels_by_class["all"] = lesion_patch
+    for c, sel in sels_by_class.items():
+        tokens = {"patches": int(sel.sum()), "patches_reached": int((sel & reached).sum())}
+        for counts in out:  # the token recall is the store's, whatever the selection
+            counts[c].update(tokens)
     return out

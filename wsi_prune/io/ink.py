@@ -285,7 +285,8 @@ def ink_regions(plane: Callable[[str], np.ndarray], mpp: float, min_px: float) -
     return ink
 
 
-def keep_strokes_narrow(inked: np.ndarray, certain: np.ndarray, mpp: float) -> np.ndarray:
+def keep_strokes_narrow(inked: np.ndarray, certain: Callable[[], np.ndarray], mpp: float
+                        ) -> np.ndarray:
     """Give back to the tissue each ink region wider than :data:`MAX_STROKE_UM` that no colour
     rule vouches for.
 
@@ -299,21 +300,24 @@ def keep_strokes_narrow(inked: np.ndarray, certain: np.ndarray, mpp: float) -> n
 
     Args:
         inked: (H, W) bool ink found so far (changed in place and returned).
-        certain: (H, W) bool pixels of a colour H&E never has (blue, green, saturated red) or
-            black marker's: a region holding any stays ink, however wide.
+        certain: gives the (H, W) bool pixels of a colour H&E never has (blue, green,
+            saturated red) or black marker's: a region holding any stays ink, however wide.
+            Called only when some region's bounding box is wider than the limit.
         mpp: µm/px.
     """
     max_px = MAX_STROKE_UM / mpp
     if not inked.any() or min(inked.shape) <= max_px:
         return inked
     labels, _ = ndi.label(inked, structure=np.ones((3, 3), bool))
-    vouched = set(np.unique(labels[certain & inked]).tolist())
-    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None or lab in vouched:
+    wide = [(lab, sl) for lab, sl in enumerate(ndi.find_objects(labels), start=1)
+            if sl is not None and min(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) > max_px]
+    if not wide:
+        return inked
+    vouched = set(np.unique(labels[certain() & inked]).tolist())
+    for lab, sl in wide:
+        if lab in vouched:
             continue
         h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        if min(h, w) <= max_px:
-            continue
         region = labels[sl] == lab
         k = max(1, math.ceil(max(h, w) / 1024))
         if k > 1:

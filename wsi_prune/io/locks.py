@@ -282,6 +282,11 @@ def verify(path: str | os.PathLike[str]) -> None:
             f"{holder.get('host')}); nothing was published", path)
 
 
+def _back_off() -> None:
+    """Sleep 2-10 ms, jittered, while another process holds the take-over claim."""
+    time.sleep(0.002 + 0.008 * (uuid.uuid4().int % 1000) / 1000)
+
+
 def clear_stale(path: str | os.PathLike[str]) -> bool:
     """Remove ``<path>.lock`` if its holder is gone (the rules of :func:`locked`); leave a live
     holder's lock alone.
@@ -307,7 +312,7 @@ def clear_stale(path: str | os.PathLike[str]) -> bool:
             if removed:
                 _logger.info("%s: removed %s", lock, reason)
             return removed
-        time.sleep(0.002 + 0.008 * (uuid.uuid4().int % 1000) / 1000)
+        _back_off()
     return False
 
 
@@ -355,7 +360,7 @@ def locked(path: str | os.PathLike[str], lease_s: float = LEASE_S,
             warned.add(reason)
             _logger.warning("%s: taking over %s", lock, reason)
         if not _take_over(lock, holder):
-            time.sleep(0.002 + 0.008 * (uuid.uuid4().int % 1000) / 1000)  # another taker's turn
+            _back_off()  # another taker's turn
     with _held_lock:
         _held[str(lock)] = me["token"]
     _heartbeats.add(lock, me["token"], heartbeat_s if heartbeat_s else lease_s / 4)

@@ -134,16 +134,22 @@ def _metadata_mpp(props: Any) -> tuple[float, float, str] | None:
     if _plausible(mx):
         return mx, my if _plausible(my) else mx, "openslide"  # type: ignore[return-value]
 
+    tiff = _tiff_resolution(props)
+    if tiff is not None and _plausible(tiff[0]) and _plausible(tiff[1]):
+        return tiff[0], tiff[1], "tiff-resolution"
+    return None
+
+
+def _tiff_resolution(props: Any) -> tuple[float, float, str] | None:
+    """The µm/px the TIFF resolution tags state, plausible or not: ``(x, y, what the tags
+    say)``, or None without tags in cm or inch."""
     unit = str(props.get("tiff.ResolutionUnit", "")).lower()
     per_um = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0}.get(unit)
-    if per_um:
-        rx, ry = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
-        if rx and rx > 0:
-            tx = per_um / rx
-            ty = per_um / ry if ry and ry > 0 else tx
-            if _plausible(tx) and _plausible(ty):
-                return tx, ty, "tiff-resolution"
-    return None
+    rx, ry = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
+    if not per_um or not rx or rx <= 0:
+        return None
+    tx = per_um / rx
+    return tx, per_um / ry if ry and ry > 0 else tx, f"{rx:g} per {unit}"
 
 
 def resolve_mpp(
@@ -211,11 +217,9 @@ def _implausible_mpp(props: Any) -> str:
     mx = _float(props, openslide.PROPERTY_NAME_MPP_X)
     if mx is not None:
         parts.append(f"openslide.mpp-x {mx:g} µm/px")
-    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
-    per_um = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0}.get(unit)
-    rx = _float(props, "tiff.XResolution")
-    if per_um and rx and rx > 0:
-        parts.append(f"TIFF resolution {rx:g} per {unit} = {per_um / rx:.4g} µm/px")
+    tiff = _tiff_resolution(props)
+    if tiff is not None:
+        parts.append(f"TIFF resolution {tiff[2]} = {tiff[0]:.4g} µm/px")
     power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
     if power is not None:
         parts.append(f"objective power {power:g}x")

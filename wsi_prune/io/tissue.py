@@ -167,7 +167,7 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
         if inked.any():  # (the image is held until here only when there is ink to follow)
             inked = ink.follow_strokes(inked, lambda c: f.optical_density(c, transparent),
                                        dark, mpp, config.ink_min_um2 / px2)
-            inked = ink.keep_strokes_narrow(inked, f.get(_COLOUR) | f.get(_BLACK), mpp)
+            inked = ink.keep_strokes_narrow(inked, lambda: f.get(_COLOUR) | f.get(_BLACK), mpp)
         hard_out |= inked
         del inked
     f.rgb = None

@@ -106,10 +106,8 @@ def one_slide(path: str | os.PathLike[str], mpp: float | None = None) -> SlideEn
         ConfigError: a folder with no slide or with several.
     """
     p = Path(path)
-    if not p.is_dir():
-        return discover([p], mpp)[0]
     entries = discover([p], mpp)
-    if len(entries) != 1:
+    if len(entries) != 1:  # a file is always one entry
         names = ", ".join(str(e.path.relative_to(p)) for e in entries[:5])
         raise ConfigError(f"folder holds {len(entries)} slides ({names}"
                           f"{', ...' if len(entries) > 5 else ''}); give one slide file", p)
@@ -123,9 +121,10 @@ class _FolderName(str):
 def _one_per_dicom_series(
     raw: list[tuple[Path, str | None, float | None, int | None]],
 ) -> list[tuple[Path, str | None, float | None, int | None]]:
-    """Keep one file of each DICOM series found in folders or given as files (slide-list rows
-    are the user's own choice and stay as listed). Its id: the folder's name when the folder
-    holds one series and nothing else that reads as a slide, else the file's name."""
+    """Keep one file of each DICOM series among the inputs without an id of their own (files
+    found in folders, given on the command line, or listed without an ``id``; a listed id is
+    the user's choice and stays). Its id: the folder's name when the folder holds one series
+    and nothing else that reads as a slide, else the file's name."""
     dcm = [i for i, (path, given, _, _) in enumerate(raw)
            if path.suffix.lower() == ".dcm" and given is None and path.is_file()]
     if not dcm:
@@ -198,10 +197,13 @@ def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None) -> list[P
     """
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    try:
-        skip_id = (os.stat(skip).st_dev, os.stat(skip).st_ino) if skip is not None else None
-    except OSError:
-        skip_id = None
+    skip_id = None
+    if skip is not None:
+        try:
+            st = os.stat(skip)
+            skip_id = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
                                                 onerror=lambda e: _logger.warning(
                                                     "cannot list %s: %s", e.filename, e.strerror)):

@@ -175,7 +175,8 @@ def _no_tissue_hint(entry: SlideEntry) -> str:
     except (WsiPruneError, OSError):
         return ""
     px = rgb.reshape(-1, 3).astype(np.int16)
-    bright, chroma = px.max(1), px.max(1) - px.min(1)
+    bright = px.max(1)
+    chroma = bright - px.min(1)
     if bright.min() >= 200:
         return "; the slide looks like empty glass (nothing darker than glass in its picture)"
     if np.percentile(chroma, 99.5) <= 6:
