@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sec_read_total": sum(r["sec_read"] for r in rows),
         "sec_model_total": sum(r["sec_model"] for r in rows),
         "sec_coords_total": sum(r["sec_coords"] for r in rows),
-        "batch_size": args.batch_size, "vit": cfg.vit.model, "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "vit": cfg.vit.model,
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "rows": rows,
     }
     print(f"CLAM-style: {len(rows)} slides, {tiles} tiles, {wall:.1f} s wall "
