@@ -45,7 +45,7 @@ from PIL import Image
 from torchvision import transforms
 
 from wsi_prune.config import RunConfig
-from wsi_prune.io.slide import open_slide
+from wsi_prune.io.slide import SLIDE_EXTENSIONS, open_slide
 from wsi_prune.io.tiling import make_grid
 from wsi_prune.io.tissue import slide_tissue_mask
 from wsi_prune.models.factory import build_models
@@ -82,10 +82,12 @@ class SlidePatches(torch.utils.data.Dataset):
 
 
 def extract_slide(path: Path, cfg: RunConfig, model: torch.nn.Module,
-                  transform: transforms.Compose, batch_size: int, out: Path) -> dict:
-    """CLAM-style features of one slide; returns its timings and tile count."""
+                  transform: transforms.Compose, batch_size: int, out: Path,
+                  mpp: float | None = None) -> dict:
+    """CLAM-style features of one slide (``mpp``: its level-0 µm/px when the file has none);
+    returns its timings and tile count."""
     t0 = time.perf_counter()
-    with open_slide(path) as slide:
+    with open_slide(path, mpp=mpp) as slide:
         info = slide.info
         tm = slide_tissue_mask(slide, cfg.tissue)
         grid = make_grid(info, tm.mask, tm.mpp, cfg.tiling)
@@ -120,22 +122,26 @@ def extract_slide(path: Path, cfg: RunConfig, model: torch.nn.Module,
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("slides", type=Path, help="a folder of .svs/.tif slides, or one slide")
+    ap.add_argument("slides", type=Path, help="a folder of slides (searched one level deep), "
+                    "or one slide")
     ap.add_argument("--config", type=Path, required=True,
                     help="a wsi-prune config (YAML): its tissue, tiling and vit sections")
     ap.add_argument("--out", type=Path, default=Path("bench-out/clam-cpu"))
     ap.add_argument("--batch-size", type=int, default=256, help="CLAM's default: 256")
     ap.add_argument("--limit", type=int, default=None, help="the first N slides only")
+    ap.add_argument("--mpp", type=float, default=None,
+                    help="level-0 µm/px for slides whose files carry none")
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
     args = ap.parse_args(argv)
 
     if args.slides.is_dir():
-        slides = sorted(p for p in args.slides.iterdir() if p.suffix in (".svs", ".tif", ".tiff"))
+        slides = sorted(p for p in args.slides.iterdir()
+                        if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
     else:
         slides = [args.slides]
     slides = slides[:args.limit] if args.limit else slides
     if not slides:
-        sys.exit(f"no .svs/.tif slides in {args.slides}")
+        sys.exit(f"no slide files ({', '.join(SLIDE_EXTENSIONS)}) in {args.slides}")
     cfg = RunConfig.from_dict(yaml.safe_load(args.config.read_text()) or {})
 
     t0 = time.perf_counter()
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_build = time.perf_counter() - t0
     rows = []
     for i, path in enumerate(slides):
-        row = extract_slide(path, cfg, model, transform, args.batch_size, args.out)
+        row = extract_slide(path, cfg, model, transform, args.batch_size, args.out, args.mpp)
         rows.append(row)
         print(f"[{i + 1}/{len(slides)}] {row['slide']}: {row['tiles']} tiles in {row['sec']:.2f} s "
               f"(coords {row['sec_coords']:.2f}, read {row['sec_read']:.2f}, "
