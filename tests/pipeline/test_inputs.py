@@ -254,3 +254,27 @@ def test_no_tissue_says_why_when_the_picture_shows_it(tmp_path):
     assert "has no colour (greyscale or one channel)" in rows["grey"]["error"]
     assert "dark throughout" in rows["fluo"]["error"]
     assert rows["speck"]["error"].endswith("no tissue tile at the configured threshold")
+
+
+def test_the_pieces_of_a_vms_slide_are_not_slides(tmp_path: Path) -> None:
+    """A Hamamatsu VMS index names its JPEG pieces, map and optimisation files: with --mpp
+    (plain images are slides then) they are still parts of that one slide, found in a folder
+    or given one by one; an image the index does not name stays a slide, and a slide list row
+    that gives a piece its own id is the user's choice."""
+    d = tmp_path / "case"
+    d.mkdir()
+    (d / "s.vms").write_text(
+        "[Virtual Microscope Specimen]\nNoLayers=1\nImageFile=s.jpg\nImageFile(1,0)=s_1.jpg\n"
+        "MapFile=s_map.jpg\nOptimisationFile=s.opt\nMacroImage=s_macro.jpg\n; comment=x.jpg\n")
+    for name in ("s.jpg", "s_1.jpg", "s_map.jpg", "s_macro.jpg", "s.opt", "x.jpg", "other.png"):
+        (d / name).write_bytes(b"")
+    names = sorted(e.path.name for e in discover([d], mpp=0.5))
+    assert names == ["other.png", "s.vms", "x.jpg"]
+    assert [e.id for e in discover([d])] == ["s"]  # without --mpp no image is a slide anyway
+    given = sorted(d.glob("*.jpg")) + [d / "s.vms"]
+    assert sorted(e.path.name for e in discover(given, mpp=0.5)) == ["s.vms", "x.jpg"]
+    # the pieces alone (no index among the inputs) are plain images, as given
+    assert len(discover([d / "s.jpg", d / "s_1.jpg"], mpp=0.5)) == 2
+    lst = tmp_path / "slides.csv"
+    lst.write_text("path,id\ncase/s.vms,\ncase/s_map.jpg,themap\n")
+    assert sorted(e.id for e in discover([lst], mpp=0.5)) == ["s", "themap"]

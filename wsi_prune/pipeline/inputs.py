@@ -12,6 +12,10 @@ any of which OpenSlide opens as the whole slide. The files of one series (same f
 SeriesInstanceUID) are one slide: its first file by name is the one read, and its id is the
 folder's name when the folder holds that series alone. A slide list may give such a folder as
 a slide's path.
+
+A Hamamatsu VMS or VMU slide is an index file naming its pieces (JPEG or NGR images, a map,
+a macro image). Those pieces are parts of that slide, never slides of their own, even with
+``--mpp`` (which makes plain images slides).
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def discover(
             raw.append((p, None, None, None))
         else:
             raise ConfigError("input is neither a slide, a folder nor a CSV slide list", p)
-    raw = _one_per_dicom_series(raw)
+    raw = _one_per_dicom_series(_without_vms_parts(raw))
     # a DICOM series named after its folder may be qualified by the folders above that one
     ids = unique_ids([safe_id(given or path.stem) for path, given, _, _ in raw],
                      [path.parent if isinstance(given, _FolderName) else path
@@ -162,6 +166,40 @@ def _one_per_dicom_series(
         out.append((path, _FolderName(folder.name) if alone and folder.name else None, mpp,
                     label))
     return out
+
+
+#: index files of multi-file Hamamatsu slides, whose pieces are not slides
+_VMS_INDEX = (".vms", ".vmu")
+
+
+def _without_vms_parts(
+    raw: list[tuple[Path, str | None, float | None, int | None]],
+) -> list[tuple[Path, str | None, float | None, int | None]]:
+    """Drop the inputs without an id of their own that a VMS/VMU index among the inputs names
+    (``ImageFile``, ``MapFile``, ``OptimisationFile``, ...: any ``key=value`` whose value is a
+    file beside the index)."""
+    parts: set[str] = set()
+    for path, _, _, _ in raw:
+        if path.suffix.lower() not in _VMS_INDEX:
+            continue
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read(1 << 20)  # an index is a few KB; never read a huge file whole
+        except OSError:
+            continue  # unreadable: the slide fails with its own reason
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and value.strip() and not key.lstrip().startswith(("[", ";", "#")):
+                parts.add(os.path.abspath(path.parent / value.strip()))
+    if not parts:
+        return raw
+    # a row of a slide list that gives its own id is the user's choice and stays
+    kept = [r for r in raw if r[1] is not None or r[0].suffix.lower() in _VMS_INDEX
+            or os.path.abspath(r[0]) not in parts]
+    if len(kept) < len(raw):
+        _logger.info("%d file(s) named by a VMS/VMU index read as parts of that slide",
+                     len(raw) - len(kept))
+    return kept
 
 
 #: the pictures a run writes per slide (OUT/<id>/, beside its tiles.geojson), which are no
