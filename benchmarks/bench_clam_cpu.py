@@ -51,16 +51,6 @@ from wsi_prune.io.tissue import slide_tissue_mask
 from wsi_prune.models.factory import build_models
 
 
-def read_level(osr: openslide.OpenSlide, mpp0: float, tile_mpp: float) -> tuple[int, float]:
-    """The pyramid level nearest below ``tile_mpp`` and its µm/px (CLAM reads its patches at
-    one fixed level)."""
-    best = 0
-    for level, down in enumerate(osr.level_downsamples):
-        if mpp0 * down <= tile_mpp * 1.01:
-            best = level
-    return best, mpp0 * float(osr.level_downsamples[best])
-
-
 class SlidePatches(torch.utils.data.Dataset):
     """One slide's tissue patches, read one by one (CLAM's ``Whole_Slide_Bag_FP``)."""
 
@@ -91,10 +81,10 @@ def extract_slide(path: Path, cfg: RunConfig, model: torch.nn.Module,
         info = slide.info
         tm = slide_tissue_mask(slide, cfg.tissue)
         grid = make_grid(info, tm.mask, tm.mpp, cfg.tiling)
+        # CLAM reads its patches at one fixed level: the coarsest at or finer than the tiles'
+        level = slide.best_level(cfg.tiling.mpp)
     t_coords = time.perf_counter() - t0
-    osr = openslide.OpenSlide(str(path))
-    level, level_mpp = read_level(osr, info.mpp, cfg.tiling.mpp)
-    osr.close()
+    level_mpp = info.mpp * float(info.level_downsamples[level])
     read_px = int(round(cfg.tiling.tile_px * cfg.tiling.mpp / level_mpp))
     data = SlidePatches(path, grid.level0_xy, level, read_px, cfg.tiling.tile_px, transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=0)
