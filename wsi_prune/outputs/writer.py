@@ -21,6 +21,7 @@ import zarr
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import StoreError
 from wsi_prune.io import store
+from wsi_prune.outputs import PICTURES
 from wsi_prune.outputs.candidates import candidates, write_candidates, write_froc_export
 from wsi_prune.outputs.frame import ViewerFrame
 from wsi_prune.outputs.geojson import regions_geojson, tiles_geojson, tissue_geojson
@@ -33,8 +34,8 @@ from wsi_prune.outputs.top_tiles import write_top_tiles
 OUTPUT_THREADS = 3
 
 #: the files of ``OUT/<id>/`` (``top_tiles/`` holds up to TOP_K PNGs)
-OUTPUT_FILES = ("heatmap.png", "tokens.png", "heatmap.tif", "regions.geojson",
-                "tiles.geojson", "tissue.geojson", "candidates.csv", "top_tiles.csv")
+OUTPUT_FILES = (*PICTURES, "regions.geojson", "tiles.geojson", "tissue.geojson",
+                "candidates.csv", "top_tiles.csv")
 
 
 def _dump(path: Path, obj: dict) -> None:

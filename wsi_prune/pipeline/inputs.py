@@ -32,6 +32,7 @@ from wsi_prune.errors import ConfigError
 from wsi_prune.io.dicom import dicom_series_uid
 from wsi_prune.io.labels import parse_label
 from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
+from wsi_prune.outputs import PICTURES, RAW_HEAT_PICTURE
 
 _logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def _without_vms_parts(
 
 #: the pictures a run writes per slide (OUT/<id>/, beside its tiles.geojson), which are no
 #: slides (the PNGs would be taken for plain images with --mpp)
-_OUTPUT_PICTURES = ("heatmap.tif", "heatmap_raw.tif", "heatmap.png", "tokens.png")
+_OUTPUT_PICTURES = (*PICTURES, RAW_HEAT_PICTURE)
 
 
 def _is_run_output(dirpath: str, filenames: list[str]) -> bool:
