@@ -356,6 +356,34 @@ def test_plain_image_needs_mpp(tmp_path: Path) -> None:
         assert tuple(img[75, 100]) == (200, 100, 180)
 
 
+@pytest.mark.parametrize("unit,res,mpp", [("CENTIMETER", 20000, 0.5), ("INCH", 101600, 0.25)])
+def test_plain_tiff_takes_its_mpp_from_its_resolution_tags(tmp_path: Path, unit: str, res: int,
+                                                          mpp: float) -> None:
+    """A TIFF OpenSlide does not read (in strips, no pyramid) but whose resolution tags state
+    a microscope's resolution opens without --mpp, by the rule OpenSlide's TIFFs follow."""
+    p = tmp_path / "strips.tif"
+    tifffile.imwrite(p, _pattern(300, 400), photometric="rgb", rowsperstrip=32,
+                     resolution=(res, res), resolutionunit=unit)
+    with Slide(p) as s:
+        assert (s.info.reader, s.info.mpp_source, s.dimensions) == ("image", "tiff-resolution",
+                                                                     (400, 300))
+        assert s.mpp == pytest.approx(mpp)
+        assert np.array_equal(s.read((10, 20), (64, 32), mpp), _pattern(300, 400)[20:52, 10:74])
+    with Slide(p, mpp=0.3) as s:  # the user's value wins
+        assert (s.info.mpp_source, s.mpp) == ("user", 0.3)
+
+
+def test_plain_tiff_with_a_photo_resolution_still_needs_mpp(tmp_path: Path) -> None:
+    p = tmp_path / "photo.tif"
+    tifffile.imwrite(p, _pattern(300, 400), photometric="rgb", rowsperstrip=32,
+                     resolution=(72, 72), resolutionunit="INCH")
+    with pytest.raises(UnsupportedSlide, match=r"pass --mpp .*its resolution tags state no "
+                       r"microscope's \(TIFF resolution 72 per inch = 352.8 µm/px\)"):
+        Slide(p)
+    with Slide(p, mpp=0.5) as s:
+        assert (s.info.mpp_source, s.mpp) == ("user", 0.5)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedSlide, match="no such file"):
         Slide(tmp_path / "nope.svs")

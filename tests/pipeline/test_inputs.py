@@ -247,9 +247,14 @@ def test_no_tissue_says_why_when_the_picture_shows_it(tmp_path):
     # 100 µm of stain across a tile corner: below min_region_um2, and 20 % of each tile
     speck[348:548, 348:548] = (150, 60, 140)
     write("speck.tif", speck)
+    # tissue throughout, but 150 x 120 px at 0.5 µm/px: smaller than one 112 µm tile
+    write("tiny.tif", rng.integers(60, 200, (120, 150, 3)).astype(np.uint8))
     rows = {r["id"]: r for r in run_batch([tmp_path], tmp_path / "out", demo_config(),
                                           progress=False)}
     assert all(r["error"].startswith("no-tissue: ") for r in rows.values()), rows
+    assert rows["tiny"]["error"].endswith(
+        "the slide (150×120 px at 0.5 µm/px: 75×60 µm) is smaller than one tile (224 px at "
+        "0.5 µm/px: 112 µm); check its --mpp or use a smaller tiling.tile_px")
     assert "looks like empty glass" in rows["glass"]["error"]
     assert "has no colour (greyscale or one channel)" in rows["grey"]["error"]
     assert "dark throughout" in rows["fluo"]["error"]

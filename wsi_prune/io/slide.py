@@ -226,6 +226,35 @@ def _implausible_mpp(props: Any) -> str:
     return "; ".join(parts)
 
 
+def _plain_tiff_properties(path: Path) -> dict[str, str]:
+    """A plain TIFF's resolution tags under the names OpenSlide gives them
+    (``tiff.XResolution``, ``tiff.YResolution``, ``tiff.ResolutionUnit``), so that
+    :func:`resolve_mpp` treats a TIFF OpenSlide does not read (one in strips, without a
+    pyramid) as it treats one it reads. Empty when the file has none or cannot be parsed."""
+    try:
+        with tifffile.TiffFile(path) as tf:
+            tags = tf.pages.first.tags
+            unit = tags.get("ResolutionUnit")
+            xres, yres = tags.get("XResolution"), tags.get("YResolution")
+            if unit is None or xres is None:
+                return {}
+            names = {2: "inch", 3: "centimeter"}
+            props = {"tiff.ResolutionUnit": names.get(int(unit.value), "none"),
+                     "tiff.XResolution": str(_rational(xres.value))}
+            if yres is not None:
+                props["tiff.YResolution"] = str(_rational(yres.value))
+            return props
+    except (OSError, ValueError, TypeError, ZeroDivisionError, tifffile.TiffFileError):
+        return {}
+
+
+def _rational(value: Any) -> float:
+    """A TIFF RATIONAL as tifffile gives it ((num, den) or a number), as a float."""
+    if isinstance(value, tuple):
+        return value[0] / value[1]
+    return float(value)
+
+
 def _bounds(props: Any) -> tuple[int, int, int, int] | None:
     """OpenSlide's ``openslide.bounds-x/y/width/height`` (level-0 px), when all are given."""
     keys = (openslide.PROPERTY_NAME_BOUNDS_X, openslide.PROPERTY_NAME_BOUNDS_Y,
@@ -243,7 +272,7 @@ class Slide:
     Args:
         path: slide file.
         mpp: the user's µm/px; wins over the metadata (see :func:`resolve_mpp`), and is needed
-            to open plain images, which never carry one.
+            to open plain images without one (a TIFF may state it in its resolution tags).
     """
 
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
@@ -298,19 +327,22 @@ class Slide:
         spath = str(self.path)
         if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
-        if mpp is None:
+        props = _plain_tiff_properties(self.path) if _is_tiff(self.path) else {}
+        if mpp is None and _metadata_mpp(props) is None:
+            found = _implausible_mpp(props)
             raise UnsupportedSlide(
                 "OpenSlide does not read this file; to read it as a plain image pass --mpp "
-                "(µm/px), since plain images carry no physical resolution", spath,
+                "(µm/px), since "
+                + (f"its resolution tags state no microscope's ({found})" if found else
+                   "it carries no physical resolution"), spath,
             )
-        if not _plausible(mpp):
-            raise MissingMPP(f"--mpp {mpp} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px", spath)
+        mx, my, source = resolve_mpp(props, spath, mpp)
         self._plain = PlainImage(self.path)
         w, h = self._plain.width, self._plain.height
         self.info = SlideInfo(
             path=spath, reader="image", vendor="image", width=w, height=h,
-            level_dimensions=((w, h),), level_downsamples=(1.0,), mpp_x=float(mpp),
-            mpp_y=float(mpp), mpp_source="user", objective_power=None,
+            level_dimensions=((w, h),), level_downsamples=(1.0,), mpp_x=mx,
+            mpp_y=my, mpp_source=source, objective_power=None,
         )
 
     # -- context management --------------------------------------------------------------------

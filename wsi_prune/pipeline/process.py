@@ -188,6 +188,21 @@ def _no_tissue_hint(entry: SlideEntry) -> str:
     return ""
 
 
+def _too_small(attrs: Any) -> str:
+    """The reason a slide has no tile at all: smaller than one tile ('' when the grid has
+    tiles). ``attrs``: the tile store's attributes (slide size in level-0 px, its MPP, the
+    grid)."""
+    grid, info = attrs.get("grid") or {}, attrs.get("slide") or {}
+    if grid.get("n_grid", 1) or not info:
+        return ""
+    mpp = float(attrs["mpp"])
+    w, h = int(info["width"]), int(info["height"])
+    side_um = grid["tile_px"] * grid["mpp"]
+    return (f"the slide ({w}×{h} px at {mpp:.3g} µm/px: {w * mpp:.0f}×{h * mpp:.0f} µm) is "
+            f"smaller than one tile ({grid['tile_px']} px at {grid['mpp']:g} µm/px: "
+            f"{side_um:.0f} µm); check its --mpp or use a smaller tiling.tile_px")
+
+
 def _check_owner(store_path: Path, entry: SlideEntry) -> None:
     """Refuse to reuse ``OUT/<id>.zarr`` that an earlier run built from another slide.
 
@@ -257,8 +272,8 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
             del group.attrs[key]
     n = int(group["tiles/coords"].shape[0])
     if n == 0:
-        raise NoTissue("no tissue tile at the configured threshold" + _no_tissue_hint(entry),
-                       entry.path)
+        raise NoTissue(_too_small(group.attrs) or "no tissue tile at the configured threshold"
+                       + _no_tissue_hint(entry), entry.path)
     if callable(models) and not isinstance(models, Models):
         models = models()
 
