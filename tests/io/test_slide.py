@@ -384,6 +384,27 @@ def test_plain_tiff_with_a_photo_resolution_still_needs_mpp(tmp_path: Path) -> N
         assert (s.info.mpp_source, s.mpp) == ("user", 0.5)
 
 
+@pytest.mark.parametrize("tiled", [True, False])
+def test_ome_tiff_takes_its_mpp_from_the_ome_xml(tmp_path: Path, tiled: bool) -> None:
+    """An OME-TIFF (as QuPath or bfconvert export it) states its pixel size in the OME-XML
+    description, not in TIFF resolution tags: OpenSlide reads a tiled one as a generic TIFF
+    without an MPP, and a striped one not at all; both open with the OME-XML's value."""
+    p = tmp_path / "export.ome.tif"
+    md = {"axes": "YXS", "PhysicalSizeX": 499.0, "PhysicalSizeXUnit": "nm",
+          "PhysicalSizeY": 0.501, "PhysicalSizeYUnit": "µm"}
+    layout = {"tile": (128, 128)} if tiled else {"rowsperstrip": 32}
+    tifffile.imwrite(p, _pattern(300, 400), photometric="rgb", metadata=md, **layout)
+    with Slide(p) as s:
+        assert s.info.reader == ("openslide" if tiled else "image")
+        assert s.info.mpp_source == "ome-xml"
+        assert (s.info.mpp_x, s.info.mpp_y) == pytest.approx((0.499, 0.501))
+    q = tmp_path / "nosize.ome.tif"
+    tifffile.imwrite(q, _pattern(300, 400), photometric="rgb", metadata={"axes": "YXS"},
+                     tile=(128, 128))
+    with pytest.raises(MissingMPP, match="no resolution in the slide's metadata"):
+        Slide(q)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedSlide, match="no such file"):
         Slide(tmp_path / "nope.svs")

@@ -15,7 +15,8 @@ MPP resolution chain (first hit wins, the source is recorded in every output):
    0.25), and a user who passes a value has usually measured it;
 2. ``openslide.mpp-x/y`` (vendor metadata) → source ``"openslide"``
 3. TIFF resolution tags when the unit is cm or inch and the value is plausible for microscopy
-   (0.05-20 µm/px) → ``"tiff-resolution"``
+   (0.05-20 µm/px) → ``"tiff-resolution"``; then an OME-TIFF's OME-XML ``PhysicalSizeX/Y``
+   (plausible too) → ``"ome-xml"``
 4. objective power (40x ≈ 0.25, 20x ≈ 0.5 µm/px, i.e. 10 / power), with a warning →
    ``"objective-power"``
 5. otherwise :class:`~wsi_prune.errors.MissingMPP` telling the user to pass ``--mpp``.
@@ -137,6 +138,44 @@ def _metadata_mpp(props: Any) -> tuple[float, float, str] | None:
     tiff = _tiff_resolution(props)
     if tiff is not None and _plausible(tiff[0]) and _plausible(tiff[1]):
         return tiff[0], tiff[1], "tiff-resolution"
+    ome = ome_physical_size(str(props.get("tiff.ImageDescription", "")))
+    if ome is not None and _plausible(ome[0]) and _plausible(ome[1]):
+        return ome[0], ome[1], "ome-xml"
+    return None
+
+
+#: µm per unit of the OME schema's length units that a pixel size may plausibly be given in
+_OME_UNITS = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3,
+              "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def ome_physical_size(description: str) -> tuple[float, float] | None:
+    """The pixel size (x, y) in µm/px that an OME-TIFF's OME-XML description gives its first
+    image (``Pixels`` ``PhysicalSizeX/Y`` with their units, µm by default), or None.
+
+    Exporters (QuPath, bfconvert, tifffile) write an OME-TIFF's resolution there, often with
+    no TIFF resolution tags at all; OpenSlide reads such a file as a generic TIFF and sets no
+    ``openslide.mpp-x``.
+    """
+    if "<OME" not in description[:2048] or "PhysicalSizeX" not in description:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.rsplit("}", 1)[-1] != "Pixels":
+            continue
+        sizes = []
+        for axis in ("X", "Y"):
+            value = _float(el.attrib, f"PhysicalSize{axis}")
+            unit = _OME_UNITS.get(el.attrib.get(f"PhysicalSize{axis}Unit", "µm"))
+            sizes.append(value * unit if value and value > 0 and unit else None)
+        if sizes[0] is None:
+            return None
+        return sizes[0], sizes[1] if sizes[1] is not None else sizes[0]
     return None
 
 
@@ -220,6 +259,9 @@ def _implausible_mpp(props: Any) -> str:
     tiff = _tiff_resolution(props)
     if tiff is not None:
         parts.append(f"TIFF resolution {tiff[2]} = {tiff[0]:.4g} µm/px")
+    ome = ome_physical_size(str(props.get("tiff.ImageDescription", "")))
+    if ome is not None:
+        parts.append(f"OME-XML PhysicalSizeX {ome[0]:.4g} µm/px")
     power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
     if power is not None:
         parts.append(f"objective power {power:g}x")
@@ -227,20 +269,25 @@ def _implausible_mpp(props: Any) -> str:
 
 
 def _plain_tiff_properties(path: Path) -> dict[str, str]:
-    """A plain TIFF's resolution tags under the names OpenSlide gives them
-    (``tiff.XResolution``, ``tiff.YResolution``, ``tiff.ResolutionUnit``), so that
+    """A plain TIFF's resolution tags and description under the names OpenSlide gives them
+    (``tiff.XResolution``, ``tiff.YResolution``, ``tiff.ResolutionUnit``,
+    ``tiff.ImageDescription``), so that
     :func:`resolve_mpp` treats a TIFF OpenSlide does not read (one in strips, without a
     pyramid) as it treats one it reads. Empty when the file has none or cannot be parsed."""
     try:
         with tifffile.TiffFile(path) as tf:
             tags = tf.pages.first.tags
+            props: dict[str, str] = {}
+            description = tags.get("ImageDescription")
+            if description is not None and isinstance(description.value, str):
+                props["tiff.ImageDescription"] = description.value
             unit = tags.get("ResolutionUnit")
             xres, yres = tags.get("XResolution"), tags.get("YResolution")
             if unit is None or xres is None:
-                return {}
+                return props
             names = {2: "inch", 3: "centimeter"}
-            props = {"tiff.ResolutionUnit": names.get(int(unit.value), "none"),
-                     "tiff.XResolution": str(_rational(xres.value))}
+            props["tiff.ResolutionUnit"] = names.get(int(unit.value), "none")
+            props["tiff.XResolution"] = str(_rational(xres.value))
             if yres is not None:
                 props["tiff.YResolution"] = str(_rational(yres.value))
             return props
