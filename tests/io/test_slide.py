@@ -46,12 +46,12 @@ def test_objective_power_only_slide(svs_nompp_slide: Path, caplog) -> None:
         props = dict(osr.properties)
     assert props["aperio.AppMag"] == "20" and "aperio.MPP" not in props
     assert openslide.PROPERTY_NAME_MPP_X not in props
-    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+    with caplog.at_level("WARNING", logger="wsi_prune.io.mpp"):
         with Slide(svs_nompp_slide) as s:
             assert s.info.vendor == "aperio" and s.info.objective_power == 20
             assert s.info.mpp_source == "objective-power"
             assert (s.info.mpp_x, s.info.mpp_y) == (pytest.approx(0.5), pytest.approx(0.5))
-    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
+    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.mpp"]
     assert rec.levelno == logging.WARNING
     assert str(svs_nompp_slide) in rec.getMessage() and "objective power 20x" in rec.getMessage()
 
@@ -61,24 +61,24 @@ def test_explicit_mpp_wins_over_the_objective_power_estimate(svs_nompp_slide: Pa
                                                               caplog) -> None:
     """A GT450 at 40x is 0.263 µm/px, not 10/40: the user's value wins over the estimate,
     with no warning (the slide states no MPP to disagree with)."""
-    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+    with caplog.at_level("WARNING", logger="wsi_prune.io.mpp"):
         with Slide(svs_nompp_slide, mpp=0.263) as s:
             assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.263), "user")
             assert s.info.objective_power == 20  # still reported
-    assert not [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
+    assert not [r for r in caplog.records if r.name == "wsi_prune.io.mpp"]
 
 
 def test_explicit_mpp_wins_over_metadata_and_warns_past_5_percent(svs_slide: Path,
                                                                   caplog) -> None:
-    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+    with caplog.at_level("WARNING", logger="wsi_prune.io.mpp"):
         with Slide(svs_slide, mpp=0.52) as s:  # 4 % off the slide's 0.5: silent
             assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.52), "user")
-    assert not [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
-    with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+    assert not [r for r in caplog.records if r.name == "wsi_prune.io.mpp"]
+    with caplog.at_level("WARNING", logger="wsi_prune.io.mpp"):
         with Slide(svs_slide, mpp=0.6) as s:  # 20 % off: used, with a warning naming both
             assert (s.mpp, s.info.mpp_source) == (pytest.approx(0.6), "user")
             assert s.size_at(0.6) == (4096, 4096)  # the whole geometry follows the value
-    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.slide"]
+    (rec,) = [r for r in caplog.records if r.name == "wsi_prune.io.mpp"]
     msg = rec.getMessage()
     assert str(svs_slide) in msg and "0.6" in msg and "0.5" in msg and "20 %" in msg
 
@@ -157,6 +157,61 @@ def test_40x_slide_read_at_20x_comes_from_level_1(tiff_slide: Path) -> None:
             assert np.array_equal(tile, level1)  # the stored level-1 pixels, bit for bit
     # and not what shrinking level 0 gives (the two encodings differ)
     assert not np.array_equal(tiles[0], from_level0)
+
+
+def _ome_pyramid(path: Path, base: np.ndarray, factors=(4, 16), subifds: bool = True) -> list:
+    """An OME-TIFF as QuPath or bfconvert write one: JPEG tiles, the reduced levels as SubIFDs
+    of the first image (or, ``subifds=False``, no reduced levels), the pixel size in the
+    OME-XML only."""
+    levels = [base] + [np.asarray(Image.fromarray(base).reduce(f)) for f in factors]
+    md = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(base, subifds=len(factors) if subifds else 0, tile=(128, 128),
+                 photometric="rgb", compression="jpeg", metadata=md)
+        for level in levels[1:] if subifds else []:
+            tw.write(level, tile=(128, 128), photometric="rgb", compression="jpeg",
+                     subfiletype=1)
+    with tifffile.TiffFile(path) as tf:  # the stored (JPEG-decoded) pixels of each level
+        return [lv.asarray() for lv in tf.series[0].levels]
+
+
+def test_ome_tiff_subifd_levels_are_read_not_level_0(tmp_path: Path) -> None:
+    """OpenSlide opens an OME-TIFF's level 0 only (it does not follow SubIFDs); reads at low
+    resolution come from the stored reduced levels, bit for bit, as they do for an SVS."""
+    base = _pattern(1536, 2048)
+    stored = _ome_pyramid(tmp_path / "p.ome.tif", base)
+    with Slide(tmp_path / "p.ome.tif") as s:
+        assert s.info.reader == "openslide+tifffile"
+        assert s.info.level_dimensions == ((2048, 1536), (512, 384), (128, 96))
+        assert s.info.level_downsamples == (1.0, 4.0, 16.0)
+        assert (s.best_level(2.0), s.best_level(8.0), s.best_level(1.0)) == (1, 2, 0)
+        # a box inside, one across the right and bottom edges (white outside)
+        assert np.array_equal(s.read((512, 256), (224, 224), 2.0), stored[1][64:120, 128:184])
+        edge = s.read((1920, 1408), (224, 224), 2.0)
+        assert np.array_equal(edge[:32, :32], stored[1][352:, 480:])
+        assert edge[32:].min() == 255 and edge[:, 32:].min() == 255
+        assert np.array_equal(s.read_thumbnail(8.0), stored[2])
+        assert np.array_equal(s.read((0, 0), (64, 64), 0.5), stored[0][:64, :64])
+    _ome_pyramid(tmp_path / "flat.ome.tif", base, subifds=False)
+    with Slide(tmp_path / "flat.ome.tif") as s:
+        assert (s.info.reader, s.info.level_count) == ("openslide+tifffile", 1)
+
+
+def test_ome_tiff_damaged_level_tile_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "p.ome.tif"
+    _ome_pyramid(path, _pattern(1536, 2048))
+    with tifffile.TiffFile(path) as tf:
+        page = tf.series[0].levels[1].keyframe
+        offset, count = int(page.dataoffsets[5]), int(page.databytecounts[5])
+    with open(path, "r+b") as fh:  # tile 5 of level 1 (4 x 3 tiles): row 1, column 1
+        fh.seek(offset)
+        fh.write(b"\0" * count)
+    with Slide(path) as s:
+        s.read((0, 0), (512, 512), 2.0)  # tile 0 of level 1 reads
+        with pytest.raises(CorruptSlide, match=r"read failed at level-0 .* level 1: segment 5 "
+                           r"does not decode") as err:
+            s.read((0, 512), (2048, 512), 2.0)
+        assert str(path) in str(err.value) and s.broken
 
 
 def test_thumbnail_blocks_match_direct_read(svs_slide: Path, monkeypatch) -> None:
@@ -395,7 +450,7 @@ def test_ome_tiff_takes_its_mpp_from_the_ome_xml(tmp_path: Path, tiled: bool) ->
     layout = {"tile": (128, 128)} if tiled else {"rowsperstrip": 32}
     tifffile.imwrite(p, _pattern(300, 400), photometric="rgb", metadata=md, **layout)
     with Slide(p) as s:
-        assert s.info.reader == ("openslide" if tiled else "image")
+        assert s.info.reader == ("openslide+tifffile" if tiled else "image")
         assert s.info.mpp_source == "ome-xml"
         assert (s.info.mpp_x, s.info.mpp_y) == pytest.approx((0.499, 0.501))
     q = tmp_path / "nosize.ome.tif"

@@ -73,7 +73,6 @@ class PlainImage:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
         self._tif: tifffile.TiffFile | None = None
         self._array: np.ndarray | None = None
         spath = str(self.path)
@@ -112,15 +111,9 @@ class PlainImage:
                 self.mode = "memmap"
                 tif.close()
                 return True
-            seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
-            if ok and seg_h * seg_w <= MAX_SEGMENT_PX:
-                self._tif, self._page = tif, page
-                self._seg = (seg_h, seg_w)
-                self._seg_cols = math.ceil(self.width / seg_w)
-                self._cache: collections.OrderedDict[int, np.ndarray] = (
-                    collections.OrderedDict())
-                self._cache_bytes = 0
-                self._cache_limit = segment_cache_bytes(self.width, seg_h * seg_w)
+            if ok and int(page.chunks[0]) * int(page.chunks[1]) <= MAX_SEGMENT_PX:
+                self._tif = tif
+                self._segments = SegmentReader(tif, page, str(self.path))
                 self.mode = "segments"
                 return True
         except Exception:  # noqa: BLE001 - an odd layout: decoded whole (or refused) instead
@@ -152,6 +145,47 @@ class PlainImage:
         if self._array is not None:
             out[ys - y:ye - y, xs - x:xe - x] = _to_rgb(np.asarray(self._array[ys:ye, xs:xe]))
             return out
+        self._segments.paste(out, x, y)
+        return out
+
+
+class SegmentReader:
+    """Boxes of one TIFF page (an image in strips or tiles, 8-bit RGB, grey or RGBA, one
+    plane), decoding only the segments a box touches and keeping recently decoded ones (see
+    :func:`segment_cache_bytes`). Thread-safe.
+
+    Args:
+        tif: the open file; the caller closes it.
+        page: the page (or a pyramid level's key frame) to read.
+        path: the file, for messages.
+        cache_bytes: decoded segments kept; default :func:`segment_cache_bytes`.
+    """
+
+    def __init__(self, tif: tifffile.TiffFile, page: tifffile.TiffPage, path: str,
+                 cache_bytes: int | None = None) -> None:
+        self._tif, self._page, self._path = tif, page, path
+        self._lock = threading.Lock()
+        self.height, self.width = int(page.imagelength), int(page.imagewidth)
+        seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
+        self._seg = (seg_h, seg_w)
+        self._seg_cols = math.ceil(self.width / seg_w)
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = (segment_cache_bytes(self.width, seg_h * seg_w)
+                             if cache_bytes is None else max(cache_bytes, 2 * seg_h * seg_w * 3))
+
+    def paste(self, out: np.ndarray, x: int, y: int) -> None:
+        """Fill ``out`` ((h, w, 3) uint8, the box at page px (x, y)) with the page's pixels
+        where the box overlaps the page; the rest of ``out`` is left as it is.
+
+        Raises:
+            CorruptSlide: a segment does not decode.
+        """
+        h, w = out.shape[:2]
+        xs, ys = max(x, 0), max(y, 0)
+        xe, ye = min(x + w, self.width), min(y + h, self.height)
+        if xe <= xs or ye <= ys:
+            return
         sh, sw = self._seg
         for r in range(ys // sh, (ye - 1) // sh + 1):
             for c in range(xs // sw, (xe - 1) // sw + 1):
@@ -162,7 +196,6 @@ class PlainImage:
                 if iy1 > iy0 and ix1 > ix0:
                     out[iy0 - y:iy1 - y, ix0 - x:ix1 - x] = seg[iy0 - y0:iy1 - y0,
                                                                 ix0 - x0:ix1 - x0]
-        return out
 
     def _segment(self, index: int) -> np.ndarray:
         with self._lock:
@@ -185,7 +218,7 @@ class PlainImage:
                     from wsi_prune.errors import CorruptSlide
 
                     raise CorruptSlide(f"segment {index} does not decode: {exc}",
-                                       str(self.path)) from exc
+                                       self._path) from exc
                 seg = _to_rgb(np.asarray(decoded)[0])
             self._cache[index] = seg
             self._cache_bytes += seg.nbytes

@@ -6,20 +6,7 @@ never for a pyramid level. This is the only module that catches OpenSlide's exce
 becomes one of :class:`~wsi_prune.errors.UnsupportedSlide`, :class:`~wsi_prune.errors.CorruptSlide`
 or :class:`~wsi_prune.errors.MissingMPP`, naming the file.
 
-MPP resolution chain (first hit wins, the source is recorded in every output):
-
-1. the user's value (``--mpp`` or a slide-list CSV ``mpp`` column) → ``"user"``, with a warning
-   when it differs from the metadata MPP (links 2-3) by more than
-   :data:`MPP_DISAGREEMENT` (5 %). An explicit value wins over any estimate: the objective
-   power's 10 / power is only nominal (a GT450 at 40x is 0.263 µm/px, a Hamamatsu ~0.227, not
-   0.25), and a user who passes a value has usually measured it;
-2. ``openslide.mpp-x/y`` (vendor metadata) → source ``"openslide"``
-3. TIFF resolution tags when the unit is cm or inch and the value is plausible for microscopy
-   (0.05-20 µm/px) → ``"tiff-resolution"``; then an OME-TIFF's OME-XML ``PhysicalSizeX/Y``
-   (plausible too) → ``"ome-xml"``
-4. objective power (40x ≈ 0.25, 20x ≈ 0.5 µm/px, i.e. 10 / power), with a warning →
-   ``"objective-power"``
-5. otherwise :class:`~wsi_prune.errors.MissingMPP` telling the user to pass ``--mpp``.
+The MPP resolution chain is :mod:`wsi_prune.io.mpp`'s.
 
 Bounds: MIRAX and Leica SCN slides (and others where OpenSlide sets ``openslide.bounds-*``)
 hold their tissue in a box inside a larger, empty level-0 plane. Everything here and in the
@@ -35,7 +22,7 @@ import math
 import os
 import struct
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +31,22 @@ import openslide
 import tifffile
 from PIL import Image
 
-from wsi_prune.errors import CorruptSlide, MissingMPP, UnsupportedSlide
+from wsi_prune.errors import CorruptSlide, UnsupportedSlide
+from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's API too
+    MPP_DISAGREEMENT,
+    MPP_RANGE,
+    float_property,
+    implausible_mpp,
+    metadata_mpp,
+    plain_tiff_properties,
+    plausible,
+    resolve_mpp,
+)
 from wsi_prune.io.plain_image import PlainImage
+from wsi_prune.io.tiff_levels import TiffLevels, open_levels
 
 _logger = logging.getLogger(__name__)
 
-#: plausible microscopy resolutions, µm/px
-MPP_RANGE = (0.05, 20.0)
-#: relative difference between a user's MPP and the metadata's above which we warn
-MPP_DISAGREEMENT = 0.05
 #: file endings searched for in folders (OpenSlide's formats plus plain images)
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -117,196 +111,11 @@ class SlideInfo:
         return d
 
 
-def _plausible(mpp: float | None) -> bool:
-    return mpp is not None and math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
-
-
-def _float(props: Any, key: str) -> float | None:
-    try:
-        return float(props[key])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _metadata_mpp(props: Any) -> tuple[float, float, str] | None:
-    """The MPP the slide's own metadata states (links 2 and 3 of the chain), or None."""
-    mx = _float(props, openslide.PROPERTY_NAME_MPP_X)
-    my = _float(props, openslide.PROPERTY_NAME_MPP_Y)
-    if _plausible(mx):
-        return mx, my if _plausible(my) else mx, "openslide"  # type: ignore[return-value]
-
-    tiff = _tiff_resolution(props)
-    if tiff is not None and _plausible(tiff[0]) and _plausible(tiff[1]):
-        return tiff[0], tiff[1], "tiff-resolution"
-    ome = ome_physical_size(str(props.get("tiff.ImageDescription", "")))
-    if ome is not None and _plausible(ome[0]) and _plausible(ome[1]):
-        return ome[0], ome[1], "ome-xml"
-    return None
-
-
-#: µm per unit of the OME schema's length units that a pixel size may plausibly be given in
-_OME_UNITS = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3,
-              "cm": 1e4, "m": 1e6, "Å": 1e-4}
-
-
-def ome_physical_size(description: str) -> tuple[float, float] | None:
-    """The pixel size (x, y) in µm/px that an OME-TIFF's OME-XML description gives its first
-    image (``Pixels`` ``PhysicalSizeX/Y`` with their units, µm by default), or None.
-
-    Exporters (QuPath, bfconvert, tifffile) write an OME-TIFF's resolution there, often with
-    no TIFF resolution tags at all; OpenSlide reads such a file as a generic TIFF and sets no
-    ``openslide.mpp-x``.
-    """
-    if "<OME" not in description[:2048] or "PhysicalSizeX" not in description:
-        return None
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(description)
-    except ET.ParseError:
-        return None
-    for el in root.iter():
-        if el.tag.rsplit("}", 1)[-1] != "Pixels":
-            continue
-        sizes = []
-        for axis in ("X", "Y"):
-            value = _float(el.attrib, f"PhysicalSize{axis}")
-            unit = _OME_UNITS.get(el.attrib.get(f"PhysicalSize{axis}Unit", "µm"))
-            sizes.append(value * unit if value and value > 0 and unit else None)
-        if sizes[0] is None:
-            return None
-        return sizes[0], sizes[1] if sizes[1] is not None else sizes[0]
-    return None
-
-
-def _tiff_resolution(props: Any) -> tuple[float, float, str] | None:
-    """The µm/px the TIFF resolution tags state, plausible or not: ``(x, y, what the tags
-    say)``, or None without tags in cm or inch."""
-    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
-    per_um = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0}.get(unit)
-    rx, ry = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
-    if not per_um or not rx or rx <= 0:
-        return None
-    tx = per_um / rx
-    return tx, per_um / ry if ry and ry > 0 else tx, f"{rx:g} per {unit}"
-
-
-def resolve_mpp(
-    props: Any, path: str, override: float | None = None
-) -> tuple[float, float, str]:
-    """Apply the MPP chain to a slide's properties.
-
-    Args:
-        props: OpenSlide properties mapping (or any mapping with the same keys).
-        path: the slide, for messages.
-        override: the user's µm/px (``--mpp`` or a slide list's ``mpp`` column). It wins over
-            the metadata and over the objective-power estimate; a warning names both values
-            when it differs from the metadata MPP by more than :data:`MPP_DISAGREEMENT`.
-
-    Returns:
-        ``(mpp_x, mpp_y, source)`` in µm/px.
-
-    Raises:
-        MissingMPP: nothing in the chain gave a plausible value, or ``override`` is not
-            plausible (outside :data:`MPP_RANGE`).
-    """
-    meta = _metadata_mpp(props)
-    if override is not None:
-        if not _plausible(override):
-            lo, hi = MPP_RANGE
-            raise MissingMPP(f"--mpp {override} is outside {lo}-{hi} µm/px", path)
-        if meta is not None:
-            stated = (meta[0] + meta[1]) / 2.0
-            rel = abs(float(override) - stated) / stated
-            if rel > MPP_DISAGREEMENT:
-                _logger.warning(
-                    "%s: the given MPP %.4g µm/px (--mpp or the slide list) differs from the "
-                    "slide's metadata %.4g µm/px (%s) by %.0f %%; using the given value",
-                    path, float(override), stated, meta[2], 100 * rel,
-                )
-        return float(override), float(override), "user"
-    if meta is not None:
-        return meta
-
-    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    if power and power > 0 and _plausible(10.0 / power):
-        _logger.warning(
-            "%s: no MPP in the metadata; estimating %.3f µm/px from objective power %gx "
-            "(nominal: scanners differ by up to 10 %%; pass --mpp to set it)",
-            path, 10.0 / power, power,
-        )
-        return 10.0 / power, 10.0 / power, "objective-power"
-    found = _implausible_mpp(props)
-    if found:
-        lo, hi = MPP_RANGE
-        raise MissingMPP(
-            f"the slide's metadata gives no usable resolution ({found}: outside {lo:g}-{hi:g} "
-            f"µm/px, not a microscope scan's); pass --mpp (µm/px) or an mpp column in the "
-            f"slide list", path)
-    raise MissingMPP(
-        "no resolution in the slide's metadata (no openslide.mpp-x, TIFF resolution or "
-        "objective power); pass --mpp (µm/px) or an mpp column in the slide list", path
-    )
-
-
-def _implausible_mpp(props: Any) -> str:
-    """The resolutions the metadata states that :func:`resolve_mpp` refused, for its message
-    (e.g. ``TIFF resolution 72 per inch = 352.8 µm/px``, a photo editor's default), or ''."""
-    parts = []
-    mx = _float(props, openslide.PROPERTY_NAME_MPP_X)
-    if mx is not None:
-        parts.append(f"openslide.mpp-x {mx:g} µm/px")
-    tiff = _tiff_resolution(props)
-    if tiff is not None:
-        parts.append(f"TIFF resolution {tiff[2]} = {tiff[0]:.4g} µm/px")
-    ome = ome_physical_size(str(props.get("tiff.ImageDescription", "")))
-    if ome is not None:
-        parts.append(f"OME-XML PhysicalSizeX {ome[0]:.4g} µm/px")
-    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    if power is not None:
-        parts.append(f"objective power {power:g}x")
-    return "; ".join(parts)
-
-
-def _plain_tiff_properties(path: Path) -> dict[str, str]:
-    """A plain TIFF's resolution tags and description under the names OpenSlide gives them
-    (``tiff.XResolution``, ``tiff.YResolution``, ``tiff.ResolutionUnit``,
-    ``tiff.ImageDescription``), so that
-    :func:`resolve_mpp` treats a TIFF OpenSlide does not read (one in strips, without a
-    pyramid) as it treats one it reads. Empty when the file has none or cannot be parsed."""
-    try:
-        with tifffile.TiffFile(path) as tf:
-            tags = tf.pages.first.tags
-            props: dict[str, str] = {}
-            description = tags.get("ImageDescription")
-            if description is not None and isinstance(description.value, str):
-                props["tiff.ImageDescription"] = description.value
-            unit = tags.get("ResolutionUnit")
-            xres, yres = tags.get("XResolution"), tags.get("YResolution")
-            if unit is None or xres is None:
-                return props
-            names = {2: "inch", 3: "centimeter"}
-            props["tiff.ResolutionUnit"] = names.get(int(unit.value), "none")
-            props["tiff.XResolution"] = str(_rational(xres.value))
-            if yres is not None:
-                props["tiff.YResolution"] = str(_rational(yres.value))
-            return props
-    except (OSError, ValueError, TypeError, ZeroDivisionError, tifffile.TiffFileError):
-        return {}
-
-
-def _rational(value: Any) -> float:
-    """A TIFF RATIONAL as tifffile gives it ((num, den) or a number), as a float."""
-    if isinstance(value, tuple):
-        return value[0] / value[1]
-    return float(value)
-
-
 def _bounds(props: Any) -> tuple[int, int, int, int] | None:
     """OpenSlide's ``openslide.bounds-x/y/width/height`` (level-0 px), when all are given."""
     keys = (openslide.PROPERTY_NAME_BOUNDS_X, openslide.PROPERTY_NAME_BOUNDS_Y,
             openslide.PROPERTY_NAME_BOUNDS_WIDTH, openslide.PROPERTY_NAME_BOUNDS_HEIGHT)
-    vals = [_float(props, k) for k in keys]
+    vals = [float_property(props, k) for k in keys]
     if any(v is None for v in vals):
         return None
     return tuple(int(v) for v in vals)  # type: ignore[return-value]
@@ -328,6 +137,7 @@ class Slide:
         self._broken: str | None = None
         self._osr: openslide.OpenSlide | None = None
         self._plain: PlainImage | None = None
+        self._levels: TiffLevels | None = None
         spath = str(self.path)
         if not self.path.exists():
             raise UnsupportedSlide(missing_reason(self.path), spath)
@@ -355,28 +165,49 @@ class Slide:
             raise CorruptSlide(f"OpenSlide cannot open it: {exc}", spath) from exc
         props = self._osr.properties
         mx, my, source = resolve_mpp(props, spath, mpp)
+        vendor = str(props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"))
+        width, height = (int(v) for v in self._osr.dimensions)
+        dims = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        reader = "openslide"
+        # TIFF pages read tile by tile, past OpenSlide's per-call cost; an OME-TIFF's SubIFD
+        # pyramid, which OpenSlide does not follow, becomes levels (see tiff_levels)
+        self._levels = open_levels(spath, vendor, dims)
+        if self._levels is not None:
+            dims += self._levels.extra
+            # as OpenSlide computes a level's downsample: the mean of the two axes'
+            downsamples += tuple((width / w + height / h) / 2.0 for w, h in self._levels.extra)
+            reader = "openslide+tifffile"
         self.info = SlideInfo(
             path=spath,
-            reader="openslide",
-            vendor=str(props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")),
-            width=int(self._osr.dimensions[0]),
-            height=int(self._osr.dimensions[1]),
-            level_dimensions=tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions),
-            level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
+            reader=reader,
+            vendor=vendor,
+            width=width,
+            height=height,
+            level_dimensions=dims,
+            level_downsamples=downsamples,
             mpp_x=mx,
             mpp_y=my,
             mpp_source=source,
-            objective_power=_float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+            objective_power=float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
             bounds=_bounds(props),
         )
+        if self._levels is not None:
+            # after every property is read: a failed read leaves OpenSlide's handle in an
+            # error state, in which it answers every call with that error
+            self._levels.check(self._openslide_box, downsamples)
+            if not self._levels.levels:
+                self._levels.close()
+                self._levels = None
+                self.info = replace(self.info, reader="openslide")
 
     def _open_image(self, mpp: float | None) -> None:
         spath = str(self.path)
         if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
-        props = _plain_tiff_properties(self.path) if _is_tiff(self.path) else {}
-        if mpp is None and _metadata_mpp(props) is None:
-            found = _implausible_mpp(props)
+        props = plain_tiff_properties(self.path) if _is_tiff(self.path) else {}
+        if mpp is None and metadata_mpp(props) is None:
+            found = implausible_mpp(props)
             raise UnsupportedSlide(
                 "OpenSlide does not read this file; to read it as a plain image pass --mpp "
                 "(µm/px), since "
@@ -400,6 +231,9 @@ class Slide:
         if self._plain is not None:
             self._plain.close()
             self._plain = None
+        if self._levels is not None:
+            self._levels.close()
+            self._levels = None
 
     def __enter__(self) -> Slide:
         return self
@@ -502,6 +336,8 @@ class Slide:
         if self._plain is not None:  # one level: level px are level-0 px
             return self._plain.read(int(xy[0]), int(xy[1]), int(size[0]), int(size[1]))
         assert self._osr is not None
+        if self._levels is not None and self._levels.reads(level):
+            return self._read_tiff_level(xy, level, size)
         try:
             with self._lock:
                 rgba = self._osr.read_region((int(xy[0]), int(xy[1])), level, size)
@@ -510,6 +346,33 @@ class Slide:
             raise CorruptSlide(f"read failed at level-0 {tuple(xy)} level {level}: {exc}",
                                str(self.path)) from exc
         return _to_rgb(np.asarray(rgba))
+
+    def _openslide_box(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """OpenSlide's RGB read of a box, for :meth:`TiffLevels.check`; a failed read gets
+        the handle replaced (a failure is sticky) before it is raised."""
+        assert self._osr is not None
+        try:
+            return _to_rgb(np.asarray(self._osr.read_region((x, y), level, (w, h))))
+        except openslide.OpenSlideError:
+            try:
+                self.reopen()
+            except CorruptSlide:
+                pass  # _broken is set: every later read says so
+            raise
+
+    def _read_tiff_level(self, xy: tuple[int, int], level: int, size: tuple[int, int]
+                         ) -> np.ndarray:
+        # level-0 px to the level's nearest whole px (OpenSlide interpolates between them)
+        assert self._levels is not None
+        ds = self.info.level_downsamples[level]
+        out = np.full((int(size[1]), int(size[0]), 3), 255, np.uint8)
+        try:
+            self._levels.paste(level, out, round(xy[0] / ds), round(xy[1] / ds))
+        except CorruptSlide as exc:
+            self._broken = exc.reason
+            raise CorruptSlide(f"read failed at level-0 {tuple(xy)} level {level}: "
+                               f"{exc.reason}", str(self.path)) from exc
+        return out
 
     def _read_blocks(
         self, xy: tuple[int, int], size0: tuple[int, int], level: int,

@@ -1,0 +1,91 @@
+"""TIFF slides' levels read tile by tile with tifffile (``wsi_prune.io.tiff_levels``): the same
+pixels as OpenSlide, and OpenSlide wherever that cannot be shown."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from wsi_prune.io import tiff_levels
+from wsi_prune.io.slide import Slide, _resize, _to_rgb
+from wsi_prune.io.tiling import read_tiles
+
+
+def _openslide_rgb(path: Path, level: int, xy: tuple[int, int], size: tuple[int, int]
+                   ) -> np.ndarray:
+    """OpenSlide's read, transparent (outside the slide) as white, as ``Slide`` gives it."""
+    with openslide.OpenSlide(str(path)) as osr:
+        return _to_rgb(np.asarray(osr.read_region(xy, level, size)))
+
+
+@pytest.mark.parametrize("fixture", ["svs_slide", "tiff_slide", "real_slide"])
+def test_levels_read_by_tifffile_equal_openslide_bit_for_bit(fixture: str, request) -> None:
+    """An Aperio SVS (YCbCr JPEG), a generic pyramidal TIFF and the real Aperio slide (RGB
+    JPEG): every level is read here, and tiles at the pipeline's two resolutions, inside and
+    across the slide's edge, equal OpenSlide's reads of the same boxes."""
+    path = request.getfixturevalue(fixture)
+    with Slide(path) as s:
+        assert s.info.reader == "openslide+tifffile"
+        assert s._levels.levels == tuple(range(s.info.level_count))
+        w, h = s.dimensions
+        side = round(224 * 0.5 / s.mpp)
+        # on the tile grid, as the pipeline reads (the last box crosses the right and bottom
+        # edges); off the grid, a level of downsample d starts at level-0 px x / d, which
+        # OpenSlide interpolates when it is not whole, and which is rounded here
+        xy = np.array([[0, 0], [side * 3, side * 2], [w // side * side, h // side * side]])
+        for mpp, px in ((0.5, 224), (2.0, 56)):
+            level = s.best_level(mpp)
+            ds = s.info.level_downsamples[level]
+            tiles, bad = read_tiles(s, xy, float(side), mpp, px)
+            assert not bad
+            for (x, y), tile in zip(xy, tiles, strict=True):
+                # the same box straight from OpenSlide, resized as Slide.read resizes
+                n = max(1, -(-side // round(ds)))
+                raw = _openslide_rgb(path, level, (int(x), int(y)), (n, n))
+                assert np.array_equal(tile, _resize(raw, (px, px))), (fixture, mpp, x, y)
+
+
+def test_a_level_that_differs_from_openslide_is_left_to_openslide(svs_slide: Path,
+                                                                   tmp_path: Path) -> None:
+    """The check at opening compares each level with OpenSlide; a level whose pixels differ
+    (here: OpenSlide's answer altered for level 1) is read by OpenSlide, the others are not,
+    and the verdict holds for the file in this process."""
+    path = tmp_path / "copy.svs"
+    shutil.copy(svs_slide, path)
+    with Slide(path) as s:
+        dims = s.info.level_dimensions
+    levels = tiff_levels.open_levels(str(path), "aperio", dims)
+    assert levels is not None and levels.levels == tuple(range(len(dims)))
+    tiff_levels._checked.clear()
+    with openslide.OpenSlide(str(path)) as osr:
+        def altered(level, x, y, w, h):
+            rgb = np.asarray(osr.read_region((x, y), level, (w, h)).convert("RGB")).copy()
+            if level == 1:
+                rgb[0, 0, 0] ^= 1
+            return rgb
+
+        levels.check(altered, tuple(osr.level_downsamples))
+    assert levels.levels == tuple(k for k in range(len(dims)) if k != 1)
+    levels.close()
+    with Slide(path) as s:  # the same file: the verdict is remembered, level 1 is OpenSlide's
+        assert s._levels.levels == levels.levels
+        assert not s._levels.reads(1) and s._levels.reads(0)
+
+
+def test_other_vendors_and_odd_pages_stay_openslides(tmp_path: Path, svs_slide: Path) -> None:
+    import tifffile
+
+    with Slide(svs_slide) as s:
+        dims = s.info.level_dimensions
+    # a vendor whose files are not plain TIFF pages
+    assert tiff_levels.open_levels(str(svs_slide), "ventana", dims) is None
+    # a JPEG 2000 TIFF (Aperio 33003/33005 decode differently) is not read here
+    rng = np.random.default_rng(0)
+    p = tmp_path / "j2k.tif"
+    tifffile.imwrite(p, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8), tile=(256, 256),
+                     photometric="rgb", compression="jpeg2000")
+    assert tiff_levels.open_levels(str(p), "generic-tiff", ((512, 512),)) is None
