@@ -89,3 +89,18 @@ def test_other_vendors_and_odd_pages_stay_openslides(tmp_path: Path, svs_slide: 
     tifffile.imwrite(p, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8), tile=(256, 256),
                      photometric="rgb", compression="jpeg2000")
     assert tiff_levels.open_levels(str(p), "generic-tiff", ((512, 512),)) is None
+
+
+def test_threads_reading_two_levels_of_one_handle_get_the_right_pixels(svs_slide: Path) -> None:
+    """The levels of one file share its file handle: reads of level 0 and of level 2 from two
+    threads at once give what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Slide(svs_slide) as s:
+        boxes = [((x, y), mpp) for x in range(0, 3584, 448) for y in range(0, 3584, 896)
+                 for mpp in (0.5, 2.0)]
+        alone = [s.read(xy, (448, 448), mpp) for xy, mpp in boxes]
+    with Slide(svs_slide) as s, ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda b: s.read(b[0], (448, 448), b[1]), boxes * 3))
+    for i, img in enumerate(together):
+        assert np.array_equal(img, alone[i % len(boxes)])

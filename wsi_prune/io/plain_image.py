@@ -159,12 +159,16 @@ class SegmentReader:
         page: the page (or a pyramid level's key frame) to read.
         path: the file, for messages.
         cache_bytes: decoded segments kept; default :func:`segment_cache_bytes`.
+        io_lock: held while reading from ``tif``'s file handle; readers of one file share
+            one (default: a lock of this reader's own).
     """
 
     def __init__(self, tif: tifffile.TiffFile, page: tifffile.TiffPage, path: str,
-                 cache_bytes: int | None = None) -> None:
+                 cache_bytes: int | None = None, io_lock: threading.Lock | None = None
+                 ) -> None:
         self._tif, self._page, self._path = tif, page, path
         self._lock = threading.Lock()
+        self._io_lock = io_lock if io_lock is not None else threading.Lock()
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
         seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
         self._seg = (seg_h, seg_w)
@@ -203,29 +207,34 @@ class SegmentReader:
             if seg is not None:
                 self._cache.move_to_end(index)
                 return seg
-            page = self._page
-            offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
-            sh, sw = self._seg
-            if count == 0:  # a sparse TIFF leaves empty segments out: background
-                seg = np.full((sh, sw, 3), 255, np.uint8)
-            else:
+        page = self._page
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        sh, sw = self._seg
+        if count == 0:  # a sparse TIFF leaves empty segments out: background
+            seg = np.full((sh, sw, 3), 255, np.uint8)
+        else:
+            # the file handle is shared by every reader of the file (the levels of a
+            # pyramid); decoding runs outside the locks, so two threads decode at once
+            with self._io_lock:
                 fh = self._tif.filehandle
                 fh.seek(offset)
                 data = fh.read(count)
-                try:
-                    decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                except Exception as exc:  # noqa: BLE001 - any codec failure is the file's
-                    from wsi_prune.errors import CorruptSlide
+            try:
+                decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception as exc:  # noqa: BLE001 - any codec failure is the file's
+                from wsi_prune.errors import CorruptSlide
 
-                    raise CorruptSlide(f"segment {index} does not decode: {exc}",
-                                       self._path) from exc
-                seg = _to_rgb(np.asarray(decoded)[0])
-            self._cache[index] = seg
-            self._cache_bytes += seg.nbytes
+                raise CorruptSlide(f"segment {index} does not decode: {exc}",
+                                   self._path) from exc
+            seg = _to_rgb(np.asarray(decoded)[0])
+        with self._lock:
+            if index not in self._cache:
+                self._cache[index] = seg
+                self._cache_bytes += seg.nbytes
             while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
-            return seg
+        return seg
 
 
 def _is_tiff(path: Path) -> bool:

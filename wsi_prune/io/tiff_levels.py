@@ -67,7 +67,8 @@ class TiffLevels:
                  n_openslide: int, path: str) -> None:
         self._tif = tif
         self._path = path
-        self._readers = {k: SegmentReader(tif, page, path, LEVEL_CACHE_BYTES)
+        io_lock = threading.Lock()  # one file handle under every level
+        self._readers = {k: SegmentReader(tif, page, path, LEVEL_CACHE_BYTES, io_lock)
                          for k, page in pages.items()}
         self.extra = tuple((self._readers[k].width, self._readers[k].height)
                            for k in sorted(self._readers) if k >= n_openslide)
