@@ -575,7 +575,10 @@ def test_large_striped_tiff_tiles_in_bounded_memory(tmp_path: Path) -> None:
                           photometric="rgb")
     for y in range(0, h, 500):
         raw[y:y + 500] = 238
-        raw[y:y + 500, 2000:8000] = _pattern(500, 6000) // 3 + 80
+        # textured H&E-like colour (green below red and blue: the mask's tissue colours)
+        band = _pattern(500, 6000)
+        raw[y:y + 500, 2000:8000] = np.stack(
+            [140 + band[..., 0] % 80, 60 + band[..., 1] % 50, 150 + band[..., 2] % 70], -1)
     raw.flush()
     p = _stripped_tiff(tmp_path / "big.tif", raw, rowsperstrip=16)
     del raw
