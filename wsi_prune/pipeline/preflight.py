@@ -16,18 +16,20 @@ from wsi_prune.io.slide import Slide
 from wsi_prune.io.tiling import make_grid
 from wsi_prune.io.tissue import slide_tissue_mask
 
-# A rough time estimate, not a benchmark. Measured 2026-12-01 with run_batch (force=True,
-# models already built) and pipelines/demo.yaml on the 2-core shared development machine, on
-# synthetic SVS slides of 2048², 4096² and 6144² px at 0.5 µm/px (29, 123 and 233 tissue
-# tiles): 2.6, 3.3 and 3.9-4.6 s per slide. A line through those gives about 2.4 s per slide
-# (mostly rendering heatmap.png and tokens.png) plus 0.008 s per tissue tile. Larger models
-# (pipelines/camelyon16.yaml's ViT-S) are several times slower per tile.
-#: seconds per slide that do not grow with its size (pictures, opening), demo config
-SECONDS_PER_SLIDE = 2.4
+# A rough time estimate, not a benchmark. Measured 2026-12-07 with run_batch (force=True,
+# models already built) and pipelines/demo.yaml on the idle 2-core development machine, three
+# rounds, on synthetic SVS slides of 2048², 4096², 6144² and 8192² px at 0.5 µm/px (35, 127,
+# 203 and 488 tissue tiles): 0.31-0.43, 0.45-0.48, 0.57-0.86 and 0.93-1.00 s per slide. A line
+# through the medians gives about 0.3 s per slide plus 0.0013 s per tissue tile (2026-12-01,
+# before the cheaper pictures and the TIFF levels read tile by tile: 2.4 s + 0.008 s a tile).
+# Larger models (pipelines/camelyon16.yaml's ViT-S) are several times slower per tile; process
+# start and model loading (3-7 s a run) come on top.
+#: seconds per slide that do not grow with its size (mask, pictures, opening), demo config
+SECONDS_PER_SLIDE = 0.3
 #: seconds per tissue tile (tiling, triage, pruned ViT on the kept share), demo config
-SECONDS_PER_TISSUE_TILE = 0.008
+SECONDS_PER_TISSUE_TILE = 0.0013
 #: what ``estimated_seconds`` is, for reports
-ESTIMATE_NOTE = "rough: demo-config speed on 2 CPU cores, measured 2026-12-01"
+ESTIMATE_NOTE = "rough: demo-config speed on 2 CPU cores, measured 2026-12-07"
 
 
 def inspect_slide(
