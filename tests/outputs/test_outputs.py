@@ -82,6 +82,49 @@ def test_patch_map_has_no_holes_inside_kept_tiles(run):
 # -- lesion confidence ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("max_px", [4096, 40, 17])
+def test_slide_maps_put_each_tile_where_a_tile_by_tile_loop_puts_it(run, max_px):
+    """The heat map and the token map are written for all tiles at once; each tile's block
+    equals what a loop over the tiles writes (its heat, its patch map area-averaged to the
+    map's px per tile, its tokens), also when the map has fewer px per tile than patches."""
+    from wsi_prune.outputs import heat as heat_mod
+    from wsi_prune.outputs import pictures
+
+    g = zarr.open_group(str(run / "small.zarr"), mode="r")
+    rc = np.asarray(g["tiles/grid"][:])
+    tidx = np.asarray(g["vit/tile_index"][:])
+    patch = np.asarray(g["heatmap/patch"][:])
+    heat = np.asarray(g["heatmap/tile"][:])
+    m, _ = heat_map(g, max_px=max_px)
+    rows, cols = g.attrs["grid"]["n_rows"], g.attrs["grid"]["n_cols"]
+    per = m.shape[0] // rows
+    assert per == max(1, min(patch.shape[1], max_px // max(rows, cols)))
+    ref = np.full_like(m, np.nan)
+    for (r, c), h in zip(rc, heat, strict=True):
+        ref[r * per:(r + 1) * per, c * per:(c + 1) * per] = h
+    for k, i in enumerate(tidx):
+        r, c = rc[i]
+        block = patch[k]
+        if per != patch.shape[1]:  # area average, one output px at a time
+            e = np.linspace(0, block.shape[0], per + 1).round().astype(int)
+            block = np.array([[block[e[a]:max(e[a + 1], e[a] + 1),
+                                     e[b]:max(e[b + 1], e[b] + 1)].mean()
+                               for b in range(per)] for a in range(per)])
+        ref[r * per:(r + 1) * per, c * per:(c + 1) * per] = block
+    np.testing.assert_allclose(m, ref, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+    if max_px == 4096:  # the token map at full patch resolution
+        layer, _ = pictures.token_layer(g)
+        tokens = np.asarray(g["vit/kept_tokens"][:])[:, -1]
+        gg = int(np.sqrt(tokens.shape[1]))
+        for k, i in enumerate(tidx):
+            r, c = rc[i]
+            want = np.where(tokens[k].reshape(gg, gg)[..., None], pictures.GREEN,
+                            pictures.ORANGE)
+            assert (layer[r * gg:(r + 1) * gg, c * gg:(c + 1) * gg] == want).all()
+    assert heat_mod.block_mean(patch[:1], 3).shape == (1, 3, 3)
+
+
 def _with_probability(run: Path, dest: Path, probability: float) -> Path:
     """A copy of the run's store claiming another slide probability, re-rendered."""
     store = dest / "small.zarr"

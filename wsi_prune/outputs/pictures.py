@@ -142,12 +142,13 @@ def token_layer(group: zarr.Group) -> tuple[np.ndarray, float]:
     cells = np.zeros((n_rows, n_cols, 4), np.uint8)
     cells[rc[:, 0], rc[:, 1]] = GREY
     rgba = cells.repeat(per, axis=0).repeat(per, axis=1)
-    for k, i in enumerate(tidx):
-        r, c = rc[i]
-        final = kept_tokens[k, -1].reshape(g, g)
-        if per != g:
-            final = block_mean(final.astype(np.float32), per) >= 0.5
-        rgba[r * per:(r + 1) * per, c * per:(c + 1) * per] = np.where(
+    if len(tidx):
+        # every kept tile at once: (K, per, per) tokens that reached the last block
+        final = kept_tokens[:, -1].reshape(len(tidx), g, g)
+        final = (block_mean(final.astype(np.float32), per) >= 0.5 if per != g
+                 else final.astype(bool))
+        kept = rc[tidx]
+        rgba.reshape(n_rows, per, n_cols, per, 4)[kept[:, 0], :, kept[:, 1], :] = np.where(
             final[..., None], np.array(GREEN, np.uint8), np.array(ORANGE, np.uint8))
     return rgba, float(grid["tile_level0"]) / per
 
