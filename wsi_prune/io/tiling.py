@@ -345,9 +345,19 @@ def tile_slide(
     # abspath, not resolve(): messages keep naming the file as the user sees it (a symlink)
     slide_path, store_path = Path(os.path.abspath(slide_path)), Path(store_path)
     store_path.parent.mkdir(parents=True, exist_ok=True)
+    # The file's state is taken before any handle opens it: a file replaced between the two
+    # would leave handles on the old file (OpenSlide's, tifffile's) under the new file's size
+    # and mtime, and a store of the old pixels would pass for the new file's.
+    try:
+        slide_stat: os.stat_result | None = slide_path.stat()
+    except OSError:
+        slide_stat = None  # Slide() says what is wrong with the path
     # the MPP is resolved before the skip test: it is part of the store's identity
     with Slide(slide_path, mpp) as slide, locks.locked(store_path):
-        slide_stat = slide_path.stat()
+        now = slide_path.stat()
+        if slide_stat is None or _file_state(now) != _file_state(slide_stat):
+            raise SlideChanged("slide file was replaced or modified while it was opened; "
+                               "run again", slide_path)
         tile_hash = tile_store_hash(config, slide.info, slide_stat)
         if not force and store.is_complete(store_path, tile_hash):
             group = store.open_store(store_path)
@@ -360,9 +370,7 @@ def tile_slide(
         try:
             info, n_grid, n = _build(slide, tmp, config, mpp, scheduler, progress, tile_hash,
                                      slide_stat)
-            now = slide_path.stat()
-            if (now.st_ino, now.st_size, now.st_mtime_ns) != (
-                    slide_stat.st_ino, slide_stat.st_size, slide_stat.st_mtime_ns):
+            if _file_state(slide_path.stat()) != _file_state(slide_stat):
                 raise SlideChanged("slide file was replaced or modified while its tiles were "
                                    "read; the tile store was not published: run again",
                                    slide_path)
@@ -375,6 +383,10 @@ def tile_slide(
     dt = time.perf_counter() - t0
     _logger.info("%s: %d tissue tiles of %d in %.1f s", slide_path.name, n, n_grid, dt)
     return TilingResult(store_path, n, n_grid, False, dt, info)
+
+
+def _file_state(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _build(
