@@ -1,4 +1,4 @@
-"""File helpers every stage uses: one atomic text writer, one file hash.
+"""File helpers every stage uses: one atomic text writer, one file hash, one file identity.
 
 A leaf module (standard library and :mod:`wsi_prune.errors` only), so that
 :mod:`wsi_prune.config` can hash weight files without importing torch.
@@ -27,6 +27,12 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def file_state(st: os.stat_result) -> tuple[int, int, int]:
+    """A file's identity for "was it replaced or modified?": (inode, size, mtime in ns) of
+    its ``stat``."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def file_sha256(path: PathLike, chunk_bytes: int = 1 << 20) -> str:

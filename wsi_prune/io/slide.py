@@ -22,7 +22,7 @@ import math
 import os
 import struct
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,8 @@ class Slide:
         width, height = (int(v) for v in self._osr.dimensions)
         dims = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
         downsamples = tuple(float(d) for d in self._osr.level_downsamples)
-        reader = "openslide"
+        power = float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        bounds = _bounds(props)
         # TIFF pages read tile by tile, past OpenSlide's per-call cost; an OME-TIFF's SubIFD
         # pyramid, which OpenSlide does not follow, becomes levels (see tiff_levels)
         self._levels = open_levels(spath, vendor, dims)
@@ -177,10 +178,15 @@ class Slide:
             dims += self._levels.extra
             # as OpenSlide computes a level's downsample: the mean of the two axes'
             downsamples += tuple((width / w + height / h) / 2.0 for w, h in self._levels.extra)
-            reader = "openslide+tifffile"
+            # after every property is read: a failed read leaves OpenSlide's handle in an
+            # error state, in which it answers every call with that error
+            self._levels.check(self._openslide_box, downsamples)
+            if not self._levels.levels:
+                self._levels.close()
+                self._levels = None
         self.info = SlideInfo(
             path=spath,
-            reader=reader,
+            reader="openslide" if self._levels is None else "openslide+tifffile",
             vendor=vendor,
             width=width,
             height=height,
@@ -189,17 +195,9 @@ class Slide:
             mpp_x=mx,
             mpp_y=my,
             mpp_source=source,
-            objective_power=float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
-            bounds=_bounds(props),
+            objective_power=power,
+            bounds=bounds,
         )
-        if self._levels is not None:
-            # after every property is read: a failed read leaves OpenSlide's handle in an
-            # error state, in which it answers every call with that error
-            self._levels.check(self._openslide_box, downsamples)
-            if not self._levels.levels:
-                self._levels.close()
-                self._levels = None
-                self.info = replace(self.info, reader="openslide")
 
     def _open_image(self, mpp: float | None) -> None:
         spath = str(self.path)

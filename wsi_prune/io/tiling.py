@@ -33,6 +33,7 @@ import zarr
 from dask.callbacks import Callback
 
 from wsi_prune import __version__
+from wsi_prune._files import file_state
 from wsi_prune.config import RunConfig, TilingConfig
 from wsi_prune.errors import CorruptSlide, SlideChanged, StoreError
 from wsi_prune.io import locks, store
@@ -355,7 +356,7 @@ def tile_slide(
     # the MPP is resolved before the skip test: it is part of the store's identity
     with Slide(slide_path, mpp) as slide, locks.locked(store_path):
         now = slide_path.stat()
-        if slide_stat is None or _file_state(now) != _file_state(slide_stat):
+        if slide_stat is None or file_state(now) != file_state(slide_stat):
             raise SlideChanged("slide file was replaced or modified while it was opened; "
                                "run again", slide_path)
         tile_hash = tile_store_hash(config, slide.info, slide_stat)
@@ -370,7 +371,7 @@ def tile_slide(
         try:
             info, n_grid, n = _build(slide, tmp, config, mpp, scheduler, progress, tile_hash,
                                      slide_stat)
-            if _file_state(slide_path.stat()) != _file_state(slide_stat):
+            if file_state(slide_path.stat()) != file_state(slide_stat):
                 raise SlideChanged("slide file was replaced or modified while its tiles were "
                                    "read; the tile store was not published: run again",
                                    slide_path)
@@ -383,10 +384,6 @@ def tile_slide(
     dt = time.perf_counter() - t0
     _logger.info("%s: %d tissue tiles of %d in %.1f s", slide_path.name, n, n_grid, dt)
     return TilingResult(store_path, n, n_grid, False, dt, info)
-
-
-def _file_state(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _build(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from wsi_prune._files import file_state
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import (
     CorruptSlide,
@@ -143,7 +144,7 @@ def _process_checked(entry, out, config, models, device, force, scheduler, progr
     # Each stage reads the slide file again (tiling, full-resolution tiles, the thumbnail): a
     # file replaced midway would mix two slides in one result, so it is checked between
     # them, and a read that fails on a changed file says so.
-    started = _file_state(entry.path)
+    started = file_state(entry.path.stat())
     try:
         return _process_locked(entry, out, config, models, device, force, scheduler,
                                progress, run_hash, started)
@@ -233,15 +234,10 @@ def _check_owner(store_path: Path, entry: SlideEntry) -> None:
         store_path)
 
 
-def _file_state(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _check_unchanged(entry: SlideEntry, before: tuple[int, int, int], stage: str) -> None:
     """Raise :class:`SlideChanged` if the slide file is not the one the slide started with."""
     try:
-        now = _file_state(entry.path)
+        now = file_state(entry.path.stat())
     except OSError as exc:
         raise SlideChanged(f"slide file vanished during {stage} ({exc.strerror}); run again",
                            entry.path) from exc
