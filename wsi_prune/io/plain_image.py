@@ -76,7 +76,7 @@ class PlainImage:
         self._tif: tifffile.TiffFile | None = None
         self._array: np.ndarray | None = None
         spath = str(self.path)
-        if _is_tiff(self.path) and self._open_tiff():
+        if is_tiff(self.path) and self._open_tiff():
             return
         try:
             with warnings.catch_warnings():
@@ -237,9 +237,14 @@ class SegmentReader:
         return seg
 
 
-def _is_tiff(path: Path) -> bool:
+#: the first four bytes of a TIFF (little- and big-endian) and of a BigTIFF
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def is_tiff(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts like a TIFF or BigTIFF (its first four bytes)."""
     with open(path, "rb") as fh:
-        return fh.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+        return fh.read(4) in TIFF_MAGIC
 
 
 _CONVERT = ("convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave in.png out.tif --tile "

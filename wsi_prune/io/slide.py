@@ -42,7 +42,7 @@ from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's A
     plausible,
     resolve_mpp,
 )
-from wsi_prune.io.plain_image import PlainImage
+from wsi_prune.io.plain_image import PlainImage, is_tiff
 from wsi_prune.io.tiff_levels import TiffLevels, open_levels
 
 _logger = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Largest region handed to OpenSlide in one call, px: bigger reads are split so a read never
 # allocates gigabytes of RGBA at once.
 _MAX_READ_PX = 4096
-# Classic and BigTIFF headers, both byte orders.
-_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 # A TIFF with more directories than this is not a slide; stop walking a runaway chain.
 _MAX_IFDS = 4096
 
@@ -156,7 +154,7 @@ class Slide:
             # OpenSlide says "unsupported" for a slide whose directories or tile data lie past
             # the end of the file (a truncated copy): a damaged TIFF is corrupt, not foreign,
             # and is not handed to the plain-image reader, which would fail or read a part.
-            damage = _tiff_damage(self.path) if _is_tiff(self.path) else None
+            damage = _tiff_damage(self.path) if is_tiff(self.path) else None
             if damage:
                 raise CorruptSlide(f"damaged TIFF: {damage} (OpenSlide: {exc})", spath) from exc
             self._open_image(mpp)
@@ -203,7 +201,7 @@ class Slide:
         spath = str(self.path)
         if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
-        props = plain_tiff_properties(self.path) if _is_tiff(self.path) else {}
+        props = plain_tiff_properties(self.path) if is_tiff(self.path) else {}
         if mpp is None and metadata_mpp(props) is None:
             found = implausible_mpp(props)
             raise UnsupportedSlide(
@@ -444,11 +442,6 @@ def missing_reason(path: str | os.PathLike[str]) -> str:
         if exc.errno == errno.ELOOP:
             return "symlink loop (the link leads back to itself)"
     return f"broken symlink (to {os.readlink(p)}, which does not exist)"
-
-
-def _is_tiff(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) in _TIFF_MAGIC
 
 
 def _tiff_damage(path: Path) -> str | None:

@@ -45,12 +45,15 @@ def _dump(path: Path, obj: dict) -> None:
 
 def write_outputs(group: zarr.Group, dest: Path, slide_id: str, probability: float,
                   config: RunConfig | None = None, slide_path: str | os.PathLike | None = None,
-                  mpp: float | None = None, raw_heat: bool = False) -> Path:
+                  mpp: float | None = None, raw_heat: bool = False,
+                  heat: tuple[np.ndarray, float] | None = None) -> Path:
     """Write :data:`OUTPUT_FILES` and ``top_tiles/`` into ``dest`` atomically (built in a
     temporary folder, then renamed), then ``dest.parent/froc/<slide_id>.csv``.
 
     Args:
         raw_heat: also write ``heatmap_raw.tif`` (float32 heat).
+        heat: :func:`~wsi_prune.outputs.heat.heat_map` of ``group``, when the caller has just
+            built it (the run does, for the store's multiscale map); None: built here.
     """
     dest = Path(dest)
     tmp = store.tmp_path_for(dest)
@@ -67,7 +70,7 @@ def write_outputs(group: zarr.Group, dest: Path, slide_id: str, probability: flo
             level0_mpp = float(group.attrs["mpp"])
             thumb_job = pool.submit(thumbnail, group, slide_path, mpp)
             jobs = [pool.submit(write_top_tiles, tmp, group, slide_path, mpp)]
-            heat, heat_px0 = heat_map(group)
+            heat, heat_px0 = heat_map(group) if heat is None else heat
             jobs.append(pool.submit(write_heatmap_tiff, tmp / "heatmap.tif", heat, heat_px0,
                                     level0_mpp, frame, raw=raw_heat))
             mask = np.asarray(group["mask/tissue"][:])

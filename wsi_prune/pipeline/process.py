@@ -342,7 +342,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     _check_unchanged(entry, started, "the ViT stage")
     locks.verify(out / entry.id)
     write_outputs(group, out / entry.id, entry.id, prob, config, slide_path=entry.path,
-                  mpp=entry.mpp)
+                  mpp=entry.mpp, heat=(hmap, hpx0))
     seconds["outputs"] = time.perf_counter() - t
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     _check_unchanged(entry, started, "the pictures")
