@@ -142,8 +142,9 @@ GOLDEN = {
     # the flat layout's was 72f97924...; the tissue-mask algorithm v2 (io.tissue.MASK_VERSION,
     # issue 16) rebuilds stores on purpose, so the tile-store identity changed then (43d1fd9c...),
     # and again with v3 (ink followed from glass into tissue, 8dc626b1...) and v4 (H&E-coloured
-    # ink regions wider than any stroke are tissue out of focus)
-    "tile_store": "f8686a94866a6f90fd6025488979f4319f8c959d4bab471bc84bf0441284a676",
+    # ink regions wider than any stroke are tissue out of focus, f8686a94...) and v5 (the slide
+    # thumbnail averaged from a level finer than the mask)
+    "tile_store": "f40dd028a120ac4891d0186a855caeffab67fa835cc0e6e5e5d603a4557804e3",
 }
 
 

@@ -259,6 +259,21 @@ class Slide:
         fits = [i for i, ds in enumerate(self.info.level_downsamples) if ds <= target_ds * 1.01]
         return max(fits, key=lambda i: self.info.level_downsamples[i]) if fits else 0
 
+    def averaging_level(self, mpp: float, oversample: float, max_ratio: float) -> int:
+        """The level to area-average a whole-slide read at ``mpp`` µm/px from: the coarsest
+        level at least ``oversample`` times finer than ``mpp`` when it holds at most
+        ``max_ratio`` times the read's pixels, else :meth:`best_level`."""
+        target = mpp / self.mpp  # the read's downsample from level 0
+        ds = self.info.level_downsamples
+        finer = [i for i, d in enumerate(ds) if d <= target / oversample * 1.01]  # as best_level
+        if finer:
+            level = max(finer, key=lambda i: ds[i])
+            w, h = self.info.level_dimensions[level]
+            tw, th = self.size_at(mpp)
+            if w * h <= max_ratio * tw * th:
+                return level
+        return self.best_level(mpp)
+
     def size_at(self, mpp: float) -> tuple[int, int]:
         """Whole-slide (width, height) in px at ``mpp`` µm/px."""
         f = self.mpp / mpp
@@ -402,24 +417,33 @@ class Slide:
                 out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
         return out
 
-    def read_thumbnail(self, mpp: float, finer_on_error: bool = False) -> np.ndarray:
-        """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks from the
-        smallest adequate level (never a full level at once).
+    def read_thumbnail(self, mpp: float, finer_on_error: bool = False,
+                       level: int | None = None) -> np.ndarray:
+        """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks (never a
+        full level at once) and area-averaged down.
 
         Args:
             finer_on_error: when a tile of that level fails to decode, read the thumbnail from
                 the next finer level instead (each level is a separate encoding of the slide,
                 so one damaged tile rarely spoils them all); the slide fails only when every
                 level does. Slower (a finer level is more to decode), and only on damage.
+            level: the level read; default the smallest adequate one
+                (:meth:`best_level`). A finer one costs more decoding and gives the average
+                of its own pixels rather than the vendor's resampled, re-compressed level.
         """
         out_size = self.size_at(mpp)
+        start = self.best_level(mpp) if level is None else int(level)
+        if not 0 <= start < self.info.level_count:
+            raise ValueError(f"level {level} outside 0-{self.info.level_count - 1}")
         try:
-            return self.read((0, 0), self.dimensions, mpp, out_size=out_size)
+            if self._broken:
+                raise CorruptSlide(f"an earlier read failed ({self._broken})", str(self.path))
+            return self._read_level((0, 0), self.dimensions, start, out_size)
         except CorruptSlide as exc:
             if not finer_on_error or self._osr is None:
                 raise
             error = exc
-        for level in range(self.best_level(mpp) - 1, -1, -1):
+        for level in range(start - 1, -1, -1):
             _logger.warning("%s: thumbnail level damaged (%s); reading level %d instead",
                             self.path, error.reason, level)
             self.reopen()

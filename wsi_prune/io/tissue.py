@@ -60,8 +60,21 @@ _logger = logging.getLogger(__name__)
 #: stores masked by an older one (1: Otsu on saturation; 2: glass white balance, H&E hue gate,
 #: ink by smoothness and dark floor, bounded slide-level stage; 3: ink regions followed from
 #: where they are found into the tissue they cross, one more pixel of closing on coarse masks;
-#: 4: a smooth or dark-floored region wider than ink.MAX_STROKE_UM is tissue out of focus).
-MASK_VERSION = 4
+#: 4: a smooth or dark-floored region wider than ink.MAX_STROKE_UM is tissue out of focus;
+#: 5: the slide thumbnail is averaged from a level finer than the mask, :data:`MASK_OVERSAMPLE`).
+MASK_VERSION = 5
+
+#: The slide mask's thumbnail is area-averaged from a level at least this many times finer
+#: than the mask. A vendor's reduced level at the mask's own scale was resampled and then
+#: JPEG-compressed on its own (Aperio writes Q=30): that flattens the texture the ink test
+#: reads, so dense tissue passes for purple marker, and fades pale tissue. On the real slide's
+#: pixels in 18 pyramids made so, the mask of the level at 8 µm/px had IoU 0.10-0.90 with the
+#: single-level slide's; averaged from 2x finer 0.915-0.979, from 4x finer 0.952-0.979
+#: (``benchmarks/bench_mask_levels.py``, docs/benchmarks.md "Masks from a vendor's level").
+MASK_OVERSAMPLE = 4.0
+#: ... unless that level holds more than this many times the thumbnail's pixels (4x finer is
+#: 16 times the pixels); then the level at the mask's scale is read, as before
+MASK_SOURCE_MAX_RATIO = 20.0
 
 # Closing with a disk of more elements than this switches from binary morphology (cost grows
 # with the disk area) to Euclidean distance transforms (cost independent of the radius).
@@ -212,10 +225,14 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
                       finer_on_error: bool = False) -> TissueMask:
     """The tissue mask of a whole slide, from its thumbnail.
 
-    The thumbnail is read at ``config.mask_mpp``, or coarser when that would exceed
-    ``config.max_mask_mpx`` megapixels: the mask stage holds about 10 bytes per thumbnail pixel
-    at its peak (the RGB thumbnail and two planes of per-pixel features, then a few bool
-    planes and int32 region labels; the thumbnail is released after the per-pixel stage), so
+    The thumbnail is area-averaged from a level :data:`MASK_OVERSAMPLE` times finer than the
+    mask where one holds at most :data:`MASK_SOURCE_MAX_RATIO` times its pixels, rather than
+    taken from the vendor's level at the mask's own scale (resampled and re-compressed, that
+    level flattens the texture the ink test reads). It is read at ``config.mask_mpp``, or
+    coarser when that would exceed ``config.max_mask_mpx`` megapixels: the mask stage holds
+    about 10 bytes per thumbnail pixel at its peak (the RGB thumbnail and two planes of
+    per-pixel features, then a few bool planes and int32 region labels; the thumbnail is
+    released after the per-pixel stage), so
     the cap bounds its memory whatever the slide's size (16 Mpx measured at 252 MB above the
     process's start, thumbnail read included; docs/benchmarks.md). At 8 µm/px the default
     cap (24 Mpx) is reached only by scans over about 39 x 39 mm: the largest CAMELYON16 slides
@@ -231,7 +248,8 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
         The mask at the thumbnail's real scale (the rounded width sets it).
     """
     mpp = mask_mpp_for(slide.info.width, slide.info.height, slide.mpp, config)
-    thumb = slide.read_thumbnail(mpp, finer_on_error=finer_on_error)
+    level = slide.averaging_level(mpp, MASK_OVERSAMPLE, MASK_SOURCE_MAX_RATIO)
+    thumb = slide.read_thumbnail(mpp, finer_on_error=finer_on_error, level=level)
     # the thumbnail's real scale (rounded size) is what the mask is measured in
     real_mpp = slide.info.width * slide.mpp / thumb.shape[1]
     glass = glass_colour(thumb)
