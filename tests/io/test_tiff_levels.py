@@ -104,3 +104,20 @@ def test_threads_reading_two_levels_of_one_handle_get_the_right_pixels(svs_slide
         together = list(pool.map(lambda b: s.read(b[0], (448, 448), b[1]), boxes * 3))
     for i, img in enumerate(together):
         assert np.array_equal(img, alone[i % len(boxes)])
+
+
+def test_a_large_read_gives_the_same_pixels_in_threads(svs_slide: Path, monkeypatch) -> None:
+    # Level 0 of the 4096² slide read whole at 8 µm/px is 4 blocks of up to 4095² level px:
+    # side by side in threads or one after another, the same thumbnail, equal to one area
+    # average of the whole level.
+    from wsi_prune.io import slide as slide_mod
+
+    with Slide(svs_slide) as s:
+        assert s.info.reader == "openslide+tifffile"
+        threaded = s.read_thumbnail(8.0, level=0)
+        monkeypatch.setattr(slide_mod, "_READ_THREADS", 1)
+        one = s.read_thumbnail(8.0, level=0)
+        whole = _resize(s._read_region((0, 0), 0, s.dimensions), threaded.shape[1::-1])
+    assert threaded.shape == (256, 256, 3)
+    assert np.array_equal(threaded, one)
+    assert np.abs(threaded.astype(int) - whole.astype(int)).max() <= 1

@@ -557,6 +557,41 @@ def test_dense_tissue_out_of_focus_is_not_ink(mpp, side, block, blur, caplog, mo
     assert tm.fraction <= 0.01
 
 
+def test_a_few_dark_grey_spots_do_not_make_a_section_black_marker(caplog):
+    # At 8 µm/px dense nuclei average to a dark, greyish purple that can pass for black marker
+    # ((92, 67, 95) on a texture slide). A few such spots seeded ink that following carried
+    # over a whole 2.2 mm section, and they then vouched for it as "black marker" against the
+    # width guard: the section was dropped. A region is vouched for only where black or
+    # non-H&E colour covers MIN_VOUCHED_SHARE of it now; a wide black stroke still is ink.
+    from wsi_prune.io import ink as ink_mod
+
+    rng = np.random.default_rng(5)
+    mpp, side, block = 8.0, 400, 280
+    img = _noisy((side, side), GLASS, rng, sd=2.0)
+    lo = (side - block) // 2
+    dense = _he_texture((block, block), rng, nuclei=0.8).astype(np.float32)
+    dense = np.stack([ndi.gaussian_filter(dense[..., c], 1.5) for c in range(3)], -1)
+    img[lo:lo + block, lo:lo + block] = np.round(dense).astype(np.uint8)
+    for y, x in rng.integers(lo + 20, lo + block - 30, size=(8, 2)):
+        img[y:y + 7, x:x + 7] = (92, 67, 95)  # 49 px: over ink_min_um2 at 8 µm/px
+    inner = (slice(lo + 10, lo + block - 10),) * 2
+    with caplog.at_level("WARNING", logger="wsi_prune.io.ink"):
+        assert tissue_mask(img, mpp=mpp).mask[inner].mean() >= 0.95
+    # vouched for by any black px, as before: the section is lost
+    share = ink_mod.MIN_VOUCHED_SHARE
+    ink_mod.MIN_VOUCHED_SHARE = 1e-9
+    try:
+        assert tissue_mask(img, mpp=mpp).mask[inner].mean() <= 0.5
+    finally:
+        ink_mod.MIN_VOUCHED_SHARE = share
+    # a black stroke 2 mm wide across glass and tissue is ink however wide
+    stroke = np.zeros((side, side))
+    stroke[:, 60:60 + int(2000 / mpp)] = 1.0
+    inked = _ink(img, ndi.gaussian_filter(stroke, 1.0), INKS["black"])
+    band = (slice(None), slice(70, 50 + int(2000 / mpp)))
+    assert tissue_mask(inked, mpp=mpp).mask[band].mean() <= 0.05
+
+
 def _vendor_pyramid(path, rgb: np.ndarray, mpp: float, steps: tuple[int, ...], quality: int):
     """An Aperio-style SVS of ``rgb`` whose reduced levels are made as a scanner makes them:
     each from the level before by PIL's bilinear resize, then JPEG-compressed at ``quality``

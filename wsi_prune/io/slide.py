@@ -22,6 +22,7 @@ import math
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Largest region handed to OpenSlide in one call, px: bigger reads are split so a read never
 # allocates gigabytes of RGBA at once.
 _MAX_READ_PX = 4096
+# Threads reading the blocks of one large read side by side (TIFF levels only).
+_READ_THREADS = 4
 # A TIFF with more directories than this is not a slide; stop walking a runaway chain.
 _MAX_IFDS = 4096
 
@@ -406,15 +409,28 @@ class Slide:
             # one px short of the limit: the rounded level-0 edges add up to one level px
             step_x = step_y = max(1, int((_MAX_READ_PX - 1) / max(level_per_out, 1.0)))
         out = np.empty((out_h, out_w, 3), np.uint8)
-        for oy in range(0, out_h, step_y):
-            for ox in range(0, out_w, step_x):
-                bw, bh = min(step_x, out_w - ox), min(step_y, out_h - oy)
-                # rounded level-0 edges shared by neighbouring blocks: no gap, no overlap
-                x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
-                x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
-                wl, hl = max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds))
-                region = self._read_region((x0, y0), level, (wl, hl))
-                out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
+
+        def block(oy: int, ox: int) -> None:
+            bw, bh = min(step_x, out_w - ox), min(step_y, out_h - oy)
+            # rounded level-0 edges shared by neighbouring blocks: no gap, no overlap
+            x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
+            x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
+            wl, hl = max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds))
+            region = self._read_region((x0, y0), level, (wl, hl))
+            out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
+
+        starts = [(oy, ox) for oy in range(0, out_h, step_y) for ox in range(0, out_w, step_x)]
+        threads = min(_READ_THREADS, os.cpu_count() or 1, len(starts))
+        if threads <= 1 or self._plain is not None or not (self._levels is not None
+                                                           and self._levels.reads(level)):
+            for oy, ox in starts:
+                block(oy, ox)
+            return out
+        # the TIFF levels decode outside their locks: blocks side by side (each holds one
+        # block of level px, so memory grows by a block per thread)
+        with ThreadPoolExecutor(threads, thread_name_prefix="wsi-prune-read") as pool:
+            for job in [pool.submit(block, oy, ox) for oy, ox in starts]:
+                job.result()
         return out
 
     def read_thumbnail(self, mpp: float, finer_on_error: bool = False,

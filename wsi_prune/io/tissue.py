@@ -61,8 +61,10 @@ _logger = logging.getLogger(__name__)
 #: ink by smoothness and dark floor, bounded slide-level stage; 3: ink regions followed from
 #: where they are found into the tissue they cross, one more pixel of closing on coarse masks;
 #: 4: a smooth or dark-floored region wider than ink.MAX_STROKE_UM is tissue out of focus;
-#: 5: the slide thumbnail is averaged from a level finer than the mask, :data:`MASK_OVERSAMPLE`).
-MASK_VERSION = 5
+#: 5: the slide thumbnail is averaged from a level finer than the mask, :data:`MASK_OVERSAMPLE`;
+#: 6: a wide ink region is vouched for by colour only where it covers
+#: ink.MIN_VOUCHED_SHARE of it).
+MASK_VERSION = 6
 
 #: The slide mask's thumbnail is area-averaged from a level at least this many times finer
 #: than the mask. A vendor's reduced level at the mask's own scale was resampled and then
