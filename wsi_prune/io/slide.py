@@ -57,8 +57,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Largest region handed to OpenSlide in one call, px: bigger reads are split so a read never
 # allocates gigabytes of RGBA at once.
 _MAX_READ_PX = 4096
-# Threads reading the blocks of one large read side by side (TIFF levels only).
-_READ_THREADS = 4
+# Threads reading the blocks of one large read side by side (TIFF levels only; each block is
+# then a quarter of _MAX_READ_PX², so the read's memory does not grow).
+_READ_THREADS = 2
 # A TIFF with more directories than this is not a slide; stop walking a runaway chain.
 _MAX_IFDS = 4096
 
@@ -395,19 +396,27 @@ class Slide:
         # Output-space blocks mapped back to level-0 boxes, each read straight from ``level``
         # and resized: memory stays at one block of at most _MAX_READ_PX² level px plus the
         # output, whatever the box size and however far the level is from the request (a
-        # single-level slide read at 16 µm/px).
+        # single-level slide read at 16 µm/px). On TIFF levels (decoded outside their locks)
+        # the blocks are read side by side, each a quarter of that, so memory stays the same.
         out_w, out_h = out_size
         sx, sy = size0[0] / out_w, size0[1] / out_h  # level-0 px per output px
         ds = self.info.level_downsamples[level]
+        level_w, level_h = size0[0] / ds, size0[1] / ds
+        threads = 1
+        if self._plain is None and self._levels is not None and self._levels.reads(level):
+            threads = min(_READ_THREADS, os.cpu_count() or 1)
+            if level_w * level_h <= _MAX_READ_PX * _MAX_READ_PX:
+                threads = 1  # one block would do: no pool for it
+        max_px = _MAX_READ_PX if threads <= 1 else _MAX_READ_PX // 2
         if self._plain is not None:
             # bands across the whole width: an image stored in strips then decodes each strip
             # about once, where square blocks would decode a full-width strip per block
             step_x = out_w
-            step_y = max(1, int(_MAX_READ_PX**2 / (max(size0[0] / ds, 1.0) * max(sy / ds, 1.0))))
+            step_y = max(1, int(max_px**2 / (max(level_w, 1.0) * max(sy / ds, 1.0))))
         else:
             level_per_out = max(sx, sy) / ds
             # one px short of the limit: the rounded level-0 edges add up to one level px
-            step_x = step_y = max(1, int((_MAX_READ_PX - 1) / max(level_per_out, 1.0)))
+            step_x = step_y = max(1, int((max_px - 1) / max(level_per_out, 1.0)))
         out = np.empty((out_h, out_w, 3), np.uint8)
 
         def block(oy: int, ox: int) -> None:
@@ -420,14 +429,10 @@ class Slide:
             out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
 
         starts = [(oy, ox) for oy in range(0, out_h, step_y) for ox in range(0, out_w, step_x)]
-        threads = min(_READ_THREADS, os.cpu_count() or 1, len(starts))
-        if threads <= 1 or self._plain is not None or not (self._levels is not None
-                                                           and self._levels.reads(level)):
+        if threads <= 1 or len(starts) <= 1:
             for oy, ox in starts:
                 block(oy, ox)
             return out
-        # the TIFF levels decode outside their locks: blocks side by side (each holds one
-        # block of level px, so memory grows by a block per thread)
         with ThreadPoolExecutor(threads, thread_name_prefix="wsi-prune-read") as pool:
             for job in [pool.submit(block, oy, ox) for oy, ox in starts]:
                 job.result()
