@@ -405,8 +405,8 @@ class Slide:
         threads = 1
         if self._plain is None and self._levels is not None and self._levels.reads(level):
             threads = min(_READ_THREADS, os.cpu_count() or 1)
-            if level_w * level_h <= _MAX_READ_PX * _MAX_READ_PX:
-                threads = 1  # one block would do: no pool for it
+            if level_w * level_h <= (_MAX_READ_PX // 2) ** 2:
+                threads = 1  # one block: no pool for it
         max_px = _MAX_READ_PX if threads <= 1 else _MAX_READ_PX // 2
         if self._plain is not None:
             # bands across the whole width: an image stored in strips then decodes each strip
