@@ -35,8 +35,9 @@ there. Dense tissue right beside a thin stroke that was followed can be taken wi
 5. **Width** (:func:`keep_strokes_narrow`): haematoxylin-dense tissue scanned out of focus
    (blur sigma >= 6-8 µm) is as even and dark as purple marker, and following carries a few
    smooth patches of it over the whole section. Ink found only by smoothness or floor (no
-   colour rule vouches for it) in a region wider than :data:`MAX_STROKE_UM` (1.5 mm, no
-   marker stroke is that wide) is given back to the tissue, with a warning. Out-of-focus
+   colour rule covers :data:`MIN_VOUCHED_SHARE` of the region) in a region wider than
+   :data:`MAX_STROKE_UM` (1.5 mm, no marker stroke is that wide) is given back to the
+   tissue, with a warning. Out-of-focus
    pieces narrower than that, and H&E-coloured strokes wider than it, are still mistaken.
 """
 
