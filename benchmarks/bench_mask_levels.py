@@ -22,7 +22,6 @@ Usage: ``python benchmarks/bench_mask_levels.py [--texture DIR] [--out bench-out
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -30,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,9 +43,7 @@ from wsi_prune.io.tissue import (  # noqa: E402
     slide_tissue_mask,
     tissue_mask,
 )
-
-RESAMPLE = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC}
+from wsi_prune.synth.vendor import RESAMPLE, write_vendor_pyramid  # noqa: E402
 
 
 def _mirrored(path: Path) -> tuple[np.ndarray, float]:
@@ -56,29 +52,6 @@ def _mirrored(path: Path) -> tuple[np.ndarray, float]:
         mpp = s.mpp
     top = np.concatenate([rgb, rgb[:, ::-1]], 1)
     return np.ascontiguousarray(np.concatenate([top, top[::-1]], 0)), mpp
-
-
-def write_vendor_pyramid(path: Path, rgb: np.ndarray, mpp: float, steps: tuple[int, ...],
-                         resample: str, quality: int) -> None:
-    """An Aperio-style SVS: level 0 at JPEG Q 95, every reduced level resampled from the
-    level before, as decoded from the file (a scanner's pipeline), at JPEG ``quality``."""
-    h, w = rgb.shape[:2]
-    levels = [rgb]
-    for step in steps:
-        prev = levels[-1]
-        small = Image.fromarray(prev).resize((prev.shape[1] // step, prev.shape[0] // step),
-                                             RESAMPLE[resample])
-        buf = io.BytesIO()
-        small.save(buf, "JPEG", quality=quality, subsampling=0)
-        levels.append(np.asarray(Image.open(buf).convert("RGB")))
-    with tifffile.TiffWriter(path) as tif:
-        for i, lv in enumerate(levels):
-            desc = (f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] (256x256) "
-                    f"JPEG/RGB Q={quality}|AppMag = 20|MPP = {mpp}") if i == 0 else \
-                f"Aperio Image Library v12.0.0\n{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}"
-            tif.write(lv, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      compressionargs={"level": 95 if i == 0 else quality}, description=desc,
-                      metadata=None)
 
 
 def _masks(path: Path, config: TissueConfig) -> dict[str, np.ndarray]:

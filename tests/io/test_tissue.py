@@ -592,29 +592,6 @@ def test_a_few_dark_grey_spots_do_not_make_a_section_black_marker(caplog):
     assert tissue_mask(inked, mpp=mpp).mask[band].mean() <= 0.05
 
 
-def _vendor_pyramid(path, rgb: np.ndarray, mpp: float, steps: tuple[int, ...], quality: int):
-    """An Aperio-style SVS of ``rgb`` whose reduced levels are made as a scanner makes them:
-    each from the level before by PIL's bilinear resize, then JPEG-compressed at ``quality``
-    on its own (Aperio writes Q=30)."""
-    import tifffile
-    from PIL import Image
-
-    levels = [rgb]
-    for step in steps:
-        prev = levels[-1]
-        levels.append(np.asarray(Image.fromarray(prev).resize(
-            (prev.shape[1] // step, prev.shape[0] // step), Image.BILINEAR)))
-    h, w = rgb.shape[:2]
-    with tifffile.TiffWriter(path) as tif:
-        for i, lv in enumerate(levels):
-            desc = (f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] (256x256) "
-                    f"JPEG/RGB Q={quality}|AppMag = 20|MPP = {mpp}") if i == 0 else \
-                f"Aperio Image Library v12.0.0\n{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}"
-            tif.write(lv, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      compressionargs={"level": 95 if i == 0 else quality}, description=desc,
-                      metadata=None)
-
-
 @pytest.mark.parametrize("steps, quality", [((4, 4), 30), ((2, 2, 2, 2), 75), ((2, 2, 2, 2), 30)])
 def test_slide_mask_is_averaged_from_a_finer_level_than_the_vendors(real_slide, tmp_path, steps,
                                                                   quality):
@@ -626,6 +603,7 @@ def test_slide_mask_is_averaged_from_a_finer_level_than_the_vendors(real_slide, 
     # called dense dermis "purple marker" (0.29 / 0.26 of the image against 0.37). Averaged
     # from a level 4x (or 2x) finer, the mask is the single-level slide's.
     from wsi_prune.io.slide import Slide
+    from wsi_prune.synth.vendor import write_vendor_pyramid
 
     with Slide(real_slide) as s:
         rgb = s.read((0, 0), s.dimensions, s.mpp)
@@ -640,7 +618,7 @@ def test_slide_mask_is_averaged_from_a_finer_level_than_the_vendors(real_slide, 
                      resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
                      metadata=None)
     vendor = tmp_path / "vendor.svs"
-    _vendor_pyramid(vendor, big, mpp, steps, quality=quality)
+    write_vendor_pyramid(vendor, big, mpp, steps, "bilinear", quality)
     with Slide(single) as s:
         want = slide_tissue_mask(s)
     with Slide(vendor) as s:

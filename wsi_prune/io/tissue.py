@@ -71,7 +71,7 @@ MASK_VERSION = 6
 #: JPEG-compressed on its own (Aperio writes Q=30): that flattens the texture the ink test
 #: reads, so dense tissue passes for purple marker, and fades pale tissue. On the real slide's
 #: pixels in 18 pyramids made so, the mask of the level at 8 µm/px had IoU 0.10-0.90 with the
-#: single-level slide's; averaged from 2x finer 0.915-0.979, from 4x finer 0.952-0.979
+#: single-level slide's; averaged from 2x finer 0.915-0.980, from 4x finer 0.953-0.980
 #: (``benchmarks/bench_mask_levels.py``, docs/benchmarks.md "Masks from a vendor's level").
 MASK_OVERSAMPLE = 4.0
 #: ... unless that level holds more than this many times the thumbnail's pixels (4x finer is

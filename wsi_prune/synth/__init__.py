@@ -5,7 +5,8 @@ draw everything from formulas: fast, any size, easy to separate. *Texture* slide
 (``texture``, ``stain``, ``lesions``, ``texture_spec``, ``texture_layout``, ``texture_render``,
 ``pyramid``, ``texture_writer``) are made of real H&E texture with a subtle tumour class,
 CAMELYON16-sized lesions and tumour-like mimics: the benchmark set
-(:func:`write_texture_dataset`).
+(:func:`write_texture_dataset`). ``vendor`` writes given pixels as a scanner's pyramid
+(each level resampled from the one before and re-compressed), for the tissue-mask tests.
 
 The content is a procedural function of level-0 coordinates: a handful of analytic shapes (tissue
 islands, tumour regions inside them, pen strokes, a black slide-edge strip) plus hash-placed
