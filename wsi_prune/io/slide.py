@@ -258,25 +258,27 @@ class Slide:
 
     def best_level(self, mpp: float) -> int:
         """The coarsest level at or finer than ``mpp`` µm/px (level 0 when all are coarser)."""
-        target_ds = mpp / self.mpp
-        # 1 % slack: vendors round downsamples (4.0003), which must not push us a level finer
-        fits = [i for i, ds in enumerate(self.info.level_downsamples) if ds <= target_ds * 1.01]
-        return max(fits, key=lambda i: self.info.level_downsamples[i]) if fits else 0
+        level = self._coarsest_within(mpp / self.mpp)
+        return 0 if level is None else level
 
     def averaging_level(self, mpp: float, oversample: float, max_ratio: float) -> int:
         """The level to area-average a whole-slide read at ``mpp`` µm/px from: the coarsest
         level at least ``oversample`` times finer than ``mpp`` when it holds at most
         ``max_ratio`` times the read's pixels, else :meth:`best_level`."""
-        target = mpp / self.mpp  # the read's downsample from level 0
-        ds = self.info.level_downsamples
-        finer = [i for i, d in enumerate(ds) if d <= target / oversample * 1.01]  # as best_level
-        if finer:
-            level = max(finer, key=lambda i: ds[i])
+        level = self._coarsest_within(mpp / self.mpp / oversample)
+        if level is not None:
             w, h = self.info.level_dimensions[level]
             tw, th = self.size_at(mpp)
             if w * h <= max_ratio * tw * th:
                 return level
         return self.best_level(mpp)
+
+    def _coarsest_within(self, downsample: float) -> int | None:
+        """The coarsest level whose downsample is at most ``downsample`` (None when none is)."""
+        # 1 % slack: vendors round downsamples (4.0003), which must not push us a level finer
+        ds = self.info.level_downsamples
+        fits = [i for i, d in enumerate(ds) if d <= downsample * 1.01]
+        return max(fits, key=lambda i: ds[i]) if fits else None
 
     def size_at(self, mpp: float) -> tuple[int, int]:
         """Whole-slide (width, height) in px at ``mpp`` µm/px."""
