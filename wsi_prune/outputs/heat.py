@@ -132,16 +132,28 @@ def heat_map(group: zarr.Group, max_px: int = MAX_MAP_PX) -> tuple[np.ndarray, f
     g = patch.shape[1] if patch is not None and patch.size else 1
     per_tile = max(1, min(g, max_px // max(n_rows, n_cols, 1)))
     out = np.full((n_rows * per_tile, n_cols * per_tile), np.nan, np.float32)
-    # (row, px in tile, col, px in tile): a tile's block is out4[r, :, c, :]; every tile is
-    # written at once (a CAMELYON16-size slide has 20 000-50 000 tissue tiles)
-    out4 = out.reshape(n_rows, per_tile, n_cols, per_tile)
     if len(rc):
-        out4[rc[:, 0], :, rc[:, 1], :] = np.asarray(heat, np.float32)[:, None, None]
+        paste_tiles(out, per_tile, rc, np.asarray(heat, np.float32)[:, None, None])
     if patch is not None and patch.size and len(tidx):
-        blocks = patch if per_tile == g else block_mean(patch, per_tile)
-        kept = rc[tidx]
-        out4[kept[:, 0], :, kept[:, 1], :] = blocks
+        paste_tiles(out, per_tile, rc[tidx],
+                    patch if per_tile == g else block_mean(patch, per_tile))
     return out, float(grid["tile_level0"]) / per_tile
+
+
+def paste_tiles(image: np.ndarray, per: int, rc: np.ndarray, blocks: np.ndarray) -> None:
+    """Write every tile's block of a slide-wide map at once (a CAMELYON16-size slide has
+    20 000-50 000 tissue tiles).
+
+    Args:
+        image: (rows * per, cols * per, ...) C-contiguous map, changed in place.
+        per: map px per tile side.
+        rc: (K, 2) grid (row, col) of the tiles.
+        blocks: (K, per, per, ...) or anything that broadcasts to it.
+    """
+    rows, cols = image.shape[0] // per, image.shape[1] // per
+    # (row, px in tile, col, px in tile, ...): tile (r, c)'s block is view[r, :, c, :]
+    view = image.reshape(rows, per, cols, per, *image.shape[2:])
+    view[rc[:, 0], :, rc[:, 1], :] = blocks
 
 
 def block_mean(a: np.ndarray, n: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import zarr
 from wsi_prune.errors import SlideError
 from wsi_prune.io.slide import Slide
 from wsi_prune.outputs import _draw
-from wsi_prune.outputs.heat import MAX_MAP_PX, block_mean
+from wsi_prune.outputs.heat import MAX_MAP_PX, block_mean, paste_tiles
 
 _logger = logging.getLogger(__name__)
 
@@ -147,9 +147,8 @@ def token_layer(group: zarr.Group) -> tuple[np.ndarray, float]:
         final = kept_tokens[:, -1].reshape(len(tidx), g, g)
         final = (block_mean(final.astype(np.float32), per) >= 0.5 if per != g
                  else final.astype(bool))
-        kept = rc[tidx]
-        rgba.reshape(n_rows, per, n_cols, per, 4)[kept[:, 0], :, kept[:, 1], :] = np.where(
-            final[..., None], np.array(GREEN, np.uint8), np.array(ORANGE, np.uint8))
+        paste_tiles(rgba, per, rc[tidx], np.where(
+            final[..., None], np.array(GREEN, np.uint8), np.array(ORANGE, np.uint8)))
     return rgba, float(grid["tile_level0"]) / per
 
 
