@@ -54,18 +54,24 @@ def _mirrored(path: Path) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(np.concatenate([top, top[::-1]], 0)), mpp
 
 
+def _mask_from(s: Slide, level: int | None, config: TissueConfig) -> tuple[np.ndarray, float]:
+    """``(mask, µm/px)`` of the slide's thumbnail at the mask's resolution read from
+    ``level`` (None: the level at the mask's scale, as mask version 4 read it)."""
+    mpp = mask_mpp_for(s.info.width, s.info.height, s.mpp, config)
+    thumb = s.read_thumbnail(mpp, level=s.best_level(mpp) if level is None else level)
+    real = s.info.width * s.mpp / thumb.shape[1]
+    return tissue_mask(thumb, real, config).mask, real
+
+
 def _masks(path: Path, config: TissueConfig) -> dict[str, np.ndarray]:
     """The slide's masks: 'before' (the level at the mask's scale), 'x2' and 'x4' (averaged
     from a level that many times finer, when there is one within the pixel budget)."""
-    out = {}
     with Slide(path) as s:
         mpp = mask_mpp_for(s.info.width, s.info.height, s.mpp, config)
-        for name, level in (("before", s.best_level(mpp)),
-                            ("x2", s.averaging_level(mpp, 2.0, MASK_SOURCE_MAX_RATIO)),
-                            ("x4", s.averaging_level(mpp, 4.0, MASK_SOURCE_MAX_RATIO))):
-            thumb = s.read_thumbnail(mpp, level=level)
-            out[name] = tissue_mask(thumb, s.info.width * s.mpp / thumb.shape[1], config).mask
-    return out
+        return {name: _mask_from(s, level, config)[0] for name, level in (
+            ("before", None),
+            ("x2", s.averaging_level(mpp, 2.0, MASK_SOURCE_MAX_RATIO)),
+            ("x4", s.averaging_level(mpp, 4.0, MASK_SOURCE_MAX_RATIO)))}
 
 
 def part_pyramids(work: Path, config: TissueConfig) -> list[dict]:
@@ -103,11 +109,8 @@ def part_texture(folder: Path, config: TissueConfig) -> list[dict]:
             t = time.perf_counter()
             now = slide_tissue_mask(s, config).mask
             seconds = time.perf_counter() - t
-            mpp = mask_mpp_for(s.info.width, s.info.height, s.mpp, config)
             t = time.perf_counter()
-            thumb = s.read_thumbnail(mpp, level=s.best_level(mpp))
-            real = s.info.width * s.mpp / thumb.shape[1]
-            before = tissue_mask(thumb, real, config).mask
+            before, real = _mask_from(s, None, config)
             seconds_before = time.perf_counter() - t
             row = {"slide": slide.stem, "tissue_before": float(before.mean()),
                    "tissue_now": float(now.mean()), "s_before": seconds_before, "s_now": seconds}
