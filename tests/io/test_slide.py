@@ -287,6 +287,23 @@ def test_text_file_named_svs(tmp_path: Path) -> None:
     assert str(p) in str(err.value)
 
 
+@pytest.mark.parametrize("name, body", [
+    ("notes.tif", b"hello\n"),
+    ("download.png", b"<!DOCTYPE html><html>403 Forbidden</html>"),
+    ("scan.jpg", b"\x00" * 64),
+])
+def test_a_non_image_named_like_an_image_is_not_asked_for_mpp(tmp_path: Path, name: str,
+                                                                body: bytes) -> None:
+    """No --mpp reads a file that is no image: say so, with its first bytes, not 'pass --mpp'."""
+    p = tmp_path / name
+    p.write_bytes(body)
+    for mpp in (None, 0.5):
+        with pytest.raises(UnsupportedSlide, match="not an image") as err:
+            Slide(p, mpp=mpp)
+        assert str(p) in str(err.value) and repr(body[:8]) in str(err.value)
+        assert "--mpp" not in str(err.value)
+
+
 def test_truncated_slide(svs_slide: Path, tmp_path: Path) -> None:
     p = tmp_path / "truncated.svs"
     data = svs_slide.read_bytes()

@@ -247,6 +247,23 @@ def is_tiff(path: str | os.PathLike[str]) -> bool:
         return fh.read(4) in TIFF_MAGIC
 
 
+#: how the plain images read here begin: TIFF/BigTIFF, PNG, JPEG (any marker after SOI)
+IMAGE_MAGIC = {**{m: "TIFF" for m in TIFF_MAGIC}, b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def image_kind(path: str | os.PathLike[str]) -> str | None:
+    """"TIFF", "PNG" or "JPEG" by the file's first bytes (not its name); None for anything else."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return next((kind for magic, kind in IMAGE_MAGIC.items() if head.startswith(magic)), None)
+
+
+def head_repr(path: str | os.PathLike[str], n: int = 8) -> str:
+    """The file's first ``n`` bytes as Python writes them, for error messages."""
+    with open(path, "rb") as fh:
+        return repr(fh.read(n))
+
+
 _CONVERT = ("convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave in.png out.tif --tile "
             "--pyramid --compression jpeg`), which is read tile by tile")
 

@@ -43,7 +43,7 @@ from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's A
     plausible,
     resolve_mpp,
 )
-from wsi_prune.io.plain_image import PlainImage, is_tiff
+from wsi_prune.io.plain_image import PlainImage, head_repr, image_kind, is_tiff
 from wsi_prune.io.tiff_levels import TiffLevels, open_levels
 
 _logger = logging.getLogger(__name__)
@@ -205,6 +205,11 @@ class Slide:
         spath = str(self.path)
         if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
+        if image_kind(self.path) is None:
+            # a text file or a download error page named .tif: no --mpp would make it readable
+            raise UnsupportedSlide(
+                f"not an image: named {self.path.suffix} but its first bytes "
+                f"({head_repr(self.path)}) are no TIFF, PNG or JPEG header", spath)
         props = plain_tiff_properties(self.path) if is_tiff(self.path) else {}
         if mpp is None and metadata_mpp(props) is None:
             found = implausible_mpp(props)
