@@ -202,7 +202,8 @@ def wsi_prune_path(models: Models, cfg: RunConfig, slide: SlideTiles, limit: int
             res.embedding.cpu()  # the pipeline stores every batch's embeddings
             tokens += int(res.kept[0].sum())
             macs += vit_batch_macs(spec, res.tokens_per_image,
-                                   cls_attn_blocks=res.cls_attn_blocks).vit
+                                   cls_attn_blocks=res.cls_attn_blocks,
+                                   patches_embedded=res.patches_embedded).vit
     return len(idx), tokens, macs
 
 

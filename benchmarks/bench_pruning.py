@@ -286,7 +286,8 @@ def main() -> None:
         with torch.inference_mode():
             outputs[s.name] = wrapper(x, keep)
     tallies = {
-        name: vit_batch_macs(spec, out.tokens_per_image, cls_attn_blocks=out.cls_attn_blocks)
+        name: vit_batch_macs(spec, out.tokens_per_image, cls_attn_blocks=out.cls_attn_blocks,
+                             patches_embedded=out.patches_embedded)
         for name, out in outputs.items()
     }
     tome: dict[str, tuple[int, str]] = {}  # row name -> (r, matched setting)

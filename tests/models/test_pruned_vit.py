@@ -22,13 +22,14 @@ from torch import nn
 from tests._hub import cache_repo
 from wsi_prune.config import ViTConfig
 from wsi_prune.errors import CheckpointRefused, ConfigError
-from wsi_prune.models import pruned_vit
+from wsi_prune.models import kept_embed, pruned_vit
 from wsi_prune.models.checkpoints import load_into, save_safetensors
 from wsi_prune.models.pruned_vit import PrunedViT, build_vit
 from wsi_prune.selection.macs import (
     MacTally,
     ViTSpec,
     block_macs,
+    patch_embed_macs,
     slide_macs,
     vit_batch_macs,
     vit_macs,
@@ -201,11 +202,20 @@ def _with_linear_macs(model: nn.Module, run):
             k = mod.kernel_size
             linear += out.numel() * mod.in_channels * k[0] * k[1]
 
+    def project(pix: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:  # the patch embedding of kept patches only
+        nonlocal linear
+        linear += pix.shape[0] * weight.numel()
+        return plain_project(pix, weight, bias)
+
     handles = [mod.register_forward_hook(hook) for mod in model.modules()
                if isinstance(mod, nn.Linear | nn.Conv2d)]
+    plain_project = kept_embed._project
+    kept_embed._project = project
     try:
         out = run()
     finally:
+        kept_embed._project = plain_project
         for h in handles:
             h.remove()
     return out, linear
@@ -493,12 +503,17 @@ def test_vit_batch_macs_equals_linear_hook_count(reg_model: nn.Module) -> None:
         for a, m in t.reshape(-1, 2).tolist()
     )
     rows = spec.num_heads * spec.head_dim * int(t[:, list(out.cls_attn_blocks), 0].sum())
-    tally = vit_batch_macs(spec, t, cls_attn_blocks=out.cls_attn_blocks)
+    assert out.patches_embedded.tolist() == out.kept[0].sum(1).tolist()  # kept ones only
+    tally = vit_batch_macs(spec, t, cls_attn_blocks=out.cls_attn_blocks,
+                           patches_embedded=out.patches_embedded)
     assert tally.vit == linear + attn_core + rows
-    # Per image it is vit_macs over that image's schedule; dense is B dense passes.
+    # Per image it is vit_macs over that image's schedule, with the patch embedding of the
+    # patches it embedded; dense is B dense passes.
+    per_patch = patch_embed_macs(spec) // spec.n_patches
     per_image = sum(
-        vit_macs(spec, [tuple(p) for p in ti.tolist()], cls_attn_blocks=out.cls_attn_blocks)
-        for ti in t
+        vit_macs(spec, [tuple(p) for p in ti.tolist()], cls_attn_blocks=out.cls_attn_blocks,
+                 include_patch_embed=False) + int(e) * per_patch
+        for ti, e in zip(t, out.patches_embedded, strict=True)
     )
     assert tally.vit == per_image
     assert tally.dense == 4 * vit_macs(spec)

@@ -16,19 +16,18 @@ two things:
   token. The block's MLP and every later block then run on the kept tokens only, which is where
   the time goes.
 
-Attention is always ``F.scaled_dot_product_attention``: timm's own ``Attention.forward`` (fused)
-in ordinary blocks; at pruning blocks and at the last block the module's own qkv, q/k norms,
+Only the kept patches are projected by the patch embedding where its layout allows
+(:mod:`wsi_prune.models.kept_embed`). Attention is always ``F.scaled_dot_product_attention``:
+timm's own ``Attention.forward`` (fused) in ordinary blocks; at pruning blocks and at the last block the module's own qkv, q/k norms,
 scale norm, gate and proj around one SDPA call plus the CLS row.
 
 The CLS row is ``softmax(q_cls · Kᵀ · scale)`` per head over *all* present keys, prefix tokens
 (CLS, registers) and the fused token included, averaged over heads; only its patch entries are
 then used, renormalised over the present patches (ranking, nucleus mass, heatmap share). Masking
-the prefix keys out of the softmax instead was considered and not done: per head it changes no
-ranking (renormalising a head's row is one scalar), but it would reweight the heads in the
-average. With the full softmax a head whose CLS query mostly attends to the prefix (register
-tokens act as attention sinks) contributes little patch mass, while masking would blow that
-head's small, noisy remainder up to a full unit. It is also the row of the stock attention, what
-EViT ranks by (``attn[:, :, 0, 1:].mean(1)``) and what weights the fused token.
+the prefix keys out instead would change no head's ranking but reweight the heads: a head
+whose CLS query mostly attends to the prefix (registers act as attention sinks) contributes
+little patch mass here, while masking would blow its small, noisy remainder up to a full unit.
+It is also the stock attention's row, what EViT ranks by and what weights the fused token.
 
 Heatmap importance (``PrunedOutput.token_importance``) comes from these rows too: each patch
 keeps its share of the last row computed while it was present. The row is therefore also
@@ -70,6 +69,7 @@ from wsi_prune.config import ViTConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.models.accel import autocast
 from wsi_prune.models.checkpoints import load_into
+from wsi_prune.models.kept_embed import embed_kept
 from wsi_prune.models.hub import create_architecture, resolve_model_source, vit_mismatch_hint
 from wsi_prune.selection.tokens import keep_by_attention
 
@@ -104,6 +104,8 @@ class PrunedOutput:
             attention (``[..., 0]``) and by the MLP (``[..., 1]``), prefix and fused tokens
             included, padding excluded: the input of
             :func:`wsi_prune.selection.macs.vit_batch_macs`.
+        patches_embedded: (B,) int64 patches the patch embedding projected per image: the kept
+            ones (:func:`~wsi_prune.models.kept_embed.embed_kept`), or all of them.
         cls_attn_blocks: blocks where the CLS attention row was computed (sorted).
         grid_size: (rows, cols) of the patch grid, P = rows * cols.
     """
@@ -114,6 +116,7 @@ class PrunedOutput:
     tokens_per_image: torch.Tensor
     cls_attn_blocks: tuple[int, ...]
     grid_size: tuple[int, int]
+    patches_embedded: torch.Tensor
 
     @property
     def tokens_per_block(self) -> list[tuple[int, int]]:
@@ -192,9 +195,8 @@ def build_vit(
     except ConfigError as exc:
         raise ConfigError(f"vit.model: {exc.reason}", exc.path) from exc
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(
-            f"vit.model {config.model!r} is a {type(model).__name__}, not a timm VisionTransformer"
-        )
+        raise ConfigError(f"vit.model {config.model!r} is a {type(model).__name__}, not a timm "
+                          "VisionTransformer")
     if source.weights_path is not None:
         if load_weights is None:
             load_into(model, source.weights_path, hint=vit_mismatch_hint)
@@ -223,21 +225,17 @@ def check_supported(model: nn.Module, pooling: str = "model") -> None:
             )
         att = blk.attn
         if type(att) not in SUPPORTED_ATTENTION or any(not hasattr(att, a) for a in _ATTN_ATTRS):
-            raise ConfigError(
-                f"block {i} attention is a {type(att).__name__}; PrunedViT supports timm Attention"
-            )
+            raise ConfigError(f"block {i} attention is a {type(att).__name__}; PrunedViT "
+                              "supports timm Attention")
     if getattr(model, "attn_pool", None) is not None or model.global_pool == "map":
         raise ConfigError("PrunedViT: attention-pool ('map') heads are not supported")
     if model.global_pool == "" and pooling != "cls+mean":
-        raise ConfigError(
-            "PrunedViT: global_pool='' gives every token, not an embedding; set vit.pooling: "
-            "cls+mean (CLS concatenated with the mean of the patch tokens, as Virchow's card)"
-        )
+        raise ConfigError("PrunedViT: global_pool='' gives every token, not an embedding; set "
+                          "vit.pooling: cls+mean (CLS concatenated with the mean of the patch "
+                          "tokens, as Virchow's card)")
     if model.global_pool not in SUPPORTED_POOLING + ("",):
-        raise ConfigError(
-            f"PrunedViT: global_pool={model.global_pool!r} is not supported "
-            f"({', '.join(SUPPORTED_POOLING)})"
-        )
+        raise ConfigError(f"PrunedViT: global_pool={model.global_pool!r} is not supported "
+                          f"({', '.join(SUPPORTED_POOLING)})")
 
 
 class PrunedViT(nn.Module):
@@ -281,8 +279,7 @@ class PrunedViT(nn.Module):
         self.stage_of = {b: s + 1 for s, b in enumerate(sorted(config.prune_blocks))}
         row_blocks = set(config.prune_blocks) | ({depth - 1} if self.has_cls else set())
         self.cls_attn_blocks = tuple(sorted(row_blocks))
-        # timm >= 1.0 Attention takes a mask and calls SDPA itself when fused_attn is on;
-        # otherwise (older timm, TIMM_FUSED_ATTN=0) our own SDPA call is used.
+        # timm >= 1.0 Attention takes a mask, SDPA itself when fused; else our own SDPA call
         self._timm_sdpa = [
             bool(getattr(blk.attn, "fused_attn", False))
             and "attn_mask" in inspect.signature(blk.attn.forward).parameters
@@ -312,7 +309,10 @@ class PrunedViT(nn.Module):
 
     def _forward(self, images: torch.Tensor, patch_keep: torch.Tensor | None) -> PrunedOutput:
         m = self.model
-        x = m.patch_embed(images)
+        x = None if patch_keep is None else embed_kept(
+            m.patch_embed, images, patch_keep.to(device=images.device, dtype=torch.bool))
+        embedded = patch_keep is not None and x is not None
+        x = m.patch_embed(images) if x is None else x
         x = m._pos_embed(x)  # adds CLS/register tokens and handles no_embed_class
         x = m.norm_pre(x)  # patch_drop is replaced by the selection below
         b, n, _ = x.shape
@@ -359,6 +359,8 @@ class PrunedViT(nn.Module):
             tokens_per_image=rec.tokens.cpu(),
             cls_attn_blocks=self.cls_attn_blocks,
             grid_size=grid,
+            patches_embedded=(patch_keep.sum(1) if embedded else torch.full(
+                (b,), n_patch, dtype=torch.long, device=dev)).cpu(),
         )
 
     # -- one block ----------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def embed_kept(
             kept_tokens.append(torch.stack([s.cpu() for s in res.kept], 1).numpy())
             # per image, padding not counted (attention on padded keys is masked work)
             macs += vit_batch_macs(spec, res.tokens_per_image,
-                                   cls_attn_blocks=res.cls_attn_blocks).vit
+                                   cls_attn_blocks=res.cls_attn_blocks,
+                                   patches_embedded=res.patches_embedded).vit
             if progress is not None:
                 progress(min(start + bs, k), k)
     d = models.mil.in_dim

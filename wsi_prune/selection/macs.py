@@ -385,6 +385,7 @@ def vit_batch_macs(
     *,
     cls_attn_blocks: Sequence[int] = (),
     include_patch_embed: bool = True,
+    patches_embedded: Any = None,
 ) -> MacTally:
     """MACs of a batch through a token-pruned ViT, and of the same batch through the dense one.
 
@@ -398,8 +399,10 @@ def vit_batch_macs(
             ``PrunedOutput.tokens_per_image``; or (B, depth) when both are equal.
         cls_attn_blocks: blocks where a CLS attention row was computed separately, e.g.
             ``PrunedOutput.cls_attn_blocks`` (:func:`cls_attention_macs` each).
-        include_patch_embed: add :func:`patch_embed_macs` per image (the wrapper embeds every
-            patch, then selects).
+        include_patch_embed: add the patch embedding's MACs per image.
+        patches_embedded: (B,) patches the embedding projected per image
+            (``PrunedOutput.patches_embedded``: the kept ones where the wrapper embeds only
+            those); None: every patch (:func:`patch_embed_macs`).
 
     Returns:
         :class:`MacTally` with ``vit`` (pruned, summed over B) and ``dense`` (B dense images).
@@ -418,7 +421,9 @@ def vit_batch_macs(
             raise ConfigError(f"cls_attn_blocks entry {blk} outside 0..{spec.depth - 1}")
         total += spec.num_heads * spec.head_dim * int(n_attn[:, blk].sum())
     if include_patch_embed:
-        total += b * patch_embed_macs(spec)
+        n_embedded = (b * spec.n_patches if patches_embedded is None
+                      else int(torch.as_tensor(patches_embedded).sum()))
+        total += n_embedded * (patch_embed_macs(spec) // spec.n_patches)
     dense = b * vit_macs(spec, include_patch_embed=include_patch_embed)
     return MacTally(vit=total, dense=dense)
 
