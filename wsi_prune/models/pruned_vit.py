@@ -18,8 +18,9 @@ two things:
 
 Only the kept patches are projected by the patch embedding where its layout allows
 (:mod:`wsi_prune.models.kept_embed`). Attention is always ``F.scaled_dot_product_attention``:
-timm's own ``Attention.forward`` (fused) in ordinary blocks; at pruning blocks and at the last block the module's own qkv, q/k norms,
-scale norm, gate and proj around one SDPA call plus the CLS row.
+timm's own ``Attention.forward`` (fused) in ordinary blocks; at pruning blocks and at the last
+block the module's own qkv, q/k norms, scale norm, gate and proj around one SDPA call plus the
+CLS row.
 
 The CLS row is ``softmax(q_cls · Kᵀ · scale)`` per head over *all* present keys, prefix tokens
 (CLS, registers) and the fused token included, averaged over heads; only its patch entries are
@@ -39,8 +40,7 @@ Images in one batch keep different numbers of tokens. Two ways to batch them (``
 
 * ``"pad"`` (default): pad to the batch's largest count and mask padded keys out of attention;
   the MLP, which is per token, runs on the packed valid tokens only (no padding waste there).
-* ``"bucket"``: regroup the images by exact token count after each pruning stage and run each
-  group unpadded.
+* ``"bucket"``: regroup the images by exact token count after each pruning stage, unpadded.
 
 Both give each image the same output whatever its batch (up to float rounding). Padding is the
 default: ``benchmarks/bench_pruning.py`` measured it 1.1-1.5x faster than bucketing on CPU with
@@ -69,8 +69,8 @@ from wsi_prune.config import ViTConfig
 from wsi_prune.errors import ConfigError
 from wsi_prune.models.accel import autocast
 from wsi_prune.models.checkpoints import load_into
-from wsi_prune.models.kept_embed import embed_kept
 from wsi_prune.models.hub import create_architecture, resolve_model_source, vit_mismatch_hint
+from wsi_prune.models.kept_embed import embed_kept
 from wsi_prune.selection.tokens import keep_by_attention
 
 _logger = logging.getLogger(__name__)
