@@ -193,7 +193,7 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
         if targets == "vit":
             c, sfx = vit_scorer(sd, train_dir, cfg, seed, args), VIT_SCORER + epochs_tag(args)
         if args.student:
-            c, sfx = student_vit(sd, c, seed, args, sfx), sfx + STUDENT
+            c, sfx = student_vit(sd, c, seed, args, sfx), sfx + STUDENT + student_tag(args)
         rt = ratio_tag(args.token_ratio, args.token_scope)
         if args.neighbour_mix:
             c = c.replace(tile_select={"neighbour_mix": args.neighbour_mix})
@@ -217,6 +217,14 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
 VIT_SCORER = "-vit-scorer"
 #: tag suffix of the settings whose pruned runs use the ViT distilled for pruning
 STUDENT = "-student"
+#: the token ratios a student is distilled at by default (distill.DEFAULT_KEEP_RATIOS)
+STUDENT_RATIOS = (1.0, 0.5, 0.25, 0.125)
+
+
+def student_tag(args: argparse.Namespace) -> str:
+    """'' for the default distillation ratios, else ``-sr`` and the ratios."""
+    ratios = tuple(float(r) for r in args.student_ratios)
+    return "" if ratios == STUDENT_RATIOS else "-sr" + "_".join(f"{r:g}" for r in ratios)
 #: the CNN prior's share of each kept tile's patches that the tags leave unsaid
 DEFAULT_TOKEN_RATIO = 0.5
 
@@ -261,10 +269,10 @@ def student_vit(sd: Path, cfg: RunConfig, seed: int, args: argparse.Namespace,
     from."""
     from wsi_prune.training.distill import distill_vit
 
-    w = sd / f"vit-student{sfx}.safetensors"
+    w = sd / f"vit-student{sfx}{student_tag(args)}.safetensors"
     if not w.is_file():
         res = distill_vit([sd / "train-dense"], w, cfg, max_minutes=args.student_minutes,
-                          seed=seed, progress=False)
+                          seed=seed, progress=False, keep_ratios=args.student_ratios)
         _log.info("seed %d: student distilled in %.0f s (%d epochs), val %s", seed, res.seconds,
                   len(res.losses), res.val)
     return apply_trained_configs(cfg.replace(vit={"weights": str(w)}))
@@ -593,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"(distill-vit; tags end in {STUDENT}); the dense references stay")
     ap.add_argument("--student-minutes", type=float, default=12.0,
                     help="time budget of each distillation")
+    ap.add_argument("--student-ratios", type=float, nargs="+", default=list(STUDENT_RATIOS),
+                    help="CNN-prior token ratios the student is distilled at (other than the "
+                         "default: tags gain -sr<ratios>)")
     ap.add_argument("--teacher-weight", type=float, default=1.0,
                     help="tile-loss weight of the ViT-taught scorer")
     ap.add_argument("--ablate-levels", default="2,4",

@@ -113,6 +113,18 @@ def test_a_longer_trained_vit_scorer_has_its_own_tag_and_weights(bench) -> None:
     assert bench.epochs_tag(ns(30)) == "-e30"
 
 
+def test_a_student_distilled_at_other_ratios_has_its_own_tag(bench) -> None:
+    # a student taught at other token ratios is another ViT: its weights and runs are its own
+    import argparse
+
+    from wsi_prune.training.distill import DEFAULT_KEEP_RATIOS
+
+    assert bench.STUDENT_RATIOS == DEFAULT_KEEP_RATIOS
+    assert bench.student_tag(argparse.Namespace(student_ratios=[1, 0.5, 0.25, 0.125])) == ""
+    assert bench.student_tag(argparse.Namespace(
+        student_ratios=[1, 0.5, 0.25, 0.125, 0.0612])) == "-sr1_0.5_0.25_0.125_0.0612"
+
+
 def test_dropping_a_compared_runs_stores_keeps_its_tables(bench, tmp_path: Path) -> None:
     run = tmp_path / "test-b0.05-topk"
     for name in ("a.zarr", "b.zarr"):
