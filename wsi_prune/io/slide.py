@@ -205,12 +205,13 @@ class Slide:
         spath = str(self.path)
         if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
-        if image_kind(self.path) is None:
+        kind = image_kind(self.path)
+        if kind is None:
             # a text file or a download error page named .tif: no --mpp would make it readable
             raise UnsupportedSlide(
                 f"not an image: named {self.path.suffix} but its first bytes "
                 f"({head_repr(self.path)}) are no TIFF, PNG or JPEG header", spath)
-        props = plain_tiff_properties(self.path) if is_tiff(self.path) else {}
+        props = plain_tiff_properties(self.path) if kind == "TIFF" else {}
         if mpp is None and metadata_mpp(props) is None:
             found = implausible_mpp(props)
             raise UnsupportedSlide(

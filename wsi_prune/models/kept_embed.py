@@ -4,10 +4,10 @@ timm's ``PatchEmbed`` is a convolution with kernel = stride = patch size: every 
 tile is projected, then :class:`~wsi_prune.models.pruned_vit.PrunedViT` keeps the CNN prior's
 share of them. At an eighth of the patches that projection is most of what is thrown away:
 for a 6-block ViT-Ti, embedding all 196 patches costs 29 MMACs, as much as 11 patch tokens
-through every block. :func:`embed_kept` projects only the kept patches (the same weights as a
-matrix product on their pixels) and leaves zeros in the others, so that the model's own
-``_pos_embed`` (class and register tokens, position embeddings) runs unchanged before the
-dropped slots are removed.
+through every block. :func:`embed_kept_patches` projects only the kept patches (the same
+weights as a matrix product on their pixels) and leaves zeros in the others, so that the
+model's own ``_pos_embed`` (class and register tokens, position embeddings) runs unchanged
+before the dropped slots are removed.
 
 The result equals the convolution's on every kept patch up to float rounding (the sums run in
 another order: about 1e-6 relative in float32). Only the plain layout is taken this way: a
@@ -30,7 +30,7 @@ MAX_KEPT_SHARE = 0.4
 
 
 def plain_patch_embed(pe: nn.Module) -> bool:
-    """Whether ``pe`` is a patch embedding :func:`embed_kept` can reproduce: a timm
+    """Whether ``pe`` is a patch embedding :func:`embed_kept_patches` can reproduce: a timm
     ``PatchEmbed`` whose projection is a plain non-overlapping ``Conv2d``, flattened to NLC."""
     proj = getattr(pe, "proj", None)
     if type(proj) is not nn.Conv2d:
@@ -50,7 +50,7 @@ def plain_patch_embed(pe: nn.Module) -> bool:
     )
 
 
-def embed_kept(pe: nn.Module, images: torch.Tensor, patch_keep: torch.Tensor
+def embed_kept_patches(pe: nn.Module, images: torch.Tensor, patch_keep: torch.Tensor
                ) -> torch.Tensor | None:
     """``pe(images)`` computed on the kept patches only, zeros in the others.
 

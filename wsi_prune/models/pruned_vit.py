@@ -70,7 +70,7 @@ from wsi_prune.errors import ConfigError
 from wsi_prune.models.accel import autocast
 from wsi_prune.models.checkpoints import load_into
 from wsi_prune.models.hub import create_architecture, resolve_model_source, vit_mismatch_hint
-from wsi_prune.models.kept_embed import embed_kept
+from wsi_prune.models.kept_embed import embed_kept_patches
 from wsi_prune.selection.tokens import keep_by_attention
 
 _logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class PrunedOutput:
             included, padding excluded: the input of
             :func:`wsi_prune.selection.macs.vit_batch_macs`.
         patches_embedded: (B,) int64 patches the patch embedding projected per image: the kept
-            ones (:func:`~wsi_prune.models.kept_embed.embed_kept`), or all of them.
+            ones (:func:`~wsi_prune.models.kept_embed.embed_kept_patches`), or all of them.
         cls_attn_blocks: blocks where the CLS attention row was computed (sorted).
         grid_size: (rows, cols) of the patch grid, P = rows * cols.
     """
@@ -309,9 +309,10 @@ class PrunedViT(nn.Module):
 
     def _forward(self, images: torch.Tensor, patch_keep: torch.Tensor | None) -> PrunedOutput:
         m = self.model
-        x = None if patch_keep is None else embed_kept(
-            m.patch_embed, images, patch_keep.to(device=images.device, dtype=torch.bool))
-        embedded = patch_keep is not None and x is not None
+        if patch_keep is not None:
+            patch_keep = patch_keep.to(device=images.device, dtype=torch.bool)
+        x = None if patch_keep is None else embed_kept_patches(m.patch_embed, images, patch_keep)
+        embedded = x is not None
         x = m.patch_embed(images) if x is None else x
         x = m._pos_embed(x)  # adds CLS/register tokens and handles no_embed_class
         x = m.norm_pre(x)  # patch_drop is replaced by the selection below
@@ -322,7 +323,6 @@ class PrunedViT(nn.Module):
         dev = x.device
         if patch_keep is None:
             patch_keep = torch.ones(b, n_patch, dtype=torch.bool, device=dev)
-        patch_keep = patch_keep.to(device=dev, dtype=torch.bool)
         if patch_keep.shape != (b, n_patch):
             raise ValueError(f"patch_keep must be ({b}, {n_patch}), got {tuple(patch_keep.shape)}")
         if not bool(patch_keep.any(1).all()):
