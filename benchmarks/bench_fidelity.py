@@ -60,6 +60,7 @@ from wsi_prune.config import RunConfig
 from wsi_prune.evaluation.compare import compare_runs
 from wsi_prune.models.factory import apply_trained_configs
 from wsi_prune.pipeline.batch import run_batch
+from wsi_prune.training.distill import DEFAULT_KEEP_RATIOS, distill_vit
 from wsi_prune.training.mil import train_mil
 from wsi_prune.training.scorer import train_scorer
 from wsi_prune.training.vit import DEFAULT_VIT, train_vit
@@ -217,14 +218,13 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
 VIT_SCORER = "-vit-scorer"
 #: tag suffix of the settings whose pruned runs use the ViT distilled for pruning
 STUDENT = "-student"
-#: the token ratios a student is distilled at by default (distill.DEFAULT_KEEP_RATIOS)
-STUDENT_RATIOS = (1.0, 0.5, 0.25, 0.125)
 
 
 def student_tag(args: argparse.Namespace) -> str:
-    """'' for the default distillation ratios, else ``-sr`` and the ratios."""
+    """'' for the default distillation ratios (``distill.DEFAULT_KEEP_RATIOS``), else ``-sr``
+    and the ratios."""
     ratios = tuple(float(r) for r in args.student_ratios)
-    return "" if ratios == STUDENT_RATIOS else "-sr" + "_".join(f"{r:g}" for r in ratios)
+    return "" if ratios == DEFAULT_KEEP_RATIOS else "-sr" + "_".join(f"{r:g}" for r in ratios)
 #: the CNN prior's share of each kept tile's patches that the tags leave unsaid
 DEFAULT_TOKEN_RATIO = 0.5
 
@@ -267,8 +267,6 @@ def student_vit(sd: Path, cfg: RunConfig, seed: int, args: argparse.Namespace,
     the CNN prior, token ratios 1, 0.5, 0.25 and 0.125). The dense references stay the
     teacher's runs: a pruned setting is compared with the answer of the ViT it was distilled
     from."""
-    from wsi_prune.training.distill import distill_vit
-
     w = sd / f"vit-student{sfx}{student_tag(args)}.safetensors"
     if not w.is_file():
         res = distill_vit([sd / "train-dense"], w, cfg, max_minutes=args.student_minutes,
@@ -601,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"(distill-vit; tags end in {STUDENT}); the dense references stay")
     ap.add_argument("--student-minutes", type=float, default=12.0,
                     help="time budget of each distillation")
-    ap.add_argument("--student-ratios", type=float, nargs="+", default=list(STUDENT_RATIOS),
+    ap.add_argument("--student-ratios", type=float, nargs="+", default=list(DEFAULT_KEEP_RATIOS),
                     help="CNN-prior token ratios the student is distilled at (other than the "
                          "default: tags gain -sr<ratios>)")
     ap.add_argument("--teacher-weight", type=float, default=1.0,

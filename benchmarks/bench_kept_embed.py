@@ -16,11 +16,13 @@ prior keeps); timings do not depend on either. Not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import timm
@@ -85,11 +87,8 @@ def main() -> None:
     print("|---:|---:|---|---:|---|---:|")
 
     def forced(on: bool, keep: torch.Tensor) -> None:
-        kept_embed.MAX_KEPT_SHARE = 1.0 if on else 0.0
-        try:
+        with _kept_share(1.0 if on else 0.0):
             vit(x, keep)
-        finally:
-            kept_embed.MAX_KEPT_SHARE = limit
 
     with torch.inference_mode():
         for r in args.ratios:
@@ -107,14 +106,22 @@ def main() -> None:
             print(f"| {r:g} | {n} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
 
 
-def _embed_forced(pe: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The kept path whatever the share (the benchmark times it above the limit too)."""
+@contextlib.contextmanager
+def _kept_share(share: float) -> Iterator[None]:
+    """``kept_embed.MAX_KEPT_SHARE`` set to ``share`` inside the block (0: always the
+    convolution; 1: always the kept path)."""
     limit = kept_embed.MAX_KEPT_SHARE
-    kept_embed.MAX_KEPT_SHARE = 1.0
+    kept_embed.MAX_KEPT_SHARE = share
     try:
-        out = kept_embed.embed_kept(pe, x, keep)
+        yield
     finally:
         kept_embed.MAX_KEPT_SHARE = limit
+
+
+def _embed_forced(pe: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The kept path whatever the share (the benchmark times it above the limit too)."""
+    with _kept_share(1.0):
+        out = kept_embed.embed_kept_patches(pe, x, keep)
     assert out is not None
     return out
 

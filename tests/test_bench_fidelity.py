@@ -119,7 +119,7 @@ def test_a_student_distilled_at_other_ratios_has_its_own_tag(bench) -> None:
 
     from wsi_prune.training.distill import DEFAULT_KEEP_RATIOS
 
-    assert bench.STUDENT_RATIOS == DEFAULT_KEEP_RATIOS
+    assert bench.student_tag(argparse.Namespace(student_ratios=list(DEFAULT_KEEP_RATIOS))) == ""
     assert bench.student_tag(argparse.Namespace(student_ratios=[1, 0.5, 0.25, 0.125])) == ""
     assert bench.student_tag(argparse.Namespace(
         student_ratios=[1, 0.5, 0.25, 0.125, 0.0612])) == "-sr1_0.5_0.25_0.125_0.0612"

@@ -150,13 +150,19 @@ GOLDEN = {
 }
 
 
-def test_the_fidelity_pipeline_is_the_benchmark_base() -> None:
+def _bench_fidelity():
+    """benchmarks/bench_fidelity.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_fidelity",
                                                   REPO / "benchmarks" / "bench_fidelity.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_fidelity_pipeline_is_the_benchmark_base() -> None:
+    bench = _bench_fidelity()
     assert RunConfig.from_yaml(REPO / "pipelines" / "fidelity.yaml") == \
         RunConfig.from_dict(bench.BASE)
 
@@ -164,12 +170,7 @@ def test_the_fidelity_pipeline_is_the_benchmark_base() -> None:
 def test_the_recall_pipeline_is_the_benchmarks_thin_budget() -> None:
     """pipelines/fidelity-recall.yaml is the measured setting: bench_fidelity's base at 5 % of
     the tokens and token ratio 0.0612 (12 tokens a tile), nothing else changed."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_fidelity",
-                                                  REPO / "benchmarks" / "bench_fidelity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_fidelity()
     cfg = RunConfig.from_yaml(REPO / "pipelines" / "fidelity-recall.yaml")
     assert cfg == bench.budget_config(RunConfig.from_dict(bench.BASE), 0.05, 0.0612)
     assert math.ceil(cfg.token_select.keep_ratio * 196 - 1e-9) == 12

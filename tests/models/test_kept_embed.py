@@ -9,7 +9,7 @@ from timm.layers import SwiGLUPacked
 
 from wsi_prune.config import ViTConfig
 from wsi_prune.models import kept_embed
-from wsi_prune.models.kept_embed import embed_kept, plain_patch_embed
+from wsi_prune.models.kept_embed import embed_kept_patches, plain_patch_embed
 from wsi_prune.models.pruned_vit import PrunedViT
 
 TINY = dict(depth=3, embed_dim=48, num_heads=2, img_size=96, num_classes=0)  # 6x6 patches
@@ -41,7 +41,7 @@ def test_kept_patches_are_the_convolutions_and_the_others_zero(kw: dict) -> None
     assert plain_patch_embed(pe)
     x = torch.randn(5, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     keep = _keep(5, pe.num_patches, 0.3)
-    got = embed_kept(pe, x, keep)
+    got = embed_kept_patches(pe, x, keep)
     want = pe(x)
     assert got is not None and got.shape == want.shape
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
@@ -49,7 +49,7 @@ def test_kept_patches_are_the_convolutions_and_the_others_zero(kw: dict) -> None
 
 
 @torch.no_grad()
-def test_pruned_vit_gives_the_same_answer_with_either_embedding() -> None:
+def test_pruned_vit_gives_the_same_answer_with_either_embedding(monkeypatch) -> None:
     """The wrapper's embeddings, kept maps and token counts do not depend on which way the
     patches were embedded; only the patch-embedding MACs (patches_embedded) do."""
     model = _vit(mlp_layer=SwiGLUPacked, act_layer="silu", mlp_ratio=8 / 3)
@@ -58,12 +58,8 @@ def test_pruned_vit_gives_the_same_answer_with_either_embedding() -> None:
     keep = _keep(6, 36, 0.2, seed=3)
     vit = PrunedViT(model, cfg)
     fast = vit(x, keep)
-    old = kept_embed.MAX_KEPT_SHARE
-    kept_embed.MAX_KEPT_SHARE = 0.0  # every batch through the convolution
-    try:
-        conv = vit(x, keep)
-    finally:
-        kept_embed.MAX_KEPT_SHARE = old
+    monkeypatch.setattr(kept_embed, "MAX_KEPT_SHARE", 0.0)  # every batch through the conv
+    conv = vit(x, keep)
     torch.testing.assert_close(fast.embedding, conv.embedding, rtol=1e-4, atol=1e-5)
     for a, b in zip(fast.kept, conv.kept, strict=True):
         assert torch.equal(a, b)
@@ -78,10 +74,10 @@ def test_other_layouts_and_wide_selections_use_the_convolution() -> None:
     pe = model.patch_embed
     x = torch.randn(2, 3, 96, 96)
     # more than MAX_KEPT_SHARE of the patches: gathering them would cost more than it saves
-    assert embed_kept(pe, x, _keep(2, 36, 0.9)) is None
+    assert embed_kept_patches(pe, x, _keep(2, 36, 0.9)) is None
     # another image size, a mask of the wrong shape
-    assert embed_kept(pe, torch.randn(2, 3, 112, 112), _keep(2, 49, 0.2)) is None
-    assert embed_kept(pe, x, _keep(2, 35, 0.2)) is None
+    assert embed_kept_patches(pe, torch.randn(2, 3, 112, 112), _keep(2, 49, 0.2)) is None
+    assert embed_kept_patches(pe, x, _keep(2, 35, 0.2)) is None
     # dynamic image size (NHWC output, not flattened) and an overlapping projection
     dyn = _vit(dynamic_img_size=True).patch_embed
     assert not plain_patch_embed(dyn)
