@@ -204,7 +204,7 @@ def one_seed(work: Path, train_dir: Path, test_dir: Path, base: RunConfig, seed:
                                       budget_config(c, b, args.token_ratio, args.token_scope),
                                       head_dense, seed,
                                       _heads(args, b) if not sfx else _no_dense_head(args),
-                                      args.drop_stores))
+                                      args.drop_stores, args.heat_vit_weight))
         for b in args.adaptive:
             out.update(adaptive_budget(sd, train_dir, test_dir, c, head_dense, b, seed, args,
                                        sfx, rt))
@@ -291,7 +291,7 @@ def _heads(args: argparse.Namespace, budget: float) -> tuple[str, ...]:
 def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunConfig,
                    head_dense: Path, seed: int,
                    kinds: tuple[str, ...] = ("as-infer", "dense-head"),
-                   drop_stores: bool = False) -> dict[str, Any]:
+                   drop_stores: bool = False, heat_vit_weight: float = 1.0) -> dict[str, Any]:
     """One pruned setting ``cb``: its run on the training slides, heads trained on that run
     (train as you infer), then the test slides with each head kind, compared with the dense
     test run of the same head type: ``as-infer`` (gated-ABMIL trained on the pruned run),
@@ -300,7 +300,9 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
     (the dense run's own tile-topk head, unchanged: it reads only the bag's top tiles, so it
     needs no refit when the kept tiles are those; with ``--student`` it reads the student's
     tile logits, which were distilled to be the teacher's). ``drop_stores`` deletes each test
-    run's slide stores once compared (:func:`drop_slide_stores`)."""
+    run's slide stores once compared (:func:`drop_slide_stores`). ``heat_vit_weight`` < 1 sets
+    ``mil.heat_vit_weight`` of the test runs (tags gain ``-hv<w>``: :func:`heat_tag`); it changes
+    no embedding or probability, so the training run and heads of the setting are reused."""
     _run(train_dir, sd / f"train-{tag}", cb)
     labels = train_dir / "labels.csv"
     heads = {}
@@ -315,20 +317,28 @@ def pruned_setting(sd: Path, train_dir: Path, test_dir: Path, tag: str, cb: RunC
     if "dense-topk" in kinds:
         heads["dense-topk"] = sd / "mil-dense-topk.safetensors"
     out: dict[str, Any] = {}
+    hv = heat_tag(heat_vit_weight)
     for kind, w in heads.items():
-        run_dir = sd / f"test-{tag}-{kind}"
-        _run(test_dir, run_dir, apply_trained_configs(cb.replace(mil={"weights": str(w)})))
-        cmp = sd / f"cmp-{tag}-{kind}"
+        run_dir = sd / f"test-{tag}{hv}-{kind}"
+        _run(test_dir, run_dir, apply_trained_configs(cb.replace(
+            mil={"weights": str(w), "heat_vit_weight": heat_vit_weight})))
+        cmp = sd / f"cmp-{tag}{hv}-{kind}"
         ref = sd / ("test-dense-topk" if kind in ("topk", "dense-topk") else "test-dense")
         if not _done(cmp / "metrics.json"):
             compare_runs(ref, run_dir, cmp, test_dir / "labels.csv", test_dir,
                          n_boot=2000, seed=seed)
         m = json.loads((cmp / "metrics.json").read_text())
         m["triage_ceiling"] = triage_ceiling(m, run_dir)
-        out[f"{tag}/{kind}"] = m
+        out[f"{tag}{hv}/{kind}"] = m
         if drop_stores:
             drop_slide_stores(run_dir)
     return out
+
+
+def heat_tag(heat_vit_weight: float) -> str:
+    """``-hv<w>`` for a heat blended with the CNN score (``mil.heat_vit_weight`` < 1), else
+    empty, so earlier runs keep their tags."""
+    return "" if heat_vit_weight == 1.0 else f"-hv{heat_vit_weight:g}"
 
 
 def drop_slide_stores(run_dir: Path) -> int:
@@ -554,7 +564,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``--quick`` already applied)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=REPO / "bench-out" / "fidelity")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -568,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbour-mix", type=float, default=0.0,
                     help="tile_select.neighbour_mix of the pruned settings (tags end in "
                          "-nm<mix>)")
+    ap.add_argument("--heat-vit-weight", type=float, default=1.0,
+                    help="mil.heat_vit_weight of the pruned test runs: the ViT's share of a kept "
+                         "tile's heat, the rest the CNN score's (tags end in -hv<w>; training "
+                         "runs and heads are reused)")
     ap.add_argument("--adaptive", type=float, nargs="*", default=[0.05],
                     help="budgets also run with a score threshold set on the training slides "
                          "(the mean budget, spent where the scorer sees lesion)")
@@ -616,6 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.budgets, args.n_train, args.n_test = [0], [0.1], 4, 4
         args.size, args.vit_minutes, args.vit_tiles, args.scorer_epochs = 4096, 1.0, 48, 2
         args.student_minutes = 1.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("wsi_prune").setLevel(logging.WARNING)

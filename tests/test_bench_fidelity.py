@@ -125,6 +125,13 @@ def test_a_student_distilled_at_other_ratios_has_its_own_tag(bench) -> None:
         student_ratios=[1, 0.5, 0.25, 0.125, 0.0612])) == "-sr1_0.5_0.25_0.125_0.0612"
 
 
+def test_a_blended_heat_tags_its_test_runs_only(bench) -> None:
+    # the weight changes the heat, never an embedding: training runs and heads are shared
+    assert bench.heat_tag(1.0) == "" and bench.heat_tag(0.75) == "-hv0.75"
+    assert bench.parse_args(["--heat-vit-weight", "0.75"]).heat_vit_weight == 0.75
+    assert bench.parse_args([]).heat_vit_weight == 1.0
+
+
 def test_dropping_a_compared_runs_stores_keeps_its_tables(bench, tmp_path: Path) -> None:
     run = tmp_path / "test-b0.05-topk"
     for name in ("a.zarr", "b.zarr"):

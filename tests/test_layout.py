@@ -205,6 +205,10 @@ def test_keys_added_later_change_the_hash_only_off_their_default() -> None:
     assert RunConfig.from_dict(json.loads(json.dumps(other.to_dict()))).hash() == other.hash()
     assert base.replace(tile_select={"neighbour_mix": 0.0}).hash() == GOLDEN["default"]
     assert base.replace(tile_select={"neighbour_mix": 0.5}).hash() != GOLDEN["default"]
+    assert base.replace(mil={"heat_vit_weight": 1.0}).hash() == GOLDEN["default"]
+    assert base.replace(mil={"heat_vit_weight": 0.75}).hash() != GOLDEN["default"]
+    with pytest.raises(ConfigError, match="heat_vit_weight"):
+        base.replace(mil={"heat_vit_weight": 1.5})
 
 
 # -- registries: one pattern, every entry behaves ------------------------------------------------

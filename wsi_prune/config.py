@@ -351,6 +351,10 @@ class MILConfig:
         top_k: tiles whose lesion logits the ``tile-topk`` head averages into the slide score
             (:class:`wsi_prune.models.mil.TileTopK`; ``train-mil`` chooses it by
             cross-validation and the sidecar sets it).
+        heat_vit_weight: the MIL attention's share of a kept tile's heat; the rest is the CNN
+            tile score's (a weighted geometric mean, :func:`wsi_prune.outputs.heat.tile_heat`).
+            1 (default): the attention alone. Changes the heat, the pictures, the regions and
+            the FROC candidates, never the slide probability.
     """
 
     hidden: int = 128
@@ -360,6 +364,7 @@ class MILConfig:
     model: str = "gated-abmil"
     allow_vit_mismatch: bool = False
     top_k: int = 4
+    heat_vit_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "mil.model must be a registered slide head name")
@@ -367,6 +372,7 @@ class MILConfig:
         _check(self.top_k >= 1, "mil.top_k must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "mil.dropout must be in [0, 1)")
         _check(0.0 <= self.threshold <= 1.0, "mil.threshold must be in [0, 1]")
+        _check(0.0 <= self.heat_vit_weight <= 1.0, "mil.heat_vit_weight must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -504,6 +510,7 @@ ADDED_KEYS: tuple[tuple[str, str], ...] = (
     ("mil", "top_k"),
     ("token_select", "scope"),
     ("tile_select", "neighbour_mix"),
+    ("mil", "heat_vit_weight"),
 )
 
 

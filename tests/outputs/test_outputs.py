@@ -49,6 +49,47 @@ def test_tile_heat_keeps_dropped_tiles_below_kept():
     assert src.tolist() == [0, 1, 0, 1]
 
 
+def test_tile_heat_blends_the_cnn_score_into_kept_tiles_by_weight():
+    score = np.array([0.9, 0.2, 0.5, 0.7, 0.01])
+    kept = np.array([False, True, False, True, True])
+    att = np.array([0.5, 0.3, 0.2])  # the ViT ranks tile 1 > 3 > 4; the CNN 3 > 1 > 4
+    alone, _ = tile_heat(score, kept, att)
+    same, _ = tile_heat(score, kept, att, vit_weight=1.0)
+    np.testing.assert_array_equal(alone, same)
+    heat, src = tile_heat(score, kept, att, vit_weight=0.75)
+    logit = np.log(score / (1 - score))
+    s = 0.75 * np.log(att) + 0.25 * logit[kept]
+    np.testing.assert_allclose(heat[kept], np.exp(s - s.max()), rtol=1e-6)
+    assert heat[3] == 1.0 and heat[1] < 1.0  # the CNN's 0.7 against 0.2 outweighs 0.5 vs 0.3
+    assert heat[4] < heat[1]  # both agree tile 4 is coldest
+    floor = heat[kept].min()
+    np.testing.assert_allclose(heat[~kept], score[~kept] * floor, rtol=1e-6)
+    assert heat[~kept].max() <= floor and src.tolist() == [0, 1, 0, 1, 1]
+    cnn_only, _ = tile_heat(score, kept, att, vit_weight=0.0)
+    assert np.argsort(cnn_only[kept]).tolist() == np.argsort(score[kept]).tolist()
+    with pytest.raises(ValueError, match="vit_weight"):
+        tile_heat(score, kept, att, vit_weight=-0.1)
+
+
+def test_a_run_blends_its_heat_by_the_configured_weight_and_keeps_its_probability(run, tmp_path):
+    from wsi_prune.config import RunConfig
+    from wsi_prune.pipeline.batch import run_batch
+
+    cfg = RunConfig.from_yaml(Path(__file__).parents[2] / "pipelines" / "demo.yaml")
+    rows = run_batch([run.parent / "small.svs"], tmp_path / "out",
+                     cfg.replace(mil={"heat_vit_weight": 0.5}), progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+    a = zarr.open_group(str(run / "small.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "out" / "small.zarr"), mode="r")
+    assert b.attrs["result"]["probability"] == pytest.approx(a.attrs["result"]["probability"],
+                                                             abs=1e-6)
+    np.testing.assert_array_equal(b["triage/kept"][:], a["triage/kept"][:])
+    want, _ = tile_heat(np.asarray(b["triage/tile_score"][:]), np.asarray(b["triage/kept"][:]),
+                        np.asarray(b["mil/attention"][:]), vit_weight=0.5)
+    np.testing.assert_allclose(b["heatmap/tile"][:], want, rtol=1e-6)
+    assert not np.allclose(b["heatmap/tile"][:], a["heatmap/tile"][:])
+
+
 def test_patch_map_has_no_holes_inside_kept_tiles(run):
     g = zarr.open_group(str(run / "small.zarr"), mode="r")
     tidx = np.asarray(g["vit/tile_index"][:])

@@ -12,7 +12,9 @@ Heat and lesion confidence:
 - **Heat** (``heatmap/tile``, ``heatmap/patch``, ``heatmap.png``) is *relative*: where the model
   looked within this slide, in [0, 1]. A kept tile's heat is its MIL attention over the most
   attended tile's (with the ``tile-topk`` head the "attention" is the tile's lesion probability
-  over the bag's sum, so heat is its lesion probability over the slide's highest); inside it, a
+  over the bag's sum, so heat is its lesion probability over the slide's highest; with
+  ``mil.heat_vit_weight`` < 1 it is a weighted geometric mean of that and the CNN tile score,
+  see :func:`tile_heat`); inside it, a
   patch that reached the ViT gets its token importance over the tile's most important token, and
   a patch the CNN prior kept out of the ViT gets its CNN patch importance, scaled so that it
   never exceeds the tile's least important ViT patch (so the map has no holes and never ranks a
@@ -33,30 +35,48 @@ import zarr
 
 #: longest side of the patch-level heat map used for regions (caps memory on huge slides)
 MAX_MAP_PX = 4096
+#: CNN scores are clipped to [_EPS, 1 - _EPS] before their logit; attention to >= _TINY
+_EPS, _TINY = 1e-6, 1e-30
 
 
-def tile_heat(tile_score: np.ndarray, kept: np.ndarray, attention: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
+def tile_heat(tile_score: np.ndarray, kept: np.ndarray, attention: np.ndarray,
+              vit_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile heat in [0, 1] and its source (1: ViT/MIL, 0: CNN only).
 
     Args:
         tile_score: (N,) float CNN tile scores in [0, 1].
         kept: (N,) bool, tiles that reached the ViT.
         attention: (K,) float MIL attention of the kept tiles, K = ``kept.sum()``.
+        vit_weight: the MIL attention's share of a kept tile's heat (``mil.heat_vit_weight``);
+            the rest is the CNN's. 1 (default): the attention alone.
 
-    Kept tiles get their MIL attention relative to the slide's most attended tile. Dropped
-    tiles get their CNN score scaled below the lowest kept tile's heat, so the picture never
-    ranks a tile the triage dropped above one it kept.
+    Kept tiles get their MIL attention relative to the slide's most attended tile. With
+    ``vit_weight`` w < 1 a kept tile's heat is ``exp(w * log(attention) + (1 - w) *
+    logit(tile_score))``, relative to the slide's highest: a weighted geometric mean of two
+    estimates of the same ranking, the ViT's from the tokens it kept and the CNN's from the
+    whole tile at low magnification (with the ``tile-topk`` head and a scorer taught by the
+    ViT both are lesion probabilities). Dropped tiles get their CNN score scaled below the
+    lowest kept tile's heat, so the picture never ranks a tile the triage dropped above one
+    it kept.
 
     Returns:
         ``(heat, source)``: (N,) float32 and (N,) uint8.
     """
+    if not 0.0 <= vit_weight <= 1.0:
+        raise ValueError(f"vit_weight must be in [0, 1], got {vit_weight}")
     heat = np.zeros(tile_score.shape, np.float32)
     source = kept.astype(np.uint8)
     if kept.any():
-        att = attention / max(float(attention.max()), 1e-12)
+        att = np.asarray(attention, np.float64)
+        if vit_weight < 1.0:
+            p = np.clip(np.asarray(tile_score, np.float64)[kept], _EPS, 1.0 - _EPS)
+            log_att = np.log(np.maximum(att, _TINY))
+            s = vit_weight * log_att + (1.0 - vit_weight) * np.log(p / (1.0 - p))
+            att = np.exp(s - s.max())
+        else:
+            att = att / max(float(att.max()), 1e-12)
         heat[kept] = att
-        floor = float(att.min())
+        floor = float(heat[kept].min())
     else:
         floor = 1.0
     heat[~kept] = tile_score[~kept] * floor

@@ -309,7 +309,8 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     t = time.perf_counter()
     prob, attention = slide_head(models, vit["embedding"])
     store.write_array(group, "mil/attention", attention.astype(np.float32))
-    heat, source = tile_heat(tri["tile_score"], tri["kept"], attention)
+    heat, source = tile_heat(tri["tile_score"], tri["kept"], attention,
+                             config.mil.heat_vit_weight)
     store.write_array(group, "heatmap/tile", heat)
     store.write_array(group, "heatmap/source", source)
     gh, gw = models.grid
