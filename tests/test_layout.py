@@ -169,10 +169,12 @@ def test_the_fidelity_pipeline_is_the_benchmark_base() -> None:
 
 def test_the_recall_pipeline_is_the_benchmarks_thin_budget() -> None:
     """pipelines/fidelity-recall.yaml is the measured setting: bench_fidelity's base at 5 % of
-    the tokens and token ratio 0.0612 (12 tokens a tile), nothing else changed."""
+    the tokens and token ratio 0.0612 (12 tokens a tile), its heat blended as
+    ``--heat-vit-weight 0.75`` runs it, nothing else changed."""
     bench = _bench_fidelity()
     cfg = RunConfig.from_yaml(REPO / "pipelines" / "fidelity-recall.yaml")
-    assert cfg == bench.budget_config(RunConfig.from_dict(bench.BASE), 0.05, 0.0612)
+    assert cfg == bench.budget_config(RunConfig.from_dict(bench.BASE), 0.05, 0.0612).replace(
+        mil={"heat_vit_weight": 0.75})
     assert math.ceil(cfg.token_select.keep_ratio * 196 - 1e-9) == 12
 
 
@@ -209,6 +211,8 @@ def test_keys_added_later_change_the_hash_only_off_their_default() -> None:
     assert base.replace(mil={"heat_vit_weight": 0.75}).hash() != GOLDEN["default"]
     with pytest.raises(ConfigError, match="heat_vit_weight"):
         base.replace(mil={"heat_vit_weight": 1.5})
+    # the dense reference's heat is the ViT's own, whatever the pruned run blends
+    assert base.replace(mil={"heat_vit_weight": 0.75}).dense().hash() == GOLDEN["dense"]
 
 
 # -- registries: one pattern, every entry behaves ------------------------------------------------

@@ -441,12 +441,15 @@ class RunConfig:
 
     def dense(self) -> RunConfig:
         """The same models with nothing pruned: every tissue tile and every token reaches the
-        ViT (the reference a pruned run is compared with, and what MIL heads train on)."""
+        ViT (the reference a pruned run is compared with, and what MIL heads train on). Its
+        heat is the MIL attention alone (``mil.heat_vit_weight`` 1): the ViT's own heat is the
+        reference a blended pruned heat is measured against."""
         return self.replace(
             tile_select={"policy": "all", "min_tiles": 0, "max_tiles": None,
                          "redundancy_eps": None},
             token_select={"policy": "all", "scope": "tile"},
             vit={"prune_blocks": ()},
+            mil={"heat_vit_weight": 1.0},
         )
 
     # -- identity ------------------------------------------------------------------------------
