@@ -4,24 +4,19 @@ peer row."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import yaml
 import zarr
 
-from tests._paths import REPO
+from tests._paths import benchmark_module
 from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.pipeline.demo import demo_config
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_clam_cpu", REPO / "benchmarks" / "bench_clam_cpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("bench_clam_cpu")
 
 
 def test_clam_style_features_are_the_dense_runs_embeddings(svs_slide, tmp_path) -> None:

@@ -3,22 +3,17 @@ benchmark itself takes hours and is not a test)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
-from tests._paths import REPO
+from tests._paths import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fidelity",
-                                                  REPO / "benchmarks" / "bench_fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("bench_fidelity")
 
 
 def _slide(tiles: int, kept: int) -> dict:

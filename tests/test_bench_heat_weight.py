@@ -3,7 +3,6 @@ recomputed out of slide stores (the stores here are small zarr groups on disk)."
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,12 @@ import zarr
 from safetensors.numpy import save_file
 from scipy.stats import spearmanr
 
-from tests._paths import REPO
+from tests._paths import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_heat_weight",
-                                                  REPO / "benchmarks" / "bench_heat_weight.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("bench_heat_weight")
 
 
 def test_two_noisy_rankings_blended_follow_the_dense_one_closer_than_either(bench) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import wsi_prune
-from tests._paths import REPO
+from tests._paths import REPO, benchmark_module
 from wsi_prune.config import MILConfig, RunConfig, TileSelectConfig, TokenSelectConfig
 from wsi_prune.errors import ConfigError
 
@@ -151,14 +151,7 @@ GOLDEN = {
 
 
 def _bench_fidelity():
-    """benchmarks/bench_fidelity.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_fidelity",
-                                                  REPO / "benchmarks" / "bench_fidelity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return benchmark_module("bench_fidelity")
 
 
 def test_the_fidelity_pipeline_is_the_benchmark_base() -> None:
