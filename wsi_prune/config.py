@@ -352,7 +352,8 @@ class MILConfig:
             (:class:`wsi_prune.models.mil.TileTopK`; ``train-mil`` chooses it by
             cross-validation and the sidecar sets it).
         heat_vit_weight: the MIL attention's share of a kept tile's heat; the rest is the CNN
-            tile score's (a weighted geometric mean, :func:`wsi_prune.outputs.heat.tile_heat`).
+            tile score's (a weighted geometric mean of the attention and the CNN's odds,
+            :func:`wsi_prune.outputs.heat.tile_heat`).
             1 (default): the attention alone. Changes the heat, the pictures, the regions and
             the FROC candidates, never the slide probability.
     """

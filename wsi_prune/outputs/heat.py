@@ -13,7 +13,7 @@ Heat and lesion confidence:
   looked within this slide, in [0, 1]. A kept tile's heat is its MIL attention over the most
   attended tile's (with the ``tile-topk`` head the "attention" is the tile's lesion probability
   over the bag's sum, so heat is its lesion probability over the slide's highest; with
-  ``mil.heat_vit_weight`` < 1 it is a weighted geometric mean of that and the CNN tile score,
+  ``mil.heat_vit_weight`` < 1 it is a weighted geometric mean of that and the CNN's odds,
   see :func:`tile_heat`); inside it, a
   patch that reached the ViT gets its token importance over the tile's most important token, and
   a patch the CNN prior kept out of the ViT gets its CNN patch importance, scaled so that it
@@ -52,12 +52,12 @@ def tile_heat(tile_score: np.ndarray, kept: np.ndarray, attention: np.ndarray,
 
     Kept tiles get their MIL attention relative to the slide's most attended tile. With
     ``vit_weight`` w < 1 a kept tile's heat is ``exp(w * log(attention) + (1 - w) *
-    logit(tile_score))``, relative to the slide's highest: a weighted geometric mean of two
-    estimates of the same ranking, the ViT's from the tokens it kept and the CNN's from the
-    whole tile at low magnification (with the ``tile-topk`` head and a scorer taught by the
-    ViT both are lesion probabilities). Dropped tiles get their CNN score scaled below the
-    lowest kept tile's heat, so the picture never ranks a tile the triage dropped above one
-    it kept.
+    logit(tile_score))``, relative to the slide's highest: a weighted geometric mean of the
+    attention and the CNN's odds ``p / (1 - p)``, two estimates of the same ranking, the ViT's
+    from the tokens it kept and the CNN's from the whole tile at low magnification (with the
+    ``tile-topk`` head and a scorer taught by the ViT both come from lesion probabilities).
+    Dropped tiles get their CNN score scaled below the lowest kept tile's heat, so the picture
+    never ranks a tile the triage dropped above one it kept.
 
     Returns:
         ``(heat, source)``: (N,) float32 and (N,) uint8.
