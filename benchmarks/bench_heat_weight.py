@@ -33,24 +33,28 @@ from scipy.stats import spearmanr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wsi_prune.evaluation.agreement import tile_keys  # noqa: E402
 from wsi_prune.outputs.heat import tile_heat  # noqa: E402
 
 #: weights tried when none are given
 WEIGHTS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 
-def tile_logits(store: Path, head: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_head(path: Path) -> tuple[np.ndarray, float]:
+    """``(weight (D,), bias)`` of a tile head file (``<vit>.tile-head.safetensors``)."""
+    w = load_file(str(path))
+    return w["weight"][0].astype(np.float64), float(w["bias"][0])
+
+
+def tile_logits(g: zarr.Group, head: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
     """``(key (N,) int64, logit (N,) float64)`` of a slide store's tissue tiles: the tile
-    head's logit of each ViT-embedded tile, NaN for tiles the ViT never saw. ``key`` packs the
-    level-0 (x, y) so two runs' tiles can be matched."""
-    g = zarr.open_group(str(store), mode="r")
-    w = load_file(str(head))
+    head's logit of each ViT-embedded tile, NaN for tiles the ViT never saw. ``key`` is
+    :func:`~wsi_prune.evaluation.agreement.tile_keys` of the level-0 corners."""
     xy = np.asarray(g["tiles/coords"][:], np.int64)
     logit = np.full(len(xy), np.nan)
     emb = np.asarray(g["vit/embedding"][:], np.float64)
-    logit[np.asarray(g["vit/tile_index"][:])] = emb @ w["weight"][0].astype(np.float64) + float(
-        w["bias"][0])
-    return (xy[:, 0] << 32) | xy[:, 1], logit
+    logit[np.asarray(g["vit/tile_index"][:])] = emb @ head[0] + head[1]
+    return tile_keys(xy), logit
 
 
 def blended_spearman(dense_logit: np.ndarray, pruned_logit: np.ndarray, tile_score: np.ndarray,
@@ -75,12 +79,13 @@ def compare_runs(dense: Path, pruned: Path, dense_head: Path, pruned_head: Path,
                  weights: Sequence[float] = WEIGHTS) -> dict[str, dict[float, float]]:
     """Per slide id (the pruned run's stores): Spearman per weight."""
     out = {}
+    hd, hp = load_head(dense_head), load_head(pruned_head)
     for store in sorted(pruned.glob("*.zarr")):
         if not (dense / store.name).is_dir():
             continue
-        kd, ld = tile_logits(dense / store.name, dense_head)
-        kp, lp = tile_logits(store, pruned_head)
+        kd, ld = tile_logits(zarr.open_group(str(dense / store.name), mode="r"), hd)
         g = zarr.open_group(str(store), mode="r")
+        kp, lp = tile_logits(g, hp)
         _, i, j = np.intersect1d(kd, kp, assume_unique=True, return_indices=True)
         kept = np.asarray(g["triage/kept"][:], bool)[j] & ~np.isnan(lp[j])
         score = np.asarray(g["triage/tile_score"][:], np.float64)[j]

@@ -51,7 +51,14 @@ def _heat(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         raise StoreError(f"store lacks {exc}", path) from None
     # heatmap/source == 1 is exactly the kept tiles (tile_heat); triage/kept says it first-hand
     kept = np.asarray(g["triage/kept"][:], bool) if "triage/kept" in g else vit
-    return heat, vit, kept, (xy[:, 0] << 32) | xy[:, 1]
+    return heat, vit, kept, tile_keys(xy)
+
+
+def tile_keys(xy: np.ndarray) -> np.ndarray:
+    """(N,) int64 keys of (N, 2) level-0 tile corners (x, y): equal keys, same tile, so two
+    runs' stores of one slide can be matched with ``np.intersect1d``."""
+    xy = np.asarray(xy, np.int64)
+    return (xy[:, 0] << 32) | xy[:, 1]
 
 
 def _stats(vals: Sequence[float]) -> dict[str, Any]:

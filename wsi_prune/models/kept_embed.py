@@ -51,7 +51,7 @@ def plain_patch_embed(pe: nn.Module) -> bool:
 
 
 def embed_kept_patches(pe: nn.Module, images: torch.Tensor, patch_keep: torch.Tensor
-               ) -> torch.Tensor | None:
+                       ) -> torch.Tensor | None:
     """``pe(images)`` computed on the kept patches only, zeros in the others.
 
     Args:
