@@ -35,7 +35,8 @@ scorer's scores of the training tiles).
 
 Every step is cached in ``--work`` (a file per finished step), so an interrupted benchmark
 resumes. The summary (``summary.json``, ``summary.md``, ``budget.png``) aggregates the seeds:
-mean, and min-max over seeds; ΔAUC also gets each seed's paired bootstrap CI.
+mean, and min-max over seeds; ΔAUC also gets each seed's paired bootstrap CI, and ΔAUC, ΔECE
+and ΔBrier a CI of their mean over seeds (:func:`seed_mean`).
 
     python benchmarks/bench_fidelity.py --work bench-out/fidelity            # the full run
     python benchmarks/bench_fidelity.py --work /tmp/f --quick                # a smoke run
@@ -58,6 +59,9 @@ import numpy as np
 
 from wsi_prune.config import RunConfig
 from wsi_prune.evaluation.compare import compare_runs
+from wsi_prune.evaluation.runs import _ok_rows, run_labels
+from wsi_prune.evaluation.seeds import seed_mean_differences
+from wsi_prune.io.labels import read_labels
 from wsi_prune.models.factory import apply_trained_configs
 from wsi_prune.pipeline.batch import run_batch
 from wsi_prune.training.distill import DEFAULT_KEEP_RATIOS, distill_vit
@@ -468,7 +472,30 @@ ROWS = {
 }
 
 
-def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def seed_mean(runs: list[tuple[Path, Path]], labels: dict[str, int], n_boot: int = 2000
+              ) -> dict[str, Any] | None:
+    """ΔAUC, ΔECE and ΔBrier averaged over seeds with one paired bootstrap over the slides
+    (:func:`~wsi_prune.evaluation.seeds.seed_mean_differences`), from each seed's (dense,
+    pruned) run folders; on the labelled slides with a result in every run, None with fewer
+    than two seeds or no such slide."""
+    if len(runs) < 2:
+        return None
+    probs = [[{i: float(r["probability"]) for i, r in _ok_rows(Path(d))[0].items()}
+              for d in pair] for pair in runs]
+    ids = set.intersection(*(set(p) for pair in probs for p in pair))
+    known = run_labels(labels, sorted(ids))
+    ids_l = sorted(known)
+    if not ids_l:
+        return None
+    return seed_mean_differences([known[i] for i in ids_l],
+                                 [[d[i] for i in ids_l] for d, _ in probs],
+                                 [[p[i] for i in ids_l] for _, p in probs], n_boot=n_boot)
+
+
+def summarise(per_seed: dict[int, dict[str, Any]], labels: dict[str, int] | None = None
+              ) -> dict[str, Any]:
+    """Per setting: mean, min and max over seeds of each of ``ROWS``, each seed's CIs, the
+    test set's counts and, with ``labels``, ``seed_mean`` (:func:`seed_mean`)."""
     keys = sorted({k for m in per_seed.values() for k in m})
     out: dict[str, Any] = {}
     for k in keys:
@@ -486,6 +513,9 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                          "lesions": {c: (first.get("lesion_recall", {}).get("triage", {})
                                          .get(c, {}) or {}).get("lesions")
                                      for c in ("itc", "micro", "macro")}}
+        runs = [(Path(m[k]["dense"]), Path(m[k]["pruned"])) for m in per_seed.values()
+                if k in m and m[k].get("dense") and m[k].get("pruned")]
+        row["seed_mean"] = seed_mean(runs, labels) if labels else None
         out[k] = row
     return out
 
@@ -524,6 +554,17 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines += ["", "Paired bootstrap 95 % CIs of ΔECE and ΔBrier per seed (where compared with "
               "them):"]
     lines += [f"- {k}: ECE {r['d_ece_ci']}, Brier {r['d_brier_ci']}" for k, r in summary.items()]
+    means = {k: r["seed_mean"] for k, r in summary.items() if r.get("seed_mean")}
+    if means:
+        lines += ["", "Mean over seeds with a paired 95 % CI of that mean (the test slides "
+                  "resampled once per round, the same resample for every seed):", "",
+                  "| setting | seeds | slides | ΔAUC | ΔECE | ΔBrier |",
+                  "|---|---|---|---|---|---|"]
+        for k, s in means.items():
+            cells = [f"{s[n]:+.{d}f} [{s[n + '_ci'][0]:+.{d}f}, {s[n + '_ci'][1]:+.{d}f}]"
+                     if s[n] is not None and s[n + "_ci"] else "n/a"
+                     for n, d in (("auc", 3), ("ece", 3), ("brier", 4))]
+            lines.append(f"| {k} | {s['n_seeds']} | {s['n_slides']} | {' | '.join(cells)} |")
     first = next(iter(summary.values()), None)
     if first:
         lines += ["", f"Test set: {first['counts']['slides']} slides; lesions by class "
@@ -646,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = {}
     for seed in args.seeds:
         per_seed[seed] = one_seed(args.work, train_dir, test_dir, base, seed, args)
-    summary = summarise(per_seed)
+    summary = summarise(per_seed, read_labels(test_dir / "labels.csv"))
     (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary, args)
     (args.work / "summary.md").write_text(text + "\n")

@@ -137,3 +137,45 @@ def test_dropping_a_compared_runs_stores_keeps_its_tables(bench, tmp_path: Path)
     assert bench.drop_slide_stores(run) == 2
     assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "predictions.csv"]
     assert bench.drop_slide_stores(run) == 0
+
+
+def test_summary_gives_the_mean_over_seeds_a_paired_interval(bench, tmp_path: Path) -> None:
+    import numpy as np
+
+    from wsi_prune.evaluation.seeds import seed_mean_differences
+
+    ids = [f"s{i:02d}" for i in range(20)]
+    labels = {i: n % 2 for n, i in enumerate(ids)}
+    rng = np.random.default_rng(0)
+    per_seed, probs = {}, []
+    for seed in (0, 1):
+        pair = []
+        for kind in ("dense", "pruned"):
+            p = np.clip(0.3 + 0.4 * np.array([labels[i] for i in ids])
+                        + rng.normal(0, 0.15, len(ids)), 0.01, 0.99)
+            d = tmp_path / f"seed{seed}-{kind}"
+            d.mkdir()
+            rows = [f"{i},ok,{float(v)!r}" for i, v in zip(ids, p, strict=True)]
+            # a failed slide in one run only: left out of every seed's comparison
+            rows.append("s99,failed," if kind == "pruned" else "s99,ok,0.5")
+            (d / "predictions.csv").write_text("id,status,probability\n" + "\n".join(rows) + "\n")
+            pair.append(p)
+        probs.append(pair)
+        per_seed[seed] = {"b0.05/topk": {"dense": str(tmp_path / f"seed{seed}-dense"),
+                                         "pruned": str(tmp_path / f"seed{seed}-pruned"),
+                                         "difference": {"n_slides": 20}}}
+    row = bench.summarise(per_seed, labels | {"s99": 1})["b0.05/topk"]
+    want = seed_mean_differences([labels[i] for i in ids], [probs[0][0], probs[1][0]],
+                                 [probs[0][1], probs[1][1]])
+    got = row["seed_mean"]
+    assert got["n_seeds"] == 2 and got["n_slides"] == 20
+    for k in ("auc", "ece", "brier"):
+        assert got[k] == pytest.approx(want[k])
+        assert got[f"{k}_ci"] == pytest.approx(want[f"{k}_ci"])
+    md = bench.markdown({"b0.05/topk": row}, type("A", (), {"seeds": [0, 1],
+                                                           "token_ratio": 0.5})())
+    lo, hi = got["ece_ci"]
+    assert f"| b0.05/topk | 2 | 20 | {got['auc']:+.3f}" in md
+    assert f"{got['ece']:+.3f} [{lo:+.3f}, {hi:+.3f}]" in md
+    # one seed: no mean over seeds
+    assert bench.summarise({0: per_seed[0]}, labels)["b0.05/topk"]["seed_mean"] is None
