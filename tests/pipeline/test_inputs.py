@@ -38,6 +38,25 @@ def test_folder_without_slides_is_an_error_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
+def test_plain_images_beside_slides_are_named_as_left_out(tmp_path: Path, caplog) -> None:
+    """Without --mpp a .png or .jpg beside slides is not a slide; the run says so instead of
+    looking complete."""
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.svs").write_bytes(b"x")
+    (d / "sub" / "photo.png").write_bytes(b"x")
+    (d / "sub" / "scan.JPG").write_bytes(b"x")
+    (d / "notes.txt").write_text("x")
+    with caplog.at_level("WARNING", logger="wsi_prune.pipeline.inputs"):
+        assert [e.path.name for e in discover([d])] == ["a.svs"]
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 plain image(s) left out" in msg and "sub/photo.png" in msg and "--mpp" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_prune.pipeline.inputs"):
+        got = sorted(e.path.name for e in discover([d], mpp=0.5))
+    assert got == ["a.svs", "photo.png", "scan.JPG"] and not caplog.records
+
+
 def test_symlink_loops_broken_links_and_linked_folders(tmp_path: Path, caplog) -> None:
     d = tmp_path / "in"
     (d / "sub" / "deeper").mkdir(parents=True)

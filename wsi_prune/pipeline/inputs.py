@@ -78,7 +78,15 @@ def discover(
         if p.is_dir():
             if not os.access(p, os.R_OK | os.X_OK):
                 raise ConfigError("folder cannot be listed (permission denied)", p)
-            found = _walk(p, exts, Path(out) if out is not None else None)
+            passed: list[Path] = []
+            found = _walk(p, exts, Path(out) if out is not None else None, passed)
+            if found and passed:
+                # plain images carry no resolution: without --mpp they are not slides, and a
+                # run that quietly left them out would look complete
+                _logger.warning("%s: %d plain image(s) left out (%s%s): they carry no "
+                                "resolution; pass --mpp (µm/px) to run them as slides", p,
+                                len(passed), sorted(passed)[0].relative_to(p),
+                                ", ..." if len(passed) > 1 else "")
             if not found:
                 # an empty predictions.csv and exit 0 would read as "nothing to do"; a wrong
                 # folder or a missing --mpp for plain images is the usual cause
@@ -224,9 +232,11 @@ def _is_run_output(dirpath: str, filenames: list[str]) -> bool:
     return False
 
 
-def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None) -> list[Path]:
+def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None,
+          passed: list[Path] | None = None) -> list[Path]:
     """Slide files under ``root`` (sorted; hidden files and folders skipped), following
-    symlinked folders but entering each real folder once.
+    symlinked folders but entering each real folder once. ``passed``, when given, receives
+    the plain images (:data:`~wsi_prune.io.slide.IMAGE_EXTENSIONS`) that ``exts`` leaves out.
 
     A run's own outputs are never slides: below ``root``, the folder ``skip`` (this run's
     OUT), any other run's OUT (:func:`_is_run_output`) and Zarr stores are not entered, and a
@@ -268,9 +278,11 @@ def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None) -> list[P
                              and not (outputs and d == "top_tiles"))
         for name in filenames:
             f = Path(dirpath) / name
-            if name.startswith(".") or f.suffix.lower() not in exts:
+            if name.startswith(".") or (outputs and name in _OUTPUT_PICTURES):
                 continue
-            if outputs and name in _OUTPUT_PICTURES:
+            if f.suffix.lower() not in exts:
+                if passed is not None and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    passed.append(f)
                 continue
             # a file, or a symlink that leads nowhere: the latter fails with its own reason
             if f.is_file() or f.is_symlink():
