@@ -393,6 +393,41 @@ def test_reopen_reads_on_past_a_damaged_tile(svs_slide: Path, tmp_path: Path) ->
                                       good.read((0, 0), (256, 256), 0.5))
 
 
+def test_single_level_thumbnail_masks_a_damaged_tile_as_glass(real_slide: Path,
+                                                             tmp_path: Path, caplog) -> None:
+    """The real slide has one level: no other level can stand in for a damaged tile of it.
+    With ``max_damaged`` the thumbnail is read again part by part; only about the damaged
+    JPEG tile's area turns white, with a warning, and the rest equals the whole slide's."""
+    p = tmp_path / "onebad.svs"
+    x0, y0, x1, y1 = damage_tile(real_slide, p, 0, (1100, 1500))
+    with Slide(real_slide) as good:
+        assert good.info.level_count == 1
+        want = good.read_thumbnail(8.0)
+    with Slide(p) as s:
+        with pytest.raises(CorruptSlide):
+            s.read_thumbnail(8.0, finer_on_error=True)  # no share allowed: the slide fails
+        with pytest.raises(CorruptSlide, match=r"does not decode at level 0 \(more than 0%"):
+            s.read_thumbnail(8.0, finer_on_error=True, max_damaged=0.001)
+        with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
+            got = s.read_thumbnail(8.0, finer_on_error=True, max_damaged=0.05)
+    assert got.shape == want.shape
+    assert "masked as glass" in caplog.text and str(p) in caplog.text
+    f = 8.0 / 0.499  # level-0 px per thumbnail px
+    white = (got == 255).all(-1) & ~(want == 255).all(-1)
+    ys, xs = np.nonzero(white)
+    # what turned white lies on the damaged tile (one thumbnail px of rounding, and the
+    # 32 level px parts the damage is narrowed down to)
+    assert len(ys) > 0.5 * ((x1 - x0) / f) * ((y1 - y0) / f)
+    assert xs.min() >= x0 / f - 3 and xs.max() <= x1 / f + 3
+    assert ys.min() >= y0 / f - 3 and ys.max() <= y1 / f + 3
+    far = np.ones(want.shape[:2], bool)
+    far[int(y0 / f) - 3:int(y1 / f) + 4, int(x0 / f) - 3:int(x1 / f) + 4] = False
+    # elsewhere the same picture, up to the area average's rounding at the parts' edges (as
+    # block-wise reads: test_thumbnail_blocks_match_direct_read)
+    assert np.abs(got[far].astype(int) - want[far].astype(int)).mean() < 2
+    assert (got[far] == 255).all(-1).sum() <= (want[far] == 255).all(-1).sum()
+
+
 def test_corrupt_tile_mid_slide(svs_slide: Path, tmp_path: Path) -> None:
     p = tmp_path / "corrupt.svs"
     corrupt_tiles(svs_slide, p)

@@ -140,3 +140,31 @@ def test_read_ahead_reports_a_damaged_tile_as_reading_in_line_does(damaged, tmp_
         errors.append(info.value)
     assert str(errors[0]) == str(errors[1]) and str(slide) in str(errors[1])
     assert "read failed" in errors[1].reason
+
+
+def test_damaged_tile_of_a_single_level_slide(real_slide: Path, tmp_path: Path, caplog) -> None:
+    """The real slide has one level, which its tissue mask is read from too: a damaged tile
+    there used to fail the slide at the mask. Now that area is masked as glass (a warning),
+    the grid tiles overlapping it are recorded unreadable, and the slide completes, within
+    the allowed share; with ``fail`` it still fails."""
+    from tests.io.test_slide import damage_tile
+
+    slide = tmp_path / "onebad.svs"
+    x0, y0, x1, y1 = damage_tile(real_slide, slide, 0, (1100, 1500))
+    out = tmp_path / "out"
+    cfg = demo_config().replace(tiling={"max_unreadable_fraction": 0.15})
+    with caplog.at_level("WARNING"):
+        (row,) = run_batch([slide], out, cfg, progress=False)
+    assert row["status"] == "ok", row["error"]
+    assert "masked as glass" in caplog.text
+    g = zarr.open_group(str(out / "onebad.zarr"), mode="r")
+    side = g.attrs["grid"]["tile_level0"]
+    records = g["tiles/unreadable"].attrs["records"]
+    assert 1 <= len(records) <= 4
+    for r in records:  # each overlaps the damaged JPEG tile
+        x, y = r["level0_xy"]
+        assert x < x1 and x + side > x0 and y < y1 and y + side > y0
+    assert row["unreadable_tiles"] == len(records)
+    (row,) = run_batch([slide], out, cfg.replace(tiling={"on_corrupt_tile": "fail"}),
+                       force=True, progress=False)
+    assert row["status"] == "failed" and "read failed" in row["error"]

@@ -16,11 +16,9 @@ outputs written for viewers shift by it (:mod:`wsi_prune.outputs.frame`).
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import openslide
-import tifffile
 from PIL import Image
 
 from wsi_prune.errors import CorruptSlide, UnsupportedSlide
+from wsi_prune.io.file_damage import missing_reason, tiff_damage
 from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's API too
     MPP_DISAGREEMENT,
     MPP_RANGE,
@@ -57,11 +55,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Largest region handed to OpenSlide in one call, px: bigger reads are split so a read never
 # allocates gigabytes of RGBA at once.
 _MAX_READ_PX = 4096
+#: side, in level px, of the parts a damaged thumbnail is read in again
+#: (:meth:`Slide.read_thumbnail`'s ``max_damaged``): two 256 px JPEG tiles, so that a damaged
+#: tile blanks little more than its own area
+_PATCH_LEVEL_PX = 512
+#: smallest part, level px, a damaged part is split into before it is taken as glass
+_PATCH_MIN_LEVEL_PX = 32
 # Threads reading the blocks of one large read side by side (TIFF levels only; each block is
 # then a quarter of _MAX_READ_PX², so the read's memory does not grow).
 _READ_THREADS = 2
-# A TIFF with more directories than this is not a slide; stop walking a runaway chain.
-_MAX_IFDS = 4096
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class Slide:
             # OpenSlide says "unsupported" for a slide whose directories or tile data lie past
             # the end of the file (a truncated copy): a damaged TIFF is corrupt, not foreign,
             # and is not handed to the plain-image reader, which would fail or read a part.
-            damage = _tiff_damage(self.path) if is_tiff(self.path) else None
+            damage = tiff_damage(self.path) if is_tiff(self.path) else None
             if damage:
                 raise CorruptSlide(f"damaged TIFF: {damage} (OpenSlide: {exc})", spath) from exc
             self._open_image(mpp)
@@ -447,18 +449,26 @@ class Slide:
         return out
 
     def read_thumbnail(self, mpp: float, finer_on_error: bool = False,
-                       level: int | None = None) -> np.ndarray:
+                       level: int | None = None, max_damaged: float = 0.0) -> np.ndarray:
         """The whole slide at ``mpp`` µm/px, (H, W, 3) uint8, read in bounded blocks (never a
         full level at once) and area-averaged down.
 
         Args:
             finer_on_error: when a tile of that level fails to decode, read the thumbnail from
                 the next finer level instead (each level is a separate encoding of the slide,
-                so one damaged tile rarely spoils them all); the slide fails only when every
-                level does. Slower (a finer level is more to decode), and only on damage.
+                so one damaged tile rarely spoils them all). Slower (a finer level is more to
+                decode), and only on damage.
             level: the level read; default the smallest adequate one
                 (:meth:`best_level`). A finer one costs more decoding and gives the average
                 of its own pixels rather than the vendor's resampled, re-compressed level.
+            max_damaged: with ``finer_on_error``, when every level fails too (a single-level
+                slide with a damaged tile), the level is read again in parts of about
+                :data:`_PATCH_LEVEL_PX` level px, and the parts that do not decode are white
+                (glass), with a warning, as long as they are at most this share of the
+                thumbnail's area; 0: the slide fails.
+
+        Raises:
+            CorruptSlide: the read failed, and could not be made another way.
         """
         out_size = self.size_at(mpp)
         start = self.best_level(mpp) if level is None else int(level)
@@ -480,70 +490,60 @@ class Slide:
                 return self._read_level((0, 0), self.dimensions, level, out_size)
             except CorruptSlide as exc:
                 error = exc
-        raise error
+        if max_damaged <= 0:
+            raise error
+        self.reopen()
+        return self._read_patched(start, out_size, max_damaged, error)
 
+    def _read_patched(self, level: int, out_size: tuple[int, int], max_damaged: float,
+                      error: CorruptSlide) -> np.ndarray:
+        """The whole slide at ``out_size`` from ``level`` in parts of about
+        :data:`_PATCH_LEVEL_PX` level px; a part that does not decode is split in four until
+        its parts are one output px or :data:`_PATCH_MIN_LEVEL_PX` level px, and what still
+        fails is white (glass), with a warning naming the first place; more than
+        ``max_damaged`` of the area damaged fails."""
+        out_w, out_h = out_size
+        sx, sy = self.info.width / out_w, self.info.height / out_h  # level-0 px per output px
+        ds = self.info.level_downsamples[level]
+        per_out = max(max(sx, sy) / ds, 1.0)  # level px per output px
+        out = np.full((out_h, out_w, 3), 255, np.uint8)
+        damaged: list[tuple[int, tuple[int, int], str]] = []  # (output px, level-0 xy, why)
 
-def missing_reason(path: str | os.PathLike[str]) -> str:
-    """Why a path that does not exist does not: a plain missing file, a broken symlink, or a
-    symlink loop (``os.path.exists`` says False for all three)."""
-    p = Path(path)
-    if not p.is_symlink():
-        return "no such file"
-    try:
-        os.stat(p)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symlink loop (the link leads back to itself)"
-    return f"broken symlink (to {os.readlink(p)}, which does not exist)"
+        def part(ox: int, oy: int, bw: int, bh: int) -> None:
+            x0, y0 = round(ox * sx), round(oy * sy)
+            x1, y1 = round((ox + bw) * sx), round((oy + bh) * sy)
+            size = (max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds)))
+            try:
+                out[oy:oy + bh, ox:ox + bw] = _resize(self._read_region((x0, y0), level, size),
+                                                      (bw, bh))
+                return
+            except CorruptSlide as exc:
+                self.reopen()
+                if max(bw, bh) <= 1 or max(bw, bh) * per_out <= _PATCH_MIN_LEVEL_PX:
+                    damaged.append((bw * bh, (x0, y0), exc.reason))
+                    return
+            hw, hh = max(1, bw // 2), max(1, bh // 2)
+            for qy, qh in ((oy, hh), (oy + hh, bh - hh)):
+                for qx, qw in ((ox, hw), (ox + hw, bw - hw)):
+                    if qw > 0 and qh > 0:
+                        part(qx, qy, qw, qh)
 
-
-def _tiff_damage(path: Path) -> str | None:
-    """Why a file with a TIFF header is structurally broken, or None if it looks whole.
-
-    Walks the directory chain by hand (tifffile stops quietly at a directory offset past the
-    end of the file, which is exactly what a truncated copy has), then asks tifffile for every
-    page's strip/tile offsets and checks that the data lies inside the file.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-        order = "<" if head[:2] == b"II" else ">"
-        big = head[2:4] in (b"+\0", b"\0+")
-        if len(head) < (16 if big else 8):
-            return f"header cut short ({size} bytes)"
-        count_fmt, entry_bytes, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
-        count_bytes, off_bytes = struct.calcsize(count_fmt), struct.calcsize(off_fmt)
-        off = struct.unpack(order + off_fmt, head[8:16] if big else head[4:8])[0]
-        seen: set[int] = set()
-        while off:
-            i = len(seen)
-            if off in seen or i >= _MAX_IFDS:
-                return f"directory chain loops or runs away at directory {i}"
-            seen.add(off)
-            if off + count_bytes > size:
-                return (f"directory {i} at byte {off} lies past the end of the file "
-                        f"({size} bytes): truncated?")
-            fh.seek(off)
-            n = struct.unpack(order + count_fmt, fh.read(count_bytes))[0]
-            end = off + count_bytes + n * entry_bytes + off_bytes
-            if end > size:
-                return (f"directory {i} ends at byte {end}, past the end of the file "
-                        f"({size} bytes): truncated?")
-            fh.seek(end - off_bytes)
-            off = struct.unpack(order + off_fmt, fh.read(off_bytes))[0]
-    try:
-        with tifffile.TiffFile(path) as tif:
-            for i, page in enumerate(tif.pages):
-                offs = np.asarray(page.dataoffsets, np.int64)
-                counts = np.asarray(page.databytecounts, np.int64)
-                if offs.size:
-                    data_end = int((offs + counts)[counts > 0].max(initial=0))
-                    if data_end > size:
-                        return (f"image data of page {i} ends at byte {data_end}, past the end "
-                                f"of the file ({size} bytes): truncated?")
-    except Exception as exc:  # any failure to parse the tags is damage, whatever its type
-        return f"unreadable TIFF tags: {exc}"
-    return None
+        step = max(1, int(_PATCH_LEVEL_PX / per_out))
+        for oy in range(0, out_h, step):
+            for ox in range(0, out_w, step):
+                part(ox, oy, min(step, out_w - ox), min(step, out_h - oy))
+        if not damaged:  # the damage did not come back part by part
+            return out
+        share = sum(d[0] for d in damaged) / (out_w * out_h)
+        where, why = damaged[0][1], damaged[0][2]
+        if share > max_damaged:
+            raise CorruptSlide(f"{share:.1%} of the slide's area does not decode at level "
+                               f"{level} (more than {max_damaged:.0%}; first at level-0 "
+                               f"{where}: {why})", str(self.path)) from error
+        _logger.warning("%s: %.2f%% of the slide's area does not decode at level %d (first at "
+                        "level-0 %s: %s); masked as glass, so the tissue there is not tiled",
+                        self.path, 100 * share, level, where, why)
+        return out
 
 
 def _to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -394,7 +394,9 @@ def _build(
     slide_path = Path(slide.path)
     info = slide.info
     # thumbnail read, masked and released inside; bounded by TissueConfig.max_mask_mpx
-    tm = slide_tissue_mask(slide, config.tissue, finer_on_error=tcfg.on_corrupt_tile == "skip")
+    skip = tcfg.on_corrupt_tile == "skip"
+    tm = slide_tissue_mask(slide, config.tissue, finer_on_error=skip,
+                           max_damaged=tcfg.max_unreadable_fraction if skip else 0.0)
     mask_mpp = tm.mpp
     grid = make_grid(info, tm.mask, mask_mpp, tcfg)
     n = len(grid)

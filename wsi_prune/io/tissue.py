@@ -224,7 +224,7 @@ def _mask_from_features(f: _Features, transparent: np.ndarray | None, mpp: float
 
 
 def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
-                      finer_on_error: bool = False) -> TissueMask:
+                      finer_on_error: bool = False, max_damaged: float = 0.0) -> TissueMask:
     """The tissue mask of a whole slide, from its thumbnail.
 
     The thumbnail is area-averaged from a level :data:`MASK_OVERSAMPLE` times finer than the
@@ -244,6 +244,8 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
         slide: an open slide.
         finer_on_error: a damaged tile of the thumbnail's level is read from a finer level
             instead (``tiling.on_corrupt_tile: skip``).
+        max_damaged: share of the area that may be masked as glass where no level decodes
+            whole (:meth:`~wsi_prune.io.slide.Slide.read_thumbnail`).
         config: the tissue section.
 
     Returns:
@@ -251,7 +253,8 @@ def slide_tissue_mask(slide: Slide, config: TissueConfig = TissueConfig(),
     """
     mpp = mask_mpp_for(slide.info.width, slide.info.height, slide.mpp, config)
     level = slide.averaging_level(mpp, MASK_OVERSAMPLE, MASK_SOURCE_MAX_RATIO)
-    thumb = slide.read_thumbnail(mpp, finer_on_error=finer_on_error, level=level)
+    thumb = slide.read_thumbnail(mpp, finer_on_error=finer_on_error, level=level,
+                                 max_damaged=max_damaged)
     # the thumbnail's real scale (rounded size) is what the mask is measured in
     real_mpp = slide.info.width * slide.mpp / thumb.shape[1]
     glass = glass_colour(thumb)
