@@ -406,7 +406,7 @@ def test_single_level_thumbnail_masks_a_damaged_tile_as_glass(real_slide: Path,
     with Slide(p) as s:
         with pytest.raises(CorruptSlide):
             s.read_thumbnail(8.0, finer_on_error=True)  # no share allowed: the slide fails
-        with pytest.raises(CorruptSlide, match=r"does not decode at level 0 \(more than 0%"):
+        with pytest.raises(CorruptSlide, match=r"more than 0% of the slide.s area does not decode"):
             s.read_thumbnail(8.0, finer_on_error=True, max_damaged=0.001)
         with caplog.at_level("WARNING", logger="wsi_prune.io.slide"):
             got = s.read_thumbnail(8.0, finer_on_error=True, max_damaged=0.05)
@@ -426,6 +426,19 @@ def test_single_level_thumbnail_masks_a_damaged_tile_as_glass(real_slide: Path,
     # block-wise reads: test_thumbnail_blocks_match_direct_read)
     assert np.abs(got[far].astype(int) - want[far].astype(int)).mean() < 2
     assert (got[far] == 255).all(-1).sum() <= (want[far] == 255).all(-1).sum()
+
+
+def test_single_level_thumbnail_with_wide_damage_fails(real_slide: Path, tmp_path: Path
+                                                       ) -> None:
+    """Damage over more than the allowed share fails the slide, naming the first place."""
+    p = tmp_path / "manybad.svs"
+    for x in range(300, 2200, 480):
+        for y in range(300, 2900, 720):
+            damage_tile(real_slide, p, 0, (x, y))  # 16 of the ~130 JPEG tiles: over 10 %
+    with Slide(p) as s, pytest.raises(CorruptSlide) as err:
+        s.read_thumbnail(8.0, finer_on_error=True, max_damaged=0.05)
+    assert "more than 5% of the slide's area does not decode at level 0" in str(err.value)
+    assert str(p) in str(err.value)
 
 
 def test_corrupt_tile_mid_slide(svs_slide: Path, tmp_path: Path) -> None:

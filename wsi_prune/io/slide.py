@@ -498,51 +498,71 @@ class Slide:
     def _read_patched(self, level: int, out_size: tuple[int, int], max_damaged: float,
                       error: CorruptSlide) -> np.ndarray:
         """The whole slide at ``out_size`` from ``level`` in parts of about
-        :data:`_PATCH_LEVEL_PX` level px; a part that does not decode is split in four until
-        its parts are one output px or :data:`_PATCH_MIN_LEVEL_PX` level px, and what still
-        fails is white (glass), with a warning naming the first place; more than
-        ``max_damaged`` of the area damaged fails."""
+        :data:`_PATCH_LEVEL_PX` level px. A part that does not decode is split in four, and
+        the quarters that fail again are split further, down to one output px or
+        :data:`_PATCH_MIN_LEVEL_PX` level px, so that only about the damaged tile's area stays
+        white (glass); a warning names the first place. A quarter whose own four quarters all
+        fail is taken whole (damage spread wide, not worth narrowing). Over ``max_damaged`` of
+        the area fails at once."""
         out_w, out_h = out_size
         sx, sy = self.info.width / out_w, self.info.height / out_h  # level-0 px per output px
         ds = self.info.level_downsamples[level]
         per_out = max(max(sx, sy) / ds, 1.0)  # level px per output px
         out = np.full((out_h, out_w, 3), 255, np.uint8)
         damaged: list[tuple[int, tuple[int, int], str]] = []  # (output px, level-0 xy, why)
+        limit = max_damaged * out_w * out_h
 
-        def part(ox: int, oy: int, bw: int, bh: int) -> None:
+        def read(box: tuple[int, int, int, int]) -> str | None:
+            """Fill ``box`` (ox, oy, bw, bh); None, or why it does not decode."""
+            ox, oy, bw, bh = box
             x0, y0 = round(ox * sx), round(oy * sy)
             x1, y1 = round((ox + bw) * sx), round((oy + bh) * sy)
             size = (max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds)))
             try:
                 out[oy:oy + bh, ox:ox + bw] = _resize(self._read_region((x0, y0), level, size),
                                                       (bw, bh))
-                return
+                return None
             except CorruptSlide as exc:
                 self.reopen()
-                if max(bw, bh) <= 1 or max(bw, bh) * per_out <= _PATCH_MIN_LEVEL_PX:
-                    damaged.append((bw * bh, (x0, y0), exc.reason))
-                    return
+                return exc.reason
+
+        def lost(box: tuple[int, int, int, int], why: str) -> None:
+            damaged.append((box[2] * box[3], (round(box[0] * sx), round(box[1] * sy)), why))
+            share = sum(d[0] for d in damaged)
+            if share > limit:
+                raise CorruptSlide(f"more than {max_damaged:.0%} of the slide's area does not "
+                                   f"decode at level {level} (first at level-0 "
+                                   f"{damaged[0][1]}: {damaged[0][2]})",
+                                   str(self.path)) from error
+
+        def narrow(box: tuple[int, int, int, int], why: str, depth: int) -> None:
+            ox, oy, bw, bh = box
+            if max(bw, bh) <= 1 or max(bw, bh) * per_out <= _PATCH_MIN_LEVEL_PX:
+                lost(box, why)
+                return
             hw, hh = max(1, bw // 2), max(1, bh // 2)
-            for qy, qh in ((oy, hh), (oy + hh, bh - hh)):
-                for qx, qw in ((ox, hw), (ox + hw, bw - hw)):
-                    if qw > 0 and qh > 0:
-                        part(qx, qy, qw, qh)
+            kids = [(x, y, w, h) for y, h in ((oy, hh), (oy + hh, bh - hh))
+                    for x, w in ((ox, hw), (ox + hw, bw - hw)) if w > 0 and h > 0]
+            failed = [(k, r) for k in kids if (r := read(k)) is not None]
+            if depth >= 1 and len(failed) == len(kids):
+                lost(box, why)
+                return
+            for k, r in failed:
+                narrow(k, r, depth + 1)
 
         step = max(1, int(_PATCH_LEVEL_PX / per_out))
         for oy in range(0, out_h, step):
             for ox in range(0, out_w, step):
-                part(ox, oy, min(step, out_w - ox), min(step, out_h - oy))
+                box = (ox, oy, min(step, out_w - ox), min(step, out_h - oy))
+                why = read(box)
+                if why is not None:
+                    narrow(box, why, 0)
         if not damaged:  # the damage did not come back part by part
             return out
-        share = sum(d[0] for d in damaged) / (out_w * out_h)
-        where, why = damaged[0][1], damaged[0][2]
-        if share > max_damaged:
-            raise CorruptSlide(f"{share:.1%} of the slide's area does not decode at level "
-                               f"{level} (more than {max_damaged:.0%}; first at level-0 "
-                               f"{where}: {why})", str(self.path)) from error
         _logger.warning("%s: %.2f%% of the slide's area does not decode at level %d (first at "
                         "level-0 %s: %s); masked as glass, so the tissue there is not tiled",
-                        self.path, 100 * share, level, where, why)
+                        self.path, 100 * sum(d[0] for d in damaged) / (out_w * out_h), level,
+                        damaged[0][1], damaged[0][2])
         return out
 
 
