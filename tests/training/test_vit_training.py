@@ -243,7 +243,10 @@ def test_distill_vit_keeps_the_dense_answer_when_pruned(lesion_stores: Path,
                     (14, 14), 16)
     assert fit["r1"]["teacher_rmse"] < 1e-4
     assert fit["r0.25"]["teacher_rmse"] > 0.03  # pruning moved the teacher's logits
-    assert fit["r0.25"]["student_rmse"] < 0.75 * fit["r0.25"]["teacher_rmse"], fit  # 0.57 here
+    # the student starts as the teacher (ratio 1); 0.57 here, and 0.49-0.81 over 2 ViT x 3
+    # distillation seeds (a tiny ViT on 36 tiles: its training is sensitive to float
+    # rounding, so the bound leaves room for another CPU's numbers)
+    assert fit["r0.25"]["student_rmse"] < 0.9 * fit["r0.25"]["teacher_rmse"], fit
     assert fit["r0.25"]["student_tokens"] < 0.25 * 196 + 1
 
     meta = json.loads(out.with_suffix(".json").read_text())

@@ -20,6 +20,7 @@ import torch
 from wsi_prune import __version__
 from wsi_prune._files import file_sha256
 from wsi_prune.errors import ConfigError
+from wsi_prune.models.accel import normalise_tiles
 from wsi_prune.models.checkpoints import save_safetensors
 from wsi_prune.models.sidecars import write_sidecar
 
@@ -108,5 +109,6 @@ def input_norm(vit: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalised(pixels: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float ViT input from (B, H, W, 3) uint8 tiles."""
-    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255) - mean) / std
+    """(B, 3, H, W) float ViT input from (B, H, W, 3) uint8 tiles, computed as ``run``
+    computes it (:func:`~wsi_prune.models.accel.normalise_tiles`)."""
+    return normalise_tiles(torch.from_numpy(np.ascontiguousarray(pixels)), mean, std)
