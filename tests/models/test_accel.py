@@ -60,15 +60,18 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32(uni2h: nn.Module, prune_blocks) -
     # the matmuls really ran in bf16 (and in fp32 without autocast)...
     assert _linear_dtypes(uni2h, lambda: half(x)) == {torch.bfloat16}
     assert _linear_dtypes(uni2h, lambda: full(x)) == {torch.float32}
-    # ...and the embedding, float32 either way, stays within bf16's rounding of fp32
+    # ...and the embedding, float32 either way, stays within bf16's rounding of fp32: 0.3-0.5 %
+    # per image with AVX-512 kernels; with AVX2 ones (ATEN_CPU_CAPABILITY=avx2, a CPU without
+    # AVX-512) one image keeps another of two near-tied tokens and moves 2.9 %
     assert out.embedding.dtype == torch.float32
     assert not torch.equal(out.embedding, ref.embedding)
     rel = (out.embedding - ref.embedding).norm(dim=1) / ref.embedding.norm(dim=1)
-    assert float(rel.max()) < 0.02
+    assert float(rel.median()) < 0.01 and float(rel.max()) < 0.05
     assert float(F.cosine_similarity(out.embedding, ref.embedding).min()) > 0.999
-    # the CLS row that ranks tokens is computed in fp32: the same tokens are kept
+    # the CLS row that ranks tokens is computed in fp32: as many tokens are kept, nearly all
+    # the same ones (its inputs went through bf16 blocks, so a near tie may go the other way)
     for a, b in zip(out.kept, ref.kept, strict=True):
-        assert torch.equal(a, b)
+        assert float((a == b).float().mean()) > 0.95
     assert torch.equal(out.tokens_per_image, ref.tokens_per_image)
 
 
