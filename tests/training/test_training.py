@@ -619,18 +619,22 @@ def test_scorer_fits_a_teachers_tile_order_with_the_rank_loss(synth_store) -> No
     teacher = (0.2 + 0.1 / (1 + np.exp(-(od - od.mean()) / od.std()))).astype(np.float32)
     zeros = np.zeros((len(x), 14, 14), np.float32)  # no lesion anywhere
     cfg = ScorerConfig()
-    rho = {}
-    for rank in (True, False):
-        torch.manual_seed(0)
-        model = PatchScorer(cfg, 14).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(25):
-            loss = _scorer_loss(model, x, zeros, teacher, cfg, 1.0, rank=rank)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            logits, _ = model.forward_logits(torch.from_numpy(x).permute(0, 3, 1, 2))
-        score = pool_patch_map(torch.sigmoid(logits), cfg.pooling, cfg.topk).numpy()
-        rho[rank] = spearmanr(score, teacher).statistic
-    assert rho[True] > 0.9 and rho[True] > rho[False] + 0.2, rho
+    rho: dict[bool, list[float]] = {True: [], False: []}
+    # three initialisations: what the BCE reaches in 25 steps swings with float rounding (0.18
+    # to 0.82 over initialisations, threads and CPU kernels), the rank loss's does not
+    # (0.93-0.98)
+    for seed in range(3):
+        for rank in (True, False):
+            torch.manual_seed(seed)
+            model = PatchScorer(cfg, 14).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            for _ in range(25):
+                loss = _scorer_loss(model, x, zeros, teacher, cfg, 1.0, rank=rank)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                logits, _ = model.forward_logits(torch.from_numpy(x).permute(0, 3, 1, 2))
+            score = pool_patch_map(torch.sigmoid(logits), cfg.pooling, cfg.topk).numpy()
+            rho[rank].append(spearmanr(score, teacher).statistic)
+    assert min(rho[True]) > 0.9 and np.mean(rho[True]) > np.mean(rho[False]) + 0.2, rho
