@@ -165,6 +165,14 @@ def test_damaged_tile_of_a_single_level_slide(real_slide: Path, tmp_path: Path, 
         x, y = r["level0_xy"]
         assert x < x1 and x + side > x0 and y < y1 and y + side > y0
     assert row["unreadable_tiles"] == len(records)
-    (row,) = run_batch([slide], out, cfg.replace(tiling={"on_corrupt_tile": "fail"}),
-                       force=True, progress=False)
+    # `doctor` and the free-space check mask it as the run does
+    from wsi_prune.pipeline.checks import slide_bytes_bound
+    from wsi_prune.pipeline.preflight import inspect_slide
+
+    assert inspect_slide(slide, cfg)["tissue_tiles"] == g["tiles/coords"].shape[0]
+    assert slide_bytes_bound(SlideEntry("onebad", slide), cfg)[1] == g["tiles/coords"].shape[0]
+    fail = cfg.replace(tiling={"on_corrupt_tile": "fail"})
+    with pytest.raises(CorruptSlide):
+        inspect_slide(slide, fail)
+    (row,) = run_batch([slide], out, fail, force=True, progress=False)
     assert row["status"] == "failed" and "read failed" in row["error"]

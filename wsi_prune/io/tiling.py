@@ -38,7 +38,7 @@ from wsi_prune.config import RunConfig, TilingConfig
 from wsi_prune.errors import CorruptSlide, SlideChanged, StoreError
 from wsi_prune.io import locks, store
 from wsi_prune.io.slide import Slide, SlideInfo
-from wsi_prune.io.tissue import MASK_VERSION, slide_tissue_mask, tile_fractions
+from wsi_prune.io.tissue import MASK_VERSION, TissueMask, slide_tissue_mask, tile_fractions
 
 _logger = logging.getLogger(__name__)
 
@@ -314,6 +314,19 @@ class _TaskProgress(Callback):
             self._progress(self._done, self._total)
 
 
+def run_tissue_mask(slide: Slide, config: RunConfig) -> TissueMask:
+    """The slide's tissue mask as a run makes it (``doctor`` and the free-space check too).
+
+    With ``tiling.on_corrupt_tile: skip`` a damaged tile of the thumbnail's level is read from
+    a finer level, and where no level decodes whole, up to ``tiling.max_unreadable_fraction``
+    of the slide's area is masked as glass
+    (:func:`~wsi_prune.io.tissue.slide_tissue_mask`); with ``fail`` the read fails.
+    """
+    skip = config.tiling.on_corrupt_tile == "skip"
+    return slide_tissue_mask(slide, config.tissue, finer_on_error=skip,
+                             max_damaged=config.tiling.max_unreadable_fraction if skip else 0.0)
+
+
 def tile_slide(
     slide_path: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
@@ -394,9 +407,7 @@ def _build(
     slide_path = Path(slide.path)
     info = slide.info
     # thumbnail read, masked and released inside; bounded by TissueConfig.max_mask_mpx
-    skip = tcfg.on_corrupt_tile == "skip"
-    tm = slide_tissue_mask(slide, config.tissue, finer_on_error=skip,
-                           max_damaged=tcfg.max_unreadable_fraction if skip else 0.0)
+    tm = run_tissue_mask(slide, config)
     mask_mpp = tm.mpp
     grid = make_grid(info, tm.mask, mask_mpp, tcfg)
     n = len(grid)

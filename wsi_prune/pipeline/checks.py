@@ -97,7 +97,7 @@ def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
     """An upper bound of what a slide writes into OUT, and its tissue tile count.
 
     Its tissue tiles are found as the run finds them (thumbnail, tissue mask, grid: the
-    same :func:`~wsi_prune.io.tissue.slide_tissue_mask`, so the same bounded memory on a
+    same :func:`~wsi_prune.io.tiling.run_tissue_mask`, so the same bounded memory on a
     large slide), and counted uncompressed (coarse tiles, plus full tiles with
     ``store_tiles``), plus :data:`OUTPUTS_MARGIN_BYTES`.
 
@@ -105,11 +105,10 @@ def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
         SlideError: the slide cannot be opened or read.
     """
     from wsi_prune.io.slide import Slide
-    from wsi_prune.io.tiling import make_grid
-    from wsi_prune.io.tissue import slide_tissue_mask
+    from wsi_prune.io.tiling import make_grid, run_tissue_mask
 
     with Slide(entry.path, entry.mpp) as slide:
-        tm = slide_tissue_mask(slide, config.tissue)
+        tm = run_tissue_mask(slide, config)
         info = slide.info
     grid = make_grid(info, tm.mask, tm.mpp, config.tiling)
     t = config.tiling

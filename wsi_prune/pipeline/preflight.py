@@ -13,8 +13,7 @@ from typing import Any
 
 from wsi_prune.config import RunConfig
 from wsi_prune.io.slide import Slide
-from wsi_prune.io.tiling import make_grid
-from wsi_prune.io.tissue import slide_tissue_mask
+from wsi_prune.io.tiling import make_grid, run_tissue_mask
 
 # A rough time estimate, not a benchmark. Measured 2026-12-07 with run_batch (force=True,
 # models already built) and pipelines/demo.yaml on the idle 2-core development machine, three
@@ -45,7 +44,7 @@ def inspect_slide(
     with Slide(path, mpp) as slide:
         info = slide.info
         # the mask tiling makes (capped for huge slides), so the estimate counts its tiles
-        tm = slide_tissue_mask(slide, config.tissue)
+        tm = run_tissue_mask(slide, config)
     grid = make_grid(info, tm.mask, tm.mpp, config.tiling)
     return {
         "path": info.path,
