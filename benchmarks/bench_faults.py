@@ -132,6 +132,8 @@ def _bad_inputs(d: Path, good: Path) -> dict[str, str]:
     made["no_mpp.tif"] = "a tiled TIFF without any resolution"
     Image.fromarray(glass).save(d / "photo.png")
     made["photo.png"] = "a PNG of bare glass, with mpp 0.5 in the slide list"
+    Image.fromarray(glass).save(d / "snapshot.svs", format="JPEG")
+    made["snapshot.svs"] = "a JPEG named .svs"
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data

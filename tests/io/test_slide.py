@@ -460,6 +460,22 @@ def test_non_ascii_file_name(svs_slide: Path, tmp_path: Path) -> None:
         assert s.read((0, 0), (64, 64), 0.5).shape == (64, 64, 3)
 
 
+def test_a_misnamed_image_says_what_it_is(tmp_path: Path) -> None:
+    """A JPEG named .svs is an image under the wrong name, and the error says how to read it;
+    a text file named .svs shows its first bytes."""
+    jpg = tmp_path / "snapshot.svs"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(jpg, format="JPEG")
+    with pytest.raises(UnsupportedSlide) as err:
+        Slide(jpg)
+    assert str(jpg) in str(err.value)
+    assert "a JPEG image named .svs" in str(err.value) and "name it .jpg and pass --mpp" in str(
+        err.value)
+    txt = tmp_path / "notes.svs"
+    txt.write_text("hello world")
+    with pytest.raises(UnsupportedSlide, match=r"nor a plain image \(first bytes b'hello wo'\)"):
+        Slide(txt)
+
+
 def test_plain_image_needs_mpp(tmp_path: Path) -> None:
     p = tmp_path / "photo.png"
     rgba = np.zeros((300, 400, 4), np.uint8)

@@ -258,6 +258,19 @@ def image_kind(path: str | os.PathLike[str]) -> str | None:
     return next((kind for magic, kind in IMAGE_MAGIC.items() if head.startswith(magic)), None)
 
 
+def not_a_slide(path: str | os.PathLike[str]) -> str:
+    """Why a file OpenSlide refused, whose name is no plain image's, cannot be read: an image
+    misnamed (a JPEG called .svs: rename it and pass --mpp), or what its first bytes are."""
+    suffix = Path(path).suffix
+    kind = image_kind(path)
+    if kind is not None:
+        ext = {"TIFF": ".tif", "PNG": ".png", "JPEG": ".jpg"}[kind]
+        return (f"a {kind} image named {suffix}, not a format OpenSlide reads; to read it as a "
+                f"plain image, name it {ext} and pass --mpp (µm/px)")
+    return (f"not a slide format OpenSlide reads, nor a plain image (first bytes "
+            f"{head_repr(path)})")
+
+
 def head_repr(path: str | os.PathLike[str], n: int = 8) -> str:
     """The file's first ``n`` bytes as Python writes them, for error messages."""
     with open(path, "rb") as fh:

@@ -41,7 +41,7 @@ from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's A
     plausible,
     resolve_mpp,
 )
-from wsi_prune.io.plain_image import PlainImage, head_repr, image_kind, is_tiff
+from wsi_prune.io.plain_image import PlainImage, head_repr, image_kind, is_tiff, not_a_slide
 from wsi_prune.io.tiff_levels import TiffLevels, open_levels
 
 _logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class Slide:
     def _open_image(self, mpp: float | None) -> None:
         spath = str(self.path)
         if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise UnsupportedSlide("not a slide format OpenSlide reads, nor a plain image", spath)
+            raise UnsupportedSlide(not_a_slide(self.path), spath)
         kind = image_kind(self.path)
         if kind is None:
             # a text file or a download error page named .tif: no --mpp would make it readable
