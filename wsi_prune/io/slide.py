@@ -430,13 +430,8 @@ class Slide:
         out = np.empty((out_h, out_w, 3), np.uint8)
 
         def block(oy: int, ox: int) -> None:
-            bw, bh = min(step_x, out_w - ox), min(step_y, out_h - oy)
-            # rounded level-0 edges shared by neighbouring blocks: no gap, no overlap
-            x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
-            x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
-            wl, hl = max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds))
-            region = self._read_region((x0, y0), level, (wl, hl))
-            out[oy:oy + bh, ox:ox + bw] = _resize(region, (bw, bh))
+            box = (ox, oy, min(step_x, out_w - ox), min(step_y, out_h - oy))
+            self._fill(out, box, level, xy, (sx, sy))
 
         starts = [(oy, ox) for oy in range(0, out_h, step_y) for ox in range(0, out_w, step_x)]
         if threads <= 1 or len(starts) <= 1:
@@ -447,6 +442,20 @@ class Slide:
             for job in [pool.submit(block, oy, ox) for oy, ox in starts]:
                 job.result()
         return out
+
+    def _fill(self, out: np.ndarray, box: tuple[int, int, int, int], level: int,
+              xy: tuple[int, int], scale: tuple[float, float]) -> None:
+        """Read the output box ``(ox, oy, bw, bh)`` of ``out`` from ``level``: output px
+        ``(ox, oy)`` lies at level-0 ``xy + (ox, oy) * scale``; each box's level-0 edges are
+        rounded, so neighbouring boxes share them (no gap, no overlap)."""
+        ox, oy, bw, bh = box
+        sx, sy = scale
+        ds = self.info.level_downsamples[level]
+        x0, y0 = xy[0] + round(ox * sx), xy[1] + round(oy * sy)
+        x1, y1 = xy[0] + round((ox + bw) * sx), xy[1] + round((oy + bh) * sy)
+        size = (max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds)))
+        out[oy:oy + bh, ox:ox + bw] = _resize(self._read_region((x0, y0), level, size),
+                                              (bw, bh))
 
     def read_thumbnail(self, mpp: float, finer_on_error: bool = False,
                        level: int | None = None, max_damaged: float = 0.0) -> np.ndarray:
@@ -509,31 +518,28 @@ class Slide:
         ds = self.info.level_downsamples[level]
         per_out = max(max(sx, sy) / ds, 1.0)  # level px per output px
         out = np.full((out_h, out_w, 3), 255, np.uint8)
-        damaged: list[tuple[int, tuple[int, int], str]] = []  # (output px, level-0 xy, why)
+        first: list[tuple[tuple[int, int], str]] = []  # (level-0 xy, why) of the first damage
+        area = 0  # damaged output px
         limit = max_damaged * out_w * out_h
 
         def read(box: tuple[int, int, int, int]) -> str | None:
             """Fill ``box`` (ox, oy, bw, bh); None, or why it does not decode."""
-            ox, oy, bw, bh = box
-            x0, y0 = round(ox * sx), round(oy * sy)
-            x1, y1 = round((ox + bw) * sx), round((oy + bh) * sy)
-            size = (max(1, math.ceil((x1 - x0) / ds)), max(1, math.ceil((y1 - y0) / ds)))
             try:
-                out[oy:oy + bh, ox:ox + bw] = _resize(self._read_region((x0, y0), level, size),
-                                                      (bw, bh))
+                self._fill(out, box, level, (0, 0), (sx, sy))
                 return None
             except CorruptSlide as exc:
                 self.reopen()
                 return exc.reason
 
         def lost(box: tuple[int, int, int, int], why: str) -> None:
-            damaged.append((box[2] * box[3], (round(box[0] * sx), round(box[1] * sy)), why))
-            share = sum(d[0] for d in damaged)
-            if share > limit:
+            nonlocal area
+            if not first:
+                first.append(((round(box[0] * sx), round(box[1] * sy)), why))
+            area += box[2] * box[3]
+            if area > limit:
                 raise CorruptSlide(f"more than {max_damaged:.0%} of the slide's area does not "
                                    f"decode at level {level} (first at level-0 "
-                                   f"{damaged[0][1]}: {damaged[0][2]})",
-                                   str(self.path)) from error
+                                   f"{first[0][0]}: {first[0][1]})", str(self.path)) from error
 
         def narrow(box: tuple[int, int, int, int], why: str, depth: int) -> None:
             ox, oy, bw, bh = box
@@ -557,12 +563,10 @@ class Slide:
                 why = read(box)
                 if why is not None:
                     narrow(box, why, 0)
-        if not damaged:  # the damage did not come back part by part
-            return out
-        _logger.warning("%s: %.2f%% of the slide's area does not decode at level %d (first at "
-                        "level-0 %s: %s); masked as glass, so the tissue there is not tiled",
-                        self.path, 100 * sum(d[0] for d in damaged) / (out_w * out_h), level,
-                        damaged[0][1], damaged[0][2])
+        if first:  # else the damage did not come back part by part
+            _logger.warning("%s: %.2f%% of the slide's area does not decode at level %d (first "
+                            "at level-0 %s: %s); masked as glass, so the tissue there is not "
+                            "tiled", self.path, 100 * area / (out_w * out_h), level, *first[0])
         return out
 
 
