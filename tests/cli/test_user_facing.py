@@ -48,6 +48,35 @@ def test_group_verbosity_reaches_run(not_a_slide: Path, tmp_path: Path):
     assert "INFO" in (out / "run.log").read_text()
 
 
+def test_tifffile_messages_go_to_the_log_file_and_to_stderr_only_with_vv(tmp_path: Path,
+                                                                         capsys):
+    """tifffile logs odd tags of a damaged file bare (a page offset, no file name) on stderr
+    beside the slide's own error; a run keeps them in run.log, and shows them with -vv."""
+    import logging
+
+    import tifffile
+
+    from wsi_prune.cli.common import setup_logging
+
+    lib = logging.getLogger("tifffile")
+    saved = lib.handlers[:], lib.propagate
+    log = tmp_path / "run.log"
+    try:
+        setup_logging(0, False, log)
+        tifffile.logger().error("<tifffile.TiffPage 2 @1850194> incorrect StripOffsets count")
+        assert "StripOffsets" not in capsys.readouterr().err
+        assert "ERROR tifffile: <tifffile.TiffPage 2 @1850194>" in log.read_text()
+        setup_logging(0, True, None)  # no log file: nowhere, not Python's bare last resort
+        tifffile.logger().error("an odd tag")
+        assert "odd tag" not in capsys.readouterr().err
+        setup_logging(2, False, None)
+        tifffile.logger().error("an odd tag")
+        assert "ERROR tifffile: an odd tag" in capsys.readouterr().err
+    finally:
+        setup_logging(0, False, None)
+        lib.handlers[:], lib.propagate = saved
+
+
 # -- devices -------------------------------------------------------------------------------------
 
 

@@ -641,6 +641,66 @@ def test_free_space_bound_counts_the_tiles_the_run_tiles(batch, svs_slide):
     assert need == n * t.coarse_px**2 * 3 + OUTPUTS_MARGIN_BYTES
 
 
+
+def test_kept_mask_is_taken_once_by_the_same_slide_and_config(svs_slide, tmp_path):
+    """``run_tissue_mask(keep=True)`` (the free-space check) leaves its mask for the next call
+    on the same file with the same tissue and tiling config (tiling), once; another config or
+    a replaced file masks anew."""
+    import shutil
+
+    from wsi_prune.io.slide import Slide
+    from wsi_prune.io.tiling import forget_kept_mask, run_tissue_mask
+
+    slide_path = tmp_path / "s.svs"
+    shutil.copy(svs_slide, slide_path)
+    cfg = demo_config()
+    other = cfg.replace(tissue={"closing_um": cfg.tissue.closing_um + 4})
+    try:
+        with Slide(slide_path) as slide:
+            kept = run_tissue_mask(slide, cfg, keep=True)
+            assert run_tissue_mask(slide, other) is not kept  # another config
+            assert run_tissue_mask(slide, cfg) is kept  # taken ...
+            again = run_tissue_mask(slide, cfg)  # ... once
+            assert again is not kept and np.array_equal(again.mask, kept.mask)
+            run_tissue_mask(slide, cfg, keep=True)
+        st = slide_path.stat()
+        os.utime(slide_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # replaced
+        with Slide(slide_path) as slide:
+            assert run_tissue_mask(slide, cfg) is not kept
+            kept = run_tissue_mask(slide, cfg, keep=True)
+        forget_kept_mask()
+        with Slide(slide_path) as slide:
+            assert run_tissue_mask(slide, cfg) is not kept
+    finally:
+        forget_kept_mask()
+
+
+def test_a_run_masks_its_first_slide_once(svs_slide, tmp_path, monkeypatch):
+    """The free-space check masks the first slide before the run tiles it; tiling takes that
+    mask instead of masking again (the real masking function, counted)."""
+    from wsi_prune.io import tiling
+
+    calls = []
+    real = tiling.slide_tissue_mask
+
+    def counted(slide, *args, **kwargs):
+        calls.append(Path(slide.path).name)
+        return real(slide, *args, **kwargs)
+
+    monkeypatch.setattr(tiling, "slide_tissue_mask", counted)
+    (row,) = run_batch([svs_slide], tmp_path / "o", demo_config(), progress=False)
+    assert row["status"] == "ok", row["error"]
+    assert calls == [svs_slide.name]
+    assert not tiling._KEPT  # nothing held after the run
+    # the store holds what a build that masks on its own makes
+    res = tiling.tile_slide(svs_slide, tmp_path / "alone.zarr", demo_config())
+    assert len(calls) == 2 and res.n_tiles == int(row["tissue_tiles"])
+    a = zarr.open_group(str(tmp_path / "o" / f"{row['id']}.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "alone.zarr"), mode="r")
+    assert np.array_equal(a["mask/tissue"][...], b["mask/tissue"][...])
+    assert np.array_equal(a["tiles/coords"][...], b["tiles/coords"][...])
+
+
 def test_slide_token_scope_spends_the_same_tokens_where_the_cnn_looks(batch, svs_slide,
                                                                        tmp_path):
     """``token_select.scope: slide``: the same tokens in all as the per-tile ratio, moved to

@@ -39,7 +39,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def setup_logging(verbose: int, quiet: bool, logfile: Path | None = None) -> None:
     """Handlers of the ``wsi_prune`` logger: stderr at WARNING (``quiet``), INFO (default,
     ``-v``) or DEBUG (``-vv``); ``logfile`` gets INFO and up, or DEBUG with ``-vv``, whatever
-    the console shows."""
+    the console shows.
+
+    tifffile's own warnings (an odd tag or strip count, naming a page offset but not the
+    file) go to ``logfile``, and to stderr only with ``-vv``: the slide's error, or its
+    warning, already says what was wrong with which file."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     file_level = min(level, logging.INFO)
     root = logging.getLogger("wsi_prune")
@@ -57,6 +61,11 @@ def setup_logging(verbose: int, quiet: bool, logfile: Path | None = None) -> Non
         fh.setLevel(file_level)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
+    lib = logging.getLogger("tifffile")
+    lib.propagate = False
+    lib.handlers[:] = [h for h in root.handlers
+                       if isinstance(h, logging.FileHandler) or verbose > 1] or [
+        logging.NullHandler()]
 
 
 def command_logging(ctx: click.Context, quiet: bool, logfile: Path | None) -> bool:

@@ -314,17 +314,58 @@ class _TaskProgress(Callback):
             self._progress(self._done, self._total)
 
 
-def run_tissue_mask(slide: Slide, config: RunConfig) -> TissueMask:
+#: the mask the free-space check made of a run's first slide, kept (one, at most
+#: ``tissue.max_mask_mpx`` bytes) until tiling takes it: ``{(path, tile hash): mask}``
+_KEPT: dict[tuple[str, str], TissueMask] = {}
+_KEPT_LOCK = threading.Lock()
+
+
+def run_tissue_mask(slide: Slide, config: RunConfig, keep: bool = False) -> TissueMask:
     """The slide's tissue mask as a run makes it (``doctor`` and the free-space check too).
 
     With ``tiling.on_corrupt_tile: skip`` a damaged tile of the thumbnail's level is read from
     a finer level, and where no level decodes whole, up to ``tiling.max_unreadable_fraction``
     of the slide's area is masked as glass
     (:func:`~wsi_prune.io.tissue.slide_tissue_mask`); with ``fail`` the read fails.
+
+    Args:
+        slide: the open slide.
+        config: the run config (its tissue and tiling sections).
+        keep: keep the mask for the next call on the same slide file with the same tissue
+            and tiling config (:func:`tile_store_hash`), which takes it instead of masking
+            again: the free-space check masks a run's first slide just before the run tiles
+            it (on a CAMELYON-size slide 1-2 s, and a damaged slide's warnings twice). One
+            mask is kept at a time; :func:`forget_kept_mask` drops it.
     """
-    skip = config.tiling.on_corrupt_tile == "skip"
-    return slide_tissue_mask(slide, config.tissue, finer_on_error=skip,
-                             max_damaged=config.tiling.max_unreadable_fraction if skip else 0.0)
+    key = _kept_key(slide, config)
+    with _KEPT_LOCK:
+        tm = _KEPT.pop(key, None) if key is not None else None
+    if tm is None:
+        skip = config.tiling.on_corrupt_tile == "skip"
+        tm = slide_tissue_mask(slide, config.tissue, finer_on_error=skip,
+                               max_damaged=config.tiling.max_unreadable_fraction if skip
+                               else 0.0)
+    if keep and key is not None:
+        with _KEPT_LOCK:
+            _KEPT.clear()
+            _KEPT[key] = tm
+    return tm
+
+
+def forget_kept_mask() -> None:
+    """Drop the mask :func:`run_tissue_mask` kept, if any (the end of a run)."""
+    with _KEPT_LOCK:
+        _KEPT.clear()
+
+
+def _kept_key(slide: Slide, config: RunConfig) -> tuple[str, str] | None:
+    # the tile hash covers the sections, the mask version, the resolved MPP and the file's
+    # size and mtime: a replaced slide or another config never takes a kept mask
+    try:
+        stat = os.stat(slide.path)
+    except OSError:
+        return None
+    return os.path.realpath(slide.path), tile_store_hash(config, slide.info, stat)
 
 
 def tile_slide(

@@ -30,6 +30,7 @@ from wsi_prune._files import write_text_atomic
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError, OutputConflict
 from wsi_prune.io import locks
+from wsi_prune.io.tiling import forget_kept_mask
 from wsi_prune.models.factory import Models, apply_trained_configs, build_models, describe_models
 from wsi_prune.pipeline.checks import (
     check_free_space,
@@ -143,7 +144,10 @@ def run_batch(
                           f"got shard {shard}, fraction {audit[0]}")
     out = check_out(out)
     with run_lock(out, shard):
-        rows = _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
+        try:
+            rows = _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
+        finally:
+            forget_kept_mask()  # the first slide's mask, when its tiling never took it
         if audit is not None:
             _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress)
         return rows
@@ -198,7 +202,8 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
         if client is None:
             cache["m"] = models
         del models  # with Dask, workers build their own
-        check_free_space(out, config, todo)
+        # without Dask, the first slide's mask is kept for its tiling (masked once)
+        check_free_space(out, config, todo, keep_mask=client is None)
 
     def get_models() -> Models:
         if "m" not in cache:

@@ -93,13 +93,20 @@ def disk_full_error(out: Path, exc: BaseException, what: str) -> DiskFull:
                     "published: free space and run again", out)
 
 
-def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
+def slide_bytes_bound(entry: SlideEntry, config: RunConfig,
+                      keep_mask: bool = False) -> tuple[int, int]:
     """An upper bound of what a slide writes into OUT, and its tissue tile count.
 
     Its tissue tiles are found as the run finds them (thumbnail, tissue mask, grid: the
     same :func:`~wsi_prune.io.tiling.run_tissue_mask`, so the same bounded memory on a
     large slide), and counted uncompressed (coarse tiles, plus full tiles with
     ``store_tiles``), plus :data:`OUTPUTS_MARGIN_BYTES`.
+
+    Args:
+        entry: the slide.
+        config: the run config.
+        keep_mask: keep the mask for this process's tiling of the slide
+            (:func:`~wsi_prune.io.tiling.run_tissue_mask`'s ``keep``).
 
     Raises:
         SlideError: the slide cannot be opened or read.
@@ -108,7 +115,7 @@ def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
     from wsi_prune.io.tiling import make_grid, run_tissue_mask
 
     with Slide(entry.path, entry.mpp) as slide:
-        tm = run_tissue_mask(slide, config)
+        tm = run_tissue_mask(slide, config, keep=keep_mask)
         info = slide.info
     grid = make_grid(info, tm.mask, tm.mpp, config.tiling)
     t = config.tiling
@@ -116,7 +123,8 @@ def slide_bytes_bound(entry: SlideEntry, config: RunConfig) -> tuple[int, int]:
     return len(grid) * per_tile + OUTPUTS_MARGIN_BYTES, len(grid)
 
 
-def check_free_space(out: Path, config: RunConfig, todo: Sequence[SlideEntry]) -> None:
+def check_free_space(out: Path, config: RunConfig, todo: Sequence[SlideEntry],
+                     keep_mask: bool = False) -> None:
     """Refuse to start when OUT's device cannot hold the first slide to compute.
 
     Args:
@@ -125,6 +133,8 @@ def check_free_space(out: Path, config: RunConfig, todo: Sequence[SlideEntry]) -
         todo: the slides to compute, in order (complete ones left out). The first one that
             opens is measured (:func:`slide_bytes_bound`); unreadable ones are left to fail on
             their own.
+        keep_mask: keep the measured slide's tissue mask for its tiling in this process
+            (a run without Dask), which then does not mask it again.
 
     Raises:
         DiskFull: less free space than the first slide's bound.
@@ -132,7 +142,7 @@ def check_free_space(out: Path, config: RunConfig, todo: Sequence[SlideEntry]) -
     free = shutil.disk_usage(out).free
     for entry in list(todo)[:_ESTIMATE_TRIES]:
         try:
-            need, n = slide_bytes_bound(entry, config)
+            need, n = slide_bytes_bound(entry, config, keep_mask)
         except (SlideError, OSError):
             continue
         if free < need:
