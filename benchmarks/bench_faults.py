@@ -147,6 +147,9 @@ def _bad_inputs(d: Path, good: Path) -> dict[str, str]:
     made["loop.svs"] = "a symlink to itself"
     (d / "gone.svs").symlink_to("nowhere.svs")
     made["gone.svs"] = "a broken symlink"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "pipe.svs")  # opening it would wait for a writer
+        made["pipe.svs"] = "a FIFO (named pipe) named .svs"
     locked = make("no_permission.svs", "a real slide with mode 000 (as root: still readable)",
                   whole)
     locked.chmod(0)

@@ -3,6 +3,7 @@ and broken inputs, each with its exact error class and a message naming the file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -277,6 +278,44 @@ def test_zero_byte_file(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedSlide, match="empty file") as err:
         Slide(p)
     assert str(p) in str(err.value)
+
+
+def _open_in_a_thread(path: Path, seconds: float = 20.0) -> BaseException | None:
+    """Slide(path) in a daemon thread: the error it raised, or a failure if it still waits."""
+    import threading
+
+    box: list[BaseException | None] = []
+
+    def opener() -> None:
+        try:
+            Slide(path)
+            box.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+
+    t = threading.Thread(target=opener, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():  # blocked in open(): let it go (a writer end opened without blocking)
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"Slide({path.name}) still waiting after {seconds} s")
+    return box[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_or_folder_named_like_a_slide_fails_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO waits for a writer: a FIFO named .svs must fail without reading it,
+    naming what it is, as a folder named .svs does."""
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    err = _open_in_a_thread(fifo)
+    assert isinstance(err, UnsupportedSlide) and str(fifo) in str(err)
+    assert "FIFO (named pipe), not a slide file" in str(err)
+    folder = tmp_path / "folder.svs"
+    folder.mkdir()
+    with pytest.raises(UnsupportedSlide, match="is a directory, not a slide file"):
+        Slide(folder)
 
 
 def test_text_file_named_svs(tmp_path: Path) -> None:

@@ -86,6 +86,27 @@ def test_symlink_loops_broken_links_and_linked_folders(tmp_path: Path, caplog) -
         Slide(d / "gone.svs")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_named_like_a_slide_is_a_failed_slide_and_the_run_goes_on(svs_slide, tmp_path):
+    """A FIFO named .svs (or .vms) beside a slide: listed (it was left out without a word),
+    never opened (opening it waits for a writer: a .vms one, read as a VMS index, hung the
+    run), recorded as failed with what it is (a .svs one was called an empty file); the
+    slide completes."""
+    d = tmp_path / "in"
+    d.mkdir()
+    os.symlink(svs_slide, d / "good.svs")
+    os.mkfifo(d / "pipe.svs")
+    os.mkfifo(d / "index.vms")
+    entries = discover([d])
+    assert [e.path.name for e in entries] == ["good.svs", "index.vms", "pipe.svs"]
+    rows = {r["id"]: r for r in run_batch(entries, tmp_path / "out", demo_config(),
+                                          progress=False)}
+    assert rows["good"]["status"] == "ok", rows["good"]["error"]
+    for sid in ("pipe", "index"):
+        assert rows[sid]["status"] == "failed"
+        assert "is a FIFO (named pipe), not a slide file" in rows[sid]["error"]
+
+
 @pytest.fixture(scope="module")
 def look_alikes(tmp_path_factory) -> Path:
     """Five different slides named alike: an emoji, a.svs in two folders, A.svs and a.svs."""

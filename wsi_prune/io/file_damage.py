@@ -1,13 +1,15 @@
 """Why a slide file cannot be what it claims: a missing file or a broken link
-(:func:`missing_reason`), and a TIFF whose structure is damaged, such as a truncated copy
-(:func:`tiff_damage`). :class:`~wsi_prune.io.slide.Slide` asks these before and after
-OpenSlide, so that its error names the problem rather than OpenSlide's "unsupported".
+(:func:`missing_reason`), a path that is no regular file (:func:`not_a_file`), and a TIFF
+whose structure is damaged, such as a truncated copy (:func:`tiff_damage`).
+:class:`~wsi_prune.io.slide.Slide` asks these before and after OpenSlide, so that its error
+names the problem rather than OpenSlide's "unsupported".
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -30,6 +32,30 @@ def missing_reason(path: str | os.PathLike[str]) -> str:
         if exc.errno == errno.ELOOP:
             return "symlink loop (the link leads back to itself)"
     return f"broken symlink (to {os.readlink(p)}, which does not exist)"
+
+
+#: what an existing path that is no regular file is, and why it is no slide
+_NOT_FILES = (
+    (stat.S_ISDIR, "is a directory, not a slide file"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe), not a slide file: reading it waits for a writer"),
+    (stat.S_ISSOCK, "is a socket, not a slide file"),
+    (stat.S_ISCHR, "is a character device, not a slide file"),
+    (stat.S_ISBLK, "is a block device, not a slide file"),
+)
+
+
+def not_a_file(path: str | os.PathLike[str]) -> str | None:
+    """Why an existing path (links followed) is no regular file: a directory, a FIFO, a socket
+    or a device; None for a regular file or a path that cannot be stat'ed. Asked before
+    anything opens it: opening a FIFO blocks until something writes to it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, why in _NOT_FILES:
+        if test(mode):
+            return why
+    return None if stat.S_ISREG(mode) else "is not a regular file"
 
 
 def tiff_damage(path: Path) -> str | None:

@@ -30,7 +30,7 @@ import openslide
 from PIL import Image
 
 from wsi_prune.errors import CorruptSlide, UnsupportedSlide
-from wsi_prune.io.file_damage import missing_reason, tiff_damage
+from wsi_prune.io.file_damage import missing_reason, not_a_file, tiff_damage
 from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's API too
     MPP_DISAGREEMENT,
     MPP_RANGE,
@@ -145,8 +145,8 @@ class Slide:
         spath = str(self.path)
         if not self.path.exists():
             raise UnsupportedSlide(missing_reason(self.path), spath)
-        if self.path.is_dir():
-            raise UnsupportedSlide("is a directory, not a slide file", spath)
+        if (why := not_a_file(self.path)) is not None:  # a folder, FIFO, socket, device
+            raise UnsupportedSlide(why, spath)
         if self.path.stat().st_size == 0:
             raise UnsupportedSlide("empty file (0 bytes)", spath)
         try:  # OpenSlide would say "unsupported format" for a file it may not read

@@ -189,8 +189,8 @@ def _without_vms_parts(
     file beside the index)."""
     parts: set[str] = set()
     for path, _, _, _ in raw:
-        if path.suffix.lower() not in _VMS_INDEX:
-            continue
+        if path.suffix.lower() not in _VMS_INDEX or not path.is_file():
+            continue  # (a FIFO named .vms would block the read; it fails as a slide)
         try:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 text = fh.read(1 << 20)  # an index is a few KB; never read a huge file whole
@@ -284,9 +284,9 @@ def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None,
                 if passed is not None and f.suffix.lower() in IMAGE_EXTENSIONS:
                     passed.append(f)
                 continue
-            # a file, or a symlink that leads nowhere: the latter fails with its own reason
-            if f.is_file() or f.is_symlink():
-                found.append(f)
+            # a file; a symlink that leads nowhere, a FIFO, socket or device named like a
+            # slide: these fail with their own reason rather than vanish from the results
+            found.append(f)
     return sorted(found)
 
 
