@@ -323,3 +323,29 @@ def test_the_pieces_of_a_vms_slide_are_not_slides(tmp_path: Path) -> None:
     lst = tmp_path / "slides.csv"
     lst.write_text("path,id\ncase/s.vms,\ncase/s_map.jpg,themap\n")
     assert sorted(e.id for e in discover([lst], mpp=0.5)) == ["s", "themap"]
+
+
+def test_slide_lists_as_spreadsheets_export_them(tmp_path: Path) -> None:
+    """A slide list with Excel's byte-order mark, capitalised headers, ';' between columns and
+    a decimal comma, or tabs, reads as the plain CSV does; without a path column the error
+    shows what the first line held."""
+    from wsi_prune.errors import ConfigError
+
+    for name in ("a.svs", "b.svs"):
+        (tmp_path / name).write_bytes(b"x")
+    variants = {
+        "plain.csv": "path,id,mpp,label\na.svs,A,0.25,1\nb.svs,,0.5,0\n",
+        "excel-utf8.csv": "\ufeffPath,ID,MPP,Label\r\na.svs,A,0.25,1\r\nb.svs,,0.5,0\r\n",
+        "excel-semicolon.csv": "\ufeffpath;id;mpp;label\r\na.svs;A;0,25;1\r\nb.svs;;0,5;0\r\n",
+        "tabs.csv": "path\tid\tmpp\tlabel\na.svs\tA\t0.25\t1\nb.svs\t\t0.5\t0\n",
+    }
+    got = {}
+    for name, text in variants.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+        got[name] = [(e.id, e.path.name, e.mpp, e.label) for e in discover([tmp_path / name])]
+    assert got["plain.csv"] == [("A", "a.svs", 0.25, 1), ("b", "b.svs", 0.5, 0)]
+    assert all(v == got["plain.csv"] for v in got.values()), got
+    (tmp_path / "wrong.csv").write_text("file,mpp\na.svs,0.25\n")
+    with pytest.raises(ConfigError, match=r"needs a 'path' column; its first line has "
+                                          r"\['file', 'mpp'\]"):
+        discover([tmp_path / "wrong.csv"])

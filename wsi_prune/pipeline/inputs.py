@@ -291,18 +291,33 @@ def _walk(root: Path, exts: tuple[str, ...], skip: Path | None = None,
 
 
 def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, int | None]]:
-
+    """Rows ``(path, id, mpp, label)`` of a slide list: a CSV with a header naming the columns
+    ``path`` (required), ``id``, ``mpp`` and ``label``, in any order and case. Spreadsheets'
+    variants are read too: a UTF-8 byte-order mark (Excel's "CSV UTF-8"), and ``;`` or tab
+    between columns (``;``: Excel where the decimal mark is a comma, so ``0,25`` is read as
+    0.25 in an ``mpp`` cell of such a list)."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ConfigError("slide list needs a 'path' column", path)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        head = fh.readline()
+        fh.seek(0)
+        sep = next((d for d in (",", ";", "\t")
+                    if "path" in (c.strip().strip('"').lower() for c in head.split(d))), ",")
+        reader = csv.DictReader(fh, delimiter=sep)
+        names = [(n or "").strip().lower() for n in reader.fieldnames or ()]
+        if "path" not in names:
+            raise ConfigError(f"slide list needs a 'path' column; its first line has "
+                              f"{names or 'nothing'} (columns separated by ',', ';' or tab)",
+                              path)
+        reader.fieldnames = names
         for i, row in enumerate(reader, start=2):
             p = Path(row["path"])
             if not p.is_absolute():
                 p = path.parent / p
             try:
-                row_mpp = float(row["mpp"]) if row.get("mpp") else None
+                mpp_text = (row.get("mpp") or "").strip()
+                if sep == ";":  # a ';' list comes from a locale whose decimal mark is ','
+                    mpp_text = mpp_text.replace(",", ".")
+                row_mpp = float(mpp_text) if mpp_text else None
                 label = parse_label(row["label"]) if row.get("label") else None
             except ValueError as exc:
                 raise ConfigError(f"line {i}: {exc}", path) from exc
