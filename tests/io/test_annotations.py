@@ -262,3 +262,15 @@ def test_synth_xml_writer_round_trip(tmp_path):
     union = np.count_nonzero(mask | truth[: mask.shape[0], : mask.shape[1]])
     assert inter / union > 0.9
     assert math.isclose(mask.sum(), truth.sum(), rel_tol=0.1)
+
+
+def test_read_labels_saved_by_a_spreadsheet(tmp_path):
+    """';' or tab between columns and a byte-order mark read as the comma file does."""
+    want = {"synth_000": 0, "synth_001": 1}
+    for name, text in {"semi.csv": "\ufeffslide;label\r\nsynth_000;Normal\r\nsynth_001;Tumor\r\n",
+                       "tab.csv": "slide\tlabel\nsynth_000\tNormal\nsynth_001\tTumor\n",
+                       "plain.csv": "\ufeffslide,label\nsynth_000,Normal\nsynth_001,Tumor\n"
+                       }.items():
+        p = tmp_path / name
+        p.write_text(text, encoding="utf-8", newline="")
+        assert read_labels(p) == want, name

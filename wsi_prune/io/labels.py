@@ -6,6 +6,7 @@ by the two challenges to 0/1; slide ids are matched as :mod:`wsi_prune._ids` say
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def read_labels(path: str | os.PathLike[str]) -> dict[str, int]:
     columns (``slide``/``image``/``patient``... and ``label``/``stage``...), otherwise the
     first two columns are used and any further ones (CAMELYON16's lesion type) are ignored.
     Slide ids lose their folder and slide-file suffix (``patient_004_node_4.tif`` ->
-    ``patient_004_node_4``).
+    ``patient_004_node_4``). Columns are separated by ``,``, or by ``;`` or a tab when the
+    first line has no ``,`` (as spreadsheets may save them); a UTF-8 byte-order mark is
+    skipped.
 
     Raises:
         AnnotationError: missing file, empty file, an unknown label or a slide listed twice with
@@ -75,7 +78,12 @@ def read_labels(path: str | os.PathLike[str]) -> dict[str, int]:
     if not path.is_file():
         raise AnnotationError("no such label file", path)
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        text = fh.read()
+    # ',' as CAMELYON's files; ';' or tab as a spreadsheet may save them (a line without ',')
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    sep = next((d for d in (";", "\t") if d in first and "," not in first), ",")
+    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+            if r and any(c.strip() for c in r)]
     if not rows:
         raise AnnotationError("label file is empty", path)
     key_col, lab_col, start = 0, 1, 0
