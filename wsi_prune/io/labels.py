@@ -59,6 +59,14 @@ def _header_columns(row: list[str], path: Path, why: str) -> tuple[int, int]:
     return key, lab
 
 
+def csv_delimiter(first_line: str) -> str:
+    """The column separator of a CSV whose first line is ``first_line``: ``,`` (CAMELYON's
+    files, most CSVs), or ``;`` or a tab when that line has one and no ``,``, as a spreadsheet
+    may save a list (``;`` where the decimal mark is a comma). Label files and slide lists
+    (:mod:`wsi_prune.pipeline.inputs`) both read this way."""
+    return next((d for d in (";", "\t") if d in first_line and "," not in first_line), ",")
+
+
 def read_labels(path: str | os.PathLike[str]) -> dict[str, int]:
     """Read a slide-label CSV into ``{slide id: 0/1}``.
 
@@ -79,9 +87,7 @@ def read_labels(path: str | os.PathLike[str]) -> dict[str, int]:
         raise AnnotationError("no such label file", path)
     with path.open(newline="", encoding="utf-8-sig") as fh:
         text = fh.read()
-    # ',' as CAMELYON's files; ';' or tab as a spreadsheet may save them (a line without ',')
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    sep = next((d for d in (";", "\t") if d in first and "," not in first), ",")
+    sep = csv_delimiter(next((line for line in text.splitlines() if line.strip()), ""))
     rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=sep)
             if r and any(c.strip() for c in r)]
     if not rows:

@@ -30,7 +30,7 @@ from pathlib import Path
 from wsi_prune._ids import safe_id, unique_ids
 from wsi_prune.errors import ConfigError
 from wsi_prune.io.dicom import dicom_series_uid
-from wsi_prune.io.labels import parse_label
+from wsi_prune.io.labels import csv_delimiter, parse_label
 from wsi_prune.io.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 from wsi_prune.outputs import PICTURES, RAW_HEAT_PICTURE
 
@@ -298,10 +298,8 @@ def _read_slide_list(path: Path) -> list[tuple[Path, str | None, float | None, i
     0.25 in an ``mpp`` cell of such a list)."""
     rows = []
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        head = fh.readline()
+        sep = csv_delimiter(fh.readline())
         fh.seek(0)
-        sep = next((d for d in (",", ";", "\t")
-                    if "path" in (c.strip().strip('"').lower() for c in head.split(d))), ",")
         reader = csv.DictReader(fh, delimiter=sep)
         names = [(n or "").strip().lower() for n in reader.fieldnames or ()]
         if "path" not in names:
