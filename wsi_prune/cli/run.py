@@ -48,13 +48,19 @@ __all__ = ["demo", "run"]
                    "how far pruning moved the answers, without labels. [default: off]")
 @click.option("--audit-seed", type=int, default=0, show_default=True,
               help="Seed of the audit's slide draw.")
+@click.option("--tile-ahead/--no-tile-ahead", default=None,
+              help="Without Dask workers: tile the next slide in a background thread while "
+                   "this one runs its ViT and outputs (same results; one more slide's tiling "
+                   "in memory at a time). [default: on with a GPU device, or when torch "
+                   "leaves a core free (OMP_NUM_THREADS); off when torch uses every core]")
 @click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
         mpp: float | None, device: str, on_corrupt_tile: str | None,
         cluster_request: ClusterRequest, shard: tuple[int, int] | None, dense: bool,
-        force: bool, audit_fraction: float | None, audit_seed: int, quiet: bool) -> None:
+        force: bool, audit_fraction: float | None, audit_seed: int, tile_ahead: bool | None,
+        quiet: bool) -> None:
     """Slides in, predictions, heatmaps and a run report out.
 
     INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
@@ -107,7 +113,8 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     audit = None if audit_fraction is None else (audit_fraction, audit_seed)
     with exit_on_sigterm(), cluster_request.client(device=device) as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
-                         force=force, shard=shard, progress=not quiet, audit=audit)
+                         force=force, shard=shard, progress=not quiet, audit=audit,
+                         tile_ahead=tile_ahead)
     if not quiet:
         print_table(rows)
         click.echo(f"outputs: {outp}/  (predictions.csv, manifest.json, <id>/heatmap.png)")

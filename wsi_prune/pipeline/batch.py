@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from wsi_prune.errors import ConfigError, OutputConflict
 from wsi_prune.io import locks
 from wsi_prune.io.tiling import forget_kept_mask
 from wsi_prune.models.factory import Models, apply_trained_configs, build_models, describe_models
+from wsi_prune.pipeline.ahead import TilingAhead, auto_tile_ahead
 from wsi_prune.pipeline.checks import (
     check_free_space,
     check_models,
@@ -100,6 +102,7 @@ def run_batch(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     audit: tuple[float, int] | None = None,
+    tile_ahead: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline on every slide; one slide's failure never stops the others.
 
@@ -126,6 +129,11 @@ def run_batch(
             of the slides with a result, into ``OUT/.audit/dense``, and write ``OUT/audit.md``
             and ``audit.json`` (:mod:`wsi_prune.evaluation.audit`); the run's own outputs and
             hash are not touched. Not with ``shard``.
+        tile_ahead: without a ``client``, build the next slide's tile store in a background
+            thread while this slide runs its ViT and outputs (:mod:`wsi_prune.pipeline.ahead`);
+            the results are the same either way. None: when a core is free for it
+            (:func:`~wsi_prune.pipeline.ahead.auto_tile_ahead`: a GPU device, or torch using
+            fewer threads than there are cores).
 
     Returns:
         The ``predictions.csv`` rows, in slide order.
@@ -145,15 +153,18 @@ def run_batch(
     out = check_out(out)
     with run_lock(out, shard):
         try:
-            rows = _run_locked(inputs, out, config, mpp, device, client, force, shard, progress)
+            rows = _run_locked(inputs, out, config, mpp, device, client, force, shard, progress,
+                               tile_ahead)
         finally:
             forget_kept_mask()  # the first slide's mask, when its tiling never took it
         if audit is not None:
-            _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress)
+            _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress,
+                   tile_ahead)
         return rows
 
 
-def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress) -> None:
+def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress,
+           tile_ahead) -> None:
     """The dense path on a seeded random share of the slides, compared with this run."""
     from wsi_prune.evaluation.audit import AUDIT_DIR, choose_audit_slides, write_audit
 
@@ -167,11 +178,12 @@ def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progres
     if chosen:
         _logger.info("audit: dense path on %s -> %s", ", ".join(chosen), out / AUDIT_DIR)
         run_batch([e for e in entries if e.id in chosen], out / AUDIT_DIR, config.dense(),
-                  mpp=mpp, device=device, client=client, force=force, progress=progress)
+                  mpp=mpp, device=device, client=client, force=force, progress=progress,
+                  tile_ahead=tile_ahead)
     write_audit(out, chosen, *audit, len(done), config.mil.threshold)
 
 
-def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress):
+def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress, tile_ahead):
     from tqdm.auto import tqdm
 
     config = apply_trained_configs(config)
@@ -242,33 +254,18 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
 
     bar = tqdm(total=len(entries), desc="slides", unit="slide", disable=not progress)
     if client is None:
-        for entry in entries:
-            bar.set_postfix_str(entry.id)
-            inner: dict[str, Any] = {}
-
-            def tick(stage: str, done: int, total: int, _inner=inner) -> None:
-                b = _inner.get(stage)
-                if b is None:
-                    b = _inner[stage] = tqdm(total=total, desc=f"  {stage}", unit="tile",
-                                             leave=False, disable=not progress)
-                b.update(done - b.n)
-
-            try:
-                row = process_slide(entry, out, config, get_models, device, force,
-                                    progress=tick if progress else None, run_hash=run_hash)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except OutputConflict as exc:
-                row = failed_row(entry, exc)
-            except Exception as exc:  # noqa: BLE001 - one slide must never stop the batch
-                _logger.warning("%s failed: %s", entry.id, failed_row(entry, exc)["error"])
-                _logger.debug("%s", traceback.format_exc())
-                row = failed_row(entry, exc)
-            finally:
-                for b in inner.values():
-                    b.close()
-            record(entry, row)
-            bar.update(1)
+        if tile_ahead is None:
+            tile_ahead = auto_tile_ahead(device)
+        ahead = TilingAhead(out, config, force, run_hash) if tile_ahead else None
+        try:
+            _run_here(entries, out, config, get_models, device, force, progress, run_hash,
+                      ahead, record, bar)
+        except BaseException:
+            if ahead is not None:
+                ahead.close(stop=True)  # an interrupted run stops the build
+            raise
+        if ahead is not None:
+            ahead.close()
     else:
         from distributed import as_completed
 
@@ -302,6 +299,46 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
                                             f"{manifest_path.name}") from exc
         raise
     return ordered
+
+
+def _run_here(entries, out, config, get_models, device, force, progress, run_hash, ahead,
+              record, bar) -> None:
+    """The slides one after another in this process; with ``ahead``, the next slide's tiling
+    starts when a slide's triage is done (:class:`~wsi_prune.pipeline.ahead.TilingAhead`)."""
+    from tqdm.auto import tqdm
+
+    for k, entry in enumerate(entries):
+        bar.set_postfix_str(entry.id)
+        inner: dict[str, Any] = {}
+
+        def tick(stage: str, done: int, total: int, _inner=inner) -> None:
+            b = _inner.get(stage)
+            if b is None:
+                b = _inner[stage] = tqdm(total=total, desc=f"  {stage}", unit="tile",
+                                         leave=False, disable=not progress)
+            b.update(done - b.n)
+
+        tiled = ahead.take(entry) if ahead is not None else None
+        after_triage = None
+        if ahead is not None and k + 1 < len(entries):
+            after_triage = functools.partial(ahead.start, entries[k + 1])
+        try:
+            row = process_slide(entry, out, config, get_models, device, force,
+                                progress=tick if progress else None, run_hash=run_hash,
+                                tiled=tiled, after_triage=after_triage)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except OutputConflict as exc:
+            row = failed_row(entry, exc)
+        except Exception as exc:  # noqa: BLE001 - one slide must never stop the batch
+            _logger.warning("%s failed: %s", entry.id, failed_row(entry, exc)["error"])
+            _logger.debug("%s", traceback.format_exc())
+            row = failed_row(entry, exc)
+        finally:
+            for b in inner.values():
+                b.close()
+        record(entry, row)
+        bar.update(1)
 
 
 def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool,

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -55,6 +55,9 @@ from wsi_prune.pipeline.checks import disk_full, disk_full_error
 from wsi_prune.pipeline.inputs import SlideEntry
 from wsi_prune.pipeline.stages import Progress, embed_kept, slide_head, triage
 from wsi_prune.selection.macs import vit_macs
+
+if TYPE_CHECKING:
+    from wsi_prune.pipeline.ahead import Tiled
 
 _logger = logging.getLogger(__name__)
 
@@ -101,7 +104,10 @@ def _row_from_result(entry: SlideEntry, status: str, result: dict[str, Any],
     }
     for s in STAGES:
         row[f"sec_{s}"] = sec.get(s)
-    row["sec_total"] = sum(v for v in sec.values() if v is not None) if sec else None
+    row["sec_total"] = sum(sec[s] for s in STAGES if sec.get(s) is not None) if sec else None
+    # tiled ahead (pipeline/ahead.py): sec_tiling is the build's own time, this what the slide
+    # waited for it; manifest.json only
+    row["sec_tiling_waited"] = sec.get("tiling_waited")
     return row
 
 
@@ -109,12 +115,21 @@ def process_slide(
     entry: SlideEntry, out: Path, config: RunConfig, models: Models | Callable[[], Models],
     device: str = "cpu", force: bool = False, scheduler: Any = "threads",
     progress: Callable[[str, int, int], None] | None = None, run_hash: str | None = None,
+    tiled: Tiled | None = None, after_triage: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run every stage on one slide; return its ``predictions.csv`` row.
 
     Errors are raised (:func:`run_batch` records them); ``models`` may be a factory so that a
     skipped slide never builds them. ``run_hash``: :meth:`RunConfig.run_hash` when already
     computed (a batch hashes its weight files once).
+
+    Args:
+        tiled: the slide's store was built ahead by :class:`~wsi_prune.pipeline.ahead.
+            TilingAhead`: its error, if any, is raised where the tiling would run; otherwise
+            the store is only checked against the slide file (rebuilt if the file changed),
+            even with ``force``. Its seconds are the slide's ``tiling`` seconds.
+        after_triage: called once the slide's triage is done, before the ViT (a batch starts
+            the next slide's tiling there).
     """
     out = Path(out)
     store_path = out / f"{entry.id}.zarr"
@@ -130,24 +145,44 @@ def process_slide(
     try:
         with locks.locked(out / entry.id):
             if not force:
-                _check_owner(store_path, entry)
+                check_owner(store_path, entry)
             store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
-            return _process_checked(entry, out, config, models, device, force, scheduler,
-                                    progress, run_hash)
+            try:
+                return _process_checked(entry, out, config, models, device, force, scheduler,
+                                        progress, run_hash, tiled, after_triage)
+            except OSError as exc:
+                if disk_full(exc):
+                    _drop_stage_arrays(store_path)
+                raise
     except OSError as exc:  # the lock file too: on a full disk it is the first write
         if disk_full(exc):
             raise disk_full_error(out, exc, f"writing the outputs of {entry.id}") from exc
         raise
 
 
-def _process_checked(entry, out, config, models, device, force, scheduler, progress, run_hash):
+#: the store's groups written after tiling; the tile store itself stays for the next run
+_STAGE_GROUPS = ("triage", "vit", "mil", "heatmap")
+
+
+def _drop_stage_arrays(store_path: Path) -> None:
+    """Delete what a slide that hit a full disk wrote after its tiling: the disk room goes back
+    to the other slides and to ``predictions.csv`` (a slide's triage and ViT arrays are
+    dozens of files: on a tmpfs each takes a 4 KiB page at least)."""
+    import shutil
+
+    for name in _STAGE_GROUPS:
+        shutil.rmtree(store_path / name, ignore_errors=True)
+
+
+def _process_checked(entry, out, config, models, device, force, scheduler, progress, run_hash,
+                     tiled, after_triage):
     # Each stage reads the slide file again (tiling, full-resolution tiles, the thumbnail): a
     # file replaced midway would mix two slides in one result, so it is checked between
     # them, and a read that fails on a changed file says so.
     started = file_state(entry.path.stat())
     try:
         return _process_locked(entry, out, config, models, device, force, scheduler,
-                               progress, run_hash, started)
+                               progress, run_hash, started, tiled, after_triage)
     except SlideError as exc:
         if isinstance(exc, SlideChanged):
             raise
@@ -204,7 +239,7 @@ def _too_small(attrs: Any) -> str:
             f"{side_um:.0f} µm); check its --mpp or use a smaller tiling.tile_px")
 
 
-def _check_owner(store_path: Path, entry: SlideEntry) -> None:
+def check_owner(store_path: Path, entry: SlideEntry) -> None:
     """Refuse to reuse ``OUT/<id>.zarr`` that an earlier run built from another slide.
 
     Ids are unique within a run, but two runs on one OUT may give one id to two slides (a run
@@ -248,7 +283,7 @@ def _check_unchanged(entry: SlideEntry, before: tuple[int, int, int], stage: str
 
 
 def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash,
-                    started):
+                    started, tiled, after_triage):
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
     # Evaluation_FROC.py scores every file in froc/: a slide that fails now must not leave one
@@ -258,9 +293,14 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     def stage_progress(name: str) -> Progress:
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
+    if tiled is not None and tiled.error is not None:
+        raise tiled.error  # the build ahead failed: as if it had failed here
+    # built ahead: only checked against the file as it is now (rebuilt if it changed)
     tile_slide(entry.path, store_path, config, mpp=entry.mpp, scheduler=scheduler,
-               progress=stage_progress("tiling"), force=force)
-    seconds["tiling"] = time.perf_counter() - t
+               progress=stage_progress("tiling"), force=force and tiled is None)
+    seconds["tiling"] = time.perf_counter() - t + (tiled.seconds if tiled else 0.0)
+    if tiled is not None:  # built under the previous slide's stages: what this slide waited
+        seconds["tiling_waited"] = time.perf_counter() - t + tiled.waited
     group = zarr.open_group(str(store_path), mode="r+")
     # A new result is about to be written: the old one must not look current meanwhile.
     for key in ("run_hash", "result"):
@@ -278,6 +318,8 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     for name in ("tile_score", "patch_importance", "embedding", "kept"):
         store.write_array(group, f"triage/{name}", tri[name])
     seconds["triage"] = time.perf_counter() - t
+    if after_triage is not None:
+        after_triage()  # tiling ahead here, not under triage's own torch: measured faster
 
     t = time.perf_counter()
     _check_unchanged(entry, started, "tiling and triage")
@@ -339,6 +381,7 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
         "gmacs_dense": n * dense_per_tile / 1e9,
         "seconds": seconds,
     }
+
     t = time.perf_counter()
     _check_unchanged(entry, started, "the ViT stage")
     locks.verify(out / entry.id)

@@ -83,6 +83,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+#: what ``manifest.json`` records of each slide; ``sec_tiling_waited`` only for a slide tiled
+#: ahead (:mod:`wsi_prune.pipeline.ahead`): then ``sec_tiling`` ran under the slide before
+_MANIFEST_KEYS = ("status", "error", "path", "probability", "sec_tiling", "sec_triage",
+                  "sec_vit", "sec_mil", "sec_outputs", "sec_total", "sec_tiling_waited",
+                  "viewer_offset")
+
+
 def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]],
                    started: str, models: dict[str, Any] | None, extra: dict | None = None) -> None:
     """Write ``manifest.json`` atomically: config, hash, versions, models, times, slides."""
@@ -90,9 +97,7 @@ def write_manifest(path: Path, config: RunConfig, rows: Sequence[dict[str, Any]]
         "config": config.to_dict(), "config_hash": config.hash(), "versions": versions(),
         "models": models, "started": started,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "slides": {r["id"]: {k: r.get(k) for k in ("status", "error", "path", "probability",
-                                                   "sec_total", "viewer_offset")}
-                   for r in rows},
+        "slides": {r["id"]: {k: r.get(k) for k in _MANIFEST_KEYS} for r in rows},
         "coordinates": CONVENTION,
         **(extra or {}),
     }
