@@ -11,6 +11,7 @@
   count); wall time and peak RSS (VmHWM) of every worker process.
 
     python benchmarks/bench_faults.py kill --points 24 --out bench-out/faults
+    python benchmarks/bench_faults.py kill --points 24 --run-arg=--tile-ahead --out ...
     python benchmarks/bench_faults.py bad --out bench-out/faults
     python benchmarks/bench_faults.py soak --n 200 --out bench-out/faults
     python benchmarks/bench_faults.py all --out bench-out/faults
@@ -67,7 +68,7 @@ def _reference(slides: Path, out: Path, env: dict[str, str] | None = None) -> li
 
 
 # -- kill ---------------------------------------------------------------------------------------
-def bench_kill(work: Path, n_points: int, seed: int) -> dict:
+def bench_kill(work: Path, n_points: int, seed: int, run_args: tuple[str, ...] = ()) -> dict:
     slides = work / "six"
     if not (slides / "labels.csv").is_file():
         write_dataset(slides, n=6, seed=3, size=1024)
@@ -82,7 +83,7 @@ def bench_kill(work: Path, n_points: int, seed: int) -> dict:
         out = work / f"kill-ep{k}"
         shutil.rmtree(out, ignore_errors=True)
         res = run_episode(slides, out, ref1 if workers else work / "ref", ids, points,
-                          env={"OMP_NUM_THREADS": "1"} if workers else None)
+                          extra=run_args, env={"OMP_NUM_THREADS": "1"} if workers else None)
         for p in res.points:
             rows.append({"episode": k, "point": str(p.point), "reached": p.reached,
                          "after_s": p.seconds, "state": p.state, "done_before": p.done_before,
@@ -326,6 +327,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/faults"))
     ap.add_argument("--points", type=int, default=24, help="kill points")
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--run-arg", action="append", default=[],
+                    help="kill: passed to every run of the episodes (not the reference runs), "
+                         "e.g. --run-arg=--tile-ahead; repeat for more")
     ap.add_argument("--n", type=int, default=200, help="soak slides")
     ap.add_argument("--distinct", type=int, default=20, help="distinct good soak slides")
     args = ap.parse_args()
@@ -335,7 +339,7 @@ def main() -> None:
     print(f"# bench_faults {args.what}: {_machine()}; config {DEMO_YAML}", flush=True)
     results = {"machine": _machine()}
     if args.what in ("kill", "all"):
-        results["kill"] = bench_kill(args.out, args.points, args.seed)
+        results["kill"] = bench_kill(args.out, args.points, args.seed, tuple(args.run_arg))
         k = results["kill"]
         print(f"\nkill points survived: {k['survived']}/{k['tried']} "
               f"(trigger reached: {k['reached']}/{k['tried']})")

@@ -257,6 +257,32 @@ def test_submit_slurm_dry_run_command(tmp_path: Path) -> None:
     assert "Examples:" in CliRunner().invoke(submit, ["slurm", "--help"]).output
 
 
+def test_submit_slurm_with_gpus_runs_the_models_on_the_gpu(tmp_path: Path) -> None:
+    """--gpus asks SLURM for a GPU; the task's `wsi-prune run` must also be told to use it
+    (before, its models ran on the CPU of a GPU node)."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+
+    def task_line(*args: str) -> tuple[int, str, str]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        res = CliRunner().invoke(submit, ["slurm", str(slides), "--out", str(out), "--shards",
+                                          "2", "--dry-run", *args])
+        script = (out / "submit.sbatch").read_text() if res.exit_code == 0 else ""
+        return res.exit_code, script.splitlines()[-1] if script else "", res.output
+
+    rc, line, _ = task_line("--gpus", "1")
+    assert rc == 0 and line.endswith('--device cuda --shard "${SLURM_ARRAY_TASK_ID}/2"'), line
+    rc, line, _ = task_line()
+    assert rc == 0 and "--device" not in line
+    rc, line, _ = task_line("--gpus", "1", "--device", "cpu")
+    assert rc == 0 and "--device" not in line
+    rc, line, _ = task_line("--device", "cuda:0")
+    assert rc == 2  # a CUDA device without a GPU from SLURM
+    rc, line, output = task_line("--gpus", "2")
+    assert rc == 0 and "--device cuda" in line
+    assert "--gpus 2 leaves 1 idle per task" in output
+
+
 # -- Dask clients --------------------------------------------------------------------------------
 def test_make_client_default_is_one_process_and_bad_combinations() -> None:
     with make_client() as client:

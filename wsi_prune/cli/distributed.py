@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from wsi_prune.cli.common import handle_errors
+from wsi_prune.cli.common import DEVICE, handle_errors
 from wsi_prune.distributed.clients import ClusterRequest
 from wsi_prune.distributed.shards import merge_outputs
 from wsi_prune.distributed.slurm import SlurmOptions, submit_slurm
@@ -148,6 +148,9 @@ def submit() -> None:
 @click.option("--mpp", type=float, default=None,
               help="µm/px for slides whose metadata has none (passed to every task).")
 @_apply(_slurm_options(array=True))
+@click.option("--device", type=DEVICE, default=None,
+              help="Where each task's models run: cpu, cuda, cuda:N or mps (passed to "
+                   "`wsi-prune run`). [default: cuda with --gpus, else cpu]")
 @click.option("--job-name", default="wsi-prune", show_default=True, help="SLURM job name.")
 @click.option("--setup", "setup", multiple=True, metavar="LINE",
               help="Shell line run in every job first, e.g. 'module load cuda' (repeatable).")
@@ -155,8 +158,9 @@ def submit() -> None:
 @handle_errors
 def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path: str | None,
                      mpp: float | None, queue: str | None, account: str | None, cores: int,
-                     memory: str, walltime: str, gpus: int, max_jobs: int | None, job_name: str,
-                     setup: tuple[str, ...], dry_run: bool) -> None:
+                     memory: str, walltime: str, gpus: int, max_jobs: int | None,
+                     device: str | None, job_name: str, setup: tuple[str, ...],
+                     dry_run: bool) -> None:
     """Run INPUT... as a SLURM array of K shards, then merge them.
 
     Writes OUT/submit.sbatch (array task i runs `wsi-prune run INPUT... --out OUT --shard i/K`)
@@ -175,6 +179,16 @@ def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path
                         walltime=walltime, gpus=gpus, max_jobs=max_jobs, job_name=job_name,
                         setup=tuple(setup))
     run_args = ["--mpp", str(mpp)] if mpp is not None else []
+    # --gpus only asks SLURM for the GPU: without --device the task's models ran on the CPU
+    device = device or ("cuda" if gpus else "cpu")
+    if device.startswith("cuda") and not gpus:
+        raise click.UsageError(f"--device {device} needs --gpus 1: without it the job gets "
+                               "no GPU")
+    if device != "cpu":
+        run_args += ["--device", device]
+    if gpus > 1:
+        click.echo(f"warning: each array task is one process on one GPU, so --gpus {gpus} "
+                   f"leaves {gpus - 1} idle per task; use --gpus 1 and more --shards", err=True)
     sub = submit_slurm(list(inputs), out, shards, opts, config_path, run_args=run_args,
                        dry_run=dry_run)
     if dry_run:

@@ -103,7 +103,7 @@ class Tiled:
 class TilingAhead:
     """One background thread that builds the next slide's tile store.
 
-    Use: :meth:`start` with the next entry once the current slide's store is ready, then
+    Use: :meth:`start` with the next entry once the current slide's triage is done, then
     :meth:`take` at that entry's turn (it waits for the build), and :meth:`close` at the end.
     One build at a time: :meth:`start` while a build runs is an error.
 
