@@ -419,6 +419,37 @@ def test_cluster_options_give_request_and_shard() -> None:
     assert res.exit_code == 2 and "walltime" in res.output
 
 
+def test_gpu_worker_jobs_get_the_gpu_and_a_remote_driver_needs_none(svs_slide: Path,
+                                                                    tmp_path: Path) -> None:
+    """`run --cluster slurm --gpus G` runs the models with --device cuda (before, the worker
+    jobs got a GPU and ran on their CPUs). The driver of a remote cluster (here a scheduler
+    reached by its address) does not look for a GPU of its own: each worker checks its own,
+    and one without fails its slides saying so. With a LocalCluster of this machine the
+    driver checks, before any slide."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    from wsi_prune.cli.run import default_device
+    from wsi_prune.pipeline.batch import run_batch
+    from wsi_prune.pipeline.demo import demo_config
+
+    assert default_device(ClusterRequest(cluster="slurm", slurm=SlurmOptions(gpus=1))) == "cuda"
+    assert default_device(ClusterRequest(cluster="slurm")) == "cpu"
+    assert default_device(ClusterRequest(workers=2)) == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: its workers would use it")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as lc:
+        with Client(lc.scheduler_address) as remote:
+            rows = run_batch([svs_slide], tmp_path / "remote", demo_config(), device="cuda",
+                             client=remote, progress=False)
+        with Client(lc) as local, pytest.raises(ConfigError, match="CUDA is not available"):
+            run_batch([svs_slide], tmp_path / "local", demo_config(), device="cuda",
+                      client=local, progress=False)
+    assert rows[0]["status"] == "failed", rows
+    assert "CUDA is not available" in rows[0]["error"], rows[0]["error"]
+
+
 # -- a worker killed mid-run ---------------------------------------------------------------------
 def _store_arrays(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r")

@@ -23,15 +23,23 @@ from wsi_prune.config import load_config
 from wsi_prune.distributed.clients import ClusterRequest
 from wsi_prune.distributed.shards import shard_suffix
 
-__all__ = ["demo", "run"]
+__all__ = ["default_device", "demo", "run"]
+
+
+def default_device(request: ClusterRequest) -> str:
+    """``--device`` when not given: ``cuda`` when the run asks SLURM for GPU worker jobs
+    (``--cluster slurm --gpus G``; before, those jobs got a GPU and ran the models on their
+    CPUs), else ``cpu``."""
+    return "cuda" if request.cluster == "slurm" and request.slurm.gpus else "cpu"
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options
-@click.option("--device", type=DEVICE, default="cpu", show_default=True,
-              help="Where the models run: cpu, cuda, cuda:N (the N-th GPU) or mps.")
+@click.option("--device", type=DEVICE, default=None,
+              help="Where the models run: cpu, cuda, cuda:N (the N-th GPU) or mps. "
+                   "[default: cuda with --cluster slurm --gpus, else cpu]")
 @click.option("--on-corrupt-tile", type=click.Choice(["skip", "fail"]), default=None,
               help="A tile that fails to decode inside a readable slide: skip it (recorded "
                    "as unreadable in the store and predictions.csv; the slide still fails "
@@ -57,7 +65,7 @@ __all__ = ["demo", "run"]
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str | None,
-        mpp: float | None, device: str, on_corrupt_tile: str | None,
+        mpp: float | None, device: str | None, on_corrupt_tile: str | None,
         cluster_request: ClusterRequest, shard: tuple[int, int] | None, dense: bool,
         force: bool, audit_fraction: float | None, audit_seed: int, tile_ahead: bool | None,
         quiet: bool) -> None:
@@ -111,6 +119,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     if on_corrupt_tile is not None:
         cfg = cfg.replace(tiling={"on_corrupt_tile": on_corrupt_tile})
     audit = None if audit_fraction is None else (audit_fraction, audit_seed)
+    device = device or default_device(cluster_request)
     with exit_on_sigterm(), cluster_request.client(device=device) as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
                          force=force, shard=shard, progress=not quiet, audit=audit,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from wsi_prune._devices import check_device
+from wsi_prune._devices import check_device, parse_device
 from wsi_prune._files import write_text_atomic
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import ConfigError, OutputConflict
@@ -146,7 +146,10 @@ def run_batch(
             unusable (found before the first slide).
         DiskFull: OUT's device has no room for the first slide, or for ``predictions.csv``.
     """
-    device = check_device(device)  # a missing GPU stops the run here, not slide by slide
+    # A missing GPU stops the run here, not slide by slide, where the models run here: without
+    # Dask, or on a LocalCluster of this machine. A remote scheduler's or SLURM cluster's
+    # driver often has no GPU: its workers check theirs (each slide fails, naming the cause).
+    device = check_device(device) if _models_run_here(client) else parse_device(device)
     if audit is not None and (shard is not None or not 0 < audit[0] <= 1):
         raise ConfigError(f"an audit needs the whole run (no shard) and a fraction in (0, 1], "
                           f"got shard {shard}, fraction {audit[0]}")
@@ -161,6 +164,14 @@ def run_batch(
             _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress,
                    tile_ahead)
         return rows
+
+
+def _models_run_here(client: Any) -> bool:
+    """Whether the models of this run run on this machine: no Dask client, or a client of a
+    LocalCluster (its workers are this machine's processes)."""
+    if client is None:
+        return True
+    return type(getattr(client, "cluster", None)).__name__ == "LocalCluster"
 
 
 def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress,
@@ -355,6 +366,7 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
     config = RunConfig.from_dict(json.loads(config_json))
     torch.set_num_threads(1)
     try:
+        check_device(device)  # a worker without the GPU fails the slide, naming the cause
         return process_slide(entry, Path(out), config,
                              lambda: get_models(config_json, device, run_hash, digests),
                              device, force,
