@@ -41,16 +41,21 @@ def slides(tmp_path_factory) -> Path:
     return d
 
 
-def _counting(monkeypatch, module) -> list[str]:
-    """Record the slides ``module``'s ``tile_slide`` builds (the real function runs)."""
+def _counting(monkeypatch, module, name: str = "tile_slide") -> list[str]:
+    """Record the slides ``module.<name>`` is called for (the real function runs):
+    ``tile_slide`` by its store's name, ``tiling._build`` (a store built, not reused) by the
+    slide id."""
     calls: list[str] = []
-    real = module.tile_slide
+    real = getattr(module, name)
 
-    def counted(slide_path, store_path, *args, **kwargs):
-        calls.append(Path(store_path).name)
-        return real(slide_path, store_path, *args, **kwargs)
+    def counted(*args, **kwargs):
+        if name == "tile_slide":
+            calls.append(Path(args[1]).name)
+        else:  # _build(slide, tmp, ...): the temporary store is named after the slide's
+            calls.append(Path(args[1]).name.split(".zarr")[0].lstrip("."))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "tile_slide", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -194,3 +199,22 @@ def test_auto_tiles_ahead_when_a_core_is_free():
             assert auto_tile_ahead("cpu")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_force_builds_each_store_once(slides, tmp_path, monkeypatch):
+    """--force with tiling ahead: the store built ahead is the slide's forced rebuild; its turn
+    does not build it a second time."""
+    cfg = demo_config()
+    out = tmp_path / "out"
+    inputs = [slides / "synth_000.svs", slides / "synth_002.svs"]
+    first = run_batch(inputs, out, cfg, progress=False, tile_ahead=True)
+    stamps = {r["id"]: (out / f"{r['id']}.zarr" / "tiles" / "zarr.json").stat().st_mtime_ns
+              for r in first}
+    builds = _counting(monkeypatch, tiling, "_build")
+    again = run_batch(inputs, out, cfg, progress=False, tile_ahead=True, force=True)
+    assert [r["status"] for r in again] == ["ok", "ok"]
+    assert sorted(builds) == sorted(stamps)  # each store rebuilt, once
+    for r in again:
+        assert (out / f"{r['id']}.zarr" / "tiles" / "zarr.json").stat().st_mtime_ns > \
+            stamps[r["id"]]
+    assert [r["probability"] for r in again] == [r["probability"] for r in first]
