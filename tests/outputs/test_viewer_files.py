@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,46 @@ def test_manifest_and_store_record_the_viewer_frame(run):
     assert m["slides"]["small"]["viewer_offset"] == [0, 0]
     vf = _group(run).attrs["viewer_frame"]
     assert vf["offset_level0"] == [0, 0] and vf["size_level0"] == [2048, 2048]
+
+
+def test_heat_tiff_tiles_and_levels_match_their_definitions():
+    """The colouring of heatmap.tif's tiles and the 2x2 NaN-mean of its levels against plain
+    per-pixel definitions: a finite heat v is colour floor(255 v + 0.5), opaque; NaN,
+    and the padding past the map's edge, transparent black. Random maps with NaN, whole empty
+    tiles, odd sizes, and the exact values 0, 1/510 and 1."""
+    from wsi_prune.io.store import halve_nanmean
+    from wsi_prune.outputs.heat_tiff import _rgba_tiles
+
+    rng = np.random.default_rng(3)
+    lut = _lut()
+    for h, w in [(300, 517), (256, 256), (1, 1), (70, 3)]:
+        a = rng.random((h, w)).astype(np.float32)
+        a[rng.random((h, w)) < 0.5] = np.nan
+        a[: h // 2, : w // 2] = np.nan
+        a.flat[-3:] = [0.0, 1 / 510, 1.0][: a.size]
+        tiles = list(_rgba_tiles(a, lut, 128))
+        rows, cols = -(-h // 128), -(-w // 128)
+        assert len(tiles) == rows * cols
+        full = np.zeros((rows * 128, cols * 128, 4), np.uint8)
+        for k, t in enumerate(tiles):
+            assert t.shape == (128, 128, 4) and t.dtype == np.uint8
+            r, c = divmod(k, cols)
+            full[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128] = t
+        want = np.zeros_like(full)
+        ok = np.isfinite(a)
+        # float32 arithmetic, as the map is float32: 1/510 sits on a rounding edge there
+        idx = np.floor(np.where(ok, a, 0) * np.float32(255) + np.float32(0.5)).astype(int)
+        want[:h, :w, :3] = np.where(ok[..., None], lut[np.clip(idx, 0, 255)], 0)
+        want[:h, :w, 3] = np.where(ok, 255, 0)
+        assert np.array_equal(full, want), (h, w)
+
+        half = halve_nanmean(a)
+        assert half.shape == (-(-h // 2), -(-w // 2)) and half.dtype == np.float32
+        padded = np.full((2 * half.shape[0], 2 * half.shape[1]), np.nan, np.float32)
+        padded[:h, :w] = a
+        blocks = padded.reshape(half.shape[0], 2, half.shape[1], 2).transpose(0, 2, 1, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a block all NaN: "empty slice"
+            ref = np.nanmean(blocks.reshape(*half.shape, 4).astype(np.float64), axis=2)
+        assert np.array_equal(np.isnan(half), np.isnan(ref))
+        assert np.allclose(half[~np.isnan(half)], ref[~np.isnan(ref)], rtol=1e-6, atol=0)

@@ -80,19 +80,32 @@ def _levels(level0: np.ndarray, tile: int) -> list[np.ndarray]:
     return levels
 
 
+def _rgba_lut(lut: np.ndarray) -> np.ndarray:
+    """(257, 4) uint8: entry i < 256 is colour i, opaque; entry 256 is off tissue (0, 0, 0, 0)."""
+    rgba = np.zeros((257, 4), np.uint8)
+    rgba[:256, :3] = lut
+    rgba[:256, 3] = 255
+    return rgba
+
+
 def _rgba_tiles(a: np.ndarray, lut: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """(tile, tile, 4) uint8 tiles of ``a`` in row-major order: heat ``v`` as colour
+    ``round(255 v)``, opaque; NaN (no tissue) and the padding past ``a``'s edge transparent
+    black. One table lookup per tile (:func:`_rgba_lut`); a tile without tissue, most of a
+    slide's, is one shared zero tile."""
+    rgba = _rgba_lut(lut)
+    empty = np.zeros((tile, tile, 4), np.uint8)
     for r in range(0, a.shape[0], tile):
         for c in range(0, a.shape[1], tile):
-            block = np.full((tile, tile), np.nan, np.float32)
             part = a[r:r + tile, c:c + tile]
-            block[:part.shape[0], :part.shape[1]] = part
-            ok = np.isfinite(block)
-            idx = np.clip(np.nan_to_num(block) * 255 + 0.5, 0, 255).astype(np.uint8)
-            out = np.zeros((tile, tile, 4), np.uint8)
-            out[..., :3] = lut[idx]
-            out[..., 3] = np.where(ok, 255, 0)
-            out[~ok, :3] = 0
-            yield out
+            ok = np.isfinite(part)
+            if not ok.any():
+                yield empty
+                continue
+            colour = np.clip(np.where(ok, part, 0) * 255 + 0.5, 0, 255).astype(np.uint16)
+            idx = np.full((tile, tile), 256, np.uint16)
+            idx[:part.shape[0], :part.shape[1]] = np.where(ok, colour, 256)
+            yield rgba[idx]
 
 
 def _float_tiles(a: np.ndarray, tile: int) -> Iterator[np.ndarray]:
