@@ -31,7 +31,7 @@ import zarr
 from wsi_prune.config import RunConfig
 from wsi_prune.outputs.candidates import candidates, write_froc_export
 from wsi_prune.outputs.frame import ViewerFrame
-from wsi_prune.outputs.geojson import regions_geojson, tiles_geojson, tissue_geojson
+from wsi_prune.outputs.geojson import regions_geojson, tiles_geojson_text, tissue_geojson
 from wsi_prune.outputs.heat import heat_map
 from wsi_prune.outputs.heat_tiff import write_heatmap_tiff
 from wsi_prune.outputs.pictures import render_heatmap, render_tokens, resize_mask, thumbnail
@@ -127,7 +127,7 @@ def main() -> None:
         "tokens.png": lambda: render_tokens(scratch / "tokens.png", thumb, thumb_px0, g, sid),
         "heatmap.tif": lambda: write_heatmap_tiff(scratch / "h.tif", heat, px0, mpp, frame),
         "regions.geojson": lambda: json.dumps(regions_geojson(heat * p, px0, frame=frame)),
-        "tiles.geojson": lambda: json.dumps(tiles_geojson(g, p, frame), separators=(",", ":")),
+        "tiles.geojson": lambda: tiles_geojson_text(g, p, frame),
         "tissue.geojson": lambda: json.dumps(
             tissue_geojson(mask, info["width"] / mask.shape[1], frame, mpp)),
         "top_tiles/": lambda: write_top_tiles(scratch, g, slide, None),

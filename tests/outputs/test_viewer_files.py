@@ -190,6 +190,34 @@ def test_tiles_geojson_carries_the_stores_measurements(run):
             assert "MIL attention" not in m
 
 
+def test_tiles_geojson_text_is_the_dicts_json(run, tmp_path):
+    """The writer's text is json.dumps of tiles_geojson's dicts, byte for byte: on the run's
+    store as written, then on a copy with unreadable tiles and a NaN and an infinite heat."""
+    import shutil
+
+    from wsi_prune.io.store import write_array
+    from wsi_prune.outputs.geojson import tiles_geojson, tiles_geojson_text
+
+    g = _group(run)
+    frame = ViewerFrame.of(g.attrs["slide"])
+    p = float(g.attrs["result"]["probability"])
+    text = tiles_geojson_text(g, p, frame)
+    assert text == json.dumps(tiles_geojson(g, p, frame), separators=(",", ":"))
+    assert text == (run / "small" / "tiles.geojson").read_text()
+    shutil.copytree(run / "small.zarr", tmp_path / "c.zarr")
+    c = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
+    write_array(c, "tiles/unreadable", np.array([0, 2], np.int64))
+    heat = np.asarray(c["heatmap/tile"][:])
+    heat[1], heat[3] = np.nan, np.inf
+    write_array(c, "heatmap/tile", heat)
+    text = tiles_geojson_text(c, p, None)
+    assert text == json.dumps(tiles_geojson(c, p, None), separators=(",", ":"))
+    feats = json.loads(text)["features"]
+    assert [f["properties"].get("classification", {}).get("name") for f in feats[:4]] == [
+        "Unreadable", None, "Unreadable", None]
+    assert np.isnan(feats[1]["properties"]["measurements"]["heat"])
+
+
 def test_tissue_geojson_covers_the_mask(run):
     g = _group(run)
     fc = json.loads((run / "small" / "tissue.geojson").read_text())

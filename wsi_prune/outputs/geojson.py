@@ -11,6 +11,8 @@ a flat name -> number map (QuPath's measurement maps colour tiles by any of them
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
@@ -144,6 +146,55 @@ def tiles_geojson(group: zarr.Group, probability: float, frame: ViewerFrame | No
         probability: the slide's tumour probability.
         frame: the viewer frame; None: OpenSlide level-0 px.
     """
+    rows, bad = _tile_rows(group, probability, frame)
+    features = []
+    for i, (a, b, c, d, h, lc, sc, k, att) in enumerate(rows):
+        m = {"heat": h, "lesion confidence": lc, "CNN score": sc, "kept": k}
+        if att == att:  # not NaN: a kept tile
+            m["MIL attention"] = att
+        props: dict[str, Any] = {"objectType": "tile", "name": f"tile {i}"}
+        if i in bad:
+            props["classification"] = dict(_UNREADABLE)
+        props["measurements"] = m
+        features.append({"type": "Feature", "properties": props, "geometry": {
+            "type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]}})
+    return _collection(features)
+
+
+def tiles_geojson_text(group: zarr.Group, probability: float,
+                       frame: ViewerFrame | None = None) -> str:
+    """:func:`tiles_geojson` as compact JSON text: the string ``json.dumps(tiles_geojson(...),
+    separators=(",", ":"))`` gives, written feature by feature without the dicts (a 50k²
+    slide's 14 608 tiles: 0.35 s through the dicts; a CAMELYON16 slide has up to 50 000)."""
+    rows, bad = _tile_rows(group, probability, frame)
+    num = _json_number
+    unreadable = '"classification":' + json.dumps(_UNREADABLE, separators=(",", ":")) + ","
+    parts = []
+    for i, (a, b, c, d, h, lc, sc, k, att) in enumerate(rows):
+        a, b, c, d = num(a), num(b), num(c), num(d)
+        mil = f',"MIL attention":{num(att)}' if att == att else ""
+        parts.append(
+            f'{{"type":"Feature","properties":{{"objectType":"tile","name":"tile {i}",'
+            f'{unreadable if i in bad else ""}"measurements":{{"heat":{num(h)},'
+            f'"lesion confidence":{num(lc)},"CNN score":{num(sc)},"kept":{k}{mil}}}}},'
+            f'"geometry":{{"type":"Polygon","coordinates":[[[{a},{b}],[{c},{b}],[{c},{d}],'
+            f'[{a},{d}],[{a},{b}]]]}}}}')
+    return '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
+
+
+#: the classification of a tile that could not be read
+_UNREADABLE = {"name": "Unreadable", "color": [80, 80, 80]}
+
+
+def _json_number(v: float) -> str:
+    """A float as ``json.dumps`` writes it (``repr``; NaN and infinities as JSON's)."""
+    return repr(v) if math.isfinite(v) else json.dumps(v)
+
+
+def _tile_rows(group: zarr.Group, probability: float, frame: ViewerFrame | None
+               ) -> tuple[Any, set[int]]:
+    """Per tissue tile (x0, y0, x1, y1, heat, lesion confidence, CNN score, kept, MIL
+    attention or NaN) as Python numbers, rounded; and the unreadable tiles' indices."""
     coords = np.asarray(group["tiles/coords"][:], np.float64)
     side = float(group.attrs["grid"]["tile_level0"])
     heat = np.asarray(group["heatmap/tile"][:], np.float64)
@@ -166,16 +217,4 @@ def tiles_geojson(group: zarr.Group, probability: float, frame: ViewerFrame | No
                np.round(heat, 5).tolist(), np.round(heat * probability, 5).tolist(),
                np.round(score, 5).tolist(), kept.astype(int).tolist(),
                np.round(attention, 6).tolist(), strict=True)
-    unreadable = {"name": "Unreadable", "color": [80, 80, 80]}
-    features = []
-    for i, (a, b, c, d, h, lc, sc, k, att) in enumerate(rows):
-        m = {"heat": h, "lesion confidence": lc, "CNN score": sc, "kept": k}
-        if att == att:  # not NaN: a kept tile
-            m["MIL attention"] = att
-        props: dict[str, Any] = {"objectType": "tile", "name": f"tile {i}"}
-        if i in bad:
-            props["classification"] = dict(unreadable)
-        props["measurements"] = m
-        features.append({"type": "Feature", "properties": props, "geometry": {
-            "type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]}})
-    return _collection(features)
+    return rows, bad

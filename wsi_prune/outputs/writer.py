@@ -24,7 +24,7 @@ from wsi_prune.io import store
 from wsi_prune.outputs import PICTURES
 from wsi_prune.outputs.candidates import candidates, write_candidates, write_froc_export
 from wsi_prune.outputs.frame import ViewerFrame
-from wsi_prune.outputs.geojson import regions_geojson, tiles_geojson, tissue_geojson
+from wsi_prune.outputs.geojson import regions_geojson, tiles_geojson_text, tissue_geojson
 from wsi_prune.outputs.heat import heat_map
 from wsi_prune.outputs.heat_tiff import write_heatmap_tiff
 from wsi_prune.outputs.pictures import render_heatmap, render_tokens, resize_mask, thumbnail
@@ -86,7 +86,8 @@ def write_outputs(group: zarr.Group, dest: Path, slide_id: str, probability: flo
                                     heat, heat_px0, tissue, title))
             jobs.append(pool.submit(render_tokens, tmp / "tokens.png", thumb, thumb_px0,
                                     group, f"{slide_id}: token QC"))
-            _dump(tmp / "tiles.geojson", tiles_geojson(group, float(probability), frame))
+            (tmp / "tiles.geojson").write_text(
+                tiles_geojson_text(group, float(probability), frame), encoding="utf-8")
             mask_px0 = int(info["width"]) / mask.shape[1]
             _dump(tmp / "tissue.geojson", tissue_geojson(mask, mask_px0, frame, level0_mpp))
             cands = candidates(group, probability)
