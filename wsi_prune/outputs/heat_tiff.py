@@ -90,9 +90,9 @@ def _rgba_lut(lut: np.ndarray) -> np.ndarray:
 
 def _rgba_tiles(a: np.ndarray, lut: np.ndarray, tile: int) -> Iterator[np.ndarray]:
     """(tile, tile, 4) uint8 tiles of ``a`` in row-major order: heat ``v`` as colour
-    ``round(255 v)``, opaque; NaN (no tissue) and the padding past ``a``'s edge transparent
-    black. One table lookup per tile (:func:`_rgba_lut`); a tile without tissue, most of a
-    slide's, is one shared zero tile."""
+    ``int(255 v + 0.5)`` (in ``a``'s float type), opaque; NaN (no tissue) and the padding past
+    ``a``'s edge transparent black. One table lookup per tile (:func:`_rgba_lut`); a tile
+    without tissue, most of a slide's, is one shared zero tile."""
     rgba = _rgba_lut(lut)
     empty = np.zeros((tile, tile, 4), np.uint8)
     for r in range(0, a.shape[0], tile):
