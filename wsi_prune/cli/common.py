@@ -97,6 +97,13 @@ class DeviceType(click.ParamType):
 DEVICE = DeviceType()
 
 
+def device_for_gpus(gpus: int) -> str:
+    """``--device`` when not given, for SLURM jobs that ask for ``gpus`` GPUs each: ``cuda``
+    when they have one, else ``cpu``. ``--gpus`` only asks SLURM for the GPU: without this the
+    jobs got their GPUs and ran the models on their CPUs."""
+    return "cuda" if gpus else "cpu"
+
+
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--config and --mpp, shared by every command that reads slides."""
     fn = click.option("--mpp", type=float, default=None,

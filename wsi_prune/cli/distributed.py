@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from wsi_prune.cli.common import DEVICE, handle_errors
+from wsi_prune.cli.common import DEVICE, device_for_gpus, handle_errors
 from wsi_prune.distributed.clients import ClusterRequest
 from wsi_prune.distributed.shards import merge_outputs
 from wsi_prune.distributed.slurm import SlurmOptions, submit_slurm
@@ -179,8 +179,7 @@ def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path
                         walltime=walltime, gpus=gpus, max_jobs=max_jobs, job_name=job_name,
                         setup=tuple(setup))
     run_args = ["--mpp", str(mpp)] if mpp is not None else []
-    # --gpus only asks SLURM for the GPU: without --device the task's models ran on the CPU
-    device = device or ("cuda" if gpus else "cpu")
+    device = device or device_for_gpus(gpus)
     if device.startswith("cuda") and not gpus:
         raise click.UsageError(f"--device {device} needs --gpus 1: without it the job gets "
                                "no GPU")

@@ -13,6 +13,7 @@ from wsi_prune.cli.common import (
     DEVICE,
     command_logging,
     config_options,
+    device_for_gpus,
     exit_code,
     exit_on_sigterm,
     handle_errors,
@@ -27,10 +28,9 @@ __all__ = ["default_device", "demo", "run"]
 
 
 def default_device(request: ClusterRequest) -> str:
-    """``--device`` when not given: ``cuda`` when the run asks SLURM for GPU worker jobs
-    (``--cluster slurm --gpus G``; before, those jobs got a GPU and ran the models on their
-    CPUs), else ``cpu``."""
-    return "cuda" if request.cluster == "slurm" and request.slurm.gpus else "cpu"
+    """``--device`` when not given: that of SLURM worker jobs (``--cluster slurm --gpus G``,
+    :func:`~wsi_prune.cli.common.device_for_gpus`), else ``cpu``."""
+    return device_for_gpus(request.slurm.gpus if request.cluster == "slurm" else 0)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

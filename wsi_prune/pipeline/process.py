@@ -298,9 +298,10 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     # built ahead: only checked against the file as it is now (rebuilt if it changed)
     tile_slide(entry.path, store_path, config, mpp=entry.mpp, scheduler=scheduler,
                progress=stage_progress("tiling"), force=force and tiled is None)
-    seconds["tiling"] = time.perf_counter() - t + (tiled.seconds if tiled else 0.0)
+    here = time.perf_counter() - t
+    seconds["tiling"] = here + (tiled.seconds if tiled else 0.0)
     if tiled is not None:  # built under the previous slide's stages: what this slide waited
-        seconds["tiling_waited"] = time.perf_counter() - t + tiled.waited
+        seconds["tiling_waited"] = here + tiled.waited
     group = zarr.open_group(str(store_path), mode="r+")
     # A new result is about to be written: the old one must not look current meanwhile.
     for key in ("run_hash", "result"):
@@ -381,7 +382,6 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
         "gmacs_dense": n * dense_per_tile / 1e9,
         "seconds": seconds,
     }
-
     t = time.perf_counter()
     _check_unchanged(entry, started, "the ViT stage")
     locks.verify(out / entry.id)
