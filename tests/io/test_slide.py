@@ -710,3 +710,34 @@ def test_large_striped_tiff_tiles_in_bounded_memory(tmp_path: Path) -> None:
     n_tiles, base_kib, peak_kib = map(int, out.stdout.split())
     assert n_tiles > 500
     assert (peak_kib - base_kib) * 1024 < h * w * 3, (base_kib, peak_kib)
+
+
+def test_sibling_shares_the_levels_not_the_failures(svs_slide: Path, tmp_path: Path) -> None:
+    """A sibling handle reads the same pixels through the same TIFF level readers; a damaged
+    tile breaks only the handle that read it; closing the sibling leaves the first handle
+    reading."""
+    p = tmp_path / "one.svs"
+    x0, y0, _, _ = damage_tile(svs_slide, p, 0, (1100, 1100))
+    with Slide(p) as s:
+        assert s.info.reader == "openslide+tifffile"
+        sib = s.sibling()
+        assert sib.info == s.info and sib._levels is s._levels and sib._osr is not s._osr
+        np.testing.assert_array_equal(sib.read((0, 0), (448, 448), 0.5),
+                                      s.read((0, 0), (448, 448), 0.5))
+        with pytest.raises(CorruptSlide, match="one.svs"):
+            sib.read((x0, y0), (64, 64), 0.5)
+        assert sib.broken and not s.broken
+        s.read((0, 0), (64, 64), 0.5)  # the first handle reads on
+        sib.close()
+        with Slide(svs_slide) as good:
+            np.testing.assert_array_equal(s.read((0, 0), (448, 448), 2.0),
+                                          good.read((0, 0), (448, 448), 2.0))
+
+
+def test_sibling_of_a_plain_image_is_a_new_handle(tmp_path: Path) -> None:
+    png = tmp_path / "p.png"
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(png)
+    with Slide(png, mpp=0.5) as s, s.sibling() as sib:
+        assert sib.info == s.info and sib.mpp == 0.5
+        np.testing.assert_array_equal(sib.read((0, 0), (100, 100), 0.5),
+                                      s.read((0, 0), (100, 100), 0.5))

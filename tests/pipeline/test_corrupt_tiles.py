@@ -110,9 +110,10 @@ def test_fail_mode_fails_the_slide_at_the_first_bad_tile(damaged, tmp_path):
 
 @pytest.mark.parametrize("mode", ["skip", "fail"])
 def test_read_ahead_reports_a_damaged_tile_as_reading_in_line_does(damaged, tmp_path, mode):
-    """The kept tiles are read by a reader thread ahead of the ViT (``prefetch``): a damaged
-    tile is skipped with the same record, or fails the stage with the same error naming the
-    file, as when the tiles are read in the ViT's own thread."""
+    """The kept tiles are read by a reader thread ahead of the ViT (``prefetch``), or by a pool
+    of three (``read_workers``, a slide handle each): a damaged tile is skipped with the same
+    record, or fails the stage with the same error naming the file, as when the tiles are read
+    in the ViT's own thread."""
     slide, _ = damaged
     cfg = _config(on_corrupt_tile=mode)
     res = tile_slide(slide, tmp_path / "d.zarr", cfg)
@@ -122,24 +123,25 @@ def test_read_ahead_reports_a_damaged_tile_as_reading_in_line_does(damaged, tmp_
     tidx = np.flatnonzero(tri["kept"]).astype(np.int64)
     entry = SlideEntry("damaged", slide)
 
-    def run(prefetch: int):
+    def run(prefetch: int, workers: int = 1):
         return embed_kept(entry, group, cfg, models, tidx, tri["patch_importance"],
-                          prefetch=prefetch)
+                          prefetch=prefetch, read_workers=workers)
 
     if mode == "skip":
-        inline, ahead = run(0), run(2)
+        inline = run(0)
         assert 1 <= len(inline["unreadable"]) <= 4
-        assert ahead["unreadable"] == inline["unreadable"]
-        for key in ("tile_index", "embedding", "token_importance", "kept_tokens"):
-            assert np.array_equal(ahead[key], inline[key]), key
+        for ahead in (run(2), run(2, 3)):
+            assert ahead["unreadable"] == inline["unreadable"]
+            for key in ("tile_index", "embedding", "token_importance", "kept_tokens"):
+                assert np.array_equal(ahead[key], inline[key]), key
         return
     errors = []
-    for prefetch in (0, 2):
+    for prefetch, workers in ((0, 1), (2, 1), (2, 3)):
         with pytest.raises(CorruptSlide) as info:
-            run(prefetch)
+            run(prefetch, workers)
         errors.append(info.value)
-    assert str(errors[0]) == str(errors[1]) and str(slide) in str(errors[1])
-    assert "read failed" in errors[1].reason
+    assert str(errors[0]) == str(errors[1]) == str(errors[2]) and str(slide) in str(errors[2])
+    assert "read failed" in errors[2].reason
 
 
 def test_damaged_tile_of_a_single_level_slide(real_slide: Path, tmp_path: Path, caplog) -> None:

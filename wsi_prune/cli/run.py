@@ -61,6 +61,11 @@ def default_device(request: ClusterRequest) -> str:
                    "this one runs its ViT and outputs (same results; one more slide's tiling "
                    "in memory at a time). [default: on with a GPU device, or when torch "
                    "leaves a core free (OMP_NUM_THREADS); off when torch uses every core]")
+@click.option("--read-workers", type=click.IntRange(min=1), default=None,
+              help="Threads reading each slide's kept tiles at full resolution for the ViT, "
+                   "each with its own slide handle (same results for any number). "
+                   "[default: 1 on the CPU; with a GPU device a quarter of the cores, at most "
+                   "4: there the reads, not the ViT, set the pace]")
 @click.option("--quiet", is_flag=True, help="No progress bars, warnings only.")
 @click.pass_context
 @handle_errors
@@ -68,7 +73,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
         mpp: float | None, device: str | None, on_corrupt_tile: str | None,
         cluster_request: ClusterRequest, shard: tuple[int, int] | None, dense: bool,
         force: bool, audit_fraction: float | None, audit_seed: int, tile_ahead: bool | None,
-        quiet: bool) -> None:
+        read_workers: int | None, quiet: bool) -> None:
     """Slides in, predictions, heatmaps and a run report out.
 
     INPUT is a slide file, a folder (searched recursively for slide files) or a CSV slide list
@@ -123,7 +128,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out: str, config_path: str 
     with exit_on_sigterm(), cluster_request.client(device=device) as client:
         rows = run_batch(list(inputs), outp, cfg, mpp=mpp, device=device, client=client,
                          force=force, shard=shard, progress=not quiet, audit=audit,
-                         tile_ahead=tile_ahead)
+                         tile_ahead=tile_ahead, read_workers=read_workers)
     if not quiet:
         print_table(rows)
         click.echo(f"outputs: {outp}/  (predictions.csv, manifest.json, <id>/heatmap.png)")

@@ -21,9 +21,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import openslide
@@ -42,6 +40,7 @@ from wsi_prune.io.mpp import (  # noqa: F401 - the MPP names are this module's A
     resolve_mpp,
 )
 from wsi_prune.io.plain_image import PlainImage, head_repr, image_kind, is_tiff, not_a_slide
+from wsi_prune.io.slide_info import SlideInfo, slide_bounds
 from wsi_prune.io.tiff_levels import TiffLevels, open_levels
 
 _logger = logging.getLogger(__name__)
@@ -66,65 +65,6 @@ _PATCH_MIN_LEVEL_PX = 32
 _READ_THREADS = 2
 
 
-@dataclass(frozen=True)
-class SlideInfo:
-    """Metadata of an opened slide.
-
-    Attributes:
-        path: the file.
-        reader: ``openslide`` or ``image`` (the plain-image fallback).
-        vendor: OpenSlide's vendor string (``aperio``, ``generic-tiff``...) or ``image``.
-        width / height: level-0 size, px.
-        level_dimensions: (w, h) per pyramid level, px.
-        level_downsamples: downsample of each level relative to level 0.
-        mpp_x / mpp_y: level-0 resolution, µm/px.
-        mpp_source: where the MPP came from (see the module docstring).
-        objective_power: nominal objective magnification, or None.
-        bounds: (x, y, width, height) level-0 px of the non-empty region when OpenSlide
-            reports one (``openslide.bounds-*``: MIRAX, Leica SCN...), else None.
-    """
-
-    path: str
-    reader: str
-    vendor: str
-    width: int
-    height: int
-    level_dimensions: tuple[tuple[int, int], ...]
-    level_downsamples: tuple[float, ...]
-    mpp_x: float
-    mpp_y: float
-    mpp_source: str
-    objective_power: float | None
-    bounds: tuple[int, int, int, int] | None = None
-
-    @property
-    def mpp(self) -> float:
-        """Level-0 resolution, µm/px (mean of x and y)."""
-        return (self.mpp_x + self.mpp_y) / 2.0
-
-    @property
-    def level_count(self) -> int:
-        return len(self.level_dimensions)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
-        d["level_downsamples"] = list(self.level_downsamples)
-        d["bounds"] = list(self.bounds) if self.bounds is not None else None
-        d["mpp"] = self.mpp
-        return d
-
-
-def _bounds(props: Any) -> tuple[int, int, int, int] | None:
-    """OpenSlide's ``openslide.bounds-x/y/width/height`` (level-0 px), when all are given."""
-    keys = (openslide.PROPERTY_NAME_BOUNDS_X, openslide.PROPERTY_NAME_BOUNDS_Y,
-            openslide.PROPERTY_NAME_BOUNDS_WIDTH, openslide.PROPERTY_NAME_BOUNDS_HEIGHT)
-    vals = [float_property(props, k) for k in keys]
-    if any(v is None for v in vals):
-        return None
-    return tuple(int(v) for v in vals)  # type: ignore[return-value]
-
-
 class Slide:
     """An open slide. Use as a context manager; not shareable across processes (open one per
     task: handles are never pickled).
@@ -142,6 +82,8 @@ class Slide:
         self._osr: openslide.OpenSlide | None = None
         self._plain: PlainImage | None = None
         self._levels: TiffLevels | None = None
+        self._shares_levels = False  # a sibling's: the handle it came from closes them
+        self._user_mpp = mpp
         spath = str(self.path)
         if not self.path.exists():
             raise UnsupportedSlide(missing_reason(self.path), spath)
@@ -174,7 +116,7 @@ class Slide:
         dims = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
         downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         power = float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-        bounds = _bounds(props)
+        bounds = slide_bounds(props)
         # TIFF pages read tile by tile, past OpenSlide's per-call cost; an OME-TIFF's SubIFD
         # pyramid, which OpenSlide does not follow, becomes levels (see tiff_levels)
         self._levels = open_levels(spath, vendor, dims)
@@ -240,8 +182,33 @@ class Slide:
             self._plain.close()
             self._plain = None
         if self._levels is not None:
-            self._levels.close()
+            if not self._shares_levels:
+                self._levels.close()
             self._levels = None
+
+    def sibling(self) -> Slide:
+        """A second handle on this slide, for another thread.
+
+        It has its own OpenSlide handle and its own read-failure state: a damaged tile breaks
+        only the handle that read it, as with two :class:`Slide` objects. It shares this
+        handle's TIFF level readers (thread-safe), so two threads reading neighbouring tiles
+        decode each JPEG tile once, from one cache. Close it before this one.
+
+        Raises:
+            CorruptSlide / UnsupportedSlide: as opening the file does.
+        """
+        if self._levels is None:
+            return Slide(self.path, self._user_mpp)
+        other = Slide.__new__(Slide)
+        other.path, other.info = self.path, self.info
+        other._lock, other._broken, other._plain = threading.Lock(), None, None
+        other._levels, other._shares_levels = self._levels, True
+        other._user_mpp = self._user_mpp
+        try:
+            other._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideError as exc:
+            raise CorruptSlide(f"OpenSlide cannot open it: {exc}", str(self.path)) from exc
+        return other
 
     def __enter__(self) -> Slide:
         return self

@@ -50,6 +50,7 @@ from wsi_prune.pipeline.records import (
     write_manifest,
     write_predictions,
 )
+from wsi_prune.pipeline.stages import auto_read_workers
 
 _logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def run_batch(
     progress: bool = True,
     audit: tuple[float, int] | None = None,
     tile_ahead: bool | None = None,
+    read_workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline on every slide; one slide's failure never stops the others.
 
@@ -134,6 +136,11 @@ def run_batch(
             the results are the same either way. None: when a core is free for it
             (:func:`~wsi_prune.pipeline.ahead.auto_tile_ahead`: a GPU device, or torch using
             fewer threads than there are cores).
+        read_workers: threads reading each slide's kept tiles for the ViT, each with its own
+            slide handle (:func:`~wsi_prune.pipeline.stages.embed_kept`); the results are the
+            same for any number. None: :func:`~wsi_prune.pipeline.stages.auto_read_workers`
+            (1 on the CPU; with a GPU a quarter of the cores, at most 4), decided where the
+            slide runs.
 
     Returns:
         The ``predictions.csv`` rows, in slide order.
@@ -153,16 +160,18 @@ def run_batch(
     if audit is not None and (shard is not None or not 0 < audit[0] <= 1):
         raise ConfigError(f"an audit needs the whole run (no shard) and a fraction in (0, 1], "
                           f"got shard {shard}, fraction {audit[0]}")
+    if read_workers is not None and read_workers < 1:
+        raise ConfigError(f"read_workers must be >= 1, got {read_workers}")
     out = check_out(out)
     with run_lock(out, shard):
         try:
             rows = _run_locked(inputs, out, config, mpp, device, client, force, shard, progress,
-                               tile_ahead)
+                               tile_ahead, read_workers)
         finally:
             forget_kept_mask()  # the first slide's mask, when its tiling never took it
         if audit is not None:
             _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress,
-                   tile_ahead)
+                   tile_ahead, read_workers)
         return rows
 
 
@@ -175,7 +184,7 @@ def _models_run_here(client: Any) -> bool:
 
 
 def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progress,
-           tile_ahead) -> None:
+           tile_ahead, read_workers) -> None:
     """The dense path on a seeded random share of the slides, compared with this run."""
     from wsi_prune.evaluation.audit import AUDIT_DIR, choose_audit_slides, write_audit
 
@@ -190,11 +199,12 @@ def _audit(inputs, out, config, rows, audit, mpp, device, client, force, progres
         _logger.info("audit: dense path on %s -> %s", ", ".join(chosen), out / AUDIT_DIR)
         run_batch([e for e in entries if e.id in chosen], out / AUDIT_DIR, config.dense(),
                   mpp=mpp, device=device, client=client, force=force, progress=progress,
-                  tile_ahead=tile_ahead)
+                  tile_ahead=tile_ahead, read_workers=read_workers)
     write_audit(out, chosen, *audit, len(done), config.mil.threshold)
 
 
-def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress, tile_ahead):
+def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress, tile_ahead,
+                read_workers):
     from tqdm.auto import tqdm
 
     config = apply_trained_configs(config)
@@ -264,13 +274,19 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
                           pred_path.name)
 
     bar = tqdm(total=len(entries), desc="slides", unit="slide", disable=not progress)
+    # how the slides were run (the results do not depend on it): for the manifest
+    execution: dict[str, Any] = {"device": device, "dask": client is not None,
+                                 "tile_ahead": False, "read_workers": read_workers}
     if client is None:
         if tile_ahead is None:
             tile_ahead = auto_tile_ahead(device)
+        execution["tile_ahead"] = bool(tile_ahead)
+        if read_workers is None:
+            execution["read_workers"] = auto_read_workers(device)
         ahead = TilingAhead(out, config, force, run_hash) if tile_ahead else None
         try:
             _run_here(entries, out, config, get_models, device, force, progress, run_hash,
-                      ahead, record, bar)
+                      ahead, record, bar, read_workers)
         except BaseException:
             if ahead is not None:
                 ahead.close(stop=True)  # an interrupted run stops the build
@@ -286,7 +302,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
         # unique per call: two batches of one process on one client never share a future
         batch_key = uuid.uuid4().hex[:12]
         futures = {client.submit(_slide_task, e, str(out), config_json, device, force,
-                                 run_hash, digests, pure=False,
+                                 run_hash, digests, read_workers, pure=False,
                                  key=f"slide-{e.id}-{batch_key}"): e
                    for e in entries}
         for fut in as_completed(futures):
@@ -303,7 +319,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
         write_predictions(pred_path, ordered)
         write_manifest(manifest_path, config, ordered, started, describe_models(config, digests),
                        {"run_hash": run_hash, "shard": list(shard) if shard else None,
-                        "out": str(out)})
+                        "out": str(out), "execution": execution})
     except OSError as exc:
         if disk_full(exc):
             raise disk_full_error(out, exc, f"writing {pred_path.name} and "
@@ -313,7 +329,7 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
 
 
 def _run_here(entries, out, config, get_models, device, force, progress, run_hash, ahead,
-              record, bar) -> None:
+              record, bar, read_workers) -> None:
     """The slides one after another in this process; with ``ahead``, the next slide's tiling
     starts when a slide's triage is done (:class:`~wsi_prune.pipeline.ahead.TilingAhead`)."""
     from tqdm.auto import tqdm
@@ -336,7 +352,8 @@ def _run_here(entries, out, config, get_models, device, force, progress, run_has
         try:
             row = process_slide(entry, out, config, get_models, device, force,
                                 progress=tick if progress else None, run_hash=run_hash,
-                                tiled=tiled, after_triage=after_triage)
+                                tiled=tiled, after_triage=after_triage,
+                                read_workers=read_workers)
         except (KeyboardInterrupt, SystemExit):
             raise
         except OutputConflict as exc:
@@ -354,7 +371,7 @@ def _run_here(entries, out, config, get_models, device, force, progress, run_has
 
 def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, force: bool,
                 run_hash: str | None = None, digests: dict[str, str | None] | None = None,
-                ) -> dict[str, Any]:
+                read_workers: int | None = None) -> dict[str, Any]:
     """A slide as a Dask task: models load once per worker process and stay there
     (:func:`wsi_prune.distributed.worker_cache.get_models`); tile blocks are submitted back to the
     cluster. ``digests``: the weight files' SHA-256, computed once by the batch, never per
@@ -369,8 +386,8 @@ def _slide_task(entry: SlideEntry, out: str, config_json: str, device: str, forc
         check_device(device)  # a worker without the GPU fails the slide, naming the cause
         return process_slide(entry, Path(out), config,
                              lambda: get_models(config_json, device, run_hash, digests),
-                             device, force,
-                             scheduler="dask-worker", run_hash=run_hash)
+                             device, force, scheduler="dask-worker", run_hash=run_hash,
+                             read_workers=read_workers)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on

@@ -116,6 +116,7 @@ def process_slide(
     device: str = "cpu", force: bool = False, scheduler: Any = "threads",
     progress: Callable[[str, int, int], None] | None = None, run_hash: str | None = None,
     tiled: Tiled | None = None, after_triage: Callable[[], None] | None = None,
+    read_workers: int | None = None,
 ) -> dict[str, Any]:
     """Run every stage on one slide; return its ``predictions.csv`` row.
 
@@ -130,6 +131,8 @@ def process_slide(
             even with ``force``. Its seconds are the slide's ``tiling`` seconds.
         after_triage: called once the slide's triage is done, before the ViT (a batch starts
             the next slide's tiling there).
+        read_workers: threads reading the kept tiles for the ViT
+            (:func:`~wsi_prune.pipeline.stages.embed_kept`; None: 1 on the CPU, more with a GPU).
     """
     out = Path(out)
     store_path = out / f"{entry.id}.zarr"
@@ -149,7 +152,7 @@ def process_slide(
             store.remove_stale_tmp(out / entry.id)  # pictures of a killed run, never published
             try:
                 return _process_checked(entry, out, config, models, device, force, scheduler,
-                                        progress, run_hash, tiled, after_triage)
+                                        progress, run_hash, tiled, after_triage, read_workers)
             except OSError as exc:
                 if disk_full(exc):
                     _drop_stage_arrays(store_path)
@@ -175,14 +178,14 @@ def _drop_stage_arrays(store_path: Path) -> None:
 
 
 def _process_checked(entry, out, config, models, device, force, scheduler, progress, run_hash,
-                     tiled, after_triage):
+                     tiled, after_triage, read_workers):
     # Each stage reads the slide file again (tiling, full-resolution tiles, the thumbnail): a
     # file replaced midway would mix two slides in one result, so it is checked between
     # them, and a read that fails on a changed file says so.
     started = file_state(entry.path.stat())
     try:
         return _process_locked(entry, out, config, models, device, force, scheduler,
-                               progress, run_hash, started, tiled, after_triage)
+                               progress, run_hash, started, tiled, after_triage, read_workers)
     except SlideError as exc:
         if isinstance(exc, SlideChanged):
             raise
@@ -283,7 +286,7 @@ def _check_unchanged(entry: SlideEntry, before: tuple[int, int, int], stage: str
 
 
 def _process_locked(entry, out, config, models, device, force, scheduler, progress, run_hash,
-                    started, tiled, after_triage):
+                    started, tiled, after_triage, read_workers):
     seconds: dict[str, float] = {}
     store_path = out / f"{entry.id}.zarr"
     # Evaluation_FROC.py scores every file in froc/: a slide that fails now must not leave one
@@ -325,7 +328,8 @@ def _process_locked(entry, out, config, models, device, force, scheduler, progre
     t = time.perf_counter()
     _check_unchanged(entry, started, "tiling and triage")
     vit = embed_kept(entry, group, config, models, np.flatnonzero(tri["kept"]).astype(np.int64),
-                     tri["patch_importance"], device, stage_progress("vit"))
+                     tri["patch_importance"], device, stage_progress("vit"),
+                     read_workers=read_workers)
     # tiles whose full-resolution read failed (on_corrupt_tile: skip) never reached the ViT
     tile_index = vit["tile_index"]
     coords = np.asarray(group["tiles/coords"][:])

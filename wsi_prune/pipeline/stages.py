@@ -10,6 +10,8 @@ run's models (:class:`~wsi_prune.models.factory.Models`):
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +26,7 @@ from wsi_prune.io.tiling import read_tiles
 from wsi_prune.models.factory import Models
 from wsi_prune.models.scorer import score_tiles
 from wsi_prune.pipeline.inputs import SlideEntry
-from wsi_prune.pipeline.prefetch import prefetched
+from wsi_prune.pipeline.prefetch import mapped_ahead
 from wsi_prune.selection.macs import vit_batch_macs
 from wsi_prune.selection.tiles import select_tiles
 from wsi_prune.selection.tokens import select_patches, slide_token_counts
@@ -34,6 +36,54 @@ Progress = Callable[[int, int], None] | None
 #: full-resolution batches read ahead of the ViT: enough to hide a slow read behind one
 #: batch of compute, while memory stays at a few batches (32 tiles of 224² px are 4.8 MB)
 PREFETCH_BATCHES = 2
+#: most reader threads :func:`auto_read_workers` gives a GPU run
+MAX_AUTO_READERS = 4
+
+
+def auto_read_workers(device: str) -> int:
+    """Threads reading kept tiles for the ViT when the user did not say.
+
+    One on the CPU: there the ViT is the slower side and takes the cores (a reader decodes a
+    224 px tile in about 1 ms, the 6-block ViT-Ti at 5 % of tokens needs about 5 ms of it).
+    With a GPU device, a quarter of this process's cores, 1 to :data:`MAX_AUTO_READERS`:
+    there a pruned ViT-L takes well under a millisecond a tile, so one reader would set the
+    pace, and the other cores tile the next slide and run the Dask blocks.
+    """
+    if device == "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_READERS, cores // 4))
+
+
+class _Handles:
+    """One slide handle per reader thread, opened on its first read: the first opens the slide,
+    the others are its :meth:`~wsi_prune.io.slide.Slide.sibling` handles (one cache of decoded
+    JPEG tiles for all). :meth:`close` closes them all, after the readers are done."""
+
+    def __init__(self, entry: SlideEntry) -> None:
+        self._entry = entry
+        self._local = threading.local()
+        self._open: list[Slide] = []  # the first is the one the others came from
+        self._lock = threading.Lock()
+
+    def get(self) -> Slide:
+        slide = getattr(self._local, "slide", None)
+        if slide is None:
+            with self._lock:
+                slide = (self._open[0].sibling() if self._open
+                         else Slide(self._entry.path, self._entry.mpp))
+                self._open.append(slide)
+            self._local.slide = slide
+        return slide
+
+    def close(self) -> None:
+        with self._lock:
+            for slide in reversed(self._open):  # siblings before the handle they share
+                slide.close()
+            self._open.clear()
 
 
 def triage(group: zarr.Group, config: RunConfig, models: Models, progress: Progress = None
@@ -64,15 +114,18 @@ def embed_kept(
     entry: SlideEntry, group: zarr.Group, config: RunConfig, models: Models,
     tile_index: np.ndarray, patch_importance: np.ndarray, device: str = "cpu",
     progress: Progress = None, prefetch: int = PREFETCH_BATCHES,
+    read_workers: int | None = None,
 ) -> dict[str, Any]:
     """Read full-resolution pixels of the kept tiles only and run the pruned ViT on them.
 
     Args:
         tile_index: (K,) indices of kept tiles.
         patch_importance: (N, G, G) CNN patch maps of all tiles.
-        prefetch: batches read ahead by a reader thread while the ViT runs on the current
-            one (:func:`~wsi_prune.pipeline.prefetch.prefetched`); 0 reads in this thread.
+        prefetch: batches read ahead by reader threads while the ViT runs on the current
+            one (:func:`~wsi_prune.pipeline.prefetch.mapped_ahead`); 0 reads in this thread.
             The results are the same either way.
+        read_workers: reader threads, each with its own slide handle; None:
+            :func:`auto_read_workers` (1 on the CPU). The results are the same for any number.
 
     With ``token_select.scope: slide`` the tokens per tile are counted once over all K tiles
     (:func:`~wsi_prune.selection.tokens.slide_token_counts`), so a batch mixes tiles of many
@@ -88,10 +141,6 @@ def embed_kept(
         ViT), ``unreadable`` [(tile index, reason)].
     """
 
-    tcfg = config.tiling
-    coords = np.asarray(group["tiles/coords"][:])
-    tile_level0 = float(group.attrs["grid"]["tile_level0"])
-    full = group["tiles/full"] if "full" in group["tiles"] else None
     k = len(tile_index)
     g = models.grid[0] * models.grid[1]
     embeddings, importance, kept_tokens, done = [], [], [], []
@@ -99,23 +148,6 @@ def embed_kept(
     macs = 0
     spec = models.macs["spec"]
     bs = config.vit.batch_size
-
-    def batches(slide: Slide) -> Iterator[tuple[int, np.ndarray, np.ndarray,
-                                                list[tuple[int, str]]]]:
-        """(start, tile indices, (B, px, px, 3) uint8 pixels, unreadable (tile, reason)) per
-        batch, in order; runs in the reader thread when ``prefetch`` > 0."""
-        for start in range(0, k, bs):
-            idx = tile_index[start:start + bs]
-            if full is not None:
-                yield start, idx, np.stack([np.asarray(full[int(i)]) for i in idx]), []
-                continue
-            tiles, bad = read_tiles(slide, coords[idx], tile_level0, tcfg.mpp, tcfg.tile_px,
-                                    skip_corrupt=tcfg.on_corrupt_tile == "skip")
-            failed = [(int(idx[j]), msg) for j, msg in bad]
-            if bad:
-                good = np.setdiff1d(np.arange(len(idx)), [j for j, _ in bad])
-                idx, tiles = idx[good], tiles[good]
-            yield start, idx, tiles, failed
 
     tok = config.token_select
     counts, given = None, tile_index
@@ -128,9 +160,10 @@ def embed_kept(
         # tiles of alike token counts share a batch (a batch is padded to its largest);
         # the results are put back in the given order below
         tile_index = tile_index[np.argsort(-per_tile.numpy(), kind="stable")]
-    with Slide(entry.path, entry.mpp) as slide:
-        for start, idx, pix, failed in prefetched(batches(slide), prefetch,
-                                                  "wsi-prune-read-kept"):
+    workers = auto_read_workers(device) if read_workers is None else int(read_workers)
+    reads = read_kept(entry, group, config, tile_index, prefetch, workers)
+    try:
+        for start, idx, pix, failed in reads:
             unreadable += failed
             if not len(idx):
                 continue
@@ -151,6 +184,8 @@ def embed_kept(
                                    patches_embedded=res.patches_embedded).vit
             if progress is not None:
                 progress(min(start + bs, k), k)
+    finally:
+        reads.close()  # joins the readers (at once, also when the ViT raised)
     d = models.mil.in_dim
     n_stages = 1 + len(config.vit.prune_blocks)
     k = sum(len(i) for i in done)
@@ -170,6 +205,51 @@ def embed_kept(
         "macs": macs,
         "unreadable": unreadable,
     }
+
+
+def read_kept(entry: SlideEntry, group: zarr.Group, config: RunConfig, tile_index: np.ndarray,
+              prefetch: int = PREFETCH_BATCHES, read_workers: int = 1,
+              ) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+    """The kept tiles at full resolution, batch by batch (``vit.batch_size``), in order.
+
+    Each batch is ``(start, tile indices, (B, px, px, 3) uint8 pixels, unreadable (tile,
+    reason))``, ``start`` its offset in ``tile_index``. A tile whose read fails is, with
+    ``tiling.on_corrupt_tile: skip``, left out of its batch and listed; with ``fail`` the
+    error is raised at its batch. Read by ``read_workers`` threads (each with a slide handle,
+    sharing the decoded JPEG tiles) up to ``prefetch`` batches ahead
+    (:func:`~wsi_prune.pipeline.prefetch.mapped_ahead`); the batches are the same for any
+    number. Close the iterator (or exhaust it) to join the readers and close the handles.
+    """
+    if read_workers < 1:
+        raise ValueError(f"read_workers must be >= 1, got {read_workers}")
+    tcfg = config.tiling
+    coords = np.asarray(group["tiles/coords"][:])
+    tile_level0 = float(group.attrs["grid"]["tile_level0"])
+    full = group["tiles/full"] if "full" in group["tiles"] else None
+    bs = config.vit.batch_size
+    handles = _Handles(entry)
+
+    def read_batch(start: int) -> tuple[int, np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """(start, tile indices, (B, px, px, 3) uint8 pixels, unreadable (tile, reason)) of the
+        batch from ``start``."""
+        idx = tile_index[start:start + bs]
+        if full is not None:
+            return start, idx, np.stack([np.asarray(full[int(i)]) for i in idx]), []
+        tiles, bad = read_tiles(handles.get(), coords[idx], tile_level0, tcfg.mpp, tcfg.tile_px,
+                                skip_corrupt=tcfg.on_corrupt_tile == "skip")
+        failed = [(int(idx[j]), msg) for j, msg in bad]
+        if bad:
+            good = np.setdiff1d(np.arange(len(idx)), [j for j, _ in bad])
+            idx, tiles = idx[good], tiles[good]
+        return start, idx, tiles, failed
+
+    reads = mapped_ahead(read_batch, range(0, len(tile_index), bs), prefetch, read_workers,
+                         "wsi-prune-read-kept")
+    try:
+        yield from reads
+    finally:
+        reads.close()  # joins the readers
+        handles.close()
 
 
 def slide_head(models: Models, embedding: np.ndarray) -> tuple[float, np.ndarray]:
