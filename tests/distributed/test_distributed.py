@@ -281,6 +281,11 @@ def test_submit_slurm_with_gpus_runs_the_models_on_the_gpu(tmp_path: Path) -> No
     rc, line, output = task_line("--gpus", "2")
     assert rc == 0 and "--device cuda" in line
     assert "--gpus 2 leaves 1 idle per task" in output
+    rc, line, _ = task_line("--gpus", "1", "--read-workers", "6")
+    assert rc == 0 and line.endswith('--device cuda --read-workers 6 --shard '
+                                     '"${SLURM_ARRAY_TASK_ID}/2"'), line
+    rc, line, _ = task_line("--read-workers", "0")
+    assert rc == 2
 
 
 # -- Dask clients --------------------------------------------------------------------------------

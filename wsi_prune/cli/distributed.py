@@ -151,6 +151,9 @@ def submit() -> None:
 @click.option("--device", type=DEVICE, default=None,
               help="Where each task's models run: cpu, cuda, cuda:N or mps (passed to "
                    "`wsi-prune run`). [default: cuda with --gpus, else cpu]")
+@click.option("--read-workers", type=click.IntRange(min=1), default=None,
+              help="Threads reading each slide's kept tiles (passed to `wsi-prune run`). "
+                   "[default: run's: a quarter of the task's cores, 1-4, with a GPU; else 1]")
 @click.option("--job-name", default="wsi-prune", show_default=True, help="SLURM job name.")
 @click.option("--setup", "setup", multiple=True, metavar="LINE",
               help="Shell line run in every job first, e.g. 'module load cuda' (repeatable).")
@@ -159,8 +162,8 @@ def submit() -> None:
 def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path: str | None,
                      mpp: float | None, queue: str | None, account: str | None, cores: int,
                      memory: str, walltime: str, gpus: int, max_jobs: int | None,
-                     device: str | None, job_name: str, setup: tuple[str, ...],
-                     dry_run: bool) -> None:
+                     device: str | None, read_workers: int | None, job_name: str,
+                     setup: tuple[str, ...], dry_run: bool) -> None:
     """Run INPUT... as a SLURM array of K shards, then merge them.
 
     Writes OUT/submit.sbatch (array task i runs `wsi-prune run INPUT... --out OUT --shard i/K`)
@@ -185,6 +188,8 @@ def submit_slurm_cmd(inputs: tuple[str, ...], out: str, shards: int, config_path
                                "no GPU")
     if device != "cpu":
         run_args += ["--device", device]
+    if read_workers is not None:
+        run_args += ["--read-workers", str(read_workers)]
     if gpus > 1:
         click.echo(f"warning: each array task is one process on one GPU, so --gpus {gpus} "
                    f"leaves {gpus - 1} idle per task; use --gpus 1 and more --shards", err=True)
