@@ -539,7 +539,7 @@ def _run_blocks(
             # Our own pool, so that on a failure we wait for blocks still running before the
             # caller deletes the temporary store (they would otherwise write into a deleted
             # directory, recreating parts of it) and drop the blocks not yet started.
-            pool = ThreadPoolExecutor(_n_threads(), thread_name_prefix="wsi-prune-tiling")
+            pool = ThreadPoolExecutor(usable_cores(), thread_name_prefix="wsi-prune-tiling")
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             kwargs["pool"] = pool
         if progress:
@@ -548,7 +548,8 @@ def _run_blocks(
     return sorted(f for _, bad in results for f in bad)
 
 
-def _n_threads() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU set, as a SLURM job's cgroup sets it)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS, Windows

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from pathlib import Path
 from wsi_prune.config import RunConfig
 from wsi_prune.errors import OutputConflict
 from wsi_prune.io import locks
-from wsi_prune.io.tiling import tile_slide
+from wsi_prune.io.tiling import tile_slide, usable_cores
 from wsi_prune.pipeline.inputs import SlideEntry
 from wsi_prune.pipeline.process import check_owner, run_complete
 
@@ -74,11 +73,7 @@ def auto_tile_ahead(device: str) -> bool:
 
     if device != "cpu":
         return True
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    return torch.get_num_threads() < usable_cores()
 
 
 class _Stopped(Exception):

@@ -280,9 +280,9 @@ def _run_locked(inputs, out, config, mpp, device, client, force, shard, progress
     if client is None:
         if tile_ahead is None:
             tile_ahead = auto_tile_ahead(device)
-        execution["tile_ahead"] = bool(tile_ahead)
         if read_workers is None:
-            execution["read_workers"] = auto_read_workers(device)
+            read_workers = auto_read_workers(device)
+        execution.update(tile_ahead=bool(tile_ahead), read_workers=read_workers)
         ahead = TilingAhead(out, config, force, run_hash) if tile_ahead else None
         try:
             _run_here(entries, out, config, get_models, device, force, progress, run_hash,

@@ -10,7 +10,6 @@ run's models (:class:`~wsi_prune.models.factory.Models`):
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +21,7 @@ import zarr
 from wsi_prune.config import RunConfig
 from wsi_prune.io import store
 from wsi_prune.io.slide import Slide
-from wsi_prune.io.tiling import read_tiles
+from wsi_prune.io.tiling import read_tiles, usable_cores
 from wsi_prune.models.factory import Models
 from wsi_prune.models.scorer import score_tiles
 from wsi_prune.pipeline.inputs import SlideEntry
@@ -51,11 +50,7 @@ def auto_read_workers(device: str) -> int:
     """
     if device == "cpu":
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_AUTO_READERS, cores // 4))
+    return max(1, min(MAX_AUTO_READERS, usable_cores() // 4))
 
 
 class _Handles:
